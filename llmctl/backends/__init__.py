@@ -1,0 +1,56 @@
+"""Backend selection: `get_backend("auto"|"torch"|"mlx")` returns an object with the same methods for both."""
+
+from __future__ import annotations
+
+import importlib.util
+import platform
+import sys
+from enum import Enum
+from typing import Any
+
+from llmctl.errors import BackendUnavailable
+
+NAMES = ("torch", "mlx")
+
+
+class Backend(str, Enum):
+    auto = "auto"
+    torch = "torch"
+    mlx = "mlx"
+
+
+def is_apple_silicon() -> bool:
+    return sys.platform == "darwin" and platform.machine() == "arm64"
+
+
+def _installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def available_backends() -> list[str]:
+    """Backends whose framework is installed here (MLX needs `mlx.core`, torch needs `torch`)."""
+    return [name for name, module in (("torch", "torch"), ("mlx", "mlx")) if _installed(module)]
+
+
+def resolve_name(name: str | Backend) -> str:
+    name = Backend(name).value if not isinstance(name, Backend) else name.value
+    if name == "auto":
+        return "mlx" if is_apple_silicon() and _installed("mlx") else "torch"
+    return name
+
+
+def get_backend(name: str | Backend = "auto") -> Any:
+    """The runtime of a backend; a clear error when its framework is missing."""
+    name = resolve_name(name)
+    if name == "torch":
+        if not _installed("torch"):
+            raise BackendUnavailable("The torch backend needs PyTorch, which is not installed.", hint="pip install torch")
+        from llmctl.backends.torch.runtime import Runtime
+    else:
+        if not _installed("mlx"):
+            raise BackendUnavailable(
+                f"The mlx backend needs MLX, which has no wheels for {sys.platform}/{platform.machine()} or is not installed.",
+                hint='On Apple silicon: pip install mlx; on Linux x86_64: pip install "mlx[cpu]". Or use --backend torch.',
+            )
+        from llmctl.backends.mlx.runtime import Runtime
+    return Runtime()

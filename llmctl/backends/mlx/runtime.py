@@ -1,0 +1,63 @@
+"""The MLX backend's face: load, create and save models, and run them on token lists (numpy out)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten
+
+from llmctl.backends.mlx.generate import greedy
+from llmctl.backends.mlx.model import Transformer
+from llmctl.io.model_folder import read_model, write_model
+from llmctl.io.safetensors import from_mlx, to_mlx
+from llmctl.spec import ModelSpec
+
+DTYPES = {"float32": mx.float32, "fp32": mx.float32, "bfloat16": mx.bfloat16, "bf16": mx.bfloat16,
+          "float16": mx.float16, "fp16": mx.float16}
+DTYPE_NAMES = {mx.float32: "float32", mx.bfloat16: "bfloat16", mx.float16: "float16"}
+
+
+class Model:
+    """A Transformer in eval mode plus where it came from."""
+
+    def __init__(self, module: Transformer, source: Path | None = None) -> None:
+        self.module = module
+        self.module.eval()
+        self.spec = module.spec
+        self.source = source
+
+    def logits(self, tokens: list[list[int]]) -> np.ndarray:
+        """Float32 logits (B, T, V) of equal-length token rows."""
+        out = self.module(mx.array(tokens, dtype=mx.int32)).astype(mx.float32)
+        return np.array(out)
+
+    def greedy(self, prompt: list[int], max_new_tokens: int, stop_ids: tuple[int, ...] = ()) -> list[int]:
+        return greedy(self.module, prompt, max_new_tokens, stop_ids)
+
+    def save(self, out: Path, max_shard_bytes: int | None = None) -> Path:
+        params = dict(tree_flatten(self.module.parameters()))
+        tensors = {k: from_mlx(v) for k, v in params.items()}
+        dtype = DTYPE_NAMES.get(params["model.embed_tokens.weight"].dtype, "float32")
+        return write_model(out, self.spec, tensors, self.source, dtype, max_shard_bytes)
+
+
+class Runtime:
+    name = "mlx"
+
+    def init(self, spec: ModelSpec, seed: int = 0, dtype: str = "float32") -> Model:
+        module = Transformer(spec)
+        module.init_weights(seed)
+        module.set_dtype(DTYPES[dtype])
+        return Model(module)
+
+    def load(self, name: str | Path, dtype: str | None = "float32") -> Model:
+        folder = read_model(name)
+        module = Transformer(folder.spec)
+        weights = [(k, to_mlx(t)) for k, t in folder.tensors.items()]
+        if dtype is not None:
+            weights = [(k, v.astype(DTYPES[dtype])) for k, v in weights]
+        module.load_weights(weights, strict=True)
+        mx.eval(module.parameters())
+        return Model(module, folder.path)

@@ -1,0 +1,242 @@
+"""The decoder-only transformer of a ModelSpec in PyTorch, with Hugging Face parameter names."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from llmctl.spec import ModelSpec, llama3_inv_freq
+
+CACHE_CHUNK = 256  # the key/value cache grows by this many positions at a time
+
+
+class KVCache:
+    """Keys and values of past tokens for one layer, grown in chunks: (B, KV, S, D)."""
+
+    def __init__(self) -> None:
+        self.keys: Tensor | None = None
+        self.values: Tensor | None = None
+        self.offset = 0  # positions already stored
+
+    def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        B, KV, T, D = k.shape
+        end = self.offset + T
+        if self.keys is None or end > self.keys.shape[2]:
+            size = -(-end // CACHE_CHUNK) * CACHE_CHUNK
+            keys, values = k.new_zeros(B, KV, size, D), v.new_zeros(B, KV, size, D)
+            if self.keys is not None:
+                keys[:, :, : self.offset] = self.keys[:, :, : self.offset]
+                values[:, :, : self.offset] = self.values[:, :, : self.offset]
+            self.keys, self.values = keys, values
+        self.keys[:, :, self.offset : end] = k
+        self.values[:, :, self.offset : end] = v
+        self.offset = end
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+    def trim(self, n: int) -> None:
+        """Forget all but the first `n` positions (a shared prefix kept across chat turns)."""
+        self.offset = min(self.offset, n)
+
+
+def make_cache(spec: ModelSpec) -> list[KVCache]:
+    return [KVCache() for _ in range(spec.n_layers)]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Normalise in float32 whatever the activation dtype, as the reference does.
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class Rope(nn.Module):
+    """Rotary position embedding in the half-split layout (first half of each head pairs with the second)."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.register_buffer("inv_freq", torch.tensor(llama3_inv_freq(spec), dtype=torch.float32), persistent=False)
+
+    def forward(self, x: Tensor, offset: int) -> Tensor:
+        T = x.shape[2]
+        pos = torch.arange(offset, offset + T, device=x.device, dtype=torch.float32)
+        freqs = torch.outer(pos, self.inv_freq)                       # (T, D/2)
+        cos, sin = freqs.cos().to(x.dtype), freqs.sin().to(x.dtype)
+        cos, sin = torch.cat([cos, cos], -1), torch.cat([sin, sin], -1)  # (T, D)
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * cos + torch.cat([-x2, x1], -1) * sin
+
+
+def attention_mask(T: int, offset: int, window: int | None, device: torch.device) -> Tensor | None:
+    """Boolean (T, S) mask, True where query t may attend key s; None when no mask or a plain causal one will do."""
+    if T == 1 and (window is None or offset < window):
+        return None
+    if offset == 0 and window is None:
+        return None
+    q = torch.arange(offset, offset + T, device=device)[:, None]
+    k = torch.arange(offset + T, device=device)[None, :]
+    mask = k <= q
+    if window is not None:
+        mask &= k > q - window
+    return mask
+
+
+class Attention(nn.Module):
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = spec.n_heads, spec.n_kv_heads, spec.head_dim
+        self.q_proj = nn.Linear(spec.dim, spec.q_dim, bias=spec.attn_bias)
+        self.k_proj = nn.Linear(spec.dim, spec.kv_dim, bias=spec.attn_bias)
+        self.v_proj = nn.Linear(spec.dim, spec.kv_dim, bias=spec.attn_bias)
+        self.o_proj = nn.Linear(spec.q_dim, spec.dim, bias=False)
+
+    def forward(self, x: Tensor, rope: Rope, mask: Tensor | None, cache: KVCache | None) -> Tensor:
+        B, T, _ = x.shape
+        offset = cache.offset if cache is not None else 0
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)     # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = rope(q, offset), rope(k, offset)
+        if cache is not None:
+            k, v = cache.update(k, v)    # keys/values of all previous tokens, (B, KV, S, D)
+        causal = mask is None and T > 1
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, dim: int, ffn_dim: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, ffn_dim, bias=False)
+        self.up_proj = nn.Linear(dim, ffn_dim, bias=False)
+        self.down_proj = nn.Linear(ffn_dim, dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Expert(nn.Module):
+    """A SwiGLU expert under Mixtral's names: w1 gate, w3 up, w2 down."""
+
+    def __init__(self, dim: int, ffn_dim: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(dim, ffn_dim, bias=False)
+        self.w2 = nn.Linear(ffn_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, ffn_dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class MoE(nn.Module):
+    """Top-k routed experts; the router's softmax is taken over all experts, then renormalised over the k."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.k = spec.experts_per_token
+        self.gate = nn.Linear(spec.dim, spec.n_experts, bias=False)
+        self.experts = nn.ModuleList(Expert(spec.dim, spec.ffn_dim) for _ in range(spec.n_experts))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        B, T, D = x.shape
+        x = x.reshape(-1, D)                                          # (N, D)
+        router_logits = self.gate(x)                                  # (N, E)
+        probs = F.softmax(router_logits, dim=-1, dtype=torch.float32)
+        weights, chosen = probs.topk(self.k, dim=-1)                  # (N, k)
+        weights = (weights / weights.sum(-1, keepdim=True)).to(x.dtype)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            rows, slot = torch.where(chosen == e)
+            if rows.numel():
+                out.index_add_(0, rows, expert(x[rows]) * weights[rows, slot, None])
+        return out.view(B, T, D), router_logits
+
+
+def load_balancing_loss(router_logits: list[Tensor], n_experts: int, k: int) -> Tensor:
+    """Switch-Transformer auxiliary loss over all layers' tokens: E * sum_e(fraction routed_e * mean prob_e)."""
+    logits = torch.cat(router_logits, dim=0)                          # (L*N, E)
+    probs = F.softmax(logits, dim=-1, dtype=torch.float32)
+    chosen = probs.topk(k, dim=-1).indices
+    routed = F.one_hot(chosen, n_experts).float().mean(0)            # (k, E): share of tokens per slot
+    return (routed * probs.mean(0)).sum() * n_experts
+
+
+class Block(nn.Module):
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(spec.dim, spec.norm_eps)
+        self.self_attn = Attention(spec)
+        self.post_attention_layernorm = RMSNorm(spec.dim, spec.norm_eps)
+        if spec.n_experts:
+            self.block_sparse_moe = MoE(spec)
+        else:
+            self.mlp = MLP(spec.dim, spec.ffn_dim)
+
+    def forward(self, x: Tensor, rope: Rope, mask: Tensor | None, cache: KVCache | None) -> tuple[Tensor, Tensor | None]:
+        h = x + self.self_attn(self.input_layernorm(x), rope, mask, cache)
+        if hasattr(self, "mlp"):
+            return h + self.mlp(self.post_attention_layernorm(h)), None
+        out, router_logits = self.block_sparse_moe(self.post_attention_layernorm(h))
+        return h + out, router_logits
+
+
+class Body(nn.Module):
+    """`model.*` in Hugging Face names: embedding, blocks, final norm."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.dim)
+        self.layers = nn.ModuleList(Block(spec) for _ in range(spec.n_layers))
+        self.norm = RMSNorm(spec.dim, spec.norm_eps)
+
+
+class Transformer(nn.Module):
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        self.model = Body(spec)
+        self.rope = Rope(spec)
+        if not spec.tie_embeddings:
+            self.lm_head = nn.Linear(spec.dim, spec.vocab_size, bias=False)
+
+    def forward_with_aux(self, tokens: Tensor, cache: list[KVCache] | None = None) -> tuple[Tensor, Tensor | None]:
+        """Logits (B, T, V) and, for MoE, the load-balancing loss (already weighted by its coefficient)."""
+        B, T = tokens.shape
+        offset = cache[0].offset if cache else 0
+        mask = attention_mask(T, offset, self.spec.sliding_window, tokens.device)
+        h = self.model.embed_tokens(tokens)                           # (B, T, D)
+        router_logits = []
+        for i, layer in enumerate(self.model.layers):
+            h, r = layer(h, self.rope, mask, cache[i] if cache else None)
+            if r is not None:
+                router_logits.append(r)
+        h = self.model.norm(h)
+        head = self.model.embed_tokens.weight if self.spec.tie_embeddings else self.lm_head.weight
+        logits = F.linear(h, head)
+        aux = None
+        if router_logits:
+            aux = self.spec.router_aux_loss_coef * load_balancing_loss(router_logits, self.spec.n_experts, self.spec.experts_per_token)
+        return logits, aux
+
+    def forward(self, tokens: Tensor, cache: list[KVCache] | None = None) -> Tensor:
+        return self.forward_with_aux(tokens, cache)[0]
+
+    def init_weights(self, seed: int) -> None:
+        """Normal(0, init_std) matrices, ones for norms, zeros for biases, from a fixed seed."""
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if name.endswith("norm.weight"):
+                    p.fill_(1.0)
+                elif name.endswith("bias"):
+                    p.zero_()
+                else:
+                    p.copy_(torch.randn(p.shape, generator=gen) * self.spec.init_std)

@@ -1,0 +1,59 @@
+"""The torch backend's face: load, create and save models, and run them on token lists (numpy out)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from llmctl.backends.torch.generate import greedy
+from llmctl.backends.torch.model import Rope, Transformer
+from llmctl.io.model_folder import read_model, write_model
+from llmctl.io.safetensors import from_torch, to_torch
+from llmctl.spec import ModelSpec
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+class Model:
+    """A Transformer in eval mode plus where it came from."""
+
+    def __init__(self, module: Transformer, source: Path | None = None) -> None:
+        self.module = module.eval()
+        self.spec = module.spec
+        self.source = source
+
+    @torch.no_grad()
+    def logits(self, tokens: list[list[int]]) -> np.ndarray:
+        """Float32 logits (B, T, V) of equal-length token rows."""
+        return self.module(torch.tensor(tokens, dtype=torch.long)).float().numpy()
+
+    def greedy(self, prompt: list[int], max_new_tokens: int, stop_ids: tuple[int, ...] = ()) -> list[int]:
+        return greedy(self.module, prompt, max_new_tokens, stop_ids)
+
+    def save(self, out: Path, max_shard_bytes: int | None = None) -> Path:
+        dtype = next(self.module.parameters()).dtype
+        tensors = {k: from_torch(v) for k, v in self.module.state_dict().items() if k != "lm_head.weight" or not self.spec.tie_embeddings}
+        return write_model(out, self.spec, tensors, self.source, str(dtype).removeprefix("torch."), max_shard_bytes)
+
+
+class Runtime:
+    name = "torch"
+
+    def init(self, spec: ModelSpec, seed: int = 0, dtype: str = "float32") -> Model:
+        module = Transformer(spec)
+        module.init_weights(seed)
+        return Model(module.to(DTYPES[dtype]))
+
+    def load(self, name: str | Path, dtype: str | None = "float32") -> Model:
+        folder = read_model(name)
+        with torch.device("meta"):
+            module = Transformer(folder.spec)
+        state = {k: to_torch(t) for k, t in folder.tensors.items()}
+        if dtype is not None:
+            state = {k: v.to(DTYPES[dtype]) for k, v in state.items()}
+        module.load_state_dict(state, strict=True, assign=True)
+        module.rope = Rope(folder.spec)  # buffers built on the meta device hold no data
+        return Model(module, folder.path)

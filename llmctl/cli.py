@@ -1,0 +1,58 @@
+"""The `llmctl` typer app: registers commands and turns LlmctlError into a clean message and exit code 1."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Annotated, Any
+
+import typer
+
+from llmctl import __version__
+from llmctl.commands import info
+
+app = typer.Typer(
+    name="llmctl",
+    help="Pretrain, fine-tune, align, compress and chat with language models, on PyTorch or MLX.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+_state = {"debug": False}
+
+
+def handled(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Print our errors as one message and exit 1; keep the traceback only under --debug."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from llmctl.errors import LlmctlError
+
+        try:
+            return command(*args, **kwargs)
+        except LlmctlError as e:
+            if _state["debug"]:
+                raise
+            from llmctl import ui
+
+            ui.error(e.message, e.hint)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"llmctl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
+) -> None:
+    _state["debug"] = debug
+
+
+app.command(name="info")(handled(info.info))

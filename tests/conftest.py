@@ -1,0 +1,54 @@
+"""Shared fixtures: tiny Hugging Face checkpoints of each family, the ../shared folder, backends."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from llmctl.backends import available_backends
+
+SHARED = Path(os.environ.get("LLMCTL_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+BACKENDS = available_backends()
+
+needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason=f"shared test data not found at {SHARED}")
+
+# Tiny configs of each supported family (2 layers, width 64, vocab 256), in transformers' own terms.
+TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5)
+FAMILY_CONFIGS = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(TINY, rope_theta=500000.0, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64})),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(TINY, sliding_window=5, num_key_value_heads=1)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(TINY, tie_word_embeddings=True, num_key_value_heads=4)),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(TINY, num_local_experts=4, num_experts_per_tok=2,
+                                                          router_aux_loss_coef=0.02)),
+}
+
+
+def make_hf_model(family: str, folder: Path, seed: int = 0, scale: float = 1.0, **overrides):
+    """Build a random `transformers` model of a family, save it with save_pretrained, return the model."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    config_name, model_name, kwargs = FAMILY_CONFIGS[family]
+    config = getattr(transformers, config_name)(**(kwargs | overrides))
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_name)(config).eval()
+    if scale != 1.0:
+        # Larger weights make the argmax decisive, so greedy paths have no near-ties.
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "norm" not in name:
+                    p.mul_(scale)
+    model.save_pretrained(folder)
+    return model
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    from llmctl.backends import get_backend
+
+    return get_backend(request.param)
