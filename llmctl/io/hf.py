@@ -160,6 +160,7 @@ def config_from_spec(spec: ModelSpec, dtype: str = "float32") -> dict[str, Any]:
     elif spec.family == "mistral":
         config["sliding_window"] = spec.sliding_window
     elif spec.family == "qwen2":
+        del config["head_dim"]  # Qwen2's config has no head_dim: it is always hidden_size / heads
         config |= {
             "layer_types": ["full_attention"] * spec.n_layers,
             "max_window_layers": spec.n_layers,
