@@ -1,0 +1,1 @@
+"""Files on disk: safetensors weights, Hugging Face folders and ids, config.json mapping."""
