@@ -31,7 +31,8 @@ def fake_cache(cache: Path, repo_id: str, files: dict[str, bytes], commit: str =
 
 def model_files(tmp_path: Path) -> dict[str, bytes]:
     save_tensors(tmp_path / "src", {"w": RawTensor.from_numpy(np.arange(4, dtype=np.float32))})
-    return {"config.json": b'{"model_type": "llama"}', "model.safetensors": (tmp_path / "src/model.safetensors").read_bytes()}
+    weights = (tmp_path / "src" / "model.safetensors").read_bytes()
+    return {"config.json": b'{"model_type": "llama"}', "model.safetensors": weights}
 
 
 @pytest.fixture

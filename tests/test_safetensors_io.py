@@ -56,7 +56,8 @@ def files_in(folder: Path) -> list[str]:
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_round_trip_is_bit_exact(dtype, tmp_path):
-    tensors = {"a": random_tensor(dtype, (4, 6)), "scalar": random_tensor(dtype, ()), "empty": random_tensor(dtype, (0, 3))}
+    tensors = {"a": random_tensor(dtype, (4, 6)), "scalar": random_tensor(dtype, ())}
+    tensors["empty"] = random_tensor(dtype, (0, 3))
     save_tensors(tmp_path, tensors)
     got = load_folder_tensors(tmp_path)
     assert list(got) == sorted(tensors)  # one dtype: the header is in name order
@@ -169,7 +170,8 @@ def test_our_files_load_in_the_safetensors_library(tmp_path):
     loaded = load_torch(tmp_path / "model.safetensors")
     assert loaded.keys() == tensors.keys()
     for name, tensor in tensors.items():
-        bits = [t.reshape(-1).view(torch.uint8) for t in (loaded[name], to_torch(tensor))]  # NaN != NaN, so compare bits
+        # NaN != NaN, so compare bits
+        bits = [t.reshape(-1).view(torch.uint8) for t in (loaded[name], to_torch(tensor))]
         assert loaded[name].dtype == to_torch(tensor).dtype and torch.equal(*bits), name
     plain = {k: v for k, v in tensors.items() if v.dtype not in st._BITS_ONLY}
     save_tensors(tmp_path / "np", plain)
@@ -300,25 +302,25 @@ def test_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
 
 
 def test_failed_sharded_write_keeps_the_old_model(tmp_path, monkeypatch):
-    old = {f"w{i}": random_tensor("F16", (8, 8), seed=i) for i in range(4)}
-    save_tensors(tmp_path, old)
+    old = {f"w{i}": random_tensor("F16", (8, 8), seed=i) for i in range(4)}  # 128 bytes each
+    save_tensors(tmp_path, old, max_shard_bytes=256)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     calls = []
 
-    def fail_on_third(f, data):
+    def fail_on_fourth(f, data):
         calls.append(1)
-        if len(calls) == 3:
+        if len(calls) == 4:  # the second new shard, after the first is complete
             raise OSError("disk gone")
         f.write(data.tobytes())
 
-    monkeypatch.setattr(st, "_write_data", fail_on_third)
-    with pytest.raises(OSError):
-        save_tensors(tmp_path, {f"w{i}": random_tensor("F16", (8, 8), seed=9) for i in range(4)}, max_shard_bytes=128)
+    monkeypatch.setattr(st, "_write_data", fail_on_fourth)
+    new = {f"w{i}": random_tensor("F16", (8, 8), seed=9 + i) for i in range(4)}
+    with pytest.raises(OSError, match="disk gone"):
+        save_tensors(tmp_path, new, max_shard_bytes=256)  # the same shard names as the old save
     monkeypatch.undo()
-    # shard 1 may be in place, but without an index loaders still read the old single file
-    assert not (tmp_path / "model.safetensors.index.json").exists()
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no new shard renamed into place
     got = load_folder_tensors(tmp_path)
     assert all(same_bits(got[n], t) for n, t in old.items())
-    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
 
 
 # ---- damaged files and bad folders
@@ -389,6 +391,13 @@ def test_missing_and_empty_folders(tmp_path):
     with pytest.raises(CheckpointError, match="holds no weights") as info:
         load_folder_tensors(tmp_path)
     assert str(tmp_path) in info.value.message
+
+
+def test_unreadable_file_is_named(tmp_path):
+    with pytest.raises(CheckpointError, match="Cannot read .*absent.safetensors"):
+        read_safetensors(tmp_path / "absent.safetensors")
+    with pytest.raises(CheckpointError, match="Cannot read"):
+        read_metadata(tmp_path)
 
 
 def test_index_naming_a_missing_shard(tmp_path):

@@ -21,17 +21,15 @@ def _env_true(name: str) -> bool:
 
 def hub_cache_dir() -> Path:
     """The Hugging Face cache as the environment says now (huggingface_hub reads it once, at import)."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
-    if os.environ.get("HUGGINGFACE_HUB_CACHE"):
-        return Path(os.environ["HUGGINGFACE_HUB_CACHE"]).expanduser()
-    home = os.environ.get("HF_HOME") or Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache") / "huggingface"
-    return Path(home).expanduser() / "hub"
+    env = os.environ.get
+    home = env("HF_HOME") or os.path.join(env("XDG_CACHE_HOME") or "~/.cache", "huggingface")
+    cache = env("HF_HUB_CACHE") or env("HUGGINGFACE_HUB_CACHE") or os.path.join(home, "hub")
+    return Path(os.path.expandvars(cache)).expanduser()
 
 
-def hub_offline() -> bool:
-    """True when HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) forbids network access."""
-    return _env_true("HF_HUB_OFFLINE") or _env_true("TRANSFORMERS_OFFLINE")
+def hub_offline() -> str | None:
+    """The variable that forbids network access (HF_HUB_OFFLINE, TRANSFORMERS_OFFLINE), or None."""
+    return next((name for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE") if _env_true(name)), None)
 
 
 def _split_id(name: str) -> tuple[str, str | None] | None:
@@ -50,7 +48,11 @@ def _has_weights(folder: Path) -> bool:
 
 
 def resolve_model(name: str | Path) -> Path:
-    """A folder or .gguf file as given; an `org/name[@revision]` id from the local cache, downloaded if online."""
+    """A folder or .gguf file as given; an `org/name[@revision]` id from the local cache, downloaded if online.
+
+    A cached snapshot that has weights is used without asking the hub (fast, and works offline); name a revision
+    (`org/name@v2`) or run `huggingface-cli download` to get a newer one.
+    """
     path = Path(name).expanduser()
     if path.is_dir() or (path.is_file() and path.suffix == ".gguf"):
         return path
@@ -70,8 +72,9 @@ def resolve_model(name: str | Path) -> Path:
     found = _from_cache(repo_id, revision, cache)
     if found is not None and _has_weights(found):
         return found
-    if hub_offline():
-        raise _not_cached(repo_id, cache, found, "HF_HUB_OFFLINE is set")
+    offline = hub_offline()
+    if offline:
+        raise _not_cached(repo_id, cache, found, f"{offline} is set")
     return _download(repo_id, revision, cache, found)
 
 

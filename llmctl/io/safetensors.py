@@ -116,6 +116,10 @@ def _read_header(path: Path, f: IO[bytes], size: int) -> tuple[dict[str, Any], i
     return header, 8 + length
 
 
+def _naturals(value: Any) -> bool:
+    return isinstance(value, list) and all(type(x) is int and x >= 0 for x in value)  # JSON true is not a size
+
+
 def _check_entry(path: Path, name: str, entry: Any, buffer_size: int) -> tuple[str, tuple[int, ...], int, int]:
     """Validate one header entry; returns dtype, shape and the [begin, end) byte range in the data buffer."""
     where = f"{path}: tensor {name!r}"
@@ -127,8 +131,7 @@ def _check_entry(path: Path, name: str, entry: Any, buffer_size: int) -> tuple[s
             f"{where} has dtype {dtype!r}; llmctl reads {', '.join(_NUMPY)}.",
             hint="Convert the checkpoint to bf16 or fp32 with the tool that wrote it.",
         )
-    ints = lambda v: isinstance(v, list) and all(isinstance(x, int) and x >= 0 for x in v)  # noqa: E731
-    if not ints(shape) or not ints(offsets) or len(offsets) != 2:
+    if not _naturals(shape) or not _naturals(offsets) or len(offsets) != 2:
         raise CheckpointError(f"{where} has shape {shape!r} and data_offsets {offsets!r}.", hint=_DAMAGED)
     begin, end = offsets
     if not begin <= end <= buffer_size:
@@ -145,10 +148,17 @@ def _check_entry(path: Path, name: str, entry: Any, buffer_size: int) -> tuple[s
     return dtype, tuple(shape), begin, end
 
 
+def _open(path: Path) -> IO[bytes]:
+    try:
+        return open(path, "rb")
+    except OSError as e:
+        raise CheckpointError(f"Cannot read {path}: {e.strerror or e}.") from None
+
+
 def read_metadata(path: str | Path) -> dict[str, str]:
     """The `__metadata__` of a safetensors file (reads only the header)."""
     path = Path(path)
-    with open(path, "rb") as f:
+    with _open(path) as f:
         header, _ = _read_header(path, f, os.fstat(f.fileno()).st_size)
     return header.get("__metadata__", {})
 
@@ -156,7 +166,7 @@ def read_metadata(path: str | Path) -> dict[str, str]:
 def read_safetensors(path: str | Path) -> dict[str, RawTensor]:
     """Every tensor of one file, as zero-copy views of a private memory map, in the file's header order."""
     path = Path(path)
-    with open(path, "rb") as f:
+    with _open(path) as f:
         size = os.fstat(f.fileno()).st_size
         header, start = _read_header(path, f, size)
         # ACCESS_COPY: the arrays are writable (torch.from_numpy wants that) but writes never reach the file,
@@ -260,21 +270,33 @@ def _fsync_folder(folder: Path) -> None:
             os.close(fd)
 
 
+def _temporary(path: Path) -> Path:
+    # same folder, so os.replace is a rename; the leading "." keeps it out of globs such as *.safetensors
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+@contextlib.contextmanager
+def _staged(paths: list[Path]) -> Iterator[list[Path]]:
+    """Temporary names for `paths`; when the block completes they all replace their targets, else all vanish."""
+    temporaries = [_temporary(path) for path in paths]
+    try:
+        yield temporaries
+        for temporary, path in zip(temporaries, paths):
+            os.replace(temporary, path)
+    except BaseException:
+        for temporary in temporaries:
+            temporary.unlink(missing_ok=True)
+        raise
+    _fsync_folder(paths[0].parent)
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | Path) -> Iterator[IO[bytes]]:
     """Write `path` through a temporary file beside it, renamed over `path` only if the block completes."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_folder(path.parent)
+    with _staged([Path(path)]) as (temporary,), open(temporary, "wb") as f:
+        yield f
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -288,8 +310,8 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def _layout(tensors: Mapping[str, RawTensor], metadata: Mapping[str, str] | None) -> tuple[bytes, list[str]]:
-    """The 8-byte length, the padded JSON header, and the order in which the tensors' data follows."""
+def _header(tensors: Mapping[str, RawTensor], metadata: Mapping[str, str] | None) -> tuple[bytes, list[str]]:
+    """The 8-byte length and padded JSON header, and the order in which the tensors' data follows it."""
     order = sorted(tensors, key=lambda name: (-_RANK[tensors[name].dtype], name))
     header: dict[str, Any] = {}
     if metadata:
@@ -299,8 +321,9 @@ def _layout(tensors: Mapping[str, RawTensor], metadata: Mapping[str, str] | None
     offset = 0
     for name in order:
         tensor = tensors[name]
-        header[name] = {"dtype": tensor.dtype, "shape": list(tensor.shape), "data_offsets": [offset, offset + tensor.nbytes]}
-        offset += tensor.nbytes
+        end = offset + tensor.nbytes
+        header[name] = {"dtype": tensor.dtype, "shape": list(tensor.shape), "data_offsets": [offset, end]}
+        offset = end
     text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     text += b" " * (-len(text) % 8)  # the data buffer starts 8-aligned, as the safetensors library pads it
     return struct.pack("<Q", len(text)) + text, order
@@ -310,15 +333,22 @@ def _write_data(f: IO[bytes], data: np.ndarray) -> None:
     f.write(np.ascontiguousarray(data).reshape(-1).view(np.uint8))
 
 
-def write_safetensors(
-    path: str | Path, tensors: Mapping[str, RawTensor], metadata: Mapping[str, str] | None = DEFAULT_METADATA
-) -> None:
-    """Write one safetensors file atomically (adapter_model.safetensors, or one shard)."""
-    header, order = _layout(tensors, metadata)
-    with atomic_file(path) as f:
+def _write_file(path: Path, tensors: Mapping[str, RawTensor], metadata: Mapping[str, str] | None) -> None:
+    header, order = _header(tensors, metadata)
+    with open(path, "wb") as f:
         f.write(header)
         for name in order:
             _write_data(f, tensors[name].data)
+        f.flush()
+        os.fsync(f.fileno())  # on disk before the rename, so a power cut cannot leave an empty file in place
+
+
+def write_safetensors(
+    path: str | Path, tensors: Mapping[str, RawTensor], metadata: Mapping[str, str] | None = DEFAULT_METADATA
+) -> None:
+    """Write one safetensors file atomically (adapter_model.safetensors, a checkpoint, ...)."""
+    with _staged([Path(path)]) as (temporary,):
+        _write_file(temporary, tensors, metadata)
 
 
 def _split(tensors: Mapping[str, RawTensor], max_bytes: int | None) -> list[dict[str, RawTensor]]:
@@ -352,29 +382,29 @@ def save_tensors(
 ) -> list[Path]:
     """Write model.safetensors, or shards and their index as transformers names them; returns the files written.
 
-    Each file is replaced atomically; weight files of an earlier save in `folder` that the new one does not use
-    are deleted only after the new files are in place (the index last written is what loaders follow).
+    All new weight files are written under temporary names first and renamed into place only when every one is
+    complete, so a failed save leaves the previous model whole. Weight files of an earlier save that the new one
+    does not use are deleted afterwards.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     shards = _split(tensors, max_shard_bytes)
-    if len(shards) == 1:
-        write_safetensors(folder / SINGLE_FILE, shards[0], metadata)
-        written = [folder / SINGLE_FILE]
-    else:
-        written, weight_map = [], {}
-        for i, shard in enumerate(shards, start=1):
-            written.append(folder / f"model-{i:05d}-of-{len(shards):05d}.safetensors")
-            write_safetensors(written[-1], shard, metadata)
-            weight_map.update(dict.fromkeys(shard, written[-1].name))
+    n = len(shards)
+    names = [SINGLE_FILE] if n == 1 else [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+    written = [folder / name for name in names]
+    with _staged(written) as temporaries:
+        for temporary, shard in zip(temporaries, shards):
+            _write_file(temporary, shard, metadata)
+    if n > 1:
+        weight_map = {name: path.name for path, shard in zip(written, shards) for name in shard}
         sizes = {"total_parameters": sum(t.data.size for t in tensors.values()),  # as transformers 5 writes it
                  "total_size": sum(t.nbytes for t in tensors.values())}  # fmt: skip
         index = {"metadata": sizes, "weight_map": weight_map}
         atomic_write_text(folder / INDEX_FILE, json.dumps(index, indent=2, sort_keys=True) + "\n")
         written.append(folder / INDEX_FILE)
     # the index goes first: while it exists loaders follow it to the old shards, a consistent old model
-    stale = [folder / INDEX_FILE, *sorted(p for p in folder.iterdir() if _SHARD.fullmatch(p.name)), folder / SINGLE_FILE]
-    for path in stale:
+    old_shards = sorted(p for p in folder.iterdir() if _SHARD.fullmatch(p.name))
+    for path in [folder / INDEX_FILE, *old_shards, folder / SINGLE_FILE]:
         if path not in written:
             path.unlink(missing_ok=True)
     return written
