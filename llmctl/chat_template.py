@@ -46,7 +46,8 @@ def _strftime_now(format: str) -> str:
 class _Namespace(jinja2.utils.Namespace):
     """Jinja's `namespace()`, refusing underscore names (as transformers does) so templates cannot reach internals."""
 
-    def __init__(*args: Any, **kwargs: Any) -> None:  # noqa: N805 - Jinja's own signature trick, so namespace(self=1) works
+    # No named `self`: Jinja's own signature trick, so that `namespace(self=1)` still works
+    def __init__(*args: Any, **kwargs: Any) -> None:  # noqa: N805
         self, args = args[0], args[1:]
         attrs = dict(*args, **kwargs)
         for name in attrs:
@@ -91,6 +92,12 @@ def render_chat(
     """Render `messages` with a Jinja chat template; extra kwargs (tools, documents, ...) are template variables."""
     if not messages:
         raise TokenizerError("Cannot render an empty conversation: it needs at least one message.")
+    for number, message in enumerate(messages, 1):
+        if not isinstance(message, dict):
+            raise TokenizerError(
+                f"Message {number} is a {type(message).__name__}; a chat message is a dict such as "
+                '{"role": "user", "content": "Hi"}.'
+            )
     # As transformers does: keys whose value is None are dropped, since templates test for presence (tool_calls).
     messages = [{key: value for key, value in message.items() if value is not None} for message in messages]
     variables = {"tools": None, "documents": None, **kwargs}

@@ -158,13 +158,15 @@ class Tokenizer:
     @classmethod
     def train_bpe(
         cls,
-        data: Sequence[Path] | Iterable[str],
+        data: Path | Sequence[Path] | Iterable[str],
         vocab_size: int,
         *,
         min_frequency: int = 2,
         extra_special_tokens: Sequence[str] = (),
     ) -> Tokenizer:
         """Train a byte-level BPE on text files (Paths) or an iterator of texts; BOS is prepended, ChatML is set."""
+        if isinstance(data, Path):
+            data = [data]
         special = [*TRAINED_SPECIAL_TOKENS, *extra_special_tokens]
         smallest = 256 + len(special)
         if vocab_size < smallest:
@@ -286,10 +288,12 @@ class StreamDecoder:
         return text[len(known) :]
 
     def flush(self) -> str:
-        """Text still held back at the end (a character that never completed decodes as U+FFFD)."""
+        """Text still held back, e.g. at the end of generation (a character never completed shows as U+FFFD)."""
         known = self._decode(self.ids[self._prefix : self._read])
         text = self._decode(self.ids[self._prefix :])
-        self._prefix = self._read = len(self.ids)
+        if len(text) <= len(known):
+            return ""
+        self._prefix, self._read = self._read, len(self.ids)
         return text[len(known) :]
 
 

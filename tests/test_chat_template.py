@@ -57,7 +57,7 @@ def test_render_matches_transformers(hf_tokenizer, template_file: Path, system: 
     messages = ([SYSTEM] if system else []) + TURNS
     try:
         expected = hf_render(hf_tokenizer, template, messages, add_generation_prompt=add_generation_prompt)
-    except jinja2.exceptions.TemplateError as e:  # the template refuses (a system role, say): so must llmctl, in its words
+    except jinja2.exceptions.TemplateError as e:  # the template refuses (a system role, say): so must llmctl
         with pytest.raises(TokenizerError) as ours_error:
             ours(template, messages, add_generation_prompt=add_generation_prompt)
         assert ours_error.value.message == str(e)
@@ -77,7 +77,8 @@ def test_refusals_match_transformers(hf_tokenizer, template_file: Path):
             hf_render(hf_tokenizer, template, NOT_ALTERNATING, add_generation_prompt=True)
         with pytest.raises(TokenizerError) as mine:
             ours(template, NOT_ALTERNATING, add_generation_prompt=True)
-        assert mine.value.message == str(theirs.value) == "Conversation roles must alternate user/assistant/user/assistant/..."
+        assert mine.value.message == str(theirs.value)
+        assert mine.value.message == "Conversation roles must alternate user/assistant/user/assistant/..."
     else:  # templates without checks render anything; then both must render the same
         expected = hf_render(hf_tokenizer, template, NOT_ALTERNATING, add_generation_prompt=True)
         assert ours(template, NOT_ALTERNATING, add_generation_prompt=True) == expected
@@ -132,11 +133,30 @@ def test_default_template_is_chatml(hf_tokenizer):
     assert no_bos == "<|im_start|>user\n Hi there! <|im_end|>\n"
 
 
+@needs_shared
+def test_system_refusal_matches_transformers(hf_tokenizer):
+    # Gemma's official template refuses system messages; the shared gemma-it.jinja folds them into the first turn
+    template = (
+        "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+        + (SHARED / "chat_templates" / "gemma-it.jinja").read_text(encoding="utf-8")
+    )
+    with pytest.raises(jinja2.exceptions.TemplateError, match="System role not supported"):
+        hf_render(hf_tokenizer, template, [SYSTEM, *TURNS], add_generation_prompt=True)
+    with pytest.raises(TokenizerError) as mine:
+        ours(template, [SYSTEM, *TURNS], add_generation_prompt=True)
+    assert mine.value.message == "System role not supported"
+    assert ours(template, TURNS, add_generation_prompt=True) == hf_render(
+        hf_tokenizer, template, TURNS, add_generation_prompt=True
+    )
+
+
 def test_template_errors_are_tokenizer_errors():
     with pytest.raises(TokenizerError, match="does not parse"):
         render_chat("{% for m in messages %}", TURNS, add_generation_prompt=False)
     with pytest.raises(TokenizerError, match="empty conversation"):
         render_chat(DEFAULT_CHAT_TEMPLATE, [], add_generation_prompt=True)
+    with pytest.raises(TokenizerError, match="Message 2 is a str"):
+        render_chat(DEFAULT_CHAT_TEMPLATE, [TURNS[0], "hello"], add_generation_prompt=True)
     with pytest.raises(TokenizerError, match="failed on this conversation"):
         render_chat("{{ messages[0]['content'] + 1 }}", TURNS, add_generation_prompt=False)
 

@@ -66,7 +66,8 @@ def test_folder_without_tokenizer_names_files_looked_for(tmp_path: Path):
 
 @needs_shared
 def test_tiktoken_model_is_refused_with_a_reason(tmp_path: Path):
-    (tmp_path / "tokenizer.model").write_bytes((SHARED / "tokenizers" / "llama3" / "tokenizer.model").read_bytes()[:4096])
+    tiktoken_file = SHARED / "tokenizers" / "llama3" / "tokenizer.model"
+    (tmp_path / "tokenizer.model").write_bytes(tiktoken_file.read_bytes()[:4096])
     with pytest.raises(TokenizerError, match="tiktoken"):
         Tokenizer.from_dir(tmp_path)
 
@@ -96,7 +97,7 @@ def test_special_token_missing_from_vocabulary(tmp_path: Path):
         ("tokenizers/llama2", "First Citizen:", [1, 3824, 21353, 19642, 29901], "<s>", "</s>", True, "llama-2-chat"),
         ("tokenizers/gpt2", "Hello world", [15496, 995], "<|endoftext|>", "<|endoftext|>", False, None),
         ("tokenizers/mistral-7b-v0.3", "[INST] Hi", [1, 3, 29473, 16127], "<s>", "</s>", True, "mistral-instruct"),
-        ("tokenizers/smollm2-135m-instruct", "<|im_end|><|im_start|>", [2, 1], "<|im_start|>", "<|im_end|>", False, "smollm2"),
+        ("tokenizers/smollm2-135m-instruct", "<|im_end|>", [2], "<|im_start|>", "<|im_end|>", False, "smollm2"),
         ("models/stories260K", "Once upon a time", [1, 403, 407, 261, 378], "<s>", "</s>", True, None),
     ],
     ids=["llama2", "gpt2", "mistral-v0.3", "smollm2", "stories260K"],
@@ -170,7 +171,8 @@ def test_sentencepiece_model_converts_to_identical_ids(tmp_path: Path, name: str
         assert ids == reference.encode(text).ids, text[:60]
         assert tok.decode(ids, skip_special_tokens=True) == sp.decode(ids[1:]) == text.replace("\r", "\r")
     if name == "mistral-7b-v0.3":  # control tokens are special: templates write them, decode can skip them
-        assert tok.encode("[INST] Hi [/INST]") == reference.encode("[INST] Hi [/INST]").ids == [1, 3, 29473, 16127, 29473, 4]
+        expected = [1, 3, 29473, 16127, 29473, 4]
+        assert tok.encode("[INST] Hi [/INST]") == reference.encode("[INST] Hi [/INST]").ids == expected
         assert tok.decode(tok.encode("[INST] Hi"), skip_special_tokens=True) == " Hi"
 
 
@@ -265,7 +267,8 @@ def _assert_transformers_parity(tok: Tokenizer, folder: Path, texts: list[str]) 
 @needs_shared
 def test_save_trained_loads_in_transformers_and_back(trained: Tokenizer, tmp_path: Path):
     trained.save(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["chat_template.jinja", "tokenizer.json", "tokenizer_config.json"]
+    written = sorted(p.name for p in tmp_path.iterdir())
+    assert written == ["chat_template.jinja", "tokenizer.json", "tokenizer_config.json"]
     assert json.loads((tmp_path / "tokenizer_config.json").read_text())["tokenizer_class"] == "PreTrainedTokenizerFast"
     texts = [shakespeare()[:3000], UNICODE, "<|im_start|>user\nHi<|im_end|>", ""]
     _assert_transformers_parity(trained, tmp_path, texts)
@@ -282,6 +285,8 @@ def test_save_converted_sentencepiece_loads_in_transformers(tmp_path: Path):
     shutil.copy(SHARED / "tokenizers" / "llama2" / "tokenizer_config.json", source)
     tok = Tokenizer.from_dir(source)
     assert tok.chat_template == (SHARED / "chat_templates" / "llama-2-chat.jinja").read_text()
+    with pytest.raises(TokenizerError, match="Conversation roles must alternate"):
+        tok.apply_chat_template([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}])
     tok.save(tmp_path / "saved")
     texts = slices(shakespeare(), 0, 2, 2000) + [UNICODE, " leading space", "<s>[INST] x [/INST]"]
     _assert_transformers_parity(tok, tmp_path / "saved", texts)
@@ -299,7 +304,9 @@ def _stream(tok: Tokenizer, ids: list[int], skip_special_tokens: bool = False) -
 
 
 @needs_shared
-@pytest.mark.parametrize("folder", ["tokenizers/llama2", "tokenizers/smollm2-135m-instruct"], ids=["bytefallback", "bytelevel"])
+@pytest.mark.parametrize(
+    "folder", ["tokenizers/llama2", "tokenizers/smollm2-135m-instruct"], ids=["byte-fallback", "byte-level"]
+)
 def test_stream_decoder_emits_whole_characters_once(folder: str):
     tok = Tokenizer.from_dir(SHARED / folder)
     for text in STREAM_TEXTS:
@@ -319,3 +326,12 @@ def test_stream_decoder_flushes_an_unfinished_character(tmp_path: Path):
     pieces = _stream(tok, ids)
     assert pieces[-2] == "" and pieces[-1] == "\ufffd"  # held back while incomplete, given up at the end
     assert "".join(pieces) == tok.decode(ids)
+
+
+@needs_shared
+def test_stream_decoder_keeps_spaces_after_a_flush():
+    tok = Tokenizer.from_dir(SHARED / "tokenizers" / "llama2")  # its decoder strips the first leading space
+    ids = tok.encode("one two three", add_special_tokens=False)
+    decoder = StreamDecoder(tok)
+    pieces = [decoder.feed(ids[0]), decoder.flush(), decoder.flush(), *(decoder.feed(i) for i in ids[1:])]
+    assert "".join(pieces) == "one two three"
