@@ -1,0 +1,290 @@
+// CPU quantize / dequantize / pack / unpack in MLX's affine layout, threaded over groups of rows.
+#include "quant.h"
+
+#include <algorithm>
+#include <atomic>
+#include <exception>
+#include <functional>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace llmctl {
+namespace {
+
+constexpr int kMaxGroup = 128;
+// Below this many elements per thread, starting a thread costs more than it saves.
+constexpr int64_t kMinElementsPerThread = 1 << 16;
+
+// Runs fn(begin, end) over [0, n) split into contiguous ranges, one per thread; the first
+// exception thrown by any range is rethrown here after all threads joined.
+void parallel_for(int64_t n, int64_t cost_per_item, int threads,
+                  const std::function<void(int64_t, int64_t)>& fn) {
+  if (n <= 0) return;
+  int64_t workers = threads > 0 ? threads : std::max(1u, std::thread::hardware_concurrency());
+  workers = std::min(workers, std::max<int64_t>(1, n * cost_per_item / kMinElementsPerThread));
+  workers = std::min(workers, n);
+  if (workers == 1) {
+    fn(0, n);
+    return;
+  }
+  std::exception_ptr error;
+  std::mutex error_mutex;
+  std::vector<std::thread> pool;
+  pool.reserve(workers);
+  for (int64_t t = 0; t < workers; ++t) {
+    const int64_t begin = n * t / workers, end = n * (t + 1) / workers;
+    pool.emplace_back([&, begin, end] {
+      try {
+        fn(begin, end);
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(error_mutex);
+        if (!error) error = std::current_exception();
+      }
+    });
+  }
+  for (auto& thread : pool) thread.join();
+  if (error) std::rethrow_exception(error);
+}
+
+[[noreturn]] void fail(const std::string& message) { throw std::invalid_argument(message); }
+
+// 32 codes fill exactly BITS words of the stream; unrolled so every shift is a constant.
+template <int BITS>
+inline void pack32(const uint32_t* codes, uint32_t* words) {
+  uint64_t acc = 0;
+  int filled = 0, out = 0;
+#pragma GCC unroll 32
+  for (int k = 0; k < 32; ++k) {
+    acc |= uint64_t(codes[k]) << filled;
+    filled += BITS;
+    if (filled >= 32) {
+      words[out++] = uint32_t(acc);
+      acc >>= 32;
+      filled -= 32;
+    }
+  }
+}
+
+template <int BITS>
+inline void unpack32(const uint32_t* words, uint32_t* codes) {
+#pragma GCC unroll 32
+  for (int k = 0; k < 32; ++k) codes[k] = extract_code(words, k, BITS);
+}
+
+template <int DT>
+inline void load_group(const void* w, int64_t offset, int n, float* out) {
+  for (int j = 0; j < n; ++j) out[j] = load_float(w, DT, offset + j);
+}
+
+template <int DT, int BITS>
+void quantize_groups(const void* w, int group_size, int64_t g0, int64_t g1, uint32_t* wq,
+                     void* scales, void* biases, std::atomic<bool>& nonfinite) {
+  constexpr float n_bins = float((1 << BITS) - 1);
+  const int words_per_group = group_size * BITS / 32;
+  alignas(64) float x[kMaxGroup];
+  alignas(64) uint32_t codes[kMaxGroup];
+  for (int64_t g = g0; g < g1; ++g) {
+    load_group<DT>(w, g * group_size, group_size, x);
+    // Eight independent lanes so the reductions vectorize; x - x is NaN only for inf and NaN.
+    float lo[8], hi[8], bad[8];
+    for (int k = 0; k < 8; ++k) lo[k] = hi[k] = x[k], bad[k] = 0.0f;
+    for (int j = 0; j < group_size; j += 8) {
+      for (int k = 0; k < 8; ++k) {
+        lo[k] = std::min(lo[k], x[j + k]);
+        hi[k] = std::max(hi[k], x[j + k]);
+        bad[k] += x[j + k] - x[j + k];
+      }
+    }
+    float w_min = lo[0], w_max = hi[0], check = bad[0];
+    for (int k = 1; k < 8; ++k) {
+      w_min = std::min(w_min, lo[k]);
+      w_max = std::max(w_max, hi[k]);
+      check += bad[k];
+    }
+    if (check != 0.0f) nonfinite.store(true, std::memory_order_relaxed);
+    float scale, bias;
+    affine_params(w_min, w_max, n_bins, &scale, &bias);
+    for (int j = 0; j < group_size; ++j) codes[j] = affine_code(x[j], scale, bias, n_bins);
+    uint32_t* out = wq + g * words_per_group;
+    for (int c = 0; c < group_size; c += 32) pack32<BITS>(codes + c, out + c / 32 * BITS);
+    store_float(scales, DT, g, scale);
+    store_float(biases, DT, g, bias);
+  }
+}
+
+template <int DT, int BITS>
+void dequantize_groups(const uint32_t* wq, const void* scales, const void* biases, int group_size,
+                       int64_t g0, int64_t g1, void* out, int out_dtype) {
+  const int words_per_group = group_size * BITS / 32;
+  alignas(64) uint32_t codes[kMaxGroup];
+  alignas(64) float y[kMaxGroup];
+  for (int64_t g = g0; g < g1; ++g) {
+    const uint32_t* in = wq + g * words_per_group;
+    for (int c = 0; c < group_size; c += 32) unpack32<BITS>(in + c / 32 * BITS, codes + c);
+    const float scale = load_float(scales, DT, g), bias = load_float(biases, DT, g);
+    for (int j = 0; j < group_size; ++j) y[j] = affine_value(codes[j], scale, bias, DT);
+    const int64_t offset = g * group_size;
+    if (out_dtype == kFloat32) {
+      std::copy(y, y + group_size, static_cast<float*>(out) + offset);
+    } else if (out_dtype == kFloat16) {
+      uint16_t* o = static_cast<uint16_t*>(out) + offset;
+      for (int j = 0; j < group_size; ++j) o[j] = float_to_half(y[j]);
+    } else {
+      uint16_t* o = static_cast<uint16_t*>(out) + offset;
+      for (int j = 0; j < group_size; ++j) o[j] = float_to_bf16(y[j]);
+    }
+  }
+}
+
+// Turns runtime (dtype, bits) into template arguments.
+template <template <int, int> class Fn, typename... Args>
+void dispatch(int dtype, int bits, Args&&... args) {
+  auto with_bits = [&](auto dt) {
+    constexpr int DT = decltype(dt)::value;
+    switch (bits) {
+      case 2: return Fn<DT, 2>::run(args...);
+      case 3: return Fn<DT, 3>::run(args...);
+      case 4: return Fn<DT, 4>::run(args...);
+      case 5: return Fn<DT, 5>::run(args...);
+      case 6: return Fn<DT, 6>::run(args...);
+      case 8: return Fn<DT, 8>::run(args...);
+    }
+  };
+  if (dtype == kFloat32) with_bits(std::integral_constant<int, kFloat32>{});
+  if (dtype == kFloat16) with_bits(std::integral_constant<int, kFloat16>{});
+  if (dtype == kBFloat16) with_bits(std::integral_constant<int, kBFloat16>{});
+}
+
+template <int DT, int BITS>
+struct QuantizeFn {
+  template <typename... Args>
+  static void run(Args&&... args) { quantize_groups<DT, BITS>(args...); }
+};
+
+template <int DT, int BITS>
+struct DequantizeFn {
+  template <typename... Args>
+  static void run(Args&&... args) { dequantize_groups<DT, BITS>(args...); }
+};
+
+void check_dtype(int dtype, const char* what) {
+  if (dtype != kFloat32 && dtype != kFloat16 && dtype != kBFloat16)
+    fail(std::string(what) + " dtype code " + std::to_string(dtype) +
+         " is not 0 (float32), 1 (float16) or 2 (bfloat16)");
+}
+
+void check_pointer(const void* p, const char* what) {
+  if (p == nullptr) fail(std::string(what) + " is a null pointer");
+}
+
+}  // namespace
+
+void check_quant_args(int dtype, int64_t rows, int64_t cols, int group_size, int bits) {
+  check_dtype(dtype, "input");
+  if (bits != 2 && bits != 3 && bits != 4 && bits != 5 && bits != 6 && bits != 8)
+    fail("bits " + std::to_string(bits) + " is not one of 2, 3, 4, 5, 6, 8");
+  if (group_size != 32 && group_size != 64 && group_size != 128)
+    fail("group_size " + std::to_string(group_size) + " is not one of 32, 64, 128");
+  if (rows < 0 || cols < 0)
+    fail("shape (" + std::to_string(rows) + ", " + std::to_string(cols) + ") is negative");
+  if (cols % group_size != 0)
+    fail("last dimension " + std::to_string(cols) + " is not a multiple of group_size " +
+         std::to_string(group_size));
+}
+
+void quantize(const void* w, int dtype, int64_t rows, int64_t cols, int group_size, int bits,
+              uint32_t* wq, void* scales, void* biases, int threads) {
+  check_quant_args(dtype, rows, cols, group_size, bits);
+  if (rows * cols == 0) return;
+  check_pointer(w, "w");
+  check_pointer(wq, "wq");
+  check_pointer(scales, "scales");
+  check_pointer(biases, "biases");
+  // Rows hold whole groups, so the matrix is one run of independent groups.
+  std::atomic<bool> nonfinite{false};
+  parallel_for(rows * cols / group_size, group_size, threads, [&](int64_t g0, int64_t g1) {
+    dispatch<QuantizeFn>(dtype, bits, w, group_size, g0, g1, wq, scales, biases, nonfinite);
+  });
+  if (nonfinite.load()) fail("w contains inf or NaN; quantize needs finite weights");
+}
+
+void dequantize(const uint32_t* wq, const void* scales, const void* biases, int dtype, int64_t rows,
+                int64_t cols, int group_size, int bits, void* out, int out_dtype, int threads) {
+  check_quant_args(dtype, rows, cols, group_size, bits);
+  check_dtype(out_dtype, "output");
+  if (rows * cols == 0) return;
+  check_pointer(wq, "wq");
+  check_pointer(scales, "scales");
+  check_pointer(biases, "biases");
+  check_pointer(out, "out");
+  parallel_for(rows * cols / group_size, group_size, threads, [&](int64_t g0, int64_t g1) {
+    dispatch<DequantizeFn>(dtype, bits, wq, scales, biases, group_size, g0, g1, out, out_dtype);
+  });
+}
+
+int64_t words_per_row(int64_t cols, int bits) { return (cols * bits + 31) / 32; }
+
+void pack(const uint8_t* codes, int64_t rows, int64_t cols, int bits, uint32_t* words, int threads) {
+  if (bits < 1 || bits > 8) fail("bits " + std::to_string(bits) + " is not in 1..8");
+  if (rows < 0 || cols < 0) fail("negative shape");
+  if (rows * cols == 0) return;
+  check_pointer(codes, "codes");
+  check_pointer(words, "words");
+  const int64_t stride = words_per_row(cols, bits);
+  parallel_for(rows, cols, threads, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const uint8_t* in = codes + r * cols;
+      uint32_t* out = words + r * stride;
+      uint64_t acc = 0;
+      int filled = 0;
+      uint32_t seen = 0;
+      for (int64_t j = 0; j < cols; ++j) {
+        seen |= in[j];
+        acc |= uint64_t(in[j]) << filled;
+        filled += bits;
+        if (filled >= 32) {
+          *out++ = uint32_t(acc);
+          acc >>= 32;
+          filled -= 32;
+        }
+      }
+      if (filled > 0) *out = uint32_t(acc);
+      if (seen >> bits) {
+        const int64_t j = std::find_if(in, in + cols, [&](uint8_t c) { return c >> bits; }) - in;
+        fail("code " + std::to_string(in[j]) + " at row " + std::to_string(r) + ", column " +
+             std::to_string(j) + " does not fit in " + std::to_string(bits) + " bits (0.." +
+             std::to_string((1 << bits) - 1) + ")");
+      }
+    }
+  });
+}
+
+void unpack(const uint32_t* words, int64_t rows, int64_t cols, int bits, uint8_t* codes,
+            int threads) {
+  if (bits < 1 || bits > 8) fail("bits " + std::to_string(bits) + " is not in 1..8");
+  if (rows < 0 || cols < 0) fail("negative shape");
+  if (rows * cols == 0) return;
+  check_pointer(words, "words");
+  check_pointer(codes, "codes");
+  const int64_t stride = words_per_row(cols, bits);
+  parallel_for(rows, cols, threads, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const uint32_t* in = words + r * stride;
+      uint8_t* out = codes + r * cols;
+      for (int64_t j = 0; j < cols; ++j) out[j] = uint8_t(extract_code(in, j, bits));
+    }
+  });
+}
+
+bool has_cuda() {
+#ifdef LLMCTL_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace llmctl

@@ -1,0 +1,325 @@
+"""llmctl.kernels: bit-exact parity with mx.quantize / mx.dequantize, bit packing, argument errors, CUDA."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from llmctl import kernels
+from llmctl.errors import LlmctlError
+from llmctl.kernels import KernelArgumentError
+
+BITS = (2, 3, 4, 5, 6, 8)
+GROUP_SIZES = (32, 64, 128)
+DTYPES = ("float32", "float16", "bfloat16")
+SHAPES = ((8, 256), (7, 384))
+
+
+def weights(rows: int, cols: int, seed: int = 0) -> np.ndarray:
+    """float32 weights with the cases that matter: outliers, constant rows (max == min), zeros, tiny values."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((rows, cols)).astype(np.float32) * 0.02
+    w[0, rng.integers(0, cols, 4)] = [3.0, -5.0, 8.0, -0.7]  # outliers of both signs
+    w[1] = 0.5  # constant: q0 = 0.5 / 1e-7 stays under 2^23
+    w[2] = 0.0
+    w[3] = -3.0  # constant: |edge / scale| = 3e7 is past 2^23, an integer already
+    w[4] = np.abs(w[4]) + 1.0  # all positive: the max is the edge
+    w[5] *= 1e-5  # range under 1e-7 * n_bins: scale clamps to eps, float16 scales go subnormal
+    w[6] = -np.abs(w[6]) - 1.0  # all negative: the min is the edge
+    return w
+
+
+def mlx_array(w: np.ndarray, dtype: str):
+    mx = pytest.importorskip("mlx.core")
+    return mx.array(w).astype(getattr(mx, dtype))
+
+
+def raw(x) -> np.ndarray:
+    """The bits of any torch / numpy / MLX array as an unsigned integer numpy array."""
+    module = type(x).__module__
+    if module.startswith("mlx"):
+        import mlx.core as mx
+
+        x = np.asarray(x.view(mx.uint16) if x.dtype == mx.bfloat16 else x)
+    elif module.startswith("torch"):
+        import torch
+
+        x = x.detach().cpu()
+        x = (x.view(torch.uint16) if x.dtype == torch.bfloat16 else x).numpy()
+    return x.view(f"u{x.dtype.itemsize}")
+
+
+def assert_same_bits(got, want, what: str) -> None:
+    got, want = raw(got), raw(want)
+    assert got.shape == want.shape, f"{what}: shape {got.shape} != {want.shape}"
+    mismatched = np.flatnonzero(got != want)
+    assert mismatched.size == 0, f"{what}: {mismatched.size} elements differ, first at flat index {mismatched[:5]}"
+
+
+def numpy_codes(w: np.ndarray, group_size: int, bits: int) -> np.ndarray:
+    """MLX's codes computed independently in numpy (float32 throughout), for checking pack / unpack."""
+    x = w.astype(np.float32).reshape(w.shape[0], -1, group_size)
+    n_bins = np.float32(2**bits - 1)
+    w_max, w_min = x.max(-1, keepdims=True), x.min(-1, keepdims=True)
+    use_min = np.abs(w_min) > np.abs(w_max)
+    scale = np.maximum((w_max - w_min) / n_bins, np.float32(1e-7))
+    scale = np.where(use_min, scale, -scale)
+    edge = np.where(use_min, w_min, w_max)
+    q0 = np.rint(edge / scale)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scale = np.where(q0 != 0, edge / q0, scale).astype(np.float32)
+    bias = np.where(q0 != 0, edge, np.float32(0)).astype(np.float32)
+    return np.clip(np.rint((x - bias) / scale), 0, n_bins).astype(np.uint8).reshape(w.shape)
+
+
+def numpy_pack(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Each row as one little-endian bit stream, padded with zero bits to whole uint32 words."""
+    rows, n = codes.shape
+    stream = ((codes[:, :, None].astype(np.uint64) >> np.arange(bits, dtype=np.uint64)) & 1).reshape(rows, -1)
+    padded = np.zeros((rows, -(-n * bits // 32) * 32), np.uint64)
+    padded[:, : n * bits] = stream
+    return (padded.reshape(rows, -1, 32) << np.arange(32, dtype=np.uint64)).sum(-1).astype(np.uint32)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("group_size", GROUP_SIZES)
+@pytest.mark.parametrize("bits", BITS)
+def test_quantize_and_dequantize_match_mlx_bit_for_bit(bits, group_size, dtype, shape):
+    mx = pytest.importorskip("mlx.core")
+    w = mlx_array(weights(*shape, seed=bits * group_size), dtype)
+    want_q, want_s, want_b = mx.quantize(w, group_size=group_size, bits=bits)
+    wq, scales, biases = kernels.quantize(w, group_size=group_size, bits=bits)
+    assert isinstance(wq, mx.array) and wq.dtype == mx.uint32 and scales.dtype == w.dtype == biases.dtype
+    assert_same_bits(wq, want_q, "wq")
+    assert_same_bits(scales, want_s, "scales")
+    assert_same_bits(biases, want_b, "biases")
+    got = kernels.dequantize(wq, scales, biases, group_size=group_size, bits=bits)
+    want = mx.dequantize(want_q, want_s, want_b, group_size=group_size, bits=bits)
+    assert got.dtype == w.dtype
+    assert_same_bits(got, want, "dequantized")
+
+
+@pytest.mark.parametrize("out_dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dequantize_to_another_dtype_matches_mlx(dtype, out_dtype):
+    mx = pytest.importorskip("mlx.core")
+    w = mlx_array(weights(7, 384, seed=1), dtype)
+    wq, scales, biases = mx.quantize(w, group_size=32, bits=5)
+    want = mx.dequantize(wq, scales, biases, group_size=32, bits=5, dtype=getattr(mx, out_dtype))
+    got = kernels.dequantize(wq, scales, biases, group_size=32, bits=5, dtype=getattr(mx, out_dtype))
+    assert got.dtype == want.dtype
+    assert_same_bits(got, want, f"{dtype} -> {out_dtype}")
+    assert_same_bits(kernels.dequantize(wq, scales, biases, 32, 5, dtype=out_dtype), want, "dtype given as a name")
+
+
+@pytest.mark.parametrize("bits", (3, 4, 6, 8))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_torch_tensors_match_mlx(dtype, bits):
+    torch = pytest.importorskip("torch")
+    mx = pytest.importorskip("mlx.core")
+    w32 = weights(7, 384, seed=2)
+    w = torch.from_numpy(w32).to(getattr(torch, dtype))
+    wq, scales, biases = kernels.quantize(w, group_size=64, bits=bits)
+    assert wq.dtype == torch.uint32 and wq.shape == (7, 384 * bits // 32)
+    assert scales.dtype == biases.dtype == w.dtype and scales.shape == (7, 6)
+    want = mx.quantize(mlx_array(w32, dtype), group_size=64, bits=bits)
+    for got_part, want_part, what in zip((wq, scales, biases), want, ("wq", "scales", "biases")):
+        assert_same_bits(got_part, want_part, what)
+    out = kernels.dequantize(wq, scales, biases, group_size=64, bits=bits)
+    assert isinstance(out, torch.Tensor) and out.dtype == w.dtype
+    assert_same_bits(out, mx.dequantize(*want, group_size=64, bits=bits), "dequantized")
+
+
+@pytest.mark.parametrize("dtype", ("float32", "float16"))
+def test_numpy_arrays_match_mlx(dtype):
+    mx = pytest.importorskip("mlx.core")
+    w = weights(8, 256, seed=3).astype(dtype)
+    wq, scales, biases = kernels.quantize(w, group_size=128, bits=3)
+    assert isinstance(wq, np.ndarray) and wq.dtype == np.uint32 and scales.dtype == w.dtype
+    want = mx.quantize(mx.array(w), group_size=128, bits=3)
+    for got_part, want_part, what in zip((wq, scales, biases), want, ("wq", "scales", "biases")):
+        assert_same_bits(got_part, want_part, what)
+    out = kernels.dequantize(wq, scales, biases, group_size=128, bits=3, dtype=np.float32)
+    assert out.dtype == np.float32
+    assert_same_bits(out, mx.dequantize(*want, group_size=128, bits=3, dtype=mx.float32), "dequantized")
+
+
+def test_batched_and_non_contiguous_inputs_give_the_same_result():
+    torch = pytest.importorskip("torch")
+    w = torch.from_numpy(weights(8, 256, seed=4))
+    flat = kernels.quantize(w, group_size=64, bits=4)
+    batched = kernels.quantize(w.reshape(2, 4, 256), group_size=64, bits=4)
+    assert batched[0].shape == (2, 4, 32) and batched[1].shape == (2, 4, 4)
+    for a, b in zip(flat, batched):
+        assert torch.equal(a.reshape(b.shape), b)
+    transposed = kernels.quantize(w.T.contiguous().T, group_size=64, bits=4)  # strides (1, 8)
+    for a, b in zip(flat, transposed):
+        assert torch.equal(a, b)
+
+
+def test_unpacked_mlx_codes_rebuild_mx_dequantize():
+    mx = pytest.importorskip("mlx.core")
+    w = weights(7, 384, seed=5)
+    for bits in BITS:
+        wq, scales, biases = mx.quantize(mx.array(w), group_size=32, bits=bits)
+        codes = kernels.unpack(np.asarray(wq), bits, 384)
+        np.testing.assert_array_equal(codes, numpy_codes(w, 32, bits), err_msg=f"bits={bits}")
+        step = np.repeat(np.asarray(scales), 32, axis=1)
+        offset = np.repeat(np.asarray(biases), 32, axis=1)
+        rebuilt = (codes * step).astype(np.float32) + offset  # float32: product rounded, then sum
+        want = np.asarray(mx.dequantize(wq, scales, biases, group_size=32, bits=bits))
+        np.testing.assert_array_equal(rebuilt.view(np.uint32), want.view(np.uint32), err_msg=f"bits={bits}")
+
+
+@pytest.mark.parametrize("n", (32, 100, 384, 1))
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_pack_unpack_round_trip(bits, n):
+    codes = np.random.default_rng(bits * n).integers(0, 2**bits, (5, n), dtype=np.uint8)
+    words = kernels.pack(codes, bits)
+    assert words.dtype == np.uint32 and words.shape == (5, -(-n * bits // 32))
+    np.testing.assert_array_equal(words, numpy_pack(codes, bits))
+    np.testing.assert_array_equal(kernels.unpack(words, bits, n), codes)
+
+
+def test_pack_keeps_the_framework():
+    torch = pytest.importorskip("torch")
+    mx = pytest.importorskip("mlx.core")
+    codes = np.arange(64, dtype=np.uint8).reshape(2, 32) % 8
+    want = numpy_pack(codes, 3)
+    words = kernels.pack(torch.from_numpy(codes), 3)
+    assert words.dtype == torch.uint32
+    np.testing.assert_array_equal(words.numpy(), want)
+    assert torch.equal(kernels.unpack(words, 3, 32), torch.from_numpy(codes))
+    words = kernels.pack(mx.array(codes), 3)
+    assert words.dtype == mx.uint32
+    np.testing.assert_array_equal(np.asarray(words), want)
+    np.testing.assert_array_equal(np.asarray(kernels.unpack(words, 3, 32)), codes)
+
+
+def test_threads_do_not_change_the_result():
+    w = weights(64, 4096, seed=6)  # 256k values: enough for the C++ side to use several threads
+    one = kernels.quantize(w, group_size=64, bits=5, threads=1)
+    many = kernels.quantize(w, group_size=64, bits=5, threads=3)
+    for a, b in zip(one, many):
+        np.testing.assert_array_equal(a, b)
+    serial, parallel = kernels.dequantize(*one, 64, 5, threads=1), kernels.dequantize(*one, 64, 5, threads=4)
+    np.testing.assert_array_equal(serial, parallel)
+
+
+def test_empty_rows_are_fine():
+    wq, scales, biases = kernels.quantize(np.zeros((0, 128), np.float32), group_size=64, bits=4)
+    assert wq.shape == (0, 16) and scales.shape == biases.shape == (0, 2)
+    assert kernels.dequantize(wq, scales, biases, 64, 4).shape == (0, 128)
+
+
+def _bad_calls():
+    w = weights(8, 256)
+    wq, scales, biases = kernels.quantize(w, group_size=64, bits=4)
+    inf = w.copy()
+    inf[3, 7] = np.inf
+    nan = w.copy()
+    nan[0, 0] = np.nan
+    return [
+        ("not a multiple", lambda: kernels.quantize(np.zeros((4, 100), np.float32), 64, 4),
+         "last dimension 100 is not a multiple of group_size 64"),
+        ("group size", lambda: kernels.quantize(w, group_size=16, bits=4), "group_size=16 is not supported"),
+        ("bits 7", lambda: kernels.quantize(w, group_size=64, bits=7), "bits=7 is not supported"),
+        ("int weights", lambda: kernels.quantize(w.astype(np.int32), 64, 4), "w has dtype int32"),
+        ("scalar", lambda: kernels.quantize(np.float32(1.0), 64, 4), "w is a scalar"),
+        ("list", lambda: kernels.quantize([[1.0] * 64], 64, 4), "llmctl kernels take a torch tensor"),
+        ("inf", lambda: kernels.quantize(inf, 64, 4), "w contains inf or NaN"),
+        ("nan", lambda: kernels.quantize(nan, 64, 4), "w contains inf or NaN"),
+        ("wrong bits for wq", lambda: kernels.dequantize(wq, scales, biases, 64, 3),
+         "wq needs 24 words per row (256 values), but it has 32"),
+        ("wq dtype", lambda: kernels.dequantize(wq.astype(np.int64), scales, biases, 64, 4), "wq has dtype int64"),
+        ("mixed dtypes", lambda: kernels.dequantize(wq, scales, biases.astype(np.float16), 64, 4),
+         "scales have dtype float32 and biases float16"),
+        ("shapes", lambda: kernels.dequantize(wq, scales[:4], biases[:4], 64, 4), "do not fit together"),
+        ("out dtype", lambda: kernels.dequantize(wq, scales, biases, 64, 4, dtype="int8"), "dtype int8 is not one of"),
+        ("code too big", lambda: kernels.pack(np.array([[1, 2, 17, 3]], np.uint8), 4),
+         "code 17 at row 0, column 2 does not fit in 4 bits (0..15)"),
+        ("pack dtype", lambda: kernels.pack(np.zeros((2, 8), np.int64), 4), "codes have dtype int64"),
+        ("pack bits", lambda: kernels.pack(np.zeros((2, 8), np.uint8), 9), "bits=9 is not supported"),
+        ("unpack n", lambda: kernels.unpack(np.zeros((2, 10), np.uint32), 4, 300),
+         "words has 10 words per row, but n=300 codes of 4 bits take 38"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_bad_calls())))
+def test_bad_arguments_say_what_is_wrong(case):
+    name, call, message = _bad_calls()[case]
+    with pytest.raises(KernelArgumentError) as info:
+        call()
+    assert message in str(info.value), name
+    assert isinstance(info.value, ValueError) and isinstance(info.value, LlmctlError)
+
+
+def test_mixed_frameworks_are_refused():
+    torch = pytest.importorskip("torch")
+    wq, scales, biases = kernels.quantize(weights(8, 256), 64, 4)
+    with pytest.raises(KernelArgumentError, match="scales is a torch array on cpu but wq is a numpy array"):
+        kernels.dequantize(wq, torch.from_numpy(scales), biases, 64, 4)
+
+
+def test_extension_checks_its_own_arguments():
+    from llmctl import _C
+
+    with pytest.raises(ValueError, match="bits 7 is not one of 2, 3, 4, 5, 6, 8"):
+        _C.quantize(1, 0, 1, 64, 64, 7, 1, 1, 1)
+    with pytest.raises(ValueError, match="last dimension 100 is not a multiple of group_size 64"):
+        _C.dequantize(1, 1, 1, 0, 1, 100, 64, 4, 1, 0)
+    with pytest.raises(ValueError, match="w is a null pointer"):
+        _C.quantize(0, 0, 1, 64, 64, 4, 1, 1, 1)
+    with pytest.raises(ValueError, match="dtype code 5"):
+        _C.quantize(1, 5, 1, 64, 64, 4, 1, 1, 1)
+    with pytest.raises(ValueError, match="threads must be >= 0"):
+        _C.pack(1, 1, 8, 4, 1, -1)
+
+
+def test_stub_lists_what_the_extension_defines():
+    from llmctl import _C
+
+    stub = ast.parse((Path(kernels.__file__).parent / "_C.pyi").read_text())
+    for node in stub.body:
+        if isinstance(node, ast.FunctionDef):
+            signature = getattr(_C, node.name).__doc__.splitlines()[0]
+            params = signature.split("(", 1)[1].split(")")[0]
+            names = [part.split(":")[0].strip() for part in params.split(",") if part.strip()]
+            assert names == [a.arg for a in node.args.args], node.name
+    defined = {n.name for n in stub.body if isinstance(n, ast.FunctionDef)}
+    assert defined == {name for name in dir(_C) if callable(getattr(_C, name)) and not name.startswith("_")}
+
+
+def test_importing_kernels_loads_no_framework():
+    code = "import sys, llmctl.kernels; assert not {'torch', 'mlx', 'mlx.core'} & set(sys.modules), sys.modules.keys()"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_matches_cpu(dtype):
+    torch = pytest.importorskip("torch")
+    from llmctl import _C
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU visible to torch")
+    if not _C.has_cuda():
+        pytest.skip("llmctl._C built without CUDA (pip install . --config-settings=cmake.define.LLMCTL_CUDA=ON)")
+    w = torch.from_numpy(weights(7, 384, seed=7)).to(getattr(torch, dtype))
+    for bits in BITS:
+        for group_size in GROUP_SIZES:
+            cpu = kernels.quantize(w, group_size=group_size, bits=bits)
+            gpu = kernels.quantize(w.cuda(), group_size=group_size, bits=bits)
+            assert gpu[0].device.type == "cuda"
+            for a, b, what in zip(cpu, gpu, ("wq", "scales", "biases")):
+                assert_same_bits(b, a, f"{what} bits={bits} group_size={group_size}")
+            for out_dtype in DTYPES:
+                want = kernels.dequantize(*cpu, group_size, bits, dtype=out_dtype)
+                got = kernels.dequantize(*gpu, group_size, bits, dtype=out_dtype)
+                assert_same_bits(got, want, f"dequantize bits={bits} group_size={group_size} to {out_dtype}")
