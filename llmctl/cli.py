@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from llmctl import __version__
-from llmctl.commands import info
+from llmctl.commands import info, train
 
 app = typer.Typer(
     name="llmctl",
@@ -55,4 +55,5 @@ def main(
     _state["debug"] = debug
 
 
+app.command(name="train")(handled(train.train))
 app.command(name="info")(handled(info.info))

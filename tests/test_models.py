@@ -86,11 +86,11 @@ def test_moe_aux_loss_matches_transformers(tmp_path, backend):
     ref = float(out.aux_loss) * model.config.router_aux_loss_coef
     loaded = backend.load(tmp_path)
     if backend.name == "torch":
-        _, aux = loaded.module.forward_with_aux(torch.tensor(tokens))
+        _, aux = loaded.module(torch.tensor(tokens), return_aux=True)
     else:
         import mlx.core as mx
 
-        _, aux = loaded.module.forward_with_aux(mx.array(tokens))
+        _, aux = loaded.module(mx.array(tokens), return_aux=True)
     assert abs(float(aux.item()) - ref) <= 1e-6 * max(1.0, abs(ref))
     assert ref > 0
 

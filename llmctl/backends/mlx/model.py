@@ -202,8 +202,8 @@ class Transformer(nn.Module):
         if not spec.tie_embeddings:
             self.lm_head = nn.Linear(spec.dim, spec.vocab_size, bias=False)
 
-    def forward_with_aux(self, tokens: mx.array, cache: list[KVCache] | None = None) -> tuple[mx.array, mx.array | None]:
-        """Logits (B, T, V) and, for MoE, the load-balancing loss (already weighted by its coefficient)."""
+    def __call__(self, tokens: mx.array, cache: list[KVCache] | None = None, return_aux: bool = False) -> mx.array | tuple[mx.array, mx.array | None]:
+        """Logits (B, T, V); with `return_aux`, also the MoE load-balancing loss (weighted by its coefficient)."""
         B, T = tokens.shape
         offset = cache[0].offset if cache else 0
         mask = attention_mask(T, offset, self.spec.sliding_window)
@@ -215,13 +215,12 @@ class Transformer(nn.Module):
                 router_logits.append(r)
         h = self.model.norm(h)
         logits = self.model.embed_tokens.as_linear(h) if self.spec.tie_embeddings else self.lm_head(h)
+        if not return_aux:
+            return logits
         aux = None
         if router_logits:
             aux = self.spec.router_aux_loss_coef * load_balancing_loss(router_logits, self.spec.n_experts, self.spec.experts_per_token)
         return logits, aux
-
-    def __call__(self, tokens: mx.array, cache: list[KVCache] | None = None) -> mx.array:
-        return self.forward_with_aux(tokens, cache)[0]
 
     def init_weights(self, seed: int) -> None:
         """Normal(0, init_std) matrices, ones for norms, zeros for biases, from a fixed seed."""

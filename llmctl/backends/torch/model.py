@@ -207,8 +207,8 @@ class Transformer(nn.Module):
         if not spec.tie_embeddings:
             self.lm_head = nn.Linear(spec.dim, spec.vocab_size, bias=False)
 
-    def forward_with_aux(self, tokens: Tensor, cache: list[KVCache] | None = None) -> tuple[Tensor, Tensor | None]:
-        """Logits (B, T, V) and, for MoE, the load-balancing loss (already weighted by its coefficient)."""
+    def forward(self, tokens: Tensor, cache: list[KVCache] | None = None, return_aux: bool = False) -> Tensor | tuple[Tensor, Tensor | None]:
+        """Logits (B, T, V); with `return_aux`, also the MoE load-balancing loss (weighted by its coefficient)."""
         B, T = tokens.shape
         offset = cache[0].offset if cache else 0
         mask = attention_mask(T, offset, self.spec.sliding_window, tokens.device)
@@ -221,13 +221,12 @@ class Transformer(nn.Module):
         h = self.model.norm(h)
         head = self.model.embed_tokens.weight if self.spec.tie_embeddings else self.lm_head.weight
         logits = F.linear(h, head)
+        if not return_aux:
+            return logits
         aux = None
         if router_logits:
             aux = self.spec.router_aux_loss_coef * load_balancing_loss(router_logits, self.spec.n_experts, self.spec.experts_per_token)
         return logits, aux
-
-    def forward(self, tokens: Tensor, cache: list[KVCache] | None = None) -> Tensor:
-        return self.forward_with_aux(tokens, cache)[0]
 
     def init_weights(self, seed: int) -> None:
         """Normal(0, init_std) matrices, ones for norms, zeros for biases, from a fixed seed."""

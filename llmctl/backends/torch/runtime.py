@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,6 +42,11 @@ class Model:
 
 class Runtime:
     name = "torch"
+
+    def train(self, cfg: Any, force: bool = False, resume: bool = False) -> Path | None:
+        from llmctl.backends.torch.train import train
+
+        return train(cfg, force=force, resume=resume)
 
     def init(self, spec: ModelSpec, seed: int = 0, dtype: str = "float32") -> Model:
         module = Transformer(spec)

@@ -1,0 +1,1 @@
+"""Data: pretraining text, instruction and preference sets."""

@@ -1,0 +1,143 @@
+"""What `llmctl train` does before the first step, on any backend: run folder, tokenizer, tokens, spec."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from llmctl import ui
+from llmctl.config import to_dict, to_yaml
+from llmctl.data.text import TokenData, default_corpus, expand_sources, read_documents, split, tokenize_files
+from llmctl.errors import ConfigError
+from llmctl.run import RunFolder
+from llmctl.spec import ModelSpec
+from llmctl.tokenizer import Tokenizer
+
+
+@dataclass
+class Prepared:
+    run: RunFolder
+    tokenizer: Tokenizer
+    data: TokenData
+    spec: ModelSpec
+    init_from: Path | None   # a model folder whose weights start the run (continued pretraining)
+
+    def resume_key(self, cfg: Any, world: int) -> dict[str, Any]:
+        """Settings a checkpoint depends on: a resumed run must keep them."""
+        return {
+            "spec": self.spec.to_dict() | {"rope_scaling": to_dict(self.spec.rope_scaling)},
+            "data.seq_len": cfg.data.seq_len,
+            "data.batch_size": cfg.data.batch_size,
+            "optim.name": to_dict(cfg)["optim"]["name"],
+            "train.grad_accum": cfg.train.grad_accum,
+            "train.seed": cfg.train.seed,
+            "processes": world,
+        }
+
+
+def _ffn_dim(dim: int) -> int:
+    # SwiGLU keeps the parameter count of a 4*dim MLP with 2/3 of the width, rounded up to 64.
+    return -(-int(8 * dim / 3) // 64) * 64
+
+
+def _spec(cfg: Any, tokenizer: Tokenizer) -> tuple[ModelSpec, Path | None]:
+    m = cfg.model
+    if m.from_:
+        from llmctl.io.hf import load_spec
+        from llmctl.io.hub import resolve_model
+
+        folder = resolve_model(m.from_)
+        spec = load_spec(folder)
+        if tokenizer.vocab_size > spec.vocab_size:
+            raise ConfigError(
+                f"the tokenizer has {tokenizer.vocab_size} tokens but model.from={m.from_} has vocab_size {spec.vocab_size}.",
+                hint="Continue pretraining with the model's own tokenizer (leave data.tokenizer unset).",
+            )
+        return spec, folder
+    vocab = m.vocab_size or tokenizer.vocab_size
+    if vocab < tokenizer.vocab_size:
+        raise ConfigError(f"model.vocab_size={vocab} is smaller than the tokenizer's {tokenizer.vocab_size} tokens.")
+    spec = ModelSpec(
+        vocab_size=vocab,
+        dim=m.dim,
+        n_layers=m.n_layers,
+        n_heads=m.n_heads,
+        n_kv_heads=m.n_kv_heads or m.n_heads,
+        ffn_dim=m.ffn_dim or _ffn_dim(m.dim),
+        norm_eps=m.norm_eps,
+        rope_theta=m.rope_theta,
+        max_seq_len=m.max_seq_len or cfg.data.seq_len,
+        tie_embeddings=m.tie_embeddings,
+        sliding_window=m.sliding_window or None,
+        n_experts=m.n_experts,
+        experts_per_token=m.experts_per_token,
+        router_aux_loss_coef=m.router_aux_loss_coef if m.n_experts else 0.0,
+        family="mixtral" if m.n_experts else m.family,
+        bos_token_id=tokenizer.bos_id,
+        eos_token_ids=tuple(sorted(tokenizer.eos_token_ids)),
+        pad_token_id=tokenizer.pad_id,
+        init_std=m.init_std,
+    )
+    return spec, None
+
+
+def _tokenizer(cfg: Any, run: RunFolder, files: list[Path], resume: bool) -> Tokenizer:
+    saved = run.path / "tokenizer"
+    if resume and (saved / "tokenizer.json").is_file():
+        return Tokenizer.from_dir(saved)
+    if cfg.data.tokenizer:
+        from llmctl.io.hub import resolve_model
+
+        return Tokenizer.from_dir(resolve_model(cfg.data.tokenizer))
+    if cfg.model.from_:
+        from llmctl.io.hub import resolve_model
+
+        return Tokenizer.from_dir(resolve_model(cfg.model.from_))
+    ui.info(f"training a byte-level BPE tokenizer of {cfg.data.vocab_size} tokens on {len(files)} file(s)")
+    tokenizer = Tokenizer.train_bpe((doc for f in files for doc in read_documents(f)), cfg.data.vocab_size)
+    if ui.is_main_process():
+        tokenizer.save(saved)
+    return tokenizer
+
+
+def prepare(cfg: Any, force: bool, resume: bool) -> Prepared:
+    """Check the recipe, set up runs/NAME/, get a tokenizer and token files, build the spec."""
+    if cfg.data.seq_len < 2:
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len}: must be at least 2.")
+    if cfg.train.steps < 1:
+        raise ConfigError(f"train.steps={cfg.train.steps}: must be at least 1.")
+    run = RunFolder(cfg.out, force=force, resume=resume)
+    files = expand_sources(cfg.data.train) if cfg.data.train else default_corpus()
+    if not cfg.data.train:
+        ui.info(f"data.train not set: training on the Python standard library's sources ({len(files)} files)")
+    tokenizer = _tokenizer(cfg, run, files, resume)
+    spec, init_from = _spec(cfg, tokenizer)
+    if cfg.data.seq_len > spec.max_seq_len:
+        raise ConfigError(
+            f"data.seq_len={cfg.data.seq_len} does not fit the model's context of {spec.max_seq_len} tokens.",
+            hint=f"Set data.seq_len={spec.max_seq_len} or less.",
+        )
+    tokens = tokenize_files(files, tokenizer)
+    if cfg.data.val:
+        data = TokenData(tokens, tokenize_files(expand_sources(cfg.data.val, "data.val"), tokenizer, "data.val"), cfg.data.seq_len)
+    else:
+        data = split(tokens, cfg.data.val_fraction, cfg.data.seq_len)
+    run.write_config(to_yaml(cfg))
+    ui.info(
+        f"{spec.param_count() / 1e6:.2f}M parameters, {len(data.train):,} training tokens, "
+        f"{len(data.val):,} validation tokens -> {run.path}"
+    )
+    return Prepared(run, tokenizer, data, spec, init_from)
+
+
+def micro_batch(cfg: Any, world: int) -> int:
+    """Sequences per process per micro-step; the global batch must split evenly."""
+    parts = cfg.train.grad_accum * world
+    if cfg.data.batch_size % parts:
+        raise ConfigError(
+            f"data.batch_size={cfg.data.batch_size} does not split into train.grad_accum={cfg.train.grad_accum} "
+            f"x {world} process(es).",
+            hint=f"Use a multiple of {parts}.",
+        )
+    return cfg.data.batch_size // parts

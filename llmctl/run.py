@@ -1,0 +1,139 @@
+"""A run folder (runs/NAME/): resolved config, metrics.jsonl, rotating checkpoints, the final model, a loss plot."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from llmctl.errors import ConfigError, LlmctlError
+from llmctl.io.safetensors import atomic_write_text
+from llmctl.ui import is_main_process
+
+STATE_FILE = "state.json"
+
+
+class RunFolder:
+    def __init__(self, path: Path, force: bool = False, resume: bool = False) -> None:
+        self.path = Path(path)
+        self.checkpoints = self.path / "checkpoints"
+        if self.path.exists() and any(self.path.iterdir()) and not (force or resume):
+            raise LlmctlError(
+                f"{self.path} already exists.",
+                hint="Pass --resume to continue that run, --force to overwrite it, or --out to pick another folder.",
+            )
+        if resume and self.latest_checkpoint() is None:
+            raise LlmctlError(f"--resume: {self.path} holds no checkpoint to resume from.", hint="Drop --resume to start afresh.")
+        if is_main_process():
+            if force and not resume and self.path.exists():
+                shutil.rmtree(self.path)
+            self.checkpoints.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def model_dir(self) -> Path:
+        return self.path / "model"
+
+    def write_config(self, text: str) -> None:
+        if is_main_process():
+            atomic_write_text(self.path / "config.yaml", text)
+
+    def log(self, record: dict[str, Any]) -> None:
+        """Append one JSON line to metrics.jsonl (rank 0 only)."""
+        if is_main_process():
+            with (self.path / "metrics.jsonl").open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def truncate_metrics(self, after_step: int) -> None:
+        """On resume, drop lines logged after the checkpoint, so metrics.jsonl reads as one clean run."""
+        path = self.path / "metrics.jsonl"
+        if not is_main_process() or not path.is_file():
+            return
+        kept = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= after_step]
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
+
+    def latest_checkpoint(self) -> Path | None:
+        done = sorted(p for p in self.checkpoints.glob("step-*") if (p / STATE_FILE).is_file()) if self.checkpoints.is_dir() else []
+        return done[-1] if done else None
+
+    @contextmanager
+    def new_checkpoint(self, step: int, keep_last: int) -> Iterator[Path]:
+        """A folder to fill, renamed into place when complete; older checkpoints beyond `keep_last` are removed."""
+        final = self.checkpoints / f"step-{step:08d}"
+        tmp = self.checkpoints / f".step-{step:08d}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        try:
+            yield tmp
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        done = sorted(p for p in self.checkpoints.glob("step-*") if (p / STATE_FILE).is_file())
+        for old in done[: max(0, len(done) - keep_last)]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def check_resumable(saved: dict[str, Any], current: dict[str, Any], checkpoint: Path) -> None:
+    """Refuse to resume when settings that shape the model, data or optimizer state changed."""
+    changed = [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+    if changed:
+        raise ConfigError(
+            f"cannot resume from {checkpoint}: the recipe changed in ways the checkpoint cannot follow:\n  " + "\n  ".join(changed),
+            hint="Resume with the original settings, or start a new run with --out (or --force).",
+        )
+
+
+def plot_losses(run: Path) -> Path | None:
+    """loss_curve.png from metrics.jsonl (training and validation loss against step)."""
+    path = run / "metrics.jsonl"
+    if not is_main_process() or not path.is_file():
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in path.read_text().splitlines() if line]
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    if train:
+        ax.plot(*zip(*train), label="train", linewidth=1)
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out = run / "loss_curve.png"
+    tmp = run / f".loss_curve.tmp-{os.getpid()}.png"
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, out)
+    return out
+
+
+def remember_model(path: Path) -> None:
+    """Record the newest model a command produced, the default for `generate` and `chat`."""
+    from llmctl.data.text import cache_dir
+
+    if is_main_process():
+        cache_dir().mkdir(parents=True, exist_ok=True)
+        atomic_write_text(cache_dir() / "last_model", str(Path(path).resolve()))
+
+
+def last_model() -> Path | None:
+    from llmctl.data.text import cache_dir
+
+    marker = cache_dir() / "last_model"
+    if marker.is_file():
+        path = Path(marker.read_text().strip())
+        return path if path.is_dir() else None
+    return None
