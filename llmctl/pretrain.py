@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -10,6 +11,7 @@ from llmctl import ui
 from llmctl.config import to_dict, to_yaml
 from llmctl.data.text import TokenData, default_corpus, expand_sources, read_documents, split, tokenize_files
 from llmctl.errors import ConfigError
+from llmctl.io.safetensors import atomic_write_text
 from llmctl.run import RunFolder
 from llmctl.spec import ModelSpec
 from llmctl.tokenizer import Tokenizer
@@ -25,8 +27,8 @@ class Prepared:
 
     def resume_key(self, cfg: Any, world: int) -> dict[str, Any]:
         """Settings a checkpoint depends on: a resumed run must keep them."""
-        return {
-            "spec": self.spec.to_dict() | {"rope_scaling": to_dict(self.spec.rope_scaling)},
+        spec = self.spec.to_dict() | {"rope_scaling": to_dict(self.spec.rope_scaling)}
+        return {f"model.{k}": v for k, v in spec.items()} | {
             "data.seq_len": cfg.data.seq_len,
             "data.batch_size": cfg.data.batch_size,
             "optim.name": to_dict(cfg)["optim"]["name"],
@@ -84,7 +86,7 @@ def _spec(cfg: Any, tokenizer: Tokenizer) -> tuple[ModelSpec, Path | None]:
 
 def _tokenizer(cfg: Any, run: RunFolder, files: list[Path], resume: bool) -> Tokenizer:
     saved = run.path / "tokenizer"
-    if resume and (saved / "tokenizer.json").is_file():
+    if (resume or not ui.is_main_process()) and (saved / "tokenizer.json").is_file():
         return Tokenizer.from_dir(saved)
     if cfg.data.tokenizer:
         from llmctl.io.hub import resolve_model
@@ -98,6 +100,9 @@ def _tokenizer(cfg: Any, run: RunFolder, files: list[Path], resume: bool) -> Tok
     tokenizer = Tokenizer.train_bpe((doc for f in files for doc in read_documents(f)), cfg.data.vocab_size)
     if ui.is_main_process():
         tokenizer.save(saved)
+        # The chat-turn end token is a stop id too; tokenizer files alone do not record it.
+        eos = sorted(tokenizer.eos_token_ids)
+        atomic_write_text(saved / "generation_config.json", json.dumps({"eos_token_id": eos}, indent=2) + "\n")
     return tokenizer
 
 

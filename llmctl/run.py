@@ -21,6 +21,8 @@ class RunFolder:
     def __init__(self, path: Path, force: bool = False, resume: bool = False) -> None:
         self.path = Path(path)
         self.checkpoints = self.path / "checkpoints"
+        if not is_main_process():
+            return  # rank 0 checked and created the folder before the others got here
         if self.path.exists() and any(self.path.iterdir()) and not (force or resume):
             raise LlmctlError(
                 f"{self.path} already exists.",
@@ -28,10 +30,9 @@ class RunFolder:
             )
         if resume and self.latest_checkpoint() is None:
             raise LlmctlError(f"--resume: {self.path} holds no checkpoint to resume from.", hint="Drop --resume to start afresh.")
-        if is_main_process():
-            if force and not resume and self.path.exists():
-                shutil.rmtree(self.path)
-            self.checkpoints.mkdir(parents=True, exist_ok=True)
+        if force and not resume and self.path.exists():
+            shutil.rmtree(self.path)
+        self.checkpoints.mkdir(parents=True, exist_ok=True)
 
     @property
     def model_dir(self) -> Path:

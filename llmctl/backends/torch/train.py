@@ -216,7 +216,7 @@ def _train(cfg: Any, force: bool, resume: bool, rank: int, world: int, device: t
     # Rank 0 creates the run folder, tokenizer and token cache first; the others then find them.
     if rank != 0:
         dist.barrier()
-    prep = prepare(cfg, force, resume or rank != 0)
+    prep = prepare(cfg, force, resume)
     if rank == 0 and world > 1:
         dist.barrier()
     mb = micro_batch(cfg, world)
