@@ -51,8 +51,8 @@ class _Array:
 
 def _wrap(x: Any, name: str) -> _Array:
     """Reads address, shape and dtype; non-contiguous inputs are copied, as mx.quantize does."""
-    module = type(x).__module__
-    if module.startswith("torch"):
+    module = type(x).__module__.split(".")[0]  # "torch" for torch.nn.Parameter too
+    if module == "torch":
         if not x.is_contiguous():
             x = x.contiguous()
         if x.device.type not in ("cpu", "cuda"):
@@ -62,7 +62,7 @@ def _wrap(x: Any, name: str) -> _Array:
             )
         dtype = str(x.dtype).removeprefix("torch.")
         return _Array("torch", x, x.data_ptr(), tuple(x.shape), dtype, x.device)
-    if module.startswith("mlx"):
+    if module == "mlx":
         import mlx.core as mx
 
         # numpy has no bfloat16: read its bits as uint16. np.asarray evaluates and shares memory.
@@ -123,7 +123,13 @@ def _dtype_name(dtype: Any) -> str:
     return name
 
 
-def _check_params(group_size: int, bits: int) -> None:
+def _check_threads(threads: int) -> None:
+    if threads < 0:
+        raise KernelArgumentError(f"threads={threads}; pass a positive count, or 0 for every core.")
+
+
+def _check_params(group_size: int, bits: int, threads: int) -> None:
+    _check_threads(threads)
     if bits not in BITS:
         raise KernelArgumentError(f"bits={bits} is not supported; choose one of {', '.join(map(str, BITS))}.")
     if group_size not in GROUP_SIZES:
@@ -164,7 +170,7 @@ def quantize(w: Any, group_size: int = 64, bits: int = 4, *, threads: int = 0) -
     framework (torch on w's device, numpy, or MLX); w ~= scales * code + biases per group.
     threads: CPU threads, 0 for all.
     """
-    _check_params(group_size, bits)
+    _check_params(group_size, bits, threads)
     x = _wrap(w, "w")
     if x.dtype not in FLOAT_DTYPES:
         raise KernelArgumentError(f"w has dtype {x.dtype}; quantize takes {', '.join(FLOAT_DTYPES)}.")
@@ -213,7 +219,7 @@ def dequantize(
     Values are computed in the scales' dtype (code * scale, rounded, + bias, rounded) and then cast
     to dtype (default: the scales' dtype). Returns (..., K) in the inputs' framework.
     """
-    _check_params(group_size, bits)
+    _check_params(group_size, bits, threads)
     q, s, b = _wrap(wq, "wq"), _wrap(scales, "scales"), _wrap(biases, "biases")
     _check_same_place({"wq": q, "scales": s, "biases": b})
     if q.dtype != "uint32":
@@ -222,7 +228,7 @@ def dequantize(
         raise KernelArgumentError(
             f"scales have dtype {s.dtype} and biases {b.dtype}; they must share one of {', '.join(FLOAT_DTYPES)}."
         )
-    if len(q.shape) == 0 or s.shape != b.shape or q.shape[:-1] != s.shape[:-1]:
+    if len(q.shape) == 0 or len(s.shape) == 0 or s.shape != b.shape or q.shape[:-1] != s.shape[:-1]:
         raise KernelArgumentError(
             f"wq {q.shape}, scales {s.shape} and biases {b.shape} do not fit together: scales and biases "
             "must have one shape, and all three the same leading dimensions."
@@ -249,7 +255,8 @@ def dequantize(
     return _result(out)
 
 
-def _check_pack_bits(bits: int) -> None:
+def _check_pack_bits(bits: int, threads: int) -> None:
+    _check_threads(threads)
     if not 1 <= bits <= 8:
         raise KernelArgumentError(f"bits={bits} is not supported; pack and unpack take 1 to 8 bits.")
 
@@ -266,7 +273,7 @@ def pack(codes: Any, bits: int, *, threads: int = 0) -> Any:
 
     Each row becomes one little-endian bit stream (code j at bit j * bits), MLX's layout.
     """
-    _check_pack_bits(bits)
+    _check_pack_bits(bits, threads)
     c = _wrap(codes, "codes")
     _require_cpu(c, "codes")
     if c.dtype != "uint8":
@@ -287,7 +294,7 @@ def pack(codes: Any, bits: int, *, threads: int = 0) -> Any:
 
 def unpack(words: Any, bits: int, n: int, *, threads: int = 0) -> Any:
     """Inverse of pack: the first n codes of each row of uint32 words (..., ceil(n * bits / 32)), as uint8 (..., n)."""
-    _check_pack_bits(bits)
+    _check_pack_bits(bits, threads)
     x = _wrap(words, "words")
     _require_cpu(x, "words")
     if x.dtype != "uint32":

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+os.environ.setdefault("COLUMNS", "400")  # rich wraps messages at the terminal width; tests read them whole
+
 from llmctl.backends import available_backends
 
 SHARED = Path(os.environ.get("LLMCTL_SHARED", Path(__file__).resolve().parents[2] / "shared"))
@@ -52,3 +54,23 @@ def backend(request):
     from llmctl.backends import get_backend
 
     return get_backend(request.param)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory):
+    """Token caches and the last-model marker go to a temporary folder, not the user's ~/.cache."""
+    os.environ["LLMCTL_CACHE"] = str(tmp_path_factory.mktemp("llmctl-cache"))
+    yield
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory) -> Path:
+    """About 300 KB of real text every machine has: a few of the Python standard library's own modules."""
+    import sysconfig
+
+    folder = tmp_path_factory.mktemp("corpus")
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for name in ("argparse.py", "textwrap.py", "difflib.py", "shutil.py", "tarfile.py", "pathlib.py"):
+        text = (stdlib / name).read_text(encoding="utf-8")
+        (folder / name.replace(".py", ".txt")).write_text(text, encoding="utf-8")
+    return folder

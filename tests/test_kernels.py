@@ -246,6 +246,9 @@ def _bad_calls():
          "code 17 at row 0, column 2 does not fit in 4 bits (0..15)"),
         ("pack dtype", lambda: kernels.pack(np.zeros((2, 8), np.int64), 4), "codes have dtype int64"),
         ("pack bits", lambda: kernels.pack(np.zeros((2, 8), np.uint8), 9), "bits=9 is not supported"),
+        ("threads", lambda: kernels.dequantize(wq, scales, biases, 64, 4, threads=-1), "threads=-1"),
+        ("scalar scales", lambda: kernels.dequantize(wq[0, 0], scales[0, 0], biases[0, 0], 64, 4),
+         "do not fit together"),
         ("unpack n", lambda: kernels.unpack(np.zeros((2, 10), np.uint32), 4, 300),
          "words has 10 words per row, but n=300 codes of 4 bits take 38"),
     ]
@@ -265,6 +268,12 @@ def test_mixed_frameworks_are_refused():
     wq, scales, biases = kernels.quantize(weights(8, 256), 64, 4)
     with pytest.raises(KernelArgumentError, match="scales is a torch array on cpu but wq is a numpy array"):
         kernels.dequantize(wq, torch.from_numpy(scales), biases, 64, 4)
+
+
+def test_tensors_off_cpu_and_cuda_are_refused():
+    torch = pytest.importorskip("torch")
+    with pytest.raises(KernelArgumentError, match="w is a torch tensor on meta; llmctl kernels run on cpu and cuda"):
+        kernels.quantize(torch.empty(4, 64, device="meta"), 64, 4)
 
 
 def test_extension_checks_its_own_arguments():
