@@ -16,8 +16,11 @@ STEPS = 5
 
 
 def _env() -> dict[str, str]:
+    # Children import the same llmctl as this process (installed, or the checkout through PYTHONPATH).
+    import llmctl
+
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(llmctl.__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
     return env
 
 
