@@ -85,26 +85,30 @@ void quantize_groups(const void* w, int group_size, int64_t g0, int64_t g1, uint
   constexpr float n_bins = float((1 << BITS) - 1);
   const int words_per_group = group_size * BITS / 32;
   alignas(64) float x[kMaxGroup];
+  alignas(64) float lo[kMaxGroup / 2];
+  alignas(64) float hi[kMaxGroup / 2];
   alignas(64) uint32_t codes[kMaxGroup];
   for (int64_t g = g0; g < g1; ++g) {
     load_group<DT>(w, g * group_size, group_size, x);
-    // Eight independent lanes so the reductions vectorize; x - x is NaN only for inf and NaN.
-    float lo[8], hi[8], bad[8];
-    for (int k = 0; k < 8; ++k) lo[k] = hi[k] = x[k], bad[k] = 0.0f;
-    for (int j = 0; j < group_size; j += 8) {
-      for (int k = 0; k < 8; ++k) {
-        lo[k] = std::min(lo[k], x[j + k]);
-        hi[k] = std::max(hi[k], x[j + k]);
-        bad[k] += x[j + k] - x[j + k];
+    // Min and max by halving (elementwise steps vectorize; a running float reduction would not
+    // without -ffast-math). The order does not matter: min and max are exact.
+    int half = group_size / 2;
+    for (int j = 0; j < half; ++j) {
+      lo[j] = std::min(x[j], x[j + half]);
+      hi[j] = std::max(x[j], x[j + half]);
+    }
+    for (half /= 2; half > 0; half /= 2) {
+      for (int j = 0; j < half; ++j) {
+        lo[j] = std::min(lo[j], lo[j + half]);
+        hi[j] = std::max(hi[j], hi[j + half]);
       }
     }
-    float w_min = lo[0], w_max = hi[0], check = bad[0];
-    for (int k = 1; k < 8; ++k) {
-      w_min = std::min(w_min, lo[k]);
-      w_max = std::max(w_max, hi[k]);
-      check += bad[k];
-    }
-    if (check != 0.0f) nonfinite.store(true, std::memory_order_relaxed);
+    // inf and NaN have every exponent bit set; they are refused rather than packed as garbage.
+    uint32_t nonfinite_here = 0;
+    for (int j = 0; j < group_size; ++j)
+      nonfinite_here |= uint32_t((float_bits(x[j]) & 0x7F800000u) == 0x7F800000u);
+    if (nonfinite_here) nonfinite.store(true, std::memory_order_relaxed);
+    const float w_min = lo[0], w_max = hi[0];
     float scale, bias;
     affine_params(w_min, w_max, n_bins, &scale, &bias);
     for (int j = 0; j < group_size; ++j) codes[j] = affine_code(x[j], scale, bias, n_bins);
@@ -115,27 +119,36 @@ void quantize_groups(const void* w, int group_size, int64_t g0, int64_t g1, uint
   }
 }
 
+// With fewer levels than group elements (bits <= 6 at group 128, <= 5 at 64) each level's value is
+// computed and converted once per group and the elements look it up.
 template <int DT, int BITS>
 void dequantize_groups(const uint32_t* wq, const void* scales, const void* biases, int group_size,
                        int64_t g0, int64_t g1, void* out, int out_dtype) {
+  constexpr int kLevels = 1 << BITS;
+  const bool by_level = kLevels < group_size;
+  const int n = by_level ? kLevels : group_size;  // values to compute per group
   const int words_per_group = group_size * BITS / 32;
   alignas(64) uint32_t codes[kMaxGroup];
   alignas(64) float y[kMaxGroup];
+  alignas(64) uint16_t y16[kMaxGroup];
   for (int64_t g = g0; g < g1; ++g) {
     const uint32_t* in = wq + g * words_per_group;
     for (int c = 0; c < group_size; c += 32) unpack32<BITS>(in + c / 32 * BITS, codes + c);
     const float scale = load_float(scales, DT, g), bias = load_float(biases, DT, g);
-    for (int j = 0; j < group_size; ++j) y[j] = affine_value(codes[j], scale, bias, DT);
+    for (int i = 0; i < n; ++i) y[i] = affine_value(by_level ? uint32_t(i) : codes[i], scale, bias, DT);
     const int64_t offset = g * group_size;
     if (out_dtype == kFloat32) {
-      std::copy(y, y + group_size, static_cast<float*>(out) + offset);
-    } else if (out_dtype == kFloat16) {
-      uint16_t* o = static_cast<uint16_t*>(out) + offset;
-      for (int j = 0; j < group_size; ++j) o[j] = float_to_half(y[j]);
-    } else {
-      uint16_t* o = static_cast<uint16_t*>(out) + offset;
-      for (int j = 0; j < group_size; ++j) o[j] = float_to_bf16(y[j]);
+      float* o = static_cast<float*>(out) + offset;
+      for (int j = 0; j < group_size; ++j) o[j] = y[by_level ? codes[j] : j];
+      continue;
     }
+    if (out_dtype == kFloat16) {
+      for (int i = 0; i < n; ++i) y16[i] = float_to_half(y[i]);
+    } else {
+      for (int i = 0; i < n; ++i) y16[i] = float_to_bf16(y[i]);
+    }
+    uint16_t* o = static_cast<uint16_t*>(out) + offset;
+    for (int j = 0; j < group_size; ++j) o[j] = y16[by_level ? codes[j] : j];
   }
 }
 
