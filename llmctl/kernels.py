@@ -163,7 +163,9 @@ def _cuda_call(tensor: _Array) -> tuple[Any, int]:
 
 
 def quantize(w: Any, group_size: int = 64, bits: int = 4, *, threads: int = 0) -> tuple[Any, Any, Any]:
-    """Group-wise affine quantization, bit-exact with `mx.quantize(w, group_size, bits)`.
+    """Group-wise affine quantization, bit-exact with `mx.quantize(w, group_size, bits, stream=mx.cpu)`.
+
+    (MLX's Metal kernel writes the same layout but rounds ties away from zero, so its codes can differ.)
 
     w: (..., K) float32/float16/bfloat16, K a multiple of group_size. Returns (wq, scales, biases):
     wq (..., K * bits / 32) uint32 and scales, biases (..., K / group_size) in w's dtype, in w's
@@ -214,7 +216,7 @@ def dequantize(
     *,
     threads: int = 0,
 ) -> Any:
-    """Inverse of quantize, bit-exact with `mx.dequantize(wq, scales, biases, group_size, bits, dtype=dtype)`.
+    """Inverse of quantize, bit-exact with `mx.dequantize(wq, scales, biases, group_size, bits, dtype=dtype)` on CPU.
 
     Values are computed in the scales' dtype (code * scale, rounded, + bias, rounded) and then cast
     to dtype (default: the scales' dtype). Returns (..., K) in the inputs' framework.

@@ -18,6 +18,8 @@ BITS = (2, 3, 4, 5, 6, 8)
 GROUP_SIZES = (32, 64, 128)
 DTYPES = ("float32", "float16", "bfloat16")
 SHAPES = ((8, 256), (7, 384))
+# The reference is MLX's CPU backend: MLX's Metal kernel rounds half away from zero and starts its max at 0,
+# so on Apple silicon mx.quantize on the GPU differs from its own CPU result in ties and all-negative groups.
 
 
 def weights(rows: int, cols: int, seed: int = 0) -> np.ndarray:
@@ -93,14 +95,14 @@ def numpy_pack(codes: np.ndarray, bits: int) -> np.ndarray:
 def test_quantize_and_dequantize_match_mlx_bit_for_bit(bits, group_size, dtype, shape):
     mx = pytest.importorskip("mlx.core")
     w = mlx_array(weights(*shape, seed=bits * group_size), dtype)
-    want_q, want_s, want_b = mx.quantize(w, group_size=group_size, bits=bits)
+    want_q, want_s, want_b = mx.quantize(w, group_size=group_size, bits=bits, stream=mx.cpu)
     wq, scales, biases = kernels.quantize(w, group_size=group_size, bits=bits)
     assert isinstance(wq, mx.array) and wq.dtype == mx.uint32 and scales.dtype == w.dtype == biases.dtype
     assert_same_bits(wq, want_q, "wq")
     assert_same_bits(scales, want_s, "scales")
     assert_same_bits(biases, want_b, "biases")
     got = kernels.dequantize(wq, scales, biases, group_size=group_size, bits=bits)
-    want = mx.dequantize(want_q, want_s, want_b, group_size=group_size, bits=bits)
+    want = mx.dequantize(want_q, want_s, want_b, group_size=group_size, bits=bits, stream=mx.cpu)
     assert got.dtype == w.dtype
     assert_same_bits(got, want, "dequantized")
 
@@ -110,8 +112,8 @@ def test_quantize_and_dequantize_match_mlx_bit_for_bit(bits, group_size, dtype, 
 def test_dequantize_to_another_dtype_matches_mlx(dtype, out_dtype):
     mx = pytest.importorskip("mlx.core")
     w = mlx_array(weights(7, 384, seed=1), dtype)
-    wq, scales, biases = mx.quantize(w, group_size=32, bits=5)
-    want = mx.dequantize(wq, scales, biases, group_size=32, bits=5, dtype=getattr(mx, out_dtype))
+    wq, scales, biases = mx.quantize(w, group_size=32, bits=5, stream=mx.cpu)
+    want = mx.dequantize(wq, scales, biases, group_size=32, bits=5, dtype=getattr(mx, out_dtype), stream=mx.cpu)
     got = kernels.dequantize(wq, scales, biases, group_size=32, bits=5, dtype=getattr(mx, out_dtype))
     assert got.dtype == want.dtype
     assert_same_bits(got, want, f"{dtype} -> {out_dtype}")
@@ -128,12 +130,12 @@ def test_torch_tensors_match_mlx(dtype, bits):
     wq, scales, biases = kernels.quantize(w, group_size=64, bits=bits)
     assert wq.dtype == torch.uint32 and wq.shape == (7, 384 * bits // 32)
     assert scales.dtype == biases.dtype == w.dtype and scales.shape == (7, 6)
-    want = mx.quantize(mlx_array(w32, dtype), group_size=64, bits=bits)
+    want = mx.quantize(mlx_array(w32, dtype), group_size=64, bits=bits, stream=mx.cpu)
     for got_part, want_part, what in zip((wq, scales, biases), want, ("wq", "scales", "biases")):
         assert_same_bits(got_part, want_part, what)
     out = kernels.dequantize(wq, scales, biases, group_size=64, bits=bits)
     assert isinstance(out, torch.Tensor) and out.dtype == w.dtype
-    assert_same_bits(out, mx.dequantize(*want, group_size=64, bits=bits), "dequantized")
+    assert_same_bits(out, mx.dequantize(*want, group_size=64, bits=bits, stream=mx.cpu), "dequantized")
 
 
 @pytest.mark.parametrize("dtype", ("float32", "float16"))
@@ -142,12 +144,12 @@ def test_numpy_arrays_match_mlx(dtype):
     w = weights(8, 256, seed=3).astype(dtype)
     wq, scales, biases = kernels.quantize(w, group_size=128, bits=3)
     assert isinstance(wq, np.ndarray) and wq.dtype == np.uint32 and scales.dtype == w.dtype
-    want = mx.quantize(mx.array(w), group_size=128, bits=3)
+    want = mx.quantize(mx.array(w), group_size=128, bits=3, stream=mx.cpu)
     for got_part, want_part, what in zip((wq, scales, biases), want, ("wq", "scales", "biases")):
         assert_same_bits(got_part, want_part, what)
     out = kernels.dequantize(wq, scales, biases, group_size=128, bits=3, dtype=np.float32)
     assert out.dtype == np.float32
-    assert_same_bits(out, mx.dequantize(*want, group_size=128, bits=3, dtype=mx.float32), "dequantized")
+    assert_same_bits(out, mx.dequantize(*want, group_size=128, bits=3, dtype=mx.float32, stream=mx.cpu), "dequantized")
 
 
 def test_batched_and_non_contiguous_inputs_give_the_same_result():
@@ -167,13 +169,13 @@ def test_unpacked_mlx_codes_rebuild_mx_dequantize():
     mx = pytest.importorskip("mlx.core")
     w = weights(7, 384, seed=5)
     for bits in BITS:
-        wq, scales, biases = mx.quantize(mx.array(w), group_size=32, bits=bits)
+        wq, scales, biases = mx.quantize(mx.array(w), group_size=32, bits=bits, stream=mx.cpu)
         codes = kernels.unpack(np.asarray(wq), bits, 384)
         np.testing.assert_array_equal(codes, numpy_codes(w, 32, bits), err_msg=f"bits={bits}")
         step = np.repeat(np.asarray(scales), 32, axis=1)
         offset = np.repeat(np.asarray(biases), 32, axis=1)
         rebuilt = (codes * step).astype(np.float32) + offset  # float32: product rounded, then sum
-        want = np.asarray(mx.dequantize(wq, scales, biases, group_size=32, bits=bits))
+        want = np.asarray(mx.dequantize(wq, scales, biases, group_size=32, bits=bits, stream=mx.cpu))
         np.testing.assert_array_equal(rebuilt.view(np.uint32), want.view(np.uint32), err_msg=f"bits={bits}")
 
 
