@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from llmctl import __version__
-from llmctl.commands import info, train
+from llmctl.commands import chat, generate, info, train
 
 app = typer.Typer(
     name="llmctl",
@@ -57,3 +57,5 @@ def main(
 
 app.command(name="train")(handled(train.train))
 app.command(name="info")(handled(info.info))
+app.command(name="generate")(handled(generate.generate))
+app.command(name="chat")(handled(chat.chat))

@@ -1,21 +1,151 @@
-"""Token generation on the MLX backend: prefill, then one token at a time through the KV cache."""
+"""Token generation on the MLX backend: chunked prefill, then one token at a time through the KV cache."""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import mlx.core as mx
 
 from llmctl.backends.mlx.model import Transformer, make_cache
+from llmctl.errors import LlmctlError
+from llmctl.generation import PREFILL_CHUNK, PromptCache, SamplingParams
+
+
+def new_cache(model: Transformer) -> PromptCache:
+    return PromptCache(make_cache(model.spec))
+
+
+def sample(logits: mx.array, params: SamplingParams, key: mx.array | None) -> mx.array:
+    """Next ids (B,) from float32 logits (B, V): greedy, or temperature then top-k, top-p and min-p filtering."""
+    if params.greedy:
+        return mx.argmax(logits, axis=-1)
+    logits = logits / params.temperature
+    if params.top_k and params.top_k < logits.shape[-1]:
+        kth = mx.topk(logits, params.top_k, axis=-1).min(axis=-1, keepdims=True)   # (B, 1)
+        logits = mx.where(logits < kth, -mx.inf, logits)
+    if params.top_p < 1.0:
+        order = mx.argsort(-logits, axis=-1)
+        ordered = mx.take_along_axis(logits, order, axis=-1)
+        probs = mx.softmax(ordered, axis=-1)
+        # drop a token when the tokens more likely than it already reach top_p (the most likely one always stays)
+        drop = mx.cumsum(probs, axis=-1) - probs >= params.top_p
+        logits = mx.put_along_axis(logits, order, mx.where(drop, -mx.inf, ordered), axis=-1)
+    if params.min_p > 0.0:
+        probs = mx.softmax(logits, axis=-1)
+        logits = mx.where(probs < params.min_p * probs.max(axis=-1, keepdims=True), -mx.inf, logits)
+    return mx.random.categorical(logits, axis=-1, key=key)
+
+
+def penalize(logits: mx.array, seen: mx.array, penalty: float) -> mx.array:
+    """CTRL's repetition penalty on float32 logits (B, V) where `seen` (B, V) is True: divide if > 0, else multiply."""
+    return mx.where(seen, mx.where(logits > 0, logits / penalty, logits * penalty), logits)
+
+
+def _budget(model: Transformer, longest_prompt: int, params: SamplingParams) -> int:
+    if longest_prompt == 0:
+        raise LlmctlError("The prompt is empty and the tokenizer adds no BOS token: there is nothing to continue.", hint="Give some text.")
+    room = model.spec.max_seq_len - longest_prompt
+    if room <= 0:
+        raise LlmctlError(
+            f"The prompt has {longest_prompt} tokens; the model's context holds {model.spec.max_seq_len}.",
+            hint="Shorten the prompt.",
+        )
+    return min(params.max_tokens, room)
+
+
+class _Keys:
+    """A fresh random key per step from the seed, or MLX's global generator when unseeded."""
+
+    def __init__(self, params: SamplingParams) -> None:
+        self.key = mx.random.key(params.seed) if params.seed is not None and not params.greedy else None
+
+    def next(self) -> mx.array | None:
+        if self.key is None:
+            return None
+        self.key, sub = mx.random.split(self.key)
+        return sub
+
+
+def generate_step(model: Transformer, prompt: list[int], params: SamplingParams, cache: PromptCache | None = None) -> Iterator[int]:
+    """Yield new ids one by one; a stop id, when sampled, is yielded last. `cache` keeps what it can of an earlier prompt."""
+    budget = _budget(model, len(prompt), params)
+    cache = cache if cache is not None else new_cache(model)
+    start = cache.reuse(prompt)
+    for i in range(start, len(prompt), PREFILL_CHUNK):
+        chunk = prompt[i : i + PREFILL_CHUNK]
+        logits = model(mx.array([chunk]), cache.layers, last_only=True)[:, -1]   # (1, V)
+        if i + PREFILL_CHUNK < len(prompt):
+            mx.eval([(c.keys, c.values) for c in cache.layers])  # keep each chunk's graph small
+        cache.tokens.extend(chunk)
+    keys = _Keys(params)
+    seen = None
+    if params.repetition_penalty != 1.0:
+        seen = mx.zeros((1, model.spec.vocab_size), dtype=mx.bool_)
+        seen[0, mx.array(prompt)] = True
+
+    def next_token(logits: mx.array) -> mx.array:
+        nonlocal seen
+        logits = logits.astype(mx.float32)
+        if seen is not None:
+            logits = penalize(logits, seen, params.repetition_penalty)
+        token = sample(logits, params, keys.next())                         # (1,)
+        if seen is not None:
+            seen[0, token] = True
+        return token
+
+    token = next_token(logits)
+    mx.async_eval(token)
+    for n in range(budget):
+        # Queue the next step before reading this token, so the model computes while Python streams text.
+        last = n == budget - 1
+        if not last:
+            following = next_token(model(token[:, None], cache.layers)[:, -1])
+            mx.async_eval(following)
+        token_id = token.item()
+        if not last:
+            cache.tokens.append(token_id)
+        yield token_id
+        if token_id in params.stop_ids or last:
+            return
+        token = following
+
+
+def generate_batch(model: Transformer, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
+    """New ids for each prompt, decoded together: rows are left-padded and the padding masked out.
+
+    A row ends at its first stop id (kept at its end) or after `max_tokens`; greedy rows equal one-by-one decoding.
+    """
+    budget = _budget(model, max(len(p) for p in prompts), params)
+    B, T = len(prompts), max(len(p) for p in prompts)
+    tokens = mx.array([[0] * (T - len(p)) + p for p in prompts])                          # (B, T)
+    key_mask = mx.array([[False] * (T - len(p)) + [True] * (len(p) + budget) for p in prompts])  # (B, T + budget)
+    cache = make_cache(model.spec)
+    for i in range(0, T, PREFILL_CHUNK):
+        logits = model(tokens[:, i : i + PREFILL_CHUNK], cache, key_mask=key_mask, last_only=True)[:, -1]  # (B, V)
+    keys = _Keys(params)
+    seen = None
+    if params.repetition_penalty != 1.0:
+        seen = mx.zeros((B, model.spec.vocab_size), dtype=mx.bool_)
+        seen[mx.array([r for r, p in enumerate(prompts) for _ in p]), mx.array([t for p in prompts for t in p])] = True
+    out: list[list[int]] = [[] for _ in prompts]
+    done = [False] * B
+    for n in range(budget):
+        logits = logits.astype(mx.float32)
+        if seen is not None:
+            logits = penalize(logits, seen, params.repetition_penalty)
+        token = sample(logits, params, keys.next())                          # (B,)
+        for row, token_id in enumerate(token.tolist()):
+            if not done[row]:
+                out[row].append(token_id)
+                done[row] = token_id in params.stop_ids
+        if all(done) or n == budget - 1:
+            break
+        if seen is not None:
+            seen[mx.arange(B), token] = True
+        logits = model(token[:, None], cache, key_mask=key_mask)[:, -1]
+    return out
 
 
 def greedy(model: Transformer, prompt: list[int], max_new_tokens: int, stop_ids: tuple[int, ...] = ()) -> list[int]:
     """Argmax decoding; returns the new ids (a stop id, when hit, is included and ends the run)."""
-    cache = make_cache(model.spec)
-    logits = model(mx.array([prompt]), cache)                        # prefill: (1, T, V)
-    out: list[int] = []
-    for _ in range(max_new_tokens):
-        nxt = int(mx.argmax(logits[0, -1]).item())
-        out.append(nxt)
-        if nxt in stop_ids:
-            break
-        logits = model(mx.array([[nxt]]), cache)                      # (1, 1, V)
-    return out
+    return list(generate_step(model, prompt, SamplingParams(max_tokens=max_new_tokens, stop_ids=frozenset(stop_ids))))

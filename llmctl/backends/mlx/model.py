@@ -81,6 +81,19 @@ def attention_mask(T: int, offset: int, window: int | None) -> mx.array | str | 
     return mask
 
 
+def padded_mask(key_mask: mx.array, T: int, offset: int, window: int | None) -> mx.array:
+    """(B, 1, T, S) mask for left-padded rows: `key_mask` (B, S) is False at padding, which no real token sees.
+
+    Padding attends to itself, so its rows stay finite (an all-masked row would be NaN and leak through the values).
+    """
+    mask = attention_mask(T, offset, window)
+    q = mx.arange(offset, offset + T)[:, None]
+    k = mx.arange(offset + T)[None, :]
+    if not isinstance(mask, mx.array):
+        mask = k <= q
+    return mask & (key_mask[:, None, None, : offset + T] | (k == q))
+
+
 class Attention(nn.Module):
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
@@ -202,18 +215,27 @@ class Transformer(nn.Module):
         if not spec.tie_embeddings:
             self.lm_head = nn.Linear(spec.dim, spec.vocab_size, bias=False)
 
-    def __call__(self, tokens: mx.array, cache: list[KVCache] | None = None, return_aux: bool = False) -> mx.array | tuple[mx.array, mx.array | None]:
-        """Logits (B, T, V); with `return_aux`, also the MoE load-balancing loss (weighted by its coefficient)."""
+    def __call__(
+        self, tokens: mx.array, cache: list[KVCache] | None = None, return_aux: bool = False,
+        key_mask: mx.array | None = None, last_only: bool = False,
+    ) -> mx.array | tuple[mx.array, mx.array | None]:
+        """Logits (B, T, V); with `return_aux`, also the MoE load-balancing loss (weighted by its coefficient).
+
+        Generation: `key_mask` (B, >=S) is False at left padding of batched prompts; `last_only` gives (B, 1, V).
+        """
         B, T = tokens.shape
         offset = cache[0].offset if cache else 0
-        mask = attention_mask(T, offset, self.spec.sliding_window)
+        if key_mask is None:
+            mask = attention_mask(T, offset, self.spec.sliding_window)
+        else:
+            mask = padded_mask(key_mask, T, offset, self.spec.sliding_window)
         h = self.model.embed_tokens(tokens)                           # (B, T, D)
         router_logits = []
         for i, layer in enumerate(self.model.layers):
             h, r = layer(h, self.rope, mask, cache[i] if cache else None)
             if r is not None:
                 router_logits.append(r)
-        h = self.model.norm(h)
+        h = self.model.norm(h[:, -1:] if last_only else h)
         logits = self.model.embed_tokens.as_linear(h) if self.spec.tie_embeddings else self.lm_head(h)
         if not return_aux:
             return logits

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -9,8 +10,9 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from llmctl.backends.mlx.generate import greedy
+from llmctl.backends.mlx import generate as engine
 from llmctl.backends.mlx.model import Transformer
+from llmctl.generation import PromptCache, SamplingParams
 from llmctl.io.model_folder import read_model, write_model
 from llmctl.io.safetensors import from_mlx, to_mlx
 from llmctl.spec import ModelSpec
@@ -35,7 +37,17 @@ class Model:
         return np.array(out)
 
     def greedy(self, prompt: list[int], max_new_tokens: int, stop_ids: tuple[int, ...] = ()) -> list[int]:
-        return greedy(self.module, prompt, max_new_tokens, stop_ids)
+        return engine.greedy(self.module, prompt, max_new_tokens, stop_ids)
+
+    def generate(self, prompt: list[int], params: SamplingParams, cache: PromptCache | None = None) -> Iterator[int]:
+        """New ids one by one (see generate.generate_step); `cache` from `new_cache()` reuses a shared prefix."""
+        return engine.generate_step(self.module, prompt, params, cache)
+
+    def generate_batch(self, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
+        return engine.generate_batch(self.module, prompts, params)
+
+    def new_cache(self) -> PromptCache:
+        return engine.new_cache(self.module)
 
     def save(self, out: Path, max_shard_bytes: int | None = None) -> Path:
         params = dict(tree_flatten(self.module.parameters()))

@@ -65,12 +65,25 @@ class Rope(nn.Module):
 
     def forward(self, x: Tensor, offset: int) -> Tensor:
         T = x.shape[2]
-        pos = torch.arange(offset, offset + T, device=x.device, dtype=torch.float32)
-        freqs = torch.outer(pos, self.inv_freq)                       # (T, D/2)
-        cos, sin = freqs.cos().to(x.dtype), freqs.sin().to(x.dtype)
-        cos, sin = torch.cat([cos, cos], -1), torch.cat([sin, sin], -1)  # (T, D)
+        cos, sin = self.table(offset + T, x)
+        cos, sin = cos[offset : offset + T], sin[offset : offset + T]  # (T, D)
         x1, x2 = x.chunk(2, dim=-1)
         return x * cos + torch.cat([-x2, x1], -1) * sin
+
+    def table(self, n: int, x: Tensor) -> tuple[Tensor, Tensor]:
+        """cos and sin of positions 0..>=n, (N, D) in x's dtype; kept between calls so decoding computes none per token."""
+        if torch.compiler.is_compiling():
+            return self._compute(n, x)
+        cached = getattr(self, "_table", None)
+        if cached is None or cached[0].shape[0] < n or cached[0].dtype != x.dtype or cached[0].device != x.device:
+            cached = self._table = self._compute(max(n, 2 * cached[0].shape[0] if cached is not None else 256), x)
+        return cached
+
+    def _compute(self, n: int, x: Tensor) -> tuple[Tensor, Tensor]:
+        pos = torch.arange(n, device=x.device, dtype=torch.float32)
+        freqs = torch.outer(pos, self.inv_freq.to(x.device))              # (N, D/2)
+        cos, sin = freqs.cos().to(x.dtype), freqs.sin().to(x.dtype)
+        return torch.cat([cos, cos], -1), torch.cat([sin, sin], -1)      # (N, D)
 
 
 def attention_mask(T: int, offset: int, window: int | None, device: torch.device) -> Tensor | None:
@@ -85,6 +98,19 @@ def attention_mask(T: int, offset: int, window: int | None, device: torch.device
     if window is not None:
         mask &= k > q - window
     return mask
+
+
+def padded_mask(key_mask: Tensor, T: int, offset: int, window: int | None) -> Tensor:
+    """(B, 1, T, S) mask for left-padded rows: `key_mask` (B, S) is False at padding, which no real token sees.
+
+    Padding attends to itself, so its rows stay finite (an all-masked row would be NaN and leak through the values).
+    """
+    mask = attention_mask(T, offset, window, key_mask.device)
+    q = torch.arange(offset, offset + T, device=key_mask.device)[:, None]
+    k = torch.arange(offset + T, device=key_mask.device)[None, :]
+    if mask is None:
+        mask = k <= q
+    return mask & (key_mask[:, None, None, : offset + T] | (k == q))
 
 
 class Attention(nn.Module):
@@ -207,18 +233,27 @@ class Transformer(nn.Module):
         if not spec.tie_embeddings:
             self.lm_head = nn.Linear(spec.dim, spec.vocab_size, bias=False)
 
-    def forward(self, tokens: Tensor, cache: list[KVCache] | None = None, return_aux: bool = False) -> Tensor | tuple[Tensor, Tensor | None]:
-        """Logits (B, T, V); with `return_aux`, also the MoE load-balancing loss (weighted by its coefficient)."""
+    def forward(
+        self, tokens: Tensor, cache: list[KVCache] | None = None, return_aux: bool = False,
+        key_mask: Tensor | None = None, last_only: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor | None]:
+        """Logits (B, T, V); with `return_aux`, also the MoE load-balancing loss (weighted by its coefficient).
+
+        Generation: `key_mask` (B, >=S) is False at left padding of batched prompts; `last_only` gives (B, 1, V).
+        """
         B, T = tokens.shape
         offset = cache[0].offset if cache else 0
-        mask = attention_mask(T, offset, self.spec.sliding_window, tokens.device)
+        if key_mask is None:
+            mask = attention_mask(T, offset, self.spec.sliding_window, tokens.device)
+        else:
+            mask = padded_mask(key_mask, T, offset, self.spec.sliding_window)
         h = self.model.embed_tokens(tokens)                           # (B, T, D)
         router_logits = []
         for i, layer in enumerate(self.model.layers):
             h, r = layer(h, self.rope, mask, cache[i] if cache else None)
             if r is not None:
                 router_logits.append(r)
-        h = self.model.norm(h)
+        h = self.model.norm(h[:, -1:] if last_only else h)
         head = self.model.embed_tokens.weight if self.spec.tie_embeddings else self.lm_head.weight
         logits = F.linear(h, head)
         if not return_aux:

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from llmctl.backends.torch.generate import greedy
+from llmctl.backends.torch import generate as engine
 from llmctl.backends.torch.model import Rope, Transformer
+from llmctl.generation import PromptCache, SamplingParams
 from llmctl.io.model_folder import read_model, write_model
 from llmctl.io.safetensors import from_torch, to_torch
 from llmctl.spec import ModelSpec
@@ -32,7 +34,17 @@ class Model:
         return self.module(torch.tensor(tokens, dtype=torch.long)).float().numpy()
 
     def greedy(self, prompt: list[int], max_new_tokens: int, stop_ids: tuple[int, ...] = ()) -> list[int]:
-        return greedy(self.module, prompt, max_new_tokens, stop_ids)
+        return engine.greedy(self.module, prompt, max_new_tokens, stop_ids)
+
+    def generate(self, prompt: list[int], params: SamplingParams, cache: PromptCache | None = None) -> Iterator[int]:
+        """New ids one by one (see generate.generate_step); `cache` from `new_cache()` reuses a shared prefix."""
+        return engine.generate_step(self.module, prompt, params, cache)
+
+    def generate_batch(self, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
+        return engine.generate_batch(self.module, prompts, params)
+
+    def new_cache(self) -> PromptCache:
+        return engine.new_cache(self.module)
 
     def save(self, out: Path, max_shard_bytes: int | None = None) -> Path:
         dtype = next(self.module.parameters()).dtype
