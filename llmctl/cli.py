@@ -10,6 +10,7 @@ import typer
 
 from llmctl import __version__
 from llmctl.commands import chat, generate, info, train
+from llmctl.commands import convert
 
 app = typer.Typer(
     name="llmctl",
@@ -59,3 +60,4 @@ app.command(name="train")(handled(train.train))
 app.command(name="info")(handled(info.info))
 app.command(name="generate")(handled(generate.generate))
 app.command(name="chat")(handled(chat.chat))
+app.command(name="convert")(handled(convert.convert))

@@ -261,6 +261,16 @@ class Tokenizer:
         )
 
 
+def load_tokenizer(path: Path | str) -> Tokenizer:
+    """A model's tokenizer: from a folder (Tokenizer.from_dir), or rebuilt from a .gguf file's metadata."""
+    path = Path(path)
+    if path.suffix.lower() == ".gguf":
+        from llmctl.io.gguf import read_tokenizer
+
+        return read_tokenizer(path)
+    return Tokenizer.from_dir(path)
+
+
 class StreamDecoder:
     """Turns ids arriving one by one into text pieces: only complete characters, nothing printed twice."""
 
@@ -460,7 +470,11 @@ def _bpe_merges(pieces: list[tuple[str, float, int]]) -> list[tuple[str, str]]:
 
 def _from_sentencepiece(path: Path) -> tuple[Backend, dict[str, str | None]]:
     """A tokenizers tokenizer giving exactly SentencePiece's ids, and the model's own special tokens."""
-    sp = _read_sentencepiece(path)
+    return _sentencepiece_backend(_read_sentencepiece(path), path)
+
+
+def _sentencepiece_backend(sp: _SentencePieceModel, path: Path) -> tuple[Backend, dict[str, str | None]]:
+    """_from_sentencepiece for a model already read (also rebuilt from GGUF metadata); `path` names it in errors."""
     if sp.treat_whitespace_as_suffix:
         raise TokenizerError(f"{path} puts whitespace after words (treat_whitespace_as_suffix); llmctl cannot read it.")
     unk = sp.pieces[sp.unk_id][0] if 0 <= sp.unk_id < len(sp.pieces) else None

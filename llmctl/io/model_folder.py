@@ -43,7 +43,11 @@ def _tensor_files(folder: Path) -> dict[str, str]:
 
 
 def read_model(name: str | Path) -> ModelFolder:
-    """Resolve a folder or Hugging Face id, read its spec and weights, and check they agree."""
+    """Resolve a folder, Hugging Face id or .gguf file, read its spec and weights, and check they agree."""
+    if str(name).lower().endswith(".gguf"):
+        from llmctl.io.gguf import read_gguf  # a GGUFModel, whose .config holds the quantization
+
+        return read_gguf(name)
     folder = resolve_model(name)
     spec = load_spec(folder)
     tensors = load_folder_tensors(folder)

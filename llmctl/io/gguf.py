@@ -1,0 +1,801 @@
+"""GGUF files of the Llama family <-> llmctl's model representation (Hugging Face names, MLX's affine layout)."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from llmctl import ui
+from llmctl.errors import CheckpointError, UnsupportedModel
+from llmctl.io.hf import check_tensors, config_from_spec
+from llmctl.io.model_folder import ModelFolder
+from llmctl.io.safetensors import RawTensor
+from llmctl.spec import ModelSpec, RopeScaling
+
+if TYPE_CHECKING:
+    import gguf
+
+    from llmctl.tokenizer import Tokenizer
+
+GROUP_SIZE = 32  # every ggml block type with an exact affine equivalent holds 32 values
+QUANT_KEYS = ("quantization", "quantization_config")  # where config.json records the affine layout
+
+# GGUF tensor names <-> Hugging Face module paths (".weight" follows both)
+_GLOBAL = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_LAYER = {
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+}  # fmt: skip
+_LAYER_BACK = {hf: gg for gg, hf in _LAYER.items()}
+_GLOBAL_BACK = {hf: gg for gg, hf in _GLOBAL.items()}
+
+
+# Block types that map exactly onto (bits, group 32) affine groups: w = scale * code + bias.
+# `offset`: symmetric types store code - offset and one scale d (bias = -offset * d); None: they store d and m.
+@dataclass(frozen=True)
+class BlockType:
+    name: str
+    bits: int
+    offset: int | None
+    nbytes: int  # bytes per block of 32 values
+
+
+BLOCK_TYPES = {
+    t.name: t
+    for t in (
+        BlockType("Q4_0", 4, 8, 18),
+        BlockType("Q4_1", 4, None, 20),
+        BlockType("Q5_0", 5, 16, 22),
+        BlockType("Q5_1", 5, None, 24),
+        BlockType("Q8_0", 8, 128, 34),
+    )
+}
+# What `--type` may ask for when writing, and the order in which exact types are preferred (smallest first).
+WRITE_TYPES = ("f32", "f16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
+_EXACT_PREFERENCE = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
+_FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "BF16": 32}
+
+
+def is_gguf(path: str | Path) -> bool:
+    """A path that names a GGUF file (by its extension; the magic is checked when it is read)."""
+    return Path(path).suffix.lower() == ".gguf"
+
+
+def _gguf() -> Any:
+    try:
+        import gguf
+    except ImportError:
+        raise CheckpointError(
+            "Reading and writing GGUF needs the `gguf` package (from the ggml project), which is not installed.",
+            hint="pip install gguf",
+        ) from None
+    return gguf
+
+
+# ---- names and the query/key row order ----------------------------------------------------------------------------
+
+
+def hf_module(name: str) -> str | None:
+    """`blk.3.attn_q` -> `model.layers.3.self_attn.q_proj`; None for names llmctl does not know."""
+    if name in _GLOBAL:
+        return _GLOBAL[name]
+    match = re.fullmatch(r"blk\.(\d+)\.(\w+)", name)
+    if match and match.group(2) in _LAYER:
+        return f"model.layers.{match.group(1)}.{_LAYER[match.group(2)]}"
+    return None
+
+
+def gguf_module(name: str) -> str | None:
+    """Inverse of hf_module."""
+    if name in _GLOBAL_BACK:
+        return _GLOBAL_BACK[name]
+    match = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name)
+    if match and match.group(2) in _LAYER_BACK:
+        return f"blk.{match.group(1)}.{_LAYER_BACK[match.group(2)]}"
+    return None
+
+
+def rope_row_order(rows: int, n_heads: int, to_gguf: bool) -> np.ndarray:
+    """Row indices that reorder q/k projection rows between Hugging Face's and llama.cpp's RoPE layouts.
+
+    llama.cpp's converter (LlamaModel.permute) interleaves each head's two halves, rotating adjacent pairs;
+    transformers rotates the first half against the second. `w_gguf = w_hf[rope_row_order(.., True)]` and back.
+    Whole rows move, so packed weights, scales and biases permute exactly.
+    """
+    half = rows // n_heads // 2
+    index = np.arange(rows)
+    if to_gguf:  # HF row (h, j, i) goes to GGUF row (h, i, j)
+        return index.reshape(n_heads, 2, half).swapaxes(1, 2).reshape(rows)
+    return index.reshape(n_heads, half, 2).swapaxes(1, 2).reshape(rows)
+
+
+def _rope_heads(spec: ModelSpec, module: str) -> int | None:
+    if module.endswith("self_attn.q_proj"):
+        return spec.n_heads
+    if module.endswith("self_attn.k_proj"):
+        return spec.n_kv_heads
+    return None
+
+
+# ---- ggml blocks <-> affine groups ---------------------------------------------------------------------------------
+
+
+def _halves(blocks: np.ndarray, start: int) -> np.ndarray:
+    return np.ascontiguousarray(blocks[:, start : start + 2]).view(np.float16)[:, 0]
+
+
+def decode_blocks(raw: np.ndarray, block: BlockType) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """ggml blocks (..., n * nbytes) uint8 -> d (n,) float16, m (n,) float16 or None, codes (n, 32) uint8."""
+    blocks = raw.reshape(-1, block.nbytes)
+    d = _halves(blocks, 0)
+    m, pos = (None, 2) if block.offset is not None else (_halves(blocks, 2), 4)
+    if block.bits == 8:
+        return d, m, (blocks[:, pos:].view(np.int8).astype(np.int16) + 128).astype(np.uint8)
+    high = None
+    if block.bits == 5:  # 32 fifth bits in one little-endian uint32, bit j for value j
+        high = np.ascontiguousarray(blocks[:, pos : pos + 4]).view("<u4")
+        pos += 4
+    qs = blocks[:, pos:]  # byte j: value j in the low nibble, value j + 16 in the high one
+    codes = np.concatenate([qs & 0x0F, qs >> 4], axis=1)
+    if high is not None:
+        codes |= (((high >> np.arange(32, dtype=np.uint32)) & 1) << 4).astype(np.uint8)
+    return d, m, codes
+
+
+def encode_blocks(d: np.ndarray, m: np.ndarray | None, codes: np.ndarray, block: BlockType) -> np.ndarray:
+    """Inverse of decode_blocks: (n,) float16 d (and m), (n, 32) codes -> (n * nbytes,) uint8."""
+    n = codes.shape[0]
+    parts = [d.astype(np.float16).reshape(n, 1).view(np.uint8)]
+    if block.offset is None:
+        parts.append(m.astype(np.float16).reshape(n, 1).view(np.uint8))
+    if block.bits == 8:
+        parts.append((codes.astype(np.int16) - 128).astype(np.int8).view(np.uint8))
+    else:
+        if block.bits == 5:
+            bits = ((codes >> 4) & 1).astype(np.uint32) << np.arange(32, dtype=np.uint32)
+            parts.append(bits.sum(axis=1, dtype=np.uint32).astype("<u4").reshape(n, 1).view(np.uint8))
+        low = codes & 0x0F
+        parts.append(low[:, :16] | (low[:, 16:] << 4))
+    return np.concatenate(parts, axis=1).reshape(-1)
+
+
+def blocks_to_affine(raw: np.ndarray, block: BlockType, rows: int, cols: int) -> dict[str, np.ndarray]:
+    """One GGUF tensor of `block` type -> MLX layout: weight (rows, cols*bits/32) uint32, scales, biases (rows, cols/32).
+
+    Exact: scales are d, biases m (or -offset * d), float16 unless -offset * d does not fit float16 exactly.
+    """
+    from llmctl import kernels
+
+    d, m, codes = decode_blocks(raw, block)
+    if m is None:
+        bias = -block.offset * d.astype(np.float32)
+        m = bias.astype(np.float16)
+        if not np.array_equal(m.astype(np.float32), bias):  # beyond float16's range: keep both in float32
+            d, m = d.astype(np.float32), bias
+    groups = cols // GROUP_SIZE
+    return {
+        "weight": kernels.pack(codes.reshape(rows, cols), block.bits),
+        "scales": d.reshape(rows, groups),
+        "biases": m.reshape(rows, groups),
+    }
+
+
+def _exact_float16(x: np.ndarray) -> bool:
+    with np.errstate(over="ignore"):
+        return bool(np.array_equal(x.astype(np.float16).astype(np.float32), x))
+
+
+def exact_block_types(bits: int, group_size: int, scales: np.ndarray, biases: np.ndarray) -> list[str]:
+    """ggml types that hold these affine groups exactly (float32 scales/biases in), smallest first.
+
+    An asymmetric type takes d = scale, m = bias when both are float16 values and the codes fit its bits; a
+    symmetric one also needs bias == -offset * scale, so that scale * (code - offset) is the same number.
+    """
+    if group_size != GROUP_SIZE or not _exact_float16(scales):
+        return []
+    out = []
+    for name in _EXACT_PREFERENCE:
+        block = BLOCK_TYPES[name]
+        if bits > block.bits:
+            continue
+        if block.offset is None:
+            fits = _exact_float16(biases)
+        else:
+            fits = bits == block.bits and np.array_equal(biases, -block.offset * scales)
+        if fits:
+            out.append(name)
+    return out
+
+
+def affine_to_blocks(
+    weight: np.ndarray, scales: np.ndarray, biases: np.ndarray, bits: int, block: BlockType
+) -> np.ndarray:
+    """Affine groups of 32 (float32 scales/biases that `exact_block_types` accepted) -> ggml blocks (rows, bytes)."""
+    from llmctl import kernels
+
+    rows, groups = scales.shape
+    codes = kernels.unpack(weight, bits, groups * GROUP_SIZE).reshape(rows * groups, GROUP_SIZE)
+    # a symmetric type keeps the codes (bias == -offset * scale), an asymmetric one takes m = bias
+    m = None if block.offset is not None else biases.reshape(-1)
+    return encode_blocks(scales.reshape(-1), m, codes, block).reshape(rows, groups * block.nbytes)
+
+
+# ---- floats and the affine layout ----------------------------------------------------------------------------------
+
+
+def float32_of(raw: RawTensor) -> np.ndarray:
+    """The values of a float RawTensor (F32, F16, BF16) as float32, exactly."""
+    if raw.dtype == "BF16":
+        return (raw.data.astype(np.uint32) << 16).view(np.float32)
+    if raw.dtype in ("F32", "F16", "F64"):
+        return raw.data.astype(np.float32)
+    raise CheckpointError(f"A {raw.dtype} tensor is not a float tensor llmctl can convert.")
+
+
+def bfloat16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bits (uint16), rounding to nearest even as torch and MLX do."""
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounded = ((bits.astype(np.uint64) + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+    return np.where(np.isnan(x), np.uint16(0x7FC0), rounded)
+
+
+FLOAT_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+
+
+def float_tensor(values: np.ndarray, dtype: str) -> RawTensor:
+    """float32 values as a RawTensor of `dtype` (float32, float16 or bfloat16)."""
+    if dtype == "bfloat16":
+        return RawTensor("BF16", values.shape, bfloat16_bits(values))
+    return RawTensor.from_numpy(values.astype(np.float32 if dtype == "float32" else np.float16))
+
+
+def layer_quantization(quantization: dict[str, Any], module: str) -> tuple[int, int]:
+    """(group_size, bits) of one quantized module: its own entry in the quantization dict, else the defaults."""
+    own = quantization.get(module)
+    if isinstance(own, dict):
+        return int(own.get("group_size", quantization["group_size"])), int(own.get("bits", quantization["bits"]))
+    return int(quantization["group_size"]), int(quantization["bits"])
+
+
+def quantized_modules(tensors: dict[str, RawTensor]) -> list[str]:
+    return [name.removesuffix(".scales") for name in tensors if name.endswith(".scales")]
+
+
+def affine_float32(tensors: dict[str, RawTensor], module: str, group_size: int, bits: int) -> np.ndarray:
+    """Dequantized weight of one quantized module, computed in float32 (as ggml does): scale * code + bias."""
+    from llmctl import kernels
+
+    weight = tensors[f"{module}.weight"].data
+    scales = float32_of(tensors[f"{module}.scales"])
+    biases = float32_of(tensors[f"{module}.biases"])
+    return kernels.dequantize(weight, scales, biases, group_size, bits, dtype="float32")
+
+
+def _is_quant_part(name: str, tensors: dict[str, RawTensor]) -> bool:
+    """Whether `name` is the scales or biases of a quantized module (described by its .weight)."""
+    return name.endswith((".scales", ".biases")) and f"{name.rsplit('.', 1)[0]}.scales" in tensors
+
+
+def logical_shapes(tensors: dict[str, RawTensor], quantization: dict[str, Any] | None) -> dict[str, tuple[int, ...]]:
+    """The shape each weight has as a float matrix (packed weights unpacked), without scales and biases."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name, tensor in tensors.items():
+        if _is_quant_part(name, tensors):
+            continue
+        module = name.removesuffix(".weight")
+        if name.endswith(".weight") and f"{module}.scales" in tensors:
+            group_size, _ = layer_quantization(quantization or {}, module)
+            scales = tensors[f"{module}.scales"].shape
+            shapes[name] = (*scales[:-1], scales[-1] * group_size)
+        else:
+            shapes[name] = tensor.shape
+    return shapes
+
+
+def dequantize_tensors(
+    tensors: dict[str, RawTensor], quantization: dict[str, Any] | None, dtype: str
+) -> dict[str, RawTensor]:
+    """Every tensor as a float of `dtype`: quantized modules dequantized in float32, then rounded once."""
+    if quantization and quantization.get("mode", "affine") != "affine":
+        raise CheckpointError(
+            f"The model is quantized with mode {quantization['mode']!r}; llmctl converts only the affine layout.",
+            hint="Dequantize it with the tool that wrote it.",
+        )
+    out: dict[str, RawTensor] = {}
+    for name, tensor in tensors.items():
+        module = name.removesuffix(".weight")
+        if _is_quant_part(name, tensors):
+            continue
+        if name.endswith(".weight") and f"{module}.scales" in tensors:
+            group_size, bits = layer_quantization(quantization or {}, module)
+            out[name] = float_tensor(affine_float32(tensors, module, group_size, bits), dtype)
+        elif tensor.dtype in ("F32", "F16", "BF16") and FLOAT_DTYPES[dtype] != tensor.dtype:
+            out[name] = float_tensor(float32_of(tensor), dtype)
+        else:
+            out[name] = tensor
+    return out
+
+
+# ---- reading -------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class GGUFModel(ModelFolder):
+    """A GGUF file read as a model folder: spec, tensors under Hugging Face names (quantized ones in MLX's layout)."""
+
+    config: dict[str, Any] = field(default_factory=dict)  # the config.json it would have, "quantization" included
+    notices: list[str] = field(default_factory=list)  # what was not kept exactly (dequantized types, ...)
+    metadata: dict[str, Any] = field(default_factory=dict, repr=False)  # the file's key/values, tokenizer included
+
+    def tokenizer(self) -> Tokenizer:
+        """The tokenizer and chat template rebuilt from the file's metadata."""
+        from llmctl.io.gguf_vocab import tokenizer_from_metadata
+
+        return tokenizer_from_metadata(self.metadata, self.path)
+
+    @property
+    def quantization(self) -> dict[str, Any] | None:
+        return self.config.get("quantization")
+
+
+def _open(path: Path) -> gguf.GGUFReader:
+    gguf = _gguf()
+    if not path.is_file():
+        raise CheckpointError(f"{path} does not exist.", hint="Check the path of the .gguf file.")
+    try:
+        return gguf.GGUFReader(path, "c")  # copy-on-write map: arrays are writable, the file never changes
+    except (ValueError, OSError, KeyError, IndexError) as e:
+        raise CheckpointError(
+            f"{path} is not a readable GGUF file ({e}).",
+            hint="Download it again; llmctl reads GGUF version 2 and 3 files as llama.cpp writes them.",
+        ) from None
+
+
+def _metadata(reader: gguf.GGUFReader) -> dict[str, Any]:
+    values = {}
+    for key, value in reader.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        values[key] = value.contents()
+    return values
+
+
+def _rope_scaling(meta: dict[str, Any], rope_freqs: np.ndarray | None, theta: float, head_dim: int, path: Path) -> RopeScaling | None:
+    kind = meta.get("llama.rope.scaling.type", "none")
+    if kind == "linear":
+        return RopeScaling(rope_type="linear", factor=_float(meta["llama.rope.scaling.factor"]))
+    if kind not in ("none", "") and rope_freqs is None:
+        raise UnsupportedModel(f"{path} uses rope scaling {kind!r}; llmctl implements linear and llama3.")
+    if rope_freqs is None:
+        return None
+    # Llama 3.x stores its frequency factors as a tensor; find the llama3 parameters that give exactly those factors
+    factor = _float(rope_freqs.max())
+    context = meta.get("llama.rope.scaling.original_context_length")
+    for original in ([int(context)] if context else [8192, 4096, 2048, 16384, 32768, 131072]):
+        for low, high in ((1.0, 4.0), (1.0, 2.0), (1.0, 8.0), (2.0, 4.0)):
+            scaling = RopeScaling("llama3", factor, low, high, original)
+            if np.allclose(llama3_rope_factors(scaling, theta, head_dim), rope_freqs, rtol=1e-6, atol=0):
+                return scaling
+    raise UnsupportedModel(
+        f"{path} has rope_freqs factors that match no llama3 rope scaling llmctl knows "
+        f"(max factor {factor:g}).",
+        hint="Convert the original Hugging Face model instead, whose config.json states its rope scaling.",
+    )
+
+
+def llama3_rope_factors(scaling: RopeScaling, theta: float, head_dim: int) -> np.ndarray:
+    """The per-frequency factors llama.cpp's converter stores as rope_freqs.weight for llama3 rope scaling."""
+    freqs = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim)
+    wavelen = 2 * math.pi / freqs
+    low_wavelen = scaling.original_max_position_embeddings / scaling.low_freq_factor
+    high_wavelen = scaling.original_max_position_embeddings / scaling.high_freq_factor
+    smooth = (scaling.original_max_position_embeddings / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
+    middle = 1 / ((1 - smooth) / scaling.factor + smooth)
+    out = np.where(wavelen < high_wavelen, 1.0, np.where(wavelen > low_wavelen, scaling.factor, middle))
+    return out.astype(np.float32)
+
+
+def _float(value: Any) -> float:
+    """A float32 from the file as the number it was written from (1e-05, not 9.999999747378752e-06)."""
+    return float(str(np.float32(value)))
+
+
+def _spec(meta: dict[str, Any], shapes: dict[str, tuple[int, ...]], rope_freqs: np.ndarray | None, path: Path) -> ModelSpec:
+    arch = meta.get("general.architecture")
+    if arch != "llama":
+        raise UnsupportedModel(
+            f"{path} holds a model of architecture {arch!r}; llmctl reads GGUF files of the llama architecture "
+            "(Llama, Mistral, SmolLM, TinyLlama, ...).",
+            hint="Use a Llama-family GGUF, or convert the original Hugging Face folder of this model.",
+        )
+    need = ("llama.embedding_length", "llama.block_count", "llama.feed_forward_length", "llama.attention.head_count")
+    missing = [key for key in need if key not in meta]
+    if missing:
+        raise CheckpointError(f"{path} lacks the metadata {', '.join(missing)}.", hint="The file is incomplete.")
+    if meta.get("llama.expert_count", 0):
+        raise UnsupportedModel(f"{path} is a mixture of experts (llama.expert_count); llmctl reads dense Llama GGUFs.")
+    dim, n_heads = int(meta["llama.embedding_length"]), int(meta["llama.attention.head_count"])
+    head_dim = int(meta.get("llama.attention.key_length", meta.get("llama.rope.dimension_count", dim // n_heads)))
+    theta = _float(meta.get("llama.rope.freq_base", 10_000.0))
+    vocab = meta.get("llama.vocab_size") or len(meta.get("tokenizer.ggml.tokens", [])) or shapes["token_embd.weight"][0]
+    eos = [meta[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id") if k in meta]
+    return ModelSpec(
+        vocab_size=int(vocab),
+        dim=dim,
+        n_layers=int(meta["llama.block_count"]),
+        n_heads=n_heads,
+        n_kv_heads=int(meta.get("llama.attention.head_count_kv", n_heads)),
+        ffn_dim=int(meta["llama.feed_forward_length"]),
+        head_dim=head_dim,
+        norm_eps=_float(meta.get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=theta,
+        rope_scaling=_rope_scaling(meta, rope_freqs, theta, head_dim, path),
+        max_seq_len=int(meta.get("llama.context_length", 2048)),
+        tie_embeddings="output.weight" not in shapes,
+        family="llama",
+        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+        eos_token_ids=tuple(dict.fromkeys(int(e) for e in eos)),
+        pad_token_id=meta.get("tokenizer.ggml.padding_token_id"),
+    )
+
+
+def read_gguf(path: str | Path) -> GGUFModel:
+    """Read a Llama-family GGUF file: F32/F16/BF16 as they are, Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 exactly into the affine
+    layout at group size 32, other types dequantized to float32 (with a notice); q/k rows in transformers' order."""
+    gguf = _gguf()
+    path = Path(path)
+    reader = _open(path)
+    meta = _metadata(reader)
+    # numpy shapes: GGUF lists dimensions innermost first
+    shapes = {t.name: tuple(int(n) for n in reversed(t.shape.tolist())) for t in reader.tensors}
+    by_name = {t.name: t for t in reader.tensors}
+    rope_freqs = np.asarray(by_name["rope_freqs.weight"].data, np.float32) if "rope_freqs.weight" in by_name else None
+    spec = _spec(meta, shapes, rope_freqs, path)
+
+    tensors: dict[str, RawTensor] = {}
+    bits_of: dict[str, int] = {}
+    dequantized: Counter[str] = Counter()
+    unknown = []
+    for t in reader.tensors:
+        if t.name == "rope_freqs.weight":
+            continue
+        stem, _, kind = t.name.rpartition(".")
+        module = hf_module(stem)
+        if module is None or kind not in ("weight", "bias"):
+            unknown.append(t.name)
+            continue
+        shape = shapes[t.name]
+        qtype = t.tensor_type.name
+        data = np.asarray(t.data)
+        rows = shape[0]
+        heads = _rope_heads(spec, module)
+        order = rope_row_order(rows, heads, to_gguf=False) if heads and kind == "weight" else None
+        if qtype in ("F32", "F16", "BF16"):
+            values = data.view(np.uint16) if qtype == "BF16" else data
+            values = values.reshape(shape)
+            if order is not None:
+                values = values[order]
+            tensors[f"{module}.{kind}"] = RawTensor(qtype, shape, np.ascontiguousarray(values))
+        elif qtype in BLOCK_TYPES and len(shape) == 2:
+            block = BLOCK_TYPES[qtype]
+            blocks = data.reshape(rows, -1)
+            if order is not None:
+                blocks = blocks[order]
+            for suffix, array in blocks_to_affine(blocks, block, rows, shape[1]).items():
+                tensors[f"{module}.{suffix}"] = RawTensor.from_numpy(array)
+            bits_of[module] = block.bits
+        else:
+            try:
+                values = gguf.quants.dequantize(data, t.tensor_type).reshape(shape).astype(np.float32)
+            except NotImplementedError:
+                raise CheckpointError(
+                    f"{path}: tensor {t.name} has type {qtype}, which the gguf package cannot dequantize.",
+                    hint="Update the gguf package (pip install -U gguf), or use a file with other types.",
+                ) from None
+            if order is not None:
+                values = values[order]
+            tensors[f"{module}.{kind}"] = RawTensor.from_numpy(values)
+            dequantized[qtype] += 1
+    if unknown:
+        raise UnsupportedModel(
+            f"{path} has tensors llmctl does not know for a llama model: {', '.join(unknown[:6])}"
+            + (f" and {len(unknown) - 6} more" if len(unknown) > 6 else "")
+            + ".",
+            hint="This may be a variant of the architecture llmctl does not implement.",
+        )
+    logical = logical_shapes(tensors, {"group_size": GROUP_SIZE, "bits": 4})
+    try:
+        extra = check_tensors(spec, logical, path, {name: "" for name in logical})
+    except CheckpointError as e:
+        raise CheckpointError(
+            e.message.replace("does not match its config.json", "has tensors that disagree with its metadata"),
+            hint="The file may be damaged, or be a variant of the llama architecture llmctl does not implement.",
+        ) from None
+    for name in extra:
+        for suffix in ("", ".scales", ".biases"):
+            tensors.pop(name.removesuffix(".weight") + suffix if suffix else name, None)
+
+    notices = []
+    if dequantized:
+        kinds = ", ".join(f"{n} {k}" for k, n in sorted(dequantized.items()))
+        notices.append(
+            f"{path.name}: {kinds} tensors have no exact affine equivalent; they were dequantized to float32."
+        )
+        ui.warn(notices[-1])
+    float_types = Counter(t.dtype for t in tensors.values() if t.dtype in ("F32", "F16", "BF16") and len(t.shape) == 2)
+    dtype = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}[float_types.most_common(1)[0][0]] if float_types else "float16"
+    config = config_from_spec(spec, dtype)
+    if bits_of:
+        default_bits = Counter(bits_of.values()).most_common(1)[0][0]
+        quantization: dict[str, Any] = {"group_size": GROUP_SIZE, "bits": default_bits}
+        for module, bits in bits_of.items():
+            if bits != default_bits:
+                quantization[module] = {"group_size": GROUP_SIZE, "bits": bits}
+        config |= {key: quantization for key in QUANT_KEYS}
+    return GGUFModel(path, spec, tensors, config=config, notices=notices, metadata=meta)
+
+
+def read_gguf_metadata(path: str | Path) -> dict[str, Any]:
+    """All key/values of a GGUF file (tokenizer arrays included), without reading tensors."""
+    return _metadata(_open(Path(path)))
+
+
+def read_tokenizer(path: str | Path) -> Tokenizer:
+    """The tokenizer and chat template rebuilt from a GGUF file's metadata."""
+    from llmctl.io.gguf_vocab import tokenizer_from_metadata
+
+    path = Path(path)
+    return tokenizer_from_metadata(read_gguf_metadata(path), path)
+
+
+# ---- writing -------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ConversionReport:
+    """What a conversion did to each tensor: kept exactly, or changed, with the error that adds."""
+
+    types: Counter[str] = field(default_factory=Counter)  # ggml type -> tensors written in it
+    exact: list[str] = field(default_factory=list)
+    lossy: dict[str, tuple[float, float, float, int]] = field(default_factory=dict)  # see error_stats
+    notices: list[str] = field(default_factory=list)
+
+    @property
+    def is_exact(self) -> bool:
+        return not self.lossy
+
+    def max_abs(self) -> float:
+        return max((v[0] for v in self.lossy.values()), default=0.0)
+
+    def rms(self) -> float:
+        """RMS difference over every changed weight."""
+        n = sum(v[3] for v in self.lossy.values())
+        return math.sqrt(sum(v[1] ** 2 * v[3] for v in self.lossy.values()) / n) if n else 0.0
+
+    def summary(self) -> str:
+        if not self.lossy:
+            return f"exact: all {len(self.exact)} tensors keep their values"
+        n = sum(v[3] for v in self.lossy.values())
+        reference = math.sqrt(sum(v[2] ** 2 * v[3] for v in self.lossy.values()) / n)
+        return (
+            f"lossy: {len(self.lossy)} of {len(self.lossy) + len(self.exact)} tensors changed; their values moved by "
+            f"at most {self.max_abs():.3g}, RMS {self.rms():.3g} ({100 * self.rms() / reference if reference else 0:.2f}% "
+            "of their RMS)"
+        )
+
+
+def error_stats(reference: np.ndarray, changed: np.ndarray) -> tuple[float, float, float, int]:
+    """(max |difference|, RMS difference, RMS of the reference, count) of two float arrays of one shape."""
+    reference = reference.astype(np.float64).reshape(-1)
+    diff = changed.astype(np.float64).reshape(-1) - reference
+    return float(np.abs(diff).max(initial=0.0)), float(np.sqrt(np.mean(diff**2))), float(np.sqrt(np.mean(reference**2))), diff.size
+
+
+def _quantize_rows(values: np.ndarray, qtype: str) -> np.ndarray:
+    gguf = _gguf()
+    return gguf.quants.quantize(np.ascontiguousarray(values, dtype=np.float32), gguf.GGMLQuantizationType[qtype])
+
+
+def _dequantize_rows(data: np.ndarray, qtype: str) -> np.ndarray:
+    gguf = _gguf()
+    return gguf.quants.dequantize(data, gguf.GGMLQuantizationType[qtype])
+
+
+def _plan_tensor(
+    name: str, tensors: dict[str, RawTensor], quantization: dict[str, Any] | None, target: str | None, report: ConversionReport
+) -> tuple[np.ndarray, str]:
+    """One tensor (HF name of its weight) as ggml data and type; records in `report` whether it stayed exact."""
+    module = name.removesuffix(".weight")
+    if name.endswith(".weight") and f"{module}.scales" in tensors:
+        group_size, bits = layer_quantization(quantization or {}, module)
+        scales = float32_of(tensors[f"{module}.scales"])
+        biases = float32_of(tensors[f"{module}.biases"])
+        exact = exact_block_types(bits, group_size, scales, biases)
+        wanted = target.upper() if target else None
+        if wanted in exact or (wanted is None and exact):
+            qtype = wanted or exact[0]
+            weight = tensors[f"{module}.weight"].data
+            report.exact.append(name)
+            return affine_to_blocks(weight, scales, biases, bits, BLOCK_TYPES[qtype]), qtype
+        values = affine_float32(tensors, module, group_size, bits)
+        if wanted is None:  # no exact type: the nearest that keeps as many bits
+            wanted = "Q4_1" if bits <= 4 else "Q5_1" if bits == 5 else "Q8_0"
+        if wanted == "F32":  # scale * code + bias in float32 is how llama.cpp computes the value too
+            report.exact.append(name)
+            return values, "F32"
+    else:
+        tensor = tensors[name]
+        values = float32_of(tensor)
+        wanted = target.upper() if target else tensor.dtype
+        if values.ndim != 2 or (wanted in BLOCK_TYPES and values.shape[1] % GROUP_SIZE):
+            if values.ndim == 2:
+                report.notices.append(f"{name}: {values.shape[1]} columns is not a multiple of 32; kept as F32.")
+            wanted = "F32"  # llama.cpp keeps norms (1-D) in float32
+        if wanted == tensor.dtype or wanted == "F32":
+            report.exact.append(name)
+            if wanted == "BF16":
+                return tensor.data, "BF16"
+            return (values if wanted == "F32" else tensor.data), wanted
+    if wanted == "F16":
+        with np.errstate(over="ignore"):
+            data = values.astype(np.float16)
+        report.lossy[name] = error_stats(values, data.astype(np.float32))
+        return data, "F16"
+    data = _quantize_rows(values, wanted)
+    report.lossy[name] = error_stats(values, _dequantize_rows(data, wanted).reshape(values.shape))
+    return data, wanted
+
+
+def _hf_weight_names(tensors: dict[str, RawTensor]) -> list[str]:
+    """Tensors to write, one per weight (quantized modules by their .weight), embeddings first as llama.cpp orders."""
+    names = [n for n in tensors if not _is_quant_part(n, tensors)]
+
+    def key(name: str) -> tuple[int, int, str]:
+        match = re.match(r"model\.layers\.(\d+)\.", name)
+        return (1, int(match.group(1)), name) if match else (0 if "embed" in name else 2, 0, name)
+
+    return sorted(names, key=key)
+
+
+def write_gguf(
+    out: str | Path,
+    spec: ModelSpec,
+    tensors: dict[str, RawTensor],
+    *,
+    quantization: dict[str, Any] | None = None,
+    tokenizer: Tokenizer | None = None,
+    target: str | None = None,
+    name: str = "",
+    general: dict[str, Any] | None = None,
+) -> ConversionReport:
+    """Write a model as a llama-architecture GGUF file that llama.cpp loads; returns what stayed exact.
+
+    target: None keeps every tensor exact where a ggml type can (floats as they are, 4-/5-/8-bit groups of 32
+    with float16 scales as Q4_0/Q4_1/Q5_0/Q5_1/Q8_0); one of WRITE_TYPES converts the matrices to that type.
+    general: general.* metadata to carry over (name, license, ... of a GGUF being rewritten).
+    The file is written under a temporary name and renamed into place when complete.
+    """
+    gguf = _gguf()
+    if spec.family not in ("llama", "mistral") or spec.attn_bias or spec.n_experts:
+        raise UnsupportedModel(
+            f"llmctl writes GGUF for dense Llama-architecture models (llama, mistral); this one is {spec.family!r}.",
+            hint="Keep it as a model folder.",
+        )
+    if target is not None and target not in WRITE_TYPES:
+        raise CheckpointError(f"GGUF type {target!r} is not supported; choose one of {', '.join(WRITE_TYPES)}.")
+    out = Path(out)
+    report = ConversionReport()
+    if spec.sliding_window:
+        report.notices.append(f"llama.cpp ignores the sliding window ({spec.sliding_window}) of this model.")
+    planned: list[tuple[str, np.ndarray, str]] = []
+    for hf in _hf_weight_names(tensors):
+        stem, _, kind = hf.rpartition(".")
+        module = gguf_module(stem)
+        if module is None:
+            raise CheckpointError(f"Tensor {hf} has no GGUF name; llmctl writes the tensors of a Llama model.")
+        if spec.tie_embeddings and stem == "lm_head":
+            continue
+        data, qtype = _plan_tensor(hf, tensors, quantization, target, report)
+        heads = _rope_heads(spec, stem)
+        if heads and kind == "weight":
+            data = data[rope_row_order(data.shape[0], heads, to_gguf=True)]
+        report.types[qtype] += 1
+        planned.append((f"{module}.{kind}", np.ascontiguousarray(data), qtype))
+    if spec.rope_scaling is not None and spec.rope_scaling.rope_type == "llama3":
+        planned.append(("rope_freqs.weight", llama3_rope_factors(spec.rope_scaling, spec.rope_theta, spec.head_dim), "F32"))
+
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    writer = gguf.GGUFWriter(tmp, "llama")
+    try:
+        _write_metadata(writer, spec, report, tokenizer, name or out.stem, general or {})
+        for gname, data, qtype in planned:
+            raw = gguf.GGMLQuantizationType[qtype]
+            if qtype in ("F32", "F16"):
+                writer.add_tensor(gname, data)
+            else:  # BF16 bits (uint16) or blocks (uint8): the writer takes the type and the logical shape
+                writer.add_tensor(gname, data, raw_dtype=raw)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, out)
+    except BaseException:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    return report
+
+
+# general.* keys that describe the file itself, not the model: written anew, never carried over
+_OWN_GENERAL = ("general.architecture", "general.file_type", "general.quantization_version", "general.alignment")
+
+
+def _write_metadata(
+    writer: gguf.GGUFWriter, spec: ModelSpec, report: ConversionReport, tokenizer: Tokenizer | None, name: str,
+    general: dict[str, Any],
+) -> None:  # fmt: skip
+    matrices = Counter({t: n for t, n in report.types.items() if t != "F32"}) or Counter({"F32": 1})
+    file_type = _FILE_TYPES[matrices.most_common(1)[0][0]]
+    writer.add_type("model")
+    writer.add_name(str(general.get("general.name", name)))
+    for key, value in general.items():  # descriptive text (organization, license, languages, ...)
+        if key in (*_OWN_GENERAL, "general.name", "general.type"):
+            continue
+        if isinstance(value, str):
+            writer.add_string(key, value)
+        elif isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+            writer.add_array(key, value)
+    writer.add_file_type(file_type)
+    if any(t in BLOCK_TYPES for t in report.types):
+        writer.add_quantization_version(2)
+    writer.add_vocab_size(spec.vocab_size)
+    writer.add_context_length(spec.max_seq_len)
+    writer.add_embedding_length(spec.dim)
+    writer.add_block_count(spec.n_layers)
+    writer.add_feed_forward_length(spec.ffn_dim)
+    writer.add_head_count(spec.n_heads)
+    writer.add_head_count_kv(spec.n_kv_heads)
+    writer.add_rope_dimension_count(spec.head_dim)
+    if spec.head_dim != spec.dim // spec.n_heads:
+        writer.add_key_length(spec.head_dim)
+        writer.add_value_length(spec.head_dim)
+    writer.add_rope_freq_base(spec.rope_theta)
+    writer.add_layer_norm_rms_eps(spec.norm_eps)
+    if spec.rope_scaling is not None and spec.rope_scaling.rope_type == "linear":
+        writer.add_string("llama.rope.scaling.type", "linear")
+        writer.add_float32("llama.rope.scaling.factor", spec.rope_scaling.factor)
+    elif spec.rope_scaling is not None:  # llama3: the factors go in rope_freqs.weight; this lets a reader recover it
+        writer.add_uint32("llama.rope.scaling.original_context_length", spec.rope_scaling.original_max_position_embeddings)
+    if tokenizer is None:
+        report.notices.append("The model has no tokenizer; llama.cpp needs one in the file to run it.")
+        ids = [("bos_token_id", spec.bos_token_id), ("padding_token_id", spec.pad_token_id)]
+        ids += list(zip(("eos_token_id", "eot_token_id"), spec.eos_token_ids))
+        for key, token_id in ids:  # kept so that reading the file back gives the same spec
+            if token_id is not None:
+                writer.add_uint32(f"tokenizer.ggml.{key}", int(token_id))
+        return
+    from llmctl.io.gguf_vocab import tokenizer_metadata
+
+    for key, (value, kind) in tokenizer_metadata(tokenizer, spec.vocab_size).items():
+        if kind == "str":
+            writer.add_string(key, value)
+        elif kind == "u32":
+            writer.add_uint32(key, int(value))
+        elif kind == "bool":
+            writer.add_bool(key, bool(value))
+        elif kind == "float_array":
+            writer.add_array(key, [float(v) for v in value])
+        elif kind == "int_array":
+            writer.add_array(key, [int(v) for v in value])
+        else:
+            writer.add_array(key, value)
