@@ -16,15 +16,13 @@ from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 
 from llmctl import ui
 from llmctl.backends.mlx.model import Transformer
+from llmctl.backends.mlx.runtime import DTYPE_NAMES
 from llmctl.errors import ConfigError, LlmctlError
 from llmctl.io.model_folder import write_model
 from llmctl.io.safetensors import atomic_write_text, from_mlx, read_safetensors, to_mlx, write_safetensors
 from llmctl.pretrain import Prepared, micro_batch, prepare
 from llmctl.run import STATE_FILE, check_resumable, plot_losses, remember_model
 from llmctl.schedule import lr_at
-
-DTYPE_NAMES = {mx.float32: "float32", mx.bfloat16: "bfloat16"}
-
 
 def setup_distributed() -> tuple[int, int, mx.Device]:
     """Rank, world size and device; joins the group when launched by mlx.launch (a group of one otherwise)."""
@@ -223,9 +221,10 @@ def train(cfg: Any, force: bool = False, resume: bool = False) -> Path | None:
 
 
 def _train(cfg: Any, force: bool, resume: bool, rank: int, world: int, device: mx.Device) -> Path | None:
+    amp = autocast_dtype(cfg.train.dtype.value, device)  # refuses fp16 before anything is written
     # Rank 0 creates the run folder, tokenizer and token cache first; the others then find them.
     if rank != 0 and _barrier(world):
-        raise LlmctlError("process 0 failed while preparing the run.", hint="Its error, printed above, says why.")
+        raise LlmctlError("process 0 failed while preparing the run; its own error message says why.")
     try:
         prep = prepare(cfg, force, resume)
     except BaseException:
@@ -235,7 +234,6 @@ def _train(cfg: Any, force: bool, resume: bool, rank: int, world: int, device: m
     if rank == 0:
         _barrier(world)
     mb = micro_batch(cfg, world)
-    amp = autocast_dtype(cfg.train.dtype.value, device)
     model = build_model(prep, cfg, device)
     net = wrap(model, cfg.strategy.value, world, device)
     opt = make_optimizer(net, cfg.optim)
