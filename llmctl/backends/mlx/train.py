@@ -24,6 +24,7 @@ from llmctl.pretrain import Prepared, micro_batch, prepare
 from llmctl.run import STATE_FILE, check_resumable, plot_losses, remember_model
 from llmctl.schedule import lr_at
 
+
 def setup_distributed() -> tuple[int, int, mx.Device]:
     """Rank, world size and device; joins the group when launched by mlx.launch (a group of one otherwise)."""
     group = mx.distributed.init()
