@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from llmctl import ui
-from llmctl.errors import DataError, LlmctlError
+from llmctl.errors import DataError, LlmctlError, TokenizerError
 from llmctl.generation import Completion, SamplingParams
 from llmctl.tokenizer import Tokenizer
 
@@ -122,8 +122,10 @@ class ChatSession:
         self.messages.append({"role": "user", "content": text})
         try:
             prompt = self.prompt()
-        except LlmctlError:
+        except LlmctlError as e:
             self.messages.pop()  # refused (too long, or the template rejects it): the conversation stays as it was
+            if isinstance(e, TokenizerError) and self.system is not None:
+                e.hint = f"{e.hint or ''} Some templates take no system prompt: /system alone removes it.".strip()
             raise
         self.last = Completion(self.model, self.tokenizer, prompt, self.params, self.cache)
         return self.last

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import resource
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -242,6 +241,8 @@ def peak_memory_bytes() -> int:
 
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             return int(torch.cuda.max_memory_allocated())
+    import resource  # Unix only, and only needed here
+
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss if sys.platform == "darwin" else rss * 1024  # bytes on macOS, KiB on Linux
 

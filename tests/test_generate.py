@@ -280,3 +280,14 @@ def test_stories260k_generate_text(backend):
     reference = json.loads((folder / "reference_greedy.json").read_text())
     loaded = backend.load(folder)
     assert list(loaded.generate([1], SamplingParams(max_tokens=50))) == reference["greedy_ids"][:50]
+
+
+def test_training_still_works_after_generating(tmp_path):
+    from llmctl.backends import get_backend
+
+    make_hf_model("llama", tmp_path, seed=4)
+    loaded = get_backend("torch").load(tmp_path)
+    list(loaded.generate(PROMPT, SamplingParams(max_tokens=3)))  # leaves RoPE tables made under inference_mode
+    loaded.module.train()
+    loaded.module(torch.tensor([PROMPT])).float().logsumexp(-1).mean().backward()
+    assert loaded.module.model.layers[0].self_attn.q_proj.weight.grad is not None

@@ -84,7 +84,6 @@ def generate_step(model: Transformer, prompt: list[int], params: SamplingParams,
         seen[0, mx.array(prompt)] = True
 
     def next_token(logits: mx.array) -> mx.array:
-        nonlocal seen
         logits = logits.astype(mx.float32)
         if seen is not None:
             logits = penalize(logits, seen, params.repetition_penalty)

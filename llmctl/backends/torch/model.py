@@ -75,7 +75,9 @@ class Rope(nn.Module):
         if torch.compiler.is_compiling():
             return self._compute(n, x)
         cached = getattr(self, "_table", None)
-        if cached is None or cached[0].shape[0] < n or cached[0].dtype != x.dtype or cached[0].device != x.device:
+        # a table made under inference_mode cannot be saved for backward: training after generation rebuilds it
+        stale = cached is None or cached[0].is_inference() and not torch.is_inference_mode_enabled()
+        if stale or cached[0].shape[0] < n or cached[0].dtype != x.dtype or cached[0].device != x.device:
             cached = self._table = self._compute(max(n, 2 * cached[0].shape[0] if cached is not None else 256), x)
         return cached
 
