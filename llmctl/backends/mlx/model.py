@@ -157,7 +157,8 @@ class MoE(nn.Module):
         x = x.reshape(-1, D)                                          # (N, D)
         router_logits = self.gate(x)                                  # (N, E)
         probs = mx.softmax(router_logits.astype(mx.float32), axis=-1)
-        chosen = mx.argpartition(-probs, kth=self.k - 1, axis=-1)[:, : self.k]  # (N, k), unordered
+        # Indices carry no gradient; without stop_gradient MLX cannot differentiate take_along_axis.
+        chosen = mx.stop_gradient(mx.argpartition(-probs, kth=self.k - 1, axis=-1)[:, : self.k])  # (N, k), unordered
         weights = mx.take_along_axis(probs, chosen, axis=-1)
         weights = (weights / weights.sum(-1, keepdims=True)).astype(x.dtype)
         out = mx.zeros_like(x)
@@ -172,7 +173,7 @@ def load_balancing_loss(router_logits: list[mx.array], n_experts: int, k: int) -
     """Switch-Transformer auxiliary loss over all layers' tokens: E * sum_e(fraction routed_e * mean prob_e)."""
     logits = mx.concatenate(router_logits, axis=0)                    # (L*N, E)
     probs = mx.softmax(logits.astype(mx.float32), axis=-1)
-    chosen = mx.argpartition(-probs, kth=k - 1, axis=-1)[:, :k]
+    chosen = mx.stop_gradient(mx.argpartition(-probs, kth=k - 1, axis=-1)[:, :k])
     routed = (chosen[..., None] == mx.arange(n_experts)).astype(mx.float32).mean(0)  # (k, E)
     return (routed * probs.mean(0)).sum() * n_experts
 
