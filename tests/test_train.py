@@ -168,3 +168,17 @@ def test_sequence_longer_than_model_context_is_refused(small_corpus, tmp_path):
     Tokenizer.train_bpe([p for p in small_corpus.iterdir()], 256 + 5 + 20).save(tmp_path / "base")
     code, text = run_train(*TINY, f"data.train={small_corpus}", f"model.from={tmp_path / 'base'}", "--out", str(tmp_path / "run"))
     assert code == 1 and "does not fit the model's context of 32 tokens" in text, text
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mixture_of_experts_trains_and_loads_in_transformers(backend, small_corpus, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    out = tmp_path / "run"
+    code, text = run_train(*TINY, "model.n_experts=4", "model.experts_per_token=2", f"data.train={small_corpus}",
+                           "train.steps=6", "--out", str(out), backend=backend)
+    assert code == 0, text
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(0 < r["aux_loss"] < 1 for r in records)  # coefficient 0.01 x a loss near 1 when balanced
+    assert records[-1]["loss"] < records[0]["loss"]
+    model = transformers.AutoModelForCausalLM.from_pretrained(out / "model")
+    assert type(model).__name__ == "MixtralForCausalLM"
