@@ -121,7 +121,7 @@ def test_over_long_history_drops_the_oldest_turns(short_context_folder, backend)
 
 def run_chat(folder: Path, lines: list[str], *flags: str, cache: Path) -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "llmctl", "chat", "--model", str(folder), "--temperature", "0", "--max-tokens", "12",
-               "--stop", "\n", *flags]
+               "--stop", "\\n", *flags]  # a backslash and n, as a shell passes "\n"
     env = os.environ | {"PYTHONPATH": str(ROOT), "LLMCTL_CACHE": str(cache)}
     done = subprocess.run(command, input="".join(line + "\n" for line in lines).encode(), capture_output=True, timeout=300, env=env)
     # decoded by hand: text=True would turn a "\r" the model wrote into a line break

@@ -28,7 +28,7 @@ TopK = Annotated[int | None, typer.Option("--top-k", help="Keep the k likeliest 
 MinP = Annotated[float | None, typer.Option("--min-p", help="Drop tokens below min-p times the likeliest one's probability.")]
 RepetitionPenalty = Annotated[float | None, typer.Option("--repetition-penalty", help="> 1 discourages repeating tokens.")]
 Seed = Annotated[int | None, typer.Option(help="Seed for reproducible sampling.")]
-Stop = Annotated[list[str] | None, typer.Option("--stop", help="Stop at this text (repeatable); it is not printed.")]
+Stop = Annotated[list[str] | None, typer.Option("--stop", help="Stop at this text (repeatable; \\n and \\t are understood); it is not printed.")]
 BackendOpt = Annotated[Backend, typer.Option(help="auto picks mlx on Apple silicon, else torch.")]
 DTypeOpt = Annotated[DType, typer.Option(help="Weights' dtype in memory; auto keeps the stored one.")]
 
@@ -37,15 +37,20 @@ def sampling_params(model: Any, tokenizer: Any, builtin: dict[str, Any], max_tok
     """Flags given on the command line, else the model's generation_config.json, else `builtin`."""
     from llmctl.generation import SamplingParams, generation_defaults, stop_ids
 
-    chosen = builtin | generation_defaults(model.source) | {k: v for k, v in flags.items() if v is not None}
-    return SamplingParams(max_tokens=max_tokens, stop=tuple(stop or ()), stop_ids=stop_ids(model, tokenizer), **chosen)
+    chosen = builtin | (generation_defaults(model.source) if model.source else {}) | {k: v for k, v in flags.items() if v is not None}
+    return SamplingParams(max_tokens=max_tokens, stop=_unescape(stop), stop_ids=stop_ids(model, tokenizer), **chosen)
+
+
+def _unescape(stop: list[str] | None) -> tuple[str, ...]:
+    r"""`--stop "\n"` typed in a shell arrives as backslash + n; it means a newline."""
+    return tuple(s.replace("\\n", "\n").replace("\\t", "\t") for s in stop or ())
 
 
 def check_flags(max_tokens: int, stop: list[str] | None, flags: dict[str, Any]) -> None:
     """Refuse bad sampling flags before a model is loaded."""
     from llmctl.generation import SamplingParams
 
-    SamplingParams(max_tokens=max_tokens, stop=tuple(stop or ()), **{k: v for k, v in flags.items() if v is not None})
+    SamplingParams(max_tokens=max_tokens, stop=_unescape(stop), **{k: v for k, v in flags.items() if v is not None})
 
 
 def _encode(tokenizer: Any, text: str, chat: bool, system: str | None) -> list[int]:
