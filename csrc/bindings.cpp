@@ -3,7 +3,9 @@
 
 #include <cstdint>
 #include <stdexcept>
+#include <string>
 
+#include "qmatmul.h"
 #include "quant.h"
 
 namespace py = pybind11;
@@ -29,12 +31,19 @@ int check_threads(int threads) {
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "llmctl's C++ kernels: group-wise affine (de)quantization in MLX's layout.";
+  m.doc() = "llmctl's C++ kernels: group-wise (de)quantization in MLX's layout and quantized matmul.";
   auto release = py::call_guard<py::gil_scoped_release>();
 
   m.attr("FLOAT32") = int(llmctl::kFloat32);
   m.attr("FLOAT16") = int(llmctl::kFloat16);
   m.attr("BFLOAT16") = int(llmctl::kBFloat16);
+  m.attr("AFFINE") = int(llmctl::kModeAffine);
+  m.attr("NF4") = int(llmctl::kModeNF4);
+  m.attr("ISA_AUTO") = int(llmctl::kIsaAuto);
+  m.attr("ISA_SCALAR") = int(llmctl::kIsaScalar);
+  m.attr("ISA_AVX2") = int(llmctl::kIsaAvx2);
+  m.attr("ISA_AVX512") = int(llmctl::kIsaAvx512);
+  m.attr("ISA_NEON") = int(llmctl::kIsaNeon);
 
   m.def(
       "quantize",
@@ -84,6 +93,58 @@ PYBIND11_MODULE(_C, m) {
       py::arg("threads") = 0, release,
       "Unpack the first cols codes of each row of uint32 words into uint8 codes (rows, cols).");
 
+  m.def(
+      "qmatmul",
+      [](uintptr_t x, int x_dtype, int64_t batch, int64_t in_features, uintptr_t wq, uintptr_t scales,
+         uintptr_t biases, int w_dtype, int64_t out_features, int group_size, int bits, int mode,
+         uintptr_t y, int y_dtype, int threads, int isa) {
+        llmctl::qmatmul(address<const void>(x), x_dtype, batch, in_features, address<const uint32_t>(wq),
+                        address<const void>(scales), address<const void>(biases), w_dtype, out_features,
+                        group_size, bits, mode, address<void>(y), y_dtype, check_threads(threads), isa);
+      },
+      py::arg("x"), py::arg("x_dtype"), py::arg("batch"), py::arg("in_features"), py::arg("wq"),
+      py::arg("scales"), py::arg("biases"), py::arg("w_dtype"), py::arg("out_features"),
+      py::arg("group_size"), py::arg("bits"), py::arg("mode"), py::arg("y"), py::arg("y_dtype"),
+      py::arg("threads") = 0, py::arg("isa") = 0, release,
+      "y (batch, out_features) = x (batch, in_features) @ W^T for W packed as quantize writes it\n"
+      "(mode AFFINE) or as quantize_nf4 writes it (mode NF4, biases 0); isa ISA_AUTO picks the best.");
+
+  m.def(
+      "quantize_nf4",
+      [](uintptr_t w, int dtype, int64_t rows, int64_t cols, int group_size, uintptr_t wq,
+         uintptr_t scales, int threads) {
+        llmctl::quantize_nf4(address<const void>(w), dtype, rows, cols, group_size, address<uint32_t>(wq),
+                             address<void>(scales), check_threads(threads));
+      },
+      py::arg("w"), py::arg("dtype"), py::arg("rows"), py::arg("cols"), py::arg("group_size"),
+      py::arg("wq"), py::arg("scales"), py::arg("threads") = 0, release,
+      "NF4-quantize (rows, cols) at w: 4-bit codes into wq (rows, cols/8) uint32, each block's\n"
+      "absmax into scales (rows, cols/group_size) of w's dtype.");
+
+  m.def(
+      "dequantize_nf4",
+      [](uintptr_t wq, uintptr_t scales, int dtype, int64_t rows, int64_t cols, int group_size,
+         uintptr_t out, int out_dtype, int threads) {
+        llmctl::dequantize_nf4(address<const uint32_t>(wq), address<const void>(scales), dtype, rows,
+                               cols, group_size, address<void>(out), out_dtype, check_threads(threads));
+      },
+      py::arg("wq"), py::arg("scales"), py::arg("dtype"), py::arg("rows"), py::arg("cols"),
+      py::arg("group_size"), py::arg("out"), py::arg("out_dtype"), py::arg("threads") = 0, release,
+      "Inverse of quantize_nf4: level(code) * absmax in float32, stored as out_dtype.");
+
+  m.def(
+      "cpu_isa", [] { return std::string(llmctl::isa_name(llmctl::best_isa())); },
+      "cpu_isa() -> str: the instruction set qmatmul uses by default here (avx512, avx2, neon, scalar).");
+
+  m.def(
+      "nf4_levels",
+      [] {
+        py::list levels;
+        for (int k = 0; k < 16; ++k) levels.append(llmctl::kNF4[k]);
+        return levels;
+      },
+      "nf4_levels() -> list: the 16 NF4 levels (bitsandbytes' code book) the kernels use.");
+
   m.def("words_per_row", &llmctl::words_per_row, py::arg("cols"), py::arg("bits"),
         "uint32 words that hold cols codes of bits each: ceil(cols * bits / 32).");
 
@@ -126,4 +187,27 @@ PYBIND11_MODULE(_C, m) {
       py::arg("cols"), py::arg("group_size"), py::arg("bits"), py::arg("out"), py::arg("out_dtype"),
       py::arg("stream") = 0, release,
       "dequantize on device addresses, queued on the CUDA stream `stream` (0: the default stream).");
+
+  m.def(
+      "qmatmul_cuda",
+      [](uintptr_t x, int x_dtype, int64_t batch, int64_t in_features, uintptr_t wq, uintptr_t scales,
+         uintptr_t biases, int w_dtype, int64_t out_features, int group_size, int bits, int mode,
+         uintptr_t y, int y_dtype, uintptr_t stream) {
+#ifdef LLMCTL_CUDA
+        llmctl::qmatmul_cuda(address<const void>(x), x_dtype, batch, in_features, address<const uint32_t>(wq),
+                             address<const void>(scales), address<const void>(biases), w_dtype,
+                             out_features, group_size, bits, mode, address<void>(y), y_dtype,
+                             address<void>(stream));
+#else
+        (void)x, (void)x_dtype, (void)batch, (void)in_features, (void)wq, (void)scales, (void)biases,
+            (void)w_dtype, (void)out_features, (void)group_size, (void)bits, (void)mode, (void)y,
+            (void)y_dtype, (void)stream;
+        no_cuda();
+#endif
+      },
+      py::arg("x"), py::arg("x_dtype"), py::arg("batch"), py::arg("in_features"), py::arg("wq"),
+      py::arg("scales"), py::arg("biases"), py::arg("w_dtype"), py::arg("out_features"),
+      py::arg("group_size"), py::arg("bits"), py::arg("mode"), py::arg("y"), py::arg("y_dtype"),
+      py::arg("stream") = 0, release,
+      "qmatmul on device addresses, queued on the CUDA stream `stream` (0: the default stream).");
 }

@@ -68,12 +68,6 @@ inline void pack32(const uint32_t* codes, uint32_t* words) {
   }
 }
 
-template <int BITS>
-inline void unpack32(const uint32_t* words, uint32_t* codes) {
-#pragma GCC unroll 32
-  for (int k = 0; k < 32; ++k) codes[k] = extract_code(words, k, BITS);
-}
-
 template <int DT>
 inline void load_group(const void* w, int64_t offset, int n, float* out) {
   for (int j = 0; j < n; ++j) out[j] = load_float(w, DT, offset + j);

@@ -192,4 +192,13 @@ LLMCTL_HD uint32_t extract_code(const uint32_t* row_words, int64_t j, int bits) 
   return uint32_t(v) & ((1u << bits) - 1u);
 }
 
+#ifndef __CUDACC__
+// The 32 codes held by BITS words of a stream; unrolled so every shift is a constant.
+template <int BITS, typename T>
+inline void unpack32(const uint32_t* words, T* codes) {
+#pragma GCC unroll 32
+  for (int k = 0; k < 32; ++k) codes[k] = T(extract_code(words, k, BITS));
+}
+#endif
+
 }  // namespace llmctl

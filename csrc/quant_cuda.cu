@@ -1,10 +1,11 @@
-// CUDA quantize / dequantize: the same math as quant.cpp (shared through quant.h), the same layout.
+// CUDA quantize / dequantize and quantized matmul: the same math as the CPU (shared through quant.h), the same layout.
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <stdexcept>
 #include <string>
 
+#include "qmatmul.h"
 #include "quant.h"
 
 namespace llmctl {
@@ -82,6 +83,33 @@ __global__ void dequantize_kernel(const uint32_t* wq, const void* scales, const 
   }
 }
 
+__constant__ float kNF4Device[16];
+
+// One warp per (x row, output row): lanes walk the row's codes 32 apart (coalesced words), each
+// value w = scale * code + bias (or scale * level) in float32, then a shuffle reduction.
+__global__ void qmatmul_kernel(const void* x, int x_dtype, int64_t batch, int64_t in, const uint32_t* wq,
+                               const void* scales, const void* biases, int w_dtype, int64_t out,
+                               int group_size, int bits, int mode, void* y, int y_dtype) {
+  const int lane = threadIdx.x & 31;
+  const int64_t warp = int64_t(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
+  const int64_t warps_total = int64_t(gridDim.x) * kWarpsPerBlock;
+  const int64_t groups = in / group_size, row_words = in * bits / 32;
+  for (int64_t item = warp; item < batch * out; item += warps_total) {
+    const int64_t r = item / out, o = item - r * out;
+    const uint32_t* row = wq + o * row_words;
+    float acc = 0.0f;
+    for (int64_t i = lane; i < in; i += 32) {
+      const int64_t g = o * groups + i / group_size;
+      const uint32_t code = extract_code(row, i, bits);
+      const float s = load_float(scales, w_dtype, g);
+      const float w = mode == kModeNF4 ? kNF4Device[code] * s : float(code) * s + load_float(biases, w_dtype, g);
+      acc += load_float(x, x_dtype, r * in + i) * w;
+    }
+    for (int offset = 16; offset > 0; offset >>= 1) acc += __shfl_xor_sync(0xFFFFFFFFu, acc, offset);
+    if (lane == 0) store_float(y, y_dtype, r * out + o, acc);
+  }
+}
+
 int blocks_for(int64_t items, int64_t per_block) {
   return int(std::min<int64_t>((items + per_block - 1) / per_block, 1 << 20));
 }
@@ -112,6 +140,25 @@ void dequantize_cuda(const uint32_t* wq, const void* scales, const void* biases,
   dequantize_kernel<<<blocks_for(n, threads), threads, 0, static_cast<cudaStream_t>(stream)>>>(
       wq, scales, biases, dtype, n, group_size, bits, out, out_dtype);
   check_launch("dequantize_cuda");
+}
+
+void qmatmul_cuda(const void* x, int x_dtype, int64_t batch, int64_t in, const uint32_t* wq,
+                  const void* scales, const void* biases, int w_dtype, int64_t out, int group_size,
+                  int bits, int mode, void* y, int y_dtype, void* stream) {
+  check_quant_args(w_dtype, out, in, group_size, bits);
+  for (int dtype : {x_dtype, y_dtype})
+    if (dtype != kFloat32 && dtype != kFloat16 && dtype != kBFloat16)
+      throw std::invalid_argument("x/y dtype code " + std::to_string(dtype) +
+                                  " is not 0 (float32), 1 (float16) or 2 (bfloat16)");
+  if (mode != kModeAffine && mode != kModeNF4)
+    throw std::invalid_argument("mode " + std::to_string(mode) + " is not 0 (affine) or 1 (nf4)");
+  if (mode == kModeNF4 && bits != 4) throw std::invalid_argument("nf4 codes are 4 bits");
+  if (batch * out == 0) return;
+  const auto s = static_cast<cudaStream_t>(stream);
+  cudaMemcpyToSymbolAsync(kNF4Device, kNF4, sizeof(kNF4), 0, cudaMemcpyHostToDevice, s);
+  qmatmul_kernel<<<blocks_for(batch * out, kWarpsPerBlock), 32 * kWarpsPerBlock, 0, s>>>(
+      x, x_dtype, batch, in, wq, scales, biases, w_dtype, out, group_size, bits, mode, y, y_dtype);
+  check_launch("qmatmul_cuda");
 }
 
 }  // namespace llmctl

@@ -5,6 +5,13 @@ from __future__ import annotations
 FLOAT32: int  # 0
 FLOAT16: int  # 1
 BFLOAT16: int  # 2
+AFFINE: int  # 0: w = scale * code + bias
+NF4: int  # 1: w = scale * nf4_levels()[code]
+ISA_AUTO: int  # 0
+ISA_SCALAR: int  # 1
+ISA_AVX2: int  # 2
+ISA_AVX512: int  # 3
+ISA_NEON: int  # 4
 
 def quantize(
     w: int,
@@ -41,6 +48,42 @@ def pack(codes: int, rows: int, cols: int, bits: int, words: int, threads: int =
 def unpack(words: int, rows: int, cols: int, bits: int, codes: int, threads: int = 0) -> None:
     """Unpack the first cols codes of each row of uint32 words into uint8 codes (rows, cols)."""
 
+def qmatmul(
+    x: int,
+    x_dtype: int,
+    batch: int,
+    in_features: int,
+    wq: int,
+    scales: int,
+    biases: int,
+    w_dtype: int,
+    out_features: int,
+    group_size: int,
+    bits: int,
+    mode: int,
+    y: int,
+    y_dtype: int,
+    threads: int = 0,
+    isa: int = 0,
+) -> None:
+    """y (batch, out_features) = x (batch, in_features) @ W^T for W packed by quantize (AFFINE) or quantize_nf4 (NF4)."""
+
+def quantize_nf4(
+    w: int, dtype: int, rows: int, cols: int, group_size: int, wq: int, scales: int, threads: int = 0
+) -> None:
+    """NF4-quantize (rows, cols) at w: 4-bit codes into wq (rows, cols/8), block absmax into scales."""
+
+def dequantize_nf4(
+    wq: int, scales: int, dtype: int, rows: int, cols: int, group_size: int, out: int, out_dtype: int, threads: int = 0
+) -> None:
+    """Inverse of quantize_nf4 into out (rows, cols) of out_dtype."""
+
+def cpu_isa() -> str:
+    """The instruction set qmatmul uses by default here: avx512, avx2, neon or scalar."""
+
+def nf4_levels() -> list[float]:
+    """The 16 NF4 levels (bitsandbytes' code book)."""
+
 def words_per_row(cols: int, bits: int) -> int:
     """ceil(cols * bits / 32)."""
 
@@ -75,3 +118,22 @@ def dequantize_cuda(
     stream: int = 0,
 ) -> None:
     """dequantize on device addresses, queued on a cudaStream_t; RuntimeError when built without CUDA."""
+
+def qmatmul_cuda(
+    x: int,
+    x_dtype: int,
+    batch: int,
+    in_features: int,
+    wq: int,
+    scales: int,
+    biases: int,
+    w_dtype: int,
+    out_features: int,
+    group_size: int,
+    bits: int,
+    mode: int,
+    y: int,
+    y_dtype: int,
+    stream: int = 0,
+) -> None:
+    """qmatmul on device addresses, queued on a cudaStream_t; RuntimeError when built without CUDA."""

@@ -312,3 +312,148 @@ def unpack(words: Any, bits: int, n: int, *, threads: int = 0) -> Any:
     codes = _empty(x, (*x.shape[:-1], n), "uint8")
     lib.unpack(x.address, math.prod(x.shape[:-1]), n, bits, codes.address, threads)
     return _result(codes)
+
+
+ISAS = ("auto", "scalar", "avx2", "avx512", "neon")
+MODES = ("affine", "nf4")
+
+
+def _isa_code(isa: str | None) -> int:
+    """The C++ isa code of a name; None reads LLMCTL_ISA (default auto), e.g. LLMCTL_ISA=scalar for a reference run."""
+    import os
+
+    name = (isa if isa is not None else os.environ.get("LLMCTL_ISA", "auto")).lower()
+    if name not in ISAS:
+        raise KernelArgumentError(f"isa={name!r} is not one of {', '.join(ISAS)}.")
+    return ISAS.index(name)
+
+
+def cpu_isa() -> str:
+    """The instruction set qmatmul uses here by default: avx512, avx2, neon or scalar."""
+    return _lib().cpu_isa()
+
+
+def qmatmul(
+    x: Any,
+    wq: Any,
+    scales: Any,
+    biases: Any,
+    group_size: int = 64,
+    bits: int = 4,
+    *,
+    mode: str = "affine",
+    threads: int = 0,
+    isa: str | None = None,
+) -> Any:
+    """y = x @ dequantize(wq, scales, biases).T without materializing the weights.
+
+    x: (..., K) float32/float16/bfloat16; wq: (N, K * bits / 32) uint32; scales, biases: (N, K / group_size)
+    in one float dtype, as `quantize` (mode "affine") or `quantize_nf4` (mode "nf4", biases None) write them.
+    Returns (..., N) in x's dtype and framework (torch CPU or CUDA, numpy, MLX). On the CPU, isa picks the
+    kernel (auto, scalar, avx2, avx512, neon; default: $LLMCTL_ISA or auto); threads: 0 for all cores.
+    """
+    _check_params(group_size, bits, threads)
+    if mode not in MODES:
+        raise KernelArgumentError(f"mode={mode!r} is not one of {', '.join(MODES)}.")
+    if mode == "nf4" and bits != 4:
+        raise KernelArgumentError(f"mode='nf4' stores 4-bit codes; got bits={bits}.")
+    a, q, s = _wrap(x, "x"), _wrap(wq, "wq"), _wrap(scales, "scales")
+    arrays = {"x": a, "wq": q, "scales": s}
+    if mode == "affine":
+        if biases is None:
+            raise KernelArgumentError("biases is None; affine weights need their biases (only mode='nf4' has none).")
+        arrays["biases"] = _wrap(biases, "biases")
+    elif biases is not None:
+        raise KernelArgumentError("mode='nf4' has no biases; pass biases=None.")
+    _check_same_place(arrays)
+    b = arrays.get("biases")
+    if a.dtype not in FLOAT_DTYPES:
+        raise KernelArgumentError(f"x has dtype {a.dtype}; qmatmul takes {', '.join(FLOAT_DTYPES)} activations.")
+    if q.dtype != "uint32":
+        raise KernelArgumentError(f"wq has dtype {q.dtype}; packed weights are uint32.")
+    if s.dtype not in FLOAT_DTYPES or (b is not None and b.dtype != s.dtype):
+        found = f"scales have dtype {s.dtype}" + (f" and biases {b.dtype}" if b is not None else "")
+        raise KernelArgumentError(f"{found}; they must share one of {', '.join(FLOAT_DTYPES)}.")
+    if len(a.shape) == 0:
+        raise KernelArgumentError("x is a scalar; qmatmul takes (..., in_features) activations.")
+    if len(q.shape) != 2 or len(s.shape) != 2 or (b is not None and b.shape != s.shape):
+        raise KernelArgumentError(
+            f"wq {q.shape}, scales {s.shape}" + (f" and biases {b.shape}" if b is not None else "")
+            + " must be 2-D: (out_features, words) and (out_features, groups), scales and biases alike."
+        )
+    k, n = a.shape[-1], q.shape[0]
+    hint = "Check that group_size and bits are the ones the weights were quantized with."
+    if s.shape[0] != n or s.shape[1] * group_size != k:
+        raise KernelArgumentError(
+            f"x has {k} features but wq {q.shape} and scales {s.shape} hold {s.shape[1] * group_size} features "
+            f"per row at group_size {group_size}.",
+            hint=hint,
+        )
+    if q.shape[1] * 32 != k * bits:
+        raise KernelArgumentError(
+            f"wq {q.shape} has {q.shape[1]} words per row, but {k} features of {bits} bits take {k * bits / 32:g}.",
+            hint=hint,
+        )
+    batch = math.prod(a.shape[:-1])
+    y = _empty(a, (*a.shape[:-1], n), a.dtype)
+    args = (a.address, _DTYPE_CODES[a.dtype], batch, k, q.address, s.address, b.address if b is not None else 0,
+            _DTYPE_CODES[s.dtype], n, group_size, bits, MODES.index(mode), y.address, _DTYPE_CODES[a.dtype])
+    if a.on_cuda:
+        import torch
+
+        lib, stream = _cuda_call(a)
+        with torch.cuda.device(a.device):
+            lib.qmatmul_cuda(*args, stream)
+    else:
+        try:
+            _lib().qmatmul(*args, threads, _isa_code(isa))
+        except ValueError as error:
+            raise KernelArgumentError(f"{error}.") from None
+    return _result(y)
+
+
+def nf4_levels() -> list[float]:
+    """QLoRA's 16 NormalFloat-4 levels as the C++ kernels hold them."""
+    return list(_lib().nf4_levels())
+
+
+def quantize_nf4(w: Any, group_size: int = 64, *, threads: int = 0) -> tuple[Any, Any]:
+    """NF4 quantization (QLoRA): per block of group_size values, scale = absmax, code = nearest NF4 level of w / absmax.
+
+    w: (..., K) float, K a multiple of group_size. Returns (wq, scales): wq (..., K / 8) uint32 (4-bit codes
+    packed as `quantize` packs them), scales (..., K / group_size) in w's dtype, in w's framework (CPU).
+    """
+    _check_params(group_size, 4, threads)
+    x = _wrap(w, "w")
+    _require_cpu(x, "w")
+    if x.dtype not in FLOAT_DTYPES:
+        raise KernelArgumentError(f"w has dtype {x.dtype}; quantize_nf4 takes {', '.join(FLOAT_DTYPES)}.")
+    if len(x.shape) == 0 or x.shape[-1] % group_size:
+        raise KernelArgumentError(f"w has shape {x.shape}: its last dimension must be a multiple of group_size {group_size}.")
+    cols = x.shape[-1]
+    wq = _empty(x, (*x.shape[:-1], cols // 8), "uint32")
+    scales = _empty(x, (*x.shape[:-1], cols // group_size), x.dtype)
+    try:
+        _lib().quantize_nf4(x.address, _DTYPE_CODES[x.dtype], math.prod(x.shape[:-1]), cols, group_size,
+                            wq.address, scales.address, threads)
+    except ValueError as error:
+        raise KernelArgumentError(f"{error}.") from None
+    return _result(wq), _result(scales)
+
+
+def dequantize_nf4(wq: Any, scales: Any, group_size: int = 64, dtype: Any = None, *, threads: int = 0) -> Any:
+    """Inverse of quantize_nf4: level(code) * absmax, computed in float32 and cast to dtype (default: the scales')."""
+    _check_params(group_size, 4, threads)
+    q, s = _wrap(wq, "wq"), _wrap(scales, "scales")
+    _check_same_place({"wq": q, "scales": s})
+    _require_cpu(q, "wq")
+    if q.dtype != "uint32" or s.dtype not in FLOAT_DTYPES:
+        raise KernelArgumentError(f"wq has dtype {q.dtype} and scales {s.dtype}; expected uint32 and a float dtype.")
+    cols = s.shape[-1] * group_size if s.shape else 0
+    if len(q.shape) == 0 or q.shape[:-1] != s.shape[:-1] or q.shape[-1] * 8 != cols:
+        raise KernelArgumentError(f"wq {q.shape} and scales {s.shape} do not fit together at group_size {group_size}.")
+    out_dtype = s.dtype if dtype is None else _dtype_name(dtype)
+    out = _empty(s, (*s.shape[:-1], cols), out_dtype)
+    _lib().dequantize_nf4(q.address, s.address, _DTYPE_CODES[s.dtype], math.prod(s.shape[:-1]), cols, group_size,
+                          out.address, _DTYPE_CODES[out_dtype], threads)
+    return _result(out)

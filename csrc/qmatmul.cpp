@@ -1,0 +1,441 @@
+// Quantized matmul on the CPU: argument checks, x preparation, a persistent thread pool, the scalar
+// and NEON kernels, NF4 (de)quantization; the x86 SIMD kernels live in qmatmul_x86.cpp.
+#include "qmatmul.h"
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <condition_variable>
+#include <cstdlib>
+#include <cstring>
+#include <exception>
+#include <functional>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#endif
+#if defined(__aarch64__)
+#include <arm_neon.h>
+#endif
+#if defined(__unix__) || defined(__APPLE__)
+#include <pthread.h>
+#endif
+
+#include "quant.h"
+
+namespace llmctl {
+
+const float kNF4[16] = {
+    -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f,
+    -0.28444138169288635f, -0.18477343022823334f, -0.09105003625154495f, 0.0f,
+    0.07958029955625534f, 0.16093020141124725f, 0.24611230194568634f, 0.33791524171829224f,
+    0.44070982933044434f, 0.5626170039176941f, 0.7229568362236023f, 1.0f};
+
+namespace detail {
+const int16_t kNF4Int16[16] = {-8192, -5703, -4301, -3235, -2330, -1514, -746, 0,
+                               652,   1318,  2016,  2768,  3610,  4609,  5922, 8192};
+}  // namespace detail
+
+namespace {
+
+using detail::QJob;
+
+[[noreturn]] void fail(const std::string& message) { throw std::invalid_argument(message); }
+
+// ---- a persistent pool: decode runs ~100 small products per token, too many to start threads for
+
+class Pool {
+ public:
+  static Pool& get() {
+    static Pool* pool = new Pool();  // never destroyed: workers may still wait at exit
+    return *pool;
+  }
+
+  // fn(i) for i in [0, n): i = 0 on the calling thread, the others on workers; rethrows the first
+  // exception. A second caller while a run is in flight runs everything itself.
+  void run(int n, const std::function<void(int)>& fn) {
+    std::unique_lock<std::mutex> busy(run_mutex_, std::try_to_lock);
+    if (n <= 1 || !busy.owns_lock()) {
+      for (int i = 0; i < n; ++i) fn(i);
+      return;
+    }
+    while (int(workers_.size()) < n - 1) {
+      const int index = int(workers_.size()) + 1;
+      const uint64_t seen = generation_.load();  // a new worker must not miss the run below
+      workers_.emplace_back([this, index, seen] { work(index, seen); });
+      workers_.back().detach();
+    }
+    error_ = nullptr;
+    fn_ = &fn;
+    n_ = n;
+    remaining_.store(n - 1, std::memory_order_relaxed);
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      generation_.fetch_add(1, std::memory_order_release);
+    }
+    wake_.notify_all();
+    call(fn, 0);
+    while (remaining_.load(std::memory_order_acquire) != 0) relax();
+    fn_ = nullptr;
+    if (error_) std::rethrow_exception(error_);
+  }
+
+  // A forked child has none of the parent's workers: forget them (they are not ours to join).
+  void forget_workers() {
+    for (auto& t : workers_) t = std::thread();
+    workers_.clear();
+    new (&run_mutex_) std::mutex();
+    new (&mutex_) std::mutex();
+  }
+
+ private:
+  Pool() {
+    const char* spin = std::getenv("LLMCTL_SPIN_US");
+    spin_us_ = spin ? std::atoi(spin) : 200;
+#if defined(__unix__) || defined(__APPLE__)
+    pthread_atfork(nullptr, nullptr, [] { Pool::get().forget_workers(); });
+#endif
+  }
+
+  static void relax() {
+#if defined(__x86_64__) || defined(_M_X64)
+    _mm_pause();
+#elif defined(__aarch64__)
+    asm volatile("yield");
+#endif
+  }
+
+  void call(const std::function<void(int)>& fn, int i) {
+    try {
+      fn(i);
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (!error_) error_ = std::current_exception();
+    }
+  }
+
+  // Spin for spin_us_ after each run (the next product usually follows within microseconds), then
+  // sleep until the next one.
+  void work(int index, uint64_t seen) {
+    for (;;) {
+      auto start = std::chrono::steady_clock::now();
+      for (int k = 0; generation_.load(std::memory_order_acquire) == seen; ++k) {
+        relax();
+        if ((k & 255) == 255 &&
+            std::chrono::steady_clock::now() - start > std::chrono::microseconds(spin_us_)) {
+          std::unique_lock<std::mutex> lock(mutex_);
+          wake_.wait(lock, [&] { return generation_.load(std::memory_order_acquire) != seen; });
+          break;
+        }
+      }
+      seen = generation_.load(std::memory_order_acquire);
+      if (index < n_) {
+        call(*fn_, index);
+        remaining_.fetch_sub(1, std::memory_order_acq_rel);
+      }
+    }
+  }
+
+  std::vector<std::thread> workers_;
+  std::mutex run_mutex_, mutex_;
+  std::condition_variable wake_;
+  std::atomic<uint64_t> generation_{0};
+  std::atomic<int> remaining_{0};
+  const std::function<void(int)>* fn_ = nullptr;
+  int n_ = 0;
+  int spin_us_ = 200;
+  std::exception_ptr error_;
+};
+
+int hardware_threads() { return int(std::max(1u, std::thread::hardware_concurrency())); }
+
+bool isa_available(int isa) {
+  switch (isa) {
+    case kIsaScalar:
+      return true;
+#if defined(__x86_64__) || defined(_M_X64)
+    case kIsaAvx2:
+      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+             __builtin_cpu_supports("f16c");
+    case kIsaAvx512:
+      return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+             __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("f16c");
+#endif
+#if defined(__aarch64__)
+    case kIsaNeon:
+      return true;
+#endif
+    default:
+      return false;
+  }
+}
+
+void unpack_group(const uint32_t* words, int n, int bits, uint8_t* codes) {
+  for (int c = 0; c < n; c += 32, words += bits) {
+    switch (bits) {
+      case 2: unpack32<2>(words, codes + c); break;
+      case 3: unpack32<3>(words, codes + c); break;
+      case 4: unpack32<4>(words, codes + c); break;
+      case 5: unpack32<5>(words, codes + c); break;
+      case 6: unpack32<6>(words, codes + c); break;
+      default: unpack32<8>(words, codes + c); break;
+    }
+  }
+}
+
+// x as float32; for the x86 kernels also as int16 per group, each group scaled by its largest |x|.
+// For 4- and 8-bit codes the kernels split each 16-bit lane of packed codes into its 16 / bits codes
+// with shifts and masks: lane k of phase j holds code phases * k + j, so x is laid out in chunks of
+// phases * lanes values, phase by phase. Returns false when x holds inf or NaN (no int16 for those).
+bool prepare_x(QJob& job, const void* x, int x_dtype, bool want_int16, int phases, int lanes) {
+  const int64_t B = job.batch, K = job.in, ng = job.groups, G = job.group_size;
+  job.xf.resize(size_t(B * K));
+  if (x_dtype == kFloat32) {
+    std::memcpy(job.xf.data(), x, size_t(B * K) * sizeof(float));
+  } else {
+    for (int64_t i = 0; i < B * K; ++i) job.xf[size_t(i)] = load_float(x, x_dtype, i);
+  }
+  job.xsum.assign(size_t(B * (ng + 1)), 0.0f);
+  job.sx.assign(size_t(B * (ng + 1)), 0.0f);
+  bool finite = true;
+  for (int64_t r = 0; r < B; ++r) {
+    for (int64_t g = 0; g < ng; ++g) {
+      const float* v = job.xf.data() + r * K + g * G;
+      float sum[8] = {}, amax[8] = {};  // eight independent lanes, so the loop vectorizes
+      for (int64_t i = 0; i < G; i += 8) {
+        for (int j = 0; j < 8; ++j) {
+          sum[j] += v[i + j];
+          amax[j] = std::max(amax[j], std::fabs(v[i + j]));
+        }
+      }
+      for (int j = 1; j < 8; ++j) {
+        sum[0] += sum[j];
+        amax[0] = std::max(amax[0], amax[j]);
+      }
+      finite = finite && std::isfinite(sum[0]) && std::isfinite(amax[0]);
+      job.xsum[size_t(r * (ng + 1) + g)] = sum[0];
+      job.sx[size_t(r * (ng + 1) + g)] = amax[0] / 32767.0f;
+    }
+  }
+  if (!want_int16 || !finite) return finite;
+  job.in_pad = (K + 127) / 128 * 128;
+  job.xq.assign(size_t(B * job.in_pad), 0);
+  std::vector<int16_t> natural(static_cast<size_t>(K));
+  const int phase_shift = phases == 4 ? 2 : phases == 2 ? 1 : 0, lane_shift = lanes == 32 ? 5 : 4;
+  const int64_t chunk = int64_t(phases) * lanes;
+  for (int64_t r = 0; r < B; ++r) {
+    for (int64_t g = 0; g < ng; ++g) {
+      const float amax = job.sx[size_t(r * (ng + 1) + g)] * 32767.0f;
+      const float inv = amax > 0.0f ? 32767.0f / amax : 0.0f;
+      const float* v = job.xf.data() + r * K + g * G;
+      for (int64_t i = 0; i < G; ++i)
+        natural[size_t(g * G + i)] = int16_t(int32_t(round_even(std::min(32767.0f, std::max(-32767.0f, v[i] * inv)))));
+    }
+    int16_t* q = job.xq.data() + r * job.in_pad;
+    if (phases == 1) {
+      std::copy(natural.begin(), natural.end(), q);
+      continue;
+    }
+    for (int64_t base = 0; base < K; base += chunk) {  // x[base + k] goes to lane k / phases of phase k % phases
+      const int64_t n = std::min<int64_t>(chunk, K - base);
+      for (int64_t k = 0; k < n; ++k)
+        q[base + ((k & (phases - 1)) << lane_shift) + (k >> phase_shift)] = natural[size_t(base + k)];
+    }
+  }
+  return true;
+}
+
+// y = x @ W^T in float32, one group at a time: sum_i x_i * value(code_i) * s + b * sum_i x_i.
+void qmatmul_rows_scalar(const QJob& job, int64_t o0, int64_t o1) {
+  const int G = job.group_size, bits = job.bits;
+  const int64_t K = job.in, ng = job.groups, row_words = K * bits / 32;
+  std::vector<float> acc(size_t(job.batch));
+  uint8_t codes[128];
+  float values[128];
+  for (int64_t o = o0; o < o1; ++o) {
+    std::fill(acc.begin(), acc.end(), 0.0f);
+    for (int64_t g = 0; g < ng; ++g) {
+      unpack_group(job.wq + o * row_words + g * G * bits / 32, G, bits, codes);
+      for (int i = 0; i < G; ++i) values[i] = job.mode == kModeNF4 ? kNF4[codes[i]] : float(codes[i]);
+      const float s = load_float(job.scales, job.w_dtype, o * ng + g);
+      const float b = job.biases ? load_float(job.biases, job.w_dtype, o * ng + g) : 0.0f;
+      for (int64_t r = 0; r < job.batch; ++r) {
+        const float* xr = job.xf.data() + r * K + g * G;
+        float dot = 0.0f;
+        for (int i = 0; i < G; ++i) dot += xr[i] * values[i];
+        acc[size_t(r)] += s * dot + b * job.xsum[size_t(r * (ng + 1) + g)];
+      }
+    }
+    for (int64_t r = 0; r < job.batch; ++r) detail::store_y(job, r, o, acc[size_t(r)]);
+  }
+}
+
+void check_dtype(int dtype, const char* what) {
+  if (dtype != kFloat32 && dtype != kFloat16 && dtype != kBFloat16)
+    fail(std::string(what) + " dtype code " + std::to_string(dtype) +
+         " is not 0 (float32), 1 (float16) or 2 (bfloat16)");
+}
+
+void check_nf4_args(int dtype, int64_t rows, int64_t cols, int group_size) {
+  check_quant_args(dtype, rows, cols, group_size, 4);
+}
+
+}  // namespace
+
+namespace detail {
+
+#if defined(__aarch64__)
+// NEON: each group's values unpacked to float, then a 4-lane float32 dot product with x.
+void qmatmul_rows_neon(const QJob& job, int64_t o0, int64_t o1) {
+  const int G = job.group_size, bits = job.bits;
+  const int64_t K = job.in, ng = job.groups, row_words = K * bits / 32;
+  std::vector<float> acc(size_t(job.batch));
+  uint8_t codes[128];
+  float values[128];
+  for (int64_t o = o0; o < o1; ++o) {
+    std::fill(acc.begin(), acc.end(), 0.0f);
+    for (int64_t g = 0; g < ng; ++g) {
+      unpack_group(job.wq + o * row_words + g * G * bits / 32, G, bits, codes);
+      for (int i = 0; i < G; ++i) values[i] = job.mode == kModeNF4 ? kNF4[codes[i]] : float(codes[i]);
+      const float s = load_float(job.scales, job.w_dtype, o * ng + g);
+      const float b = job.biases ? load_float(job.biases, job.w_dtype, o * ng + g) : 0.0f;
+      for (int64_t r = 0; r < job.batch; ++r) {
+        const float* xr = job.xf.data() + r * K + g * G;
+        float32x4_t d0 = vdupq_n_f32(0.0f), d1 = vdupq_n_f32(0.0f);
+        for (int i = 0; i < G; i += 8) {
+          d0 = vfmaq_f32(d0, vld1q_f32(xr + i), vld1q_f32(values + i));
+          d1 = vfmaq_f32(d1, vld1q_f32(xr + i + 4), vld1q_f32(values + i + 4));
+        }
+        acc[size_t(r)] += s * vaddvq_f32(vaddq_f32(d0, d1)) + b * job.xsum[size_t(r * (ng + 1) + g)];
+      }
+    }
+    for (int64_t r = 0; r < job.batch; ++r) store_y(job, r, o, acc[size_t(r)]);
+  }
+}
+#else
+void qmatmul_rows_neon(const QJob&, int64_t, int64_t) { fail("NEON kernels exist only on arm64"); }
+#endif
+
+}  // namespace detail
+
+int best_isa() {
+  for (int isa : {kIsaAvx512, kIsaAvx2, kIsaNeon})
+    if (isa_available(isa)) return isa;
+  return kIsaScalar;
+}
+
+const char* isa_name(int isa) {
+  switch (isa) {
+    case kIsaScalar: return "scalar";
+    case kIsaAvx2: return "avx2";
+    case kIsaAvx512: return "avx512";
+    case kIsaNeon: return "neon";
+    default: return "auto";
+  }
+}
+
+void qmatmul(const void* x, int x_dtype, int64_t batch, int64_t in, const uint32_t* wq,
+             const void* scales, const void* biases, int w_dtype, int64_t out, int group_size,
+             int bits, int mode, void* y, int y_dtype, int threads, int isa) {
+  check_quant_args(w_dtype, out, in, group_size, bits);
+  check_dtype(x_dtype, "x");
+  check_dtype(y_dtype, "y");
+  if (mode != kModeAffine && mode != kModeNF4) fail("mode " + std::to_string(mode) + " is not 0 (affine) or 1 (nf4)");
+  if (mode == kModeNF4 && bits != 4) fail("nf4 codes are 4 bits, not " + std::to_string(bits));
+  if (batch < 0) fail("batch " + std::to_string(batch) + " is negative");
+  if (threads < 0) fail("threads must be >= 0 (0: all hardware threads)");
+  if (isa < kIsaAuto || isa > kIsaNeon) fail("isa code " + std::to_string(isa) + " is not 0..4");
+  if (isa == kIsaAuto) isa = best_isa();
+  if (!isa_available(isa)) fail(std::string("this CPU cannot run the ") + isa_name(isa) + " kernels");
+  if (batch * out == 0) return;
+  for (auto [p, what] : {std::pair<const void*, const char*>{x, "x"}, {wq, "wq"}, {scales, "scales"}, {y, "y"}})
+    if (p == nullptr) fail(std::string(what) + " is a null pointer");
+  if (mode == kModeAffine && biases == nullptr) fail("biases is a null pointer (affine mode needs them)");
+  if (in == 0) {
+    for (int64_t i = 0; i < batch * out; ++i) store_float(y, y_dtype, i, 0.0f);
+    return;
+  }
+
+  QJob job{batch, in, out, in / group_size, group_size, bits, mode, w_dtype, y_dtype,
+           wq, scales, mode == kModeNF4 ? nullptr : biases, y, 0, {}, {}, {}, {}};
+  const bool simd = isa == kIsaAvx2 || isa == kIsaAvx512;
+  const int phases = bits == 4 || bits == 8 ? 16 / bits : 1, lanes = isa == kIsaAvx512 ? 32 : 16;
+  if (!prepare_x(job, x, x_dtype, simd, phases, lanes)) isa = kIsaScalar;  // inf/NaN: let float32 carry them
+  auto rows = isa == kIsaAvx512 ? detail::qmatmul_rows_avx512
+              : isa == kIsaAvx2 ? detail::qmatmul_rows_avx2
+              : isa == kIsaNeon ? detail::qmatmul_rows_neon
+                                : qmatmul_rows_scalar;
+
+  // Split output rows so that each thread reads at least ~64 KiB of weights or does as much work.
+  const int max_threads = threads > 0 ? threads : hardware_threads();
+  const double work = double(out) * double(in) * (bits / 8.0 + double(batch));
+  const int n = int(std::max<int64_t>(1, std::min<int64_t>({max_threads, int64_t(work / 65536.0), out})));
+  Pool::get().run(n, [&](int t) { rows(job, out * t / n, out * (t + 1) / n); });
+}
+
+void quantize_nf4(const void* w, int dtype, int64_t rows, int64_t cols, int group_size, uint32_t* wq,
+                  void* scales, int threads) {
+  check_nf4_args(dtype, rows, cols, group_size);
+  if (rows * cols == 0) return;
+  if (!w || !wq || !scales) fail("null pointer");
+  float mid[15];  // a value goes to the level whose midpoints bracket it
+  for (int k = 0; k < 15; ++k) mid[k] = 0.5f * (kNF4[k] + kNF4[k + 1]);
+  const int64_t n_groups = rows * cols / group_size;
+  std::atomic<bool> nonfinite{false};
+  const int max_threads = threads > 0 ? threads : hardware_threads();
+  const int n = int(std::max<int64_t>(1, std::min<int64_t>(max_threads, rows * cols / 65536)));
+  Pool::get().run(n, [&](int t) {
+    uint32_t codes[128];
+    for (int64_t g = n_groups * t / n; g < n_groups * (t + 1) / n; ++g) {
+      float amax = 0.0f;
+      for (int i = 0; i < group_size; ++i) amax = std::max(amax, std::fabs(load_float(w, dtype, g * group_size + i)));
+      if (!std::isfinite(amax)) nonfinite.store(true);
+      // Codes are taken against the absmax as it is stored, so dequantize rebuilds the same values.
+      store_float(scales, dtype, g, amax);
+      const float stored = load_float(scales, dtype, g);
+      const float inv = stored > 0.0f ? 1.0f / stored : 0.0f;
+      for (int i = 0; i < group_size; ++i) {
+        const float v = load_float(w, dtype, g * group_size + i) * inv;
+        uint32_t c = 0;
+        while (c < 15 && v > mid[c]) ++c;
+        codes[i] = c;
+      }
+      uint32_t* out = wq + g * group_size / 8;
+      for (int i = 0; i < group_size; i += 8) {
+        uint32_t word = 0;
+        for (int k = 0; k < 8; ++k) word |= codes[i + k] << (4 * k);
+        out[i / 8] = word;
+      }
+    }
+  });
+  if (nonfinite.load()) fail("w contains inf or NaN; quantize needs finite weights");
+}
+
+void dequantize_nf4(const uint32_t* wq, const void* scales, int dtype, int64_t rows, int64_t cols,
+                    int group_size, void* out, int out_dtype, int threads) {
+  check_nf4_args(dtype, rows, cols, group_size);
+  check_dtype(out_dtype, "output");
+  if (rows * cols == 0) return;
+  if (!wq || !scales || !out) fail("null pointer");
+  const int64_t n_groups = rows * cols / group_size;
+  const int max_threads = threads > 0 ? threads : hardware_threads();
+  const int n = int(std::max<int64_t>(1, std::min<int64_t>(max_threads, rows * cols / 65536)));
+  Pool::get().run(n, [&](int t) {
+    for (int64_t g = n_groups * t / n; g < n_groups * (t + 1) / n; ++g) {
+      const float s = load_float(scales, dtype, g);
+      for (int i = 0; i < group_size; ++i) {
+        const int64_t j = g * group_size + i;
+        store_float(out, out_dtype, j, kNF4[(wq[j / 8] >> (4 * (j % 8))) & 15u] * s);
+      }
+    }
+  });
+}
+
+}  // namespace llmctl

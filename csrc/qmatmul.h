@@ -1,0 +1,83 @@
+// Quantized matrix products on MLX's packed layout (affine and NF4): plain C++ on raw pointers.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "quant.h"
+
+namespace llmctl {
+
+// Instruction sets of the CPU kernels; kIsaAuto picks the best one this CPU runs.
+enum Isa : int { kIsaAuto = 0, kIsaScalar = 1, kIsaAvx2 = 2, kIsaAvx512 = 3, kIsaNeon = 4 };
+
+// How codes map to values: affine w = scale * code + bias (MLX); nf4 w = scale * kNF4[code]
+// (QLoRA's NormalFloat-4: scale is the block's absmax, 4-bit codes only, no biases).
+enum QuantMode : int { kModeAffine = 0, kModeNF4 = 1 };
+
+// QLoRA's 16 NormalFloat-4 levels (bitsandbytes' NF4 code book), ascending.
+extern const float kNF4[16];
+
+// y (batch, out) = x (batch, in) @ W^T, W (out, in) given as wq (out, in * bits / 32) uint32 with
+// scales and biases (out, in / group_size) of dtype w_dtype, in quantize's layout. x is float32,
+// float16 or bfloat16 (x_dtype) and y is written in y_dtype. biases may be null for kModeNF4.
+// The SIMD kernels quantize each group of x to int16 (error <= 2^-16 of the group's largest |x|)
+// and use s * sum(x * q) + b * sum(x) per group; the scalar kernel works in float32.
+// threads = 0 uses every hardware thread; isa = kIsaAuto picks the widest SIMD this CPU has.
+// Bad arguments, or an isa this CPU lacks, throw std::invalid_argument.
+void qmatmul(const void* x, int x_dtype, int64_t batch, int64_t in, const uint32_t* wq,
+             const void* scales, const void* biases, int w_dtype, int64_t out, int group_size,
+             int bits, int mode, void* y, int y_dtype, int threads, int isa);
+
+// NF4 (de)quantization of a (rows, cols) matrix: codes packed as 4-bit affine codes are, scales
+// (rows, cols / group_size) = each block's absmax in w's dtype; code = nearest level to w / absmax.
+void quantize_nf4(const void* w, int dtype, int64_t rows, int64_t cols, int group_size, uint32_t* wq,
+                  void* scales, int threads);
+void dequantize_nf4(const uint32_t* wq, const void* scales, int dtype, int64_t rows, int64_t cols,
+                    int group_size, void* out, int out_dtype, int threads);
+
+int best_isa();
+const char* isa_name(int isa);
+
+#ifdef LLMCTL_CUDA
+// qmatmul on device pointers (float32 accumulation, no int16 step), queued on `stream`.
+void qmatmul_cuda(const void* x, int x_dtype, int64_t batch, int64_t in, const uint32_t* wq,
+                  const void* scales, const void* biases, int w_dtype, int64_t out, int group_size,
+                  int bits, int mode, void* y, int y_dtype, void* stream);
+#endif
+
+namespace detail {
+
+// One call's arguments plus x prepared once for every output row.
+struct QJob {
+  int64_t batch, in, out, groups;  // groups = in / group_size
+  int group_size, bits, mode, w_dtype, y_dtype;
+  const uint32_t* wq;
+  const void* scales;
+  const void* biases;
+  void* y;
+  int64_t in_pad;             // row stride of xq: in rounded up to 128
+  std::vector<float> xf;      // (batch, in) x as float32
+  std::vector<int16_t> xq;    // (batch, in_pad) x / sx per group, laid out as the kernel reads it
+  std::vector<float> sx;      // (batch, groups + 1) int16 step of each group of x (0 padded)
+  std::vector<float> xsum;    // (batch, groups + 1) float32 sum of each group of x
+};
+
+inline void store_y(const QJob& job, int64_t r, int64_t o, float v) {
+  if (job.y_dtype == kFloat32) {
+    static_cast<float*>(job.y)[r * job.out + o] = v;
+  } else {
+    store_float(job.y, job.y_dtype, r * job.out + o, v);
+  }
+}
+void qmatmul_rows_avx2(const QJob& job, int64_t o0, int64_t o1);
+void qmatmul_rows_avx512(const QJob& job, int64_t o0, int64_t o1);
+void qmatmul_rows_neon(const QJob& job, int64_t o0, int64_t o1);
+
+// NF4 levels times 2^13, rounded: what the SIMD kernels multiply int16 x by (8 such products of
+// |x| <= 32767 still fit an int32 lane).
+constexpr float kNF4Int16Scale = 8192.0f;
+extern const int16_t kNF4Int16[16];
+
+}  // namespace detail
+}  // namespace llmctl

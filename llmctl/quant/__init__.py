@@ -1,0 +1,1 @@
+"""Post-training weight quantization: round-to-nearest, NF4 and the calibrated methods AWQ and GPTQ."""

@@ -1,0 +1,200 @@
+"""llmctl.kernels.qmatmul: agreement with dequantize-then-matmul on every kernel, NF4, frameworks, errors, CUDA."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from llmctl import kernels
+from llmctl.kernels import KernelArgumentError
+
+BITS = (2, 3, 4, 5, 6, 8)
+GROUP_SIZES = (32, 64, 128)
+NF4_LEVELS = [  # bitsandbytes' NF4 code book (QLoRA, Dettmers et al. 2023), as its CUDA kernels hard-code it
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+]  # fmt: skip
+
+
+def simd_isas() -> list[str]:
+    """The kernels this CPU runs: scalar always, plus the SIMD ones up to the best."""
+    best = kernels.cpu_isa()
+    return ["scalar"] + {"avx512": ["avx2", "avx512"], "avx2": ["avx2"], "neon": ["neon"]}.get(best, [])
+
+
+def close(got: np.ndarray, want: np.ndarray, what: str, tol: float = 1e-3) -> None:
+    """max|a - b| <= tol * max|b| over the whole output."""
+    err, scale = np.abs(got.astype(np.float64) - want).max(), np.abs(want).max()
+    assert err <= tol * scale, f"{what}: max error {err:.3g} > {tol} * {scale:.3g}"
+
+
+def affine(rows: int, cols: int, group_size: int, bits: int, seed: int = 0, dtype=np.float32):
+    w = (np.random.default_rng(seed).standard_normal((rows, cols)) * 0.05).astype(dtype)
+    wq, scales, biases = kernels.quantize(w, group_size, bits)
+    return wq, scales, biases, kernels.dequantize(wq, scales, biases, group_size, bits, dtype=np.float32)
+
+
+@pytest.mark.parametrize("group_size", GROUP_SIZES)
+@pytest.mark.parametrize("bits", BITS)
+def test_every_kernel_matches_dequantize_then_matmul(bits, group_size):
+    rng = np.random.default_rng(bits * group_size)
+    for rows, cols in ((7, 3 * group_size), (13, 5 * 32 if group_size == 32 else 2 * group_size), (40, 512)):
+        wq, scales, biases, w = affine(rows, cols, group_size, bits, seed=rows)
+        for batch in (1, 3, 17):
+            x = rng.standard_normal((batch, cols)).astype(np.float32)
+            x[0, 0] = 30.0  # an outlier in one group of x
+            want = x.astype(np.float64) @ w.T.astype(np.float64)
+            for isa in simd_isas():
+                got = kernels.qmatmul(x, wq, scales, biases, group_size, bits, isa=isa)
+                assert got.shape == (batch, rows) and got.dtype == np.float32
+                close(got, want, f"{isa} bits={bits} group={group_size} {rows}x{cols} batch={batch}")
+
+
+@pytest.mark.parametrize("group_size", GROUP_SIZES)
+def test_simd_and_scalar_kernels_agree(group_size):
+    wq, scales, biases, _ = affine(64, 1024, group_size, 4, seed=1)
+    x = np.random.default_rng(1).standard_normal((5, 1024)).astype(np.float32)
+    scalar = kernels.qmatmul(x, wq, scales, biases, group_size, 4, isa="scalar")
+    for isa in simd_isas()[1:]:
+        close(kernels.qmatmul(x, wq, scales, biases, group_size, 4, isa=isa), scalar, isa, tol=5e-4)
+
+
+def test_auto_picks_the_best_kernel_and_env_can_force_scalar(monkeypatch):
+    wq, scales, biases, _ = affine(16, 256, 64, 4)
+    x = np.random.default_rng(2).standard_normal((1, 256)).astype(np.float32)
+    best = kernels.qmatmul(x, wq, scales, biases, 64, 4, isa=kernels.cpu_isa())
+    np.testing.assert_array_equal(kernels.qmatmul(x, wq, scales, biases, 64, 4), best)
+    monkeypatch.setenv("LLMCTL_ISA", "scalar")
+    np.testing.assert_array_equal(
+        kernels.qmatmul(x, wq, scales, biases, 64, 4), kernels.qmatmul(x, wq, scales, biases, 64, 4, isa="scalar")
+    )
+
+
+def test_threads_split_rows_without_changing_the_result():
+    wq, scales, biases, _ = affine(1000, 768, 64, 4, seed=3)
+    x = np.random.default_rng(3).standard_normal((2, 768)).astype(np.float32)
+    one = kernels.qmatmul(x, wq, scales, biases, 64, 4, threads=1)
+    np.testing.assert_array_equal(kernels.qmatmul(x, wq, scales, biases, 64, 4, threads=3), one)
+
+
+@pytest.mark.parametrize("scale_dtype", ("float32", "float16", "bfloat16"))
+def test_torch_bf16_activations_and_half_scales(scale_dtype):
+    torch = pytest.importorskip("torch")
+    w = torch.randn(24, 256, generator=torch.Generator().manual_seed(4)).to(getattr(torch, scale_dtype)) * 0.05
+    wq, scales, biases = kernels.quantize(w, 64, 4)
+    dense = kernels.dequantize(wq, scales, biases, 64, 4, dtype="float32").double()
+    x = torch.randn(3, 5, 256, generator=torch.Generator().manual_seed(5)).bfloat16()
+    want = (x.double() @ dense.T).numpy()
+    for isa in simd_isas():
+        got = kernels.qmatmul(x, wq, scales, biases, 64, 4, isa=isa)
+        assert got.dtype == torch.bfloat16 and got.shape == (3, 5, 24)
+        close(got.float().numpy(), want, f"{isa} {scale_dtype}", tol=5e-3)  # the output itself is bfloat16
+
+
+def test_mlx_arrays_match_quantized_matmul():
+    mx = pytest.importorskip("mlx.core")
+    w = mx.random.normal((48, 256), key=mx.random.key(6)) * 0.05
+    wq, scales, biases = mx.quantize(w, group_size=64, bits=4, stream=mx.cpu)
+    x = mx.random.normal((3, 256), key=mx.random.key(7))
+    want = np.array(mx.quantized_matmul(x, wq, scales, biases, transpose=True, group_size=64, bits=4, stream=mx.cpu))
+    got = kernels.qmatmul(x, wq, scales, biases, 64, 4)
+    assert isinstance(got, mx.array) and got.shape == (3, 48)
+    close(np.array(got), want.astype(np.float64), "mlx")
+
+
+def test_nf4_code_book_is_qlora_s():
+    assert kernels.nf4_levels() == pytest.approx(NF4_LEVELS, abs=0, rel=1e-7)
+    from llmctl.quant.nf4 import NF4_LEVELS as python_levels
+
+    assert list(python_levels) == pytest.approx(NF4_LEVELS, rel=1e-7)
+
+
+@pytest.mark.parametrize("group_size", GROUP_SIZES)
+def test_nf4_quantize_dequantize_and_matmul(group_size):
+    rng = np.random.default_rng(group_size)
+    w = (rng.standard_normal((13, 3 * group_size)) * 0.05).astype(np.float32)
+    wq, scales = kernels.quantize_nf4(w, group_size)
+    assert wq.shape == (13, 3 * group_size // 8) and scales.shape == (13, 3)
+    blocks = w.reshape(13, 3, group_size)
+    np.testing.assert_array_equal(scales, np.abs(blocks).max(-1))
+    levels = np.array(NF4_LEVELS, np.float32)
+    codes = kernels.unpack(wq, 4, 3 * group_size).reshape(13, 3, group_size)
+    nearest = np.abs(blocks[..., None] / scales[..., None, None] - levels).argmin(-1)
+    np.testing.assert_array_equal(codes, nearest)
+    dense = kernels.dequantize_nf4(wq, scales, group_size)
+    np.testing.assert_array_equal(dense, (levels[codes] * scales[..., None]).reshape(13, -1))
+    for batch in (1, 3, 17):
+        x = rng.standard_normal((batch, 3 * group_size)).astype(np.float32)
+        want = x.astype(np.float64) @ dense.T.astype(np.float64)
+        for isa in simd_isas():
+            close(kernels.qmatmul(x, wq, scales, None, group_size, 4, mode="nf4", isa=isa), want, f"nf4 {isa} {batch}")
+
+
+def test_nonfinite_activations_propagate():
+    wq, scales, biases, _ = affine(8, 128, 64, 4)
+    x = np.ones((2, 128), np.float32)
+    x[1, 5] = np.inf
+    y = kernels.qmatmul(x, wq, scales, biases, 64, 4)
+    assert np.isfinite(y[0]).all() and not np.isfinite(y[1]).any()
+
+
+def _bad_calls():
+    wq, scales, biases, _ = affine(8, 256, 64, 4)
+    x = np.zeros((2, 256), np.float32)
+    return [
+        ("features", lambda: kernels.qmatmul(np.zeros((2, 128), np.float32), wq, scales, biases, 64, 4),
+         "x has 128 features but wq (8, 32) and scales (8, 4) hold 256 features per row at group_size 64"),
+        ("bits", lambda: kernels.qmatmul(x, wq, scales, biases, 64, 3), "wq (8, 32) has 32 words per row, but 256 features of 3 bits take 24"),
+        ("x dtype", lambda: kernels.qmatmul(x.astype(np.int32), wq, scales, biases, 64, 4), "x has dtype int32"),
+        ("no biases", lambda: kernels.qmatmul(x, wq, scales, None, 64, 4), "affine weights need their biases"),
+        ("nf4 biases", lambda: kernels.qmatmul(x, wq, scales, biases, 64, 4, mode="nf4"), "mode='nf4' has no biases"),
+        ("nf4 bits", lambda: kernels.qmatmul(x, wq, scales, None, 64, 8, mode="nf4"), "4-bit codes; got bits=8"),
+        ("mode", lambda: kernels.qmatmul(x, wq, scales, biases, 64, 4, mode="fp4"), "mode='fp4' is not one of"),
+        ("isa", lambda: kernels.qmatmul(x, wq, scales, biases, 64, 4, isa="sse"), "isa='sse' is not one of"),
+        ("group", lambda: kernels.qmatmul(x, wq, scales, biases, 48, 4), "group_size=48 is not supported"),
+        ("3-d wq", lambda: kernels.qmatmul(x, wq[None], scales, biases, 64, 4), "must be 2-D"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_bad_calls())))
+def test_bad_arguments_say_what_is_wrong(case):
+    name, call, message = _bad_calls()[case]
+    with pytest.raises(KernelArgumentError) as info:
+        call()
+    assert message in str(info.value), name
+
+
+def test_an_isa_this_cpu_lacks_is_refused():
+    other = "neon" if kernels.cpu_isa() != "neon" else "avx512"
+    wq, scales, biases, _ = affine(8, 256, 64, 4)
+    with pytest.raises(KernelArgumentError, match=f"cannot run the {other} kernels"):
+        kernels.qmatmul(np.zeros((1, 256), np.float32), wq, scales, biases, 64, 4, isa=other)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits", (2, 4, 5, 8))
+def test_cuda_matches_cpu(bits):
+    torch = pytest.importorskip("torch")
+    from llmctl import _C
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU visible to torch")
+    if not _C.has_cuda():
+        pytest.skip("llmctl._C built without CUDA (pip install . --config-settings=cmake.define.LLMCTL_CUDA=ON)")
+    gen = torch.Generator().manual_seed(bits)
+    for group_size in GROUP_SIZES:
+        w = torch.randn(37, 4 * group_size, generator=gen) * 0.05
+        wq, scales, biases = kernels.quantize(w, group_size, bits)
+        for batch in (1, 3, 17):
+            x = torch.randn(batch, 4 * group_size, generator=gen)
+            want = kernels.qmatmul(x, wq, scales, biases, group_size, bits, isa="scalar").double().numpy()
+            got = kernels.qmatmul(x.cuda(), wq.cuda(), scales.cuda(), biases.cuda(), group_size, bits)
+            assert got.device.type == "cuda"
+            close(got.cpu().numpy(), want, f"cuda bits={bits} group={group_size} batch={batch}", tol=1e-5)
+        if bits == 4:
+            wq, scales = kernels.quantize_nf4(w, group_size)
+            x = torch.randn(3, 4 * group_size, generator=gen)
+            want = kernels.qmatmul(x, wq, scales, None, group_size, 4, mode="nf4", isa="scalar").double().numpy()
+            got = kernels.qmatmul(x.cuda(), wq.cuda(), scales.cuda(), None, group_size, 4, mode="nf4")
+            close(got.cpu().numpy(), want, f"cuda nf4 group={group_size}", tol=1e-5)
