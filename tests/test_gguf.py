@@ -95,7 +95,14 @@ def quantize_folder(src: Path, dst: Path, bits: int = 4, group_size: int = 32) -
         else:
             tensors[name] = tensor
     quant = {"group_size": group_size, "bits": bits}
-    write_model(dst, folder.spec, tensors, source=src, dtype="float16", extra_config={"quantization": quant, "quantization_config": quant})
+    write_model(
+        dst,
+        folder.spec,
+        tensors,
+        source=src,
+        dtype="float16",
+        extra_config={"quantization": quant, "quantization_config": quant},
+    )
 
 
 @pytest.fixture
@@ -110,7 +117,9 @@ def test_affine_q4_group32_folder_written_as_q4_1_reads_back_bit_identical(tiny_
 
     quantize_folder(tiny_llama[0], tmp_path / "q4")
     source = read_source(tmp_path / "q4")
-    report = G.write_gguf(tmp_path / "q4.gguf", source.spec, source.tensors, quantization=source.quantization, target="q4_1")
+    report = G.write_gguf(
+        tmp_path / "q4.gguf", source.spec, source.tensors, quantization=source.quantization, target="q4_1"
+    )
     assert report.is_exact and report.types["Q4_1"] == 2 * 7 + 2  # 7 matrices per layer, embedding and head
     back = G.read_gguf(tmp_path / "q4.gguf")
     assert back.quantization == {"group_size": 32, "bits": 4}
@@ -161,6 +170,22 @@ def test_float_folder_to_gguf_loads_with_the_same_logits(tiny_llama, tmp_path, t
     np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_tensors_stay_as_they_are(tiny_llama, tmp_path, dtype):
+    model = read_model(tiny_llama[0])
+    tensors = {name: G.float_tensor(G.float32_of(t), dtype) for name, t in model.tensors.items()}
+    report = G.write_gguf(tmp_path / "h.gguf", model.spec, tensors)
+    kind = G.FLOAT_DTYPES[dtype]
+    assert report.is_exact and dict(report.types) == {kind: 16, "F32": 5}  # norms go to float32, exactly
+    back = G.read_gguf(tmp_path / "h.gguf")
+    for name, tensor in tensors.items():
+        if len(tensor.shape) == 2:
+            assert back.tensors[name].dtype == kind
+            np.testing.assert_array_equal(back.tensors[name].data, tensor.data, err_msg=name)
+        else:
+            np.testing.assert_array_equal(G.float32_of(back.tensors[name]), G.float32_of(tensor), err_msg=name)
+
+
 @pytest.mark.parametrize("target", ["f16", "q8_0", "q4_0", "q4_1", "q5_1"])
 def test_lossy_types_report_the_error_they_add(tiny_llama, tmp_path, target):
     model = read_model(tiny_llama[0])
@@ -201,7 +226,9 @@ def test_quantized_folder_to_gguf_without_type_keeps_exact_types(tiny_llama, tmp
     back = G.read_gguf(tmp_path / "q3.gguf")
     for module in G.quantized_modules(source.tensors):
         np.testing.assert_array_equal(
-            G.affine_float32(back.tensors, module, 32, 4), G.affine_float32(source.tensors, module, 32, 3), err_msg=module
+            G.affine_float32(back.tensors, module, 32, 4),
+            G.affine_float32(source.tensors, module, 32, 3),
+            err_msg=module,
         )
 
 
@@ -224,7 +251,11 @@ def test_byte_level_tokenizer_round_trips_through_gguf(tiny_llama, tmp_path, sma
     back = load_tokenizer(tmp_path / "t.gguf")
     text = (small_corpus / "textwrap.txt").read_text()[:5000] + " 12345 héllo <|im_start|>user\nhi<|im_end|>"
     assert back.encode(text) == tokenizer.encode(text)
-    assert (back.bos_token, back.eos_token, back.pad_token) == (tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token)
+    assert (back.bos_token, back.eos_token, back.pad_token) == (
+        tokenizer.bos_token,
+        tokenizer.eos_token,
+        tokenizer.pad_token,
+    )
     assert back.chat_template == tokenizer.chat_template
     assert back.apply_chat_template(CHAT) == tokenizer.apply_chat_template(CHAT)
     assert back.eos_token_ids == tokenizer.eos_token_ids
@@ -247,6 +278,28 @@ def test_sentencepiece_tokenizer_round_trips_through_gguf(tmp_path):
     assert back.decode(back.encode(text), skip_special_tokens=True) == text
 
 
+@needs_shared
+@pytest.mark.parametrize("name", ["gpt2", "llama3", "llama2", "mistral-7b-v0.3", "smollm2-135m-instruct"])
+def test_shared_tokenizers_survive_gguf_metadata(name):
+    """tokenizer.json -> GGUF key/values -> tokenizer gives the same ids: byte-level (gpt2, llama-bpe, smollm
+    pre-tokenizers) and SentencePiece-style (llama) vocabularies."""
+    from llmctl.io.gguf_vocab import tokenizer_from_metadata, tokenizer_metadata
+    from llmctl.tokenizer import Tokenizer
+
+    folder = SHARED / "tokenizers" / name
+    if not folder.is_dir():
+        pytest.skip(f"{folder} is absent")
+    tokenizer = Tokenizer.from_dir(folder)
+    meta = {key: value for key, (value, _) in tokenizer_metadata(tokenizer, tokenizer.vocab_size).items()}
+    expected_pre = {"gpt2": "gpt2", "llama3": "llama-bpe", "smollm2-135m-instruct": "smollm"}.get(name, "default")
+    assert meta["tokenizer.ggml.pre"] == expected_pre
+    back = tokenizer_from_metadata(meta, folder / "x.gguf")
+    text = (SHARED / "data" / "tinyshakespeare.txt").read_text()[:8000] + "  Once upon 🤗 café 1234567\n\n\t x"
+    assert back.encode(text) == tokenizer.encode(text)
+    assert back.adds_bos == tokenizer.adds_bos and back.eos_token == tokenizer.eos_token
+    assert back.chat_template == tokenizer.chat_template
+
+
 # ---- files llmctl does not read -------------------------------------------------------------------------------------
 
 
@@ -255,8 +308,9 @@ def _tiny_gguf(path: Path, arch: str = "llama", ffn_type: str = "F32") -> np.nda
     dim, ffn, vocab = 64, 256, 64
     rng = np.random.default_rng(0)
     writer = gguf.GGUFWriter(path, arch)
-    for key, value in (("embedding_length", dim), ("block_count", 1), ("feed_forward_length", ffn),
-                       ("attention.head_count", 4), ("attention.head_count_kv", 4), ("context_length", 128)):  # fmt: skip
+    sizes = {"embedding_length": dim, "block_count": 1, "feed_forward_length": ffn, "attention.head_count": 4,
+             "attention.head_count_kv": 4, "context_length": 128}  # fmt: skip
+    for key, value in sizes.items():
         writer.add_uint32(f"{arch}.{key}", value)
     writer.add_tensor("token_embd.weight", rng.standard_normal((vocab, dim)).astype(np.float32))
     writer.add_tensor("output_norm.weight", np.ones(dim, np.float32))
@@ -362,21 +416,35 @@ def smollm2_transformers(smollm2):
     return model.eval()
 
 
-def _hf_greedy(model, prompt: list[int], n: int) -> list[int]:
+@pytest.fixture(scope="session")
+def smollm2_reference(smollm2_model, smollm2_transformers) -> tuple[list[int], list[int]]:
+    """The chat prompt's ids and transformers' 32 greedy tokens after it (no stop token: past the answer's end)."""
     import torch
 
+    prompt = smollm2_model.tokenizer().apply_chat_template(CHAT, tokenize=True)
     ids = list(prompt)
     with torch.no_grad():
-        for _ in range(n):  # no stop token: compare the whole run, past the end of the answer
-            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
-    return ids[len(prompt) :]
+        for _ in range(32):
+            ids.append(int(smollm2_transformers(torch.tensor([ids])).logits[0, -1].argmax()))
+    return prompt, ids[len(prompt) :]
 
 
 def test_smollm2_spec_quantization_and_tokenizer(smollm2, smollm2_model):
     spec = smollm2_model.spec
-    assert (spec.vocab_size, spec.dim, spec.n_layers, spec.n_heads, spec.n_kv_heads, spec.ffn_dim) == (49152, 576, 30, 9, 3, 1536)
+    assert (spec.vocab_size, spec.dim, spec.n_layers, spec.n_heads, spec.n_kv_heads, spec.ffn_dim) == (
+        49152,
+        576,
+        30,
+        9,
+        3,
+        1536,
+    )
     assert spec.tie_embeddings and spec.rope_theta == 100_000.0 and spec.max_seq_len == 8192
-    assert smollm2_model.quantization == {"group_size": 32, "bits": 4, "model.embed_tokens": {"group_size": 32, "bits": 8}}
+    assert smollm2_model.quantization == {
+        "group_size": 32,
+        "bits": 4,
+        "model.embed_tokens": {"group_size": 32, "bits": 8},
+    }
     q = smollm2_model.tensors["model.layers.0.self_attn.q_proj.weight"]
     assert (q.dtype, q.shape) == ("U32", (576, 72))
     assert smollm2_model.tensors["model.layers.0.self_attn.q_proj.scales"].dtype == "F16"
@@ -395,7 +463,9 @@ def test_smollm2_tokenizer_equals_the_shared_one(smollm2):
     if not shared.is_dir():
         pytest.skip(f"{shared} is absent")
     ours, reference = load_tokenizer(smollm2), Tokenizer.from_dir(shared)
-    text = (SHARED / "data" / "tinyshakespeare.txt").read_text()[:20000] + " 3.14159 héllo 🤗 <|im_start|>user\nhi<|im_end|>"
+    text = (SHARED / "data" / "tinyshakespeare.txt").read_text()[
+        :20000
+    ] + " 3.14159 héllo 🤗 <|im_start|>user\nhi<|im_end|>"
     assert ours.encode(text) == reference.encode(text)
     assert ours.vocab_size == reference.vocab_size
     assert (ours.bos_token, ours.eos_token, ours.pad_token, ours.unk_token) == (
@@ -437,7 +507,9 @@ def test_smollm2_q4_1_blocks_read_and_written_back_are_byte_identical(smollm2, s
     assert "lossy" not in result.output and "exact: all 272 tensors keep their values" in result.output
     _assert_same_blocks(smollm2, tmp_path / "back.gguf")
     # asking for Q4_1 everywhere moves the 8-bit embedding to 4 bits: said, and measured
-    result = runner.invoke(app, ["convert", str(tmp_path / "folder"), "--out", str(tmp_path / "q4_1.gguf"), "--type", "q4_1"])
+    result = runner.invoke(
+        app, ["convert", str(tmp_path / "folder"), "--out", str(tmp_path / "q4_1.gguf"), "--type", "q4_1"]
+    )
     assert result.exit_code == 0, result.output
     assert "lossy: 1 of 272 tensors changed; their values moved by at most" in result.output
 
@@ -453,29 +525,30 @@ def test_smollm2_weights_equal_transformers_gguf_loading(smollm2_model, smollm2_
 
 
 @pytest.mark.slow
-def test_smollm2_logits_and_greedy_tokens_match_transformers_on_torch(smollm2_model, smollm2_fp32, smollm2_transformers):
+def test_smollm2_logits_and_greedy_tokens_match_transformers_on_torch(
+    smollm2_model, smollm2_fp32, smollm2_transformers, smollm2_reference
+):
     import torch
 
     from llmctl.backends import get_backend
 
-    prompt = smollm2_model.tokenizer().apply_chat_template(CHAT, tokenize=True)
+    prompt, reference = smollm2_reference
     model = get_backend("torch").load(smollm2_fp32)
     with torch.no_grad():
         expected = smollm2_transformers(torch.tensor([prompt])).logits.numpy()
     got = model.logits([prompt])
     assert np.abs(got - expected).max() <= 1e-4 * max(1.0, float(np.abs(expected).max()))
-    reference = _hf_greedy(smollm2_transformers, prompt, 32)
     assert model.greedy(prompt, 32) == reference
-    assert smollm2_model.tokenizer().decode(reference).startswith("The capital of France is Paris.")
+    assert smollm2_model.tokenizer().decode(reference).startswith("The capital of France is Paris.<|im_end|>")
 
 
 @pytest.mark.slow
-def test_smollm2_greedy_tokens_match_transformers_on_mlx(smollm2_model, smollm2_fp32, smollm2_transformers):
+def test_smollm2_greedy_tokens_match_transformers_on_mlx(smollm2_fp32, smollm2_reference):
     pytest.importorskip("mlx.core")
     from llmctl.backends import get_backend
 
-    prompt = smollm2_model.tokenizer().apply_chat_template(CHAT, tokenize=True)
-    assert get_backend("mlx").load(smollm2_fp32).greedy(prompt, 32) == _hf_greedy(smollm2_transformers, prompt, 32)
+    prompt, reference = smollm2_reference
+    assert get_backend("mlx").load(smollm2_fp32).greedy(prompt, 32) == reference
 
 
 @pytest.mark.slow
@@ -490,7 +563,9 @@ def test_smollm2_quantized_folder_loads_in_mlx_lm(smollm2, tmp_path):
     assert result.exit_code == 0, result.output
     model, tokenizer = mlx_lm.load(str(tmp_path / "q"))
     prompt = tokenizer.apply_chat_template(CHAT, add_generation_prompt=True)
-    assert mlx_lm.generate(model, tokenizer, prompt, max_tokens=12, verbose=False).startswith("The capital of France is Paris.")
+    assert mlx_lm.generate(model, tokenizer, prompt, max_tokens=12, verbose=False).startswith(
+        "The capital of France is Paris."
+    )
 
 
 @pytest.mark.slow
@@ -498,9 +573,9 @@ def test_smollm2_quantized_folder_loads_in_mlx_lm(smollm2, tmp_path):
     importlib.util.find_spec("llmctl.backends.torch.quant") is None,
     reason="the quantized runtime (llmctl.backends.torch.quant) is not built yet",
 )
-def test_smollm2_quantized_gguf_greedy_matches_transformers_on_torch(smollm2, smollm2_model, smollm2_transformers):
+def test_smollm2_quantized_gguf_greedy_matches_transformers_on_torch(smollm2, smollm2_reference):
     from llmctl.backends import get_backend
 
-    prompt = smollm2_model.tokenizer().apply_chat_template(CHAT, tokenize=True)
+    prompt, reference = smollm2_reference
     model = get_backend("torch").load(smollm2)  # the .gguf itself, its blocks run as affine 4-/8-bit groups
-    assert model.greedy(prompt, 32) == _hf_greedy(smollm2_transformers, prompt, 32)
+    assert model.greedy(prompt, 32) == reference

@@ -67,8 +67,15 @@ def read_source(name: str | Path) -> Source:
         model = read_gguf(name)
         tokenizer = model.tokenizer() if "tokenizer.ggml.tokens" in model.metadata else None
         return Source(
-            model.path, model.spec, model.tensors, model.quantization, model.config["dtype"], tokenizer, None,
-            model.notices, {k: v for k, v in model.metadata.items() if k.startswith("general.")},
+            model.path,
+            model.spec,
+            model.tensors,
+            model.quantization,
+            model.config["dtype"],
+            tokenizer,
+            None,
+            model.notices,
+            {k: v for k, v in model.metadata.items() if k.startswith("general.")},
         )
     folder = resolve_model(name)
     config = read_config(folder)
@@ -139,7 +146,9 @@ def to_folder(source: Source, out: Path, dtype: str | None) -> ConversionReport:
     shutil.rmtree(staged, ignore_errors=True)
     try:
         # mlx-lm reads RoPE's theta only from the older top-level key, not from rope_parameters
-        extra = {"rope_theta": source.spec.rope_theta} | ({key: quantization for key in QUANT_KEYS} if quantization else {})
+        extra = {"rope_theta": source.spec.rope_theta} | (
+            {key: quantization for key in QUANT_KEYS} if quantization else {}
+        )
         write_model(staged, source.spec, tensors, source=source.folder, dtype=dtype or source.dtype, extra_config=extra)
         if source.folder is None and source.tokenizer is not None:
             source.tokenizer.save(staged)
@@ -152,7 +161,9 @@ def to_folder(source: Source, out: Path, dtype: str | None) -> ConversionReport:
 
 def convert(
     model: Annotated[str, typer.Argument(help="A model folder, a Hugging Face id, or a .gguf file.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="A name ending in .gguf writes GGUF; anything else, a folder.")],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="A name ending in .gguf writes GGUF; anything else, a folder.")
+    ],
     dtype: Annotated[Dtype | None, typer.Option(help="Write a float folder, dequantizing a quantized model.")] = None,
     type_: Annotated[
         GGUFType | None, typer.Option("--type", help="GGUF tensor type; by default every tensor is kept exactly.")

@@ -168,7 +168,8 @@ def encode_blocks(d: np.ndarray, m: np.ndarray | None, codes: np.ndarray, block:
 
 
 def blocks_to_affine(raw: np.ndarray, block: BlockType, rows: int, cols: int) -> dict[str, np.ndarray]:
-    """One GGUF tensor of `block` type -> MLX layout: weight (rows, cols*bits/32) uint32, scales, biases (rows, cols/32).
+    """One GGUF tensor of `block` type -> MLX layout: weight (rows, cols*bits/32) uint32, scales and biases
+    (rows, cols/32).
 
     Exact: scales are d, biases m (or -offset * d), float16 unless -offset * d does not fit float16 exactly.
     """
@@ -260,9 +261,13 @@ def float_tensor(values: np.ndarray, dtype: str) -> RawTensor:
 def layer_quantization(quantization: dict[str, Any], module: str) -> tuple[int, int]:
     """(group_size, bits) of one quantized module: its own entry in the quantization dict, else the defaults."""
     own = quantization.get(module)
-    if isinstance(own, dict):
-        return int(own.get("group_size", quantization["group_size"])), int(own.get("bits", quantization["bits"]))
-    return int(quantization["group_size"]), int(quantization["bits"])
+    entry = quantization | own if isinstance(own, dict) else quantization
+    if entry.get("mode", "affine") != "affine":
+        raise CheckpointError(
+            f"{module} is quantized with mode {entry['mode']!r}; llmctl converts only the affine layout here.",
+            hint="Dequantize the model with the tool that wrote it, or start from the float model.",
+        )
+    return int(entry["group_size"]), int(entry["bits"])
 
 
 def quantized_modules(tensors: dict[str, RawTensor]) -> list[str]:
@@ -304,11 +309,6 @@ def dequantize_tensors(
     tensors: dict[str, RawTensor], quantization: dict[str, Any] | None, dtype: str
 ) -> dict[str, RawTensor]:
     """Every tensor as a float of `dtype`: quantized modules dequantized in float32, then rounded once."""
-    if quantization and quantization.get("mode", "affine") != "affine":
-        raise CheckpointError(
-            f"The model is quantized with mode {quantization['mode']!r}; llmctl converts only the affine layout.",
-            hint="Dequantize it with the tool that wrote it.",
-        )
     out: dict[str, RawTensor] = {}
     for name, tensor in tensors.items():
         module = name.removesuffix(".weight")
@@ -368,7 +368,9 @@ def _metadata(reader: gguf.GGUFReader) -> dict[str, Any]:
     return values
 
 
-def _rope_scaling(meta: dict[str, Any], rope_freqs: np.ndarray | None, theta: float, head_dim: int, path: Path) -> RopeScaling | None:
+def _rope_scaling(
+    meta: dict[str, Any], rope_freqs: np.ndarray | None, theta: float, head_dim: int, path: Path
+) -> RopeScaling | None:
     kind = meta.get("llama.rope.scaling.type", "none")
     if kind == "linear":
         return RopeScaling(rope_type="linear", factor=_float(meta["llama.rope.scaling.factor"]))
@@ -379,14 +381,13 @@ def _rope_scaling(meta: dict[str, Any], rope_freqs: np.ndarray | None, theta: fl
     # Llama 3.x stores its frequency factors as a tensor; find the llama3 parameters that give exactly those factors
     factor = _float(rope_freqs.max())
     context = meta.get("llama.rope.scaling.original_context_length")
-    for original in ([int(context)] if context else [8192, 4096, 2048, 16384, 32768, 131072]):
+    for original in [int(context)] if context else [8192, 4096, 2048, 16384, 32768, 131072]:
         for low, high in ((1.0, 4.0), (1.0, 2.0), (1.0, 8.0), (2.0, 4.0)):
             scaling = RopeScaling("llama3", factor, low, high, original)
             if np.allclose(llama3_rope_factors(scaling, theta, head_dim), rope_freqs, rtol=1e-6, atol=0):
                 return scaling
     raise UnsupportedModel(
-        f"{path} has rope_freqs factors that match no llama3 rope scaling llmctl knows "
-        f"(max factor {factor:g}).",
+        f"{path} has rope_freqs factors that match no llama3 rope scaling llmctl knows (max factor {factor:g}).",
         hint="Convert the original Hugging Face model instead, whose config.json states its rope scaling.",
     )
 
@@ -410,7 +411,9 @@ def _float(value: Any) -> float:
     return float(str(np.float32(value)))
 
 
-def _spec(meta: dict[str, Any], shapes: dict[str, tuple[int, ...]], rope_freqs: np.ndarray | None, path: Path) -> ModelSpec:
+def _spec(
+    meta: dict[str, Any], shapes: dict[str, tuple[int, ...]], rope_freqs: np.ndarray | None, path: Path
+) -> ModelSpec:
     arch = meta.get("general.architecture")
     if arch != "llama":
         raise UnsupportedModel(
@@ -449,68 +452,83 @@ def _spec(meta: dict[str, Any], shapes: dict[str, tuple[int, ...]], rope_freqs: 
     )
 
 
+def _read_tensor(t: gguf.ReaderTensor, shape: tuple[int, ...], heads: int | None) -> tuple[dict[str, RawTensor], str]:
+    """One GGUF tensor by suffix ("" for a float tensor; weight/scales/biases for exact blocks) and how it was
+    read: "float", "affine" or "dequantized". `heads`: reorder q/k rows back (whole rows move, blocks too)."""
+    gguf = _gguf()
+    qtype = t.tensor_type.name
+    data = np.asarray(t.data)
+    order = rope_row_order(shape[0], heads, to_gguf=False) if heads else slice(None)
+    if qtype in ("F32", "F16", "BF16"):
+        values = (data.view(np.uint16) if qtype == "BF16" else data).reshape(shape)  # BF16 stays bits
+        return {"": RawTensor(qtype, shape, np.ascontiguousarray(values[order]))}, "float"
+    if qtype in BLOCK_TYPES and len(shape) == 2:
+        blocks = data.reshape(shape[0], -1)[order]
+        arrays = blocks_to_affine(blocks, BLOCK_TYPES[qtype], *shape)
+        return {suffix: RawTensor.from_numpy(array) for suffix, array in arrays.items()}, "affine"
+    try:
+        values = gguf.quants.dequantize(data, t.tensor_type).reshape(shape).astype(np.float32)
+    except NotImplementedError:
+        raise CheckpointError(
+            f"tensor {t.name} has type {qtype}, which the gguf package cannot dequantize.",
+            hint="Update the gguf package (pip install -U gguf), or use a file with other types.",
+        ) from None
+    return {"": RawTensor.from_numpy(np.ascontiguousarray(values[order]))}, "dequantized"
+
+
+def _config(spec: ModelSpec, tensors: dict[str, RawTensor], bits_of: dict[str, int]) -> dict[str, Any]:
+    """The config.json of the model: the matrices' float dtype, and the quantization (most common bits, others
+    as per-layer entries) when some matrices are quantized."""
+    floats = Counter(t.dtype for t in tensors.values() if t.dtype in ("F32", "F16", "BF16") and len(t.shape) == 2)
+    names = {kind: name for name, kind in FLOAT_DTYPES.items()}
+    config = config_from_spec(spec, names[floats.most_common(1)[0][0]] if floats else "float16")
+    if bits_of:
+        default_bits = Counter(bits_of.values()).most_common(1)[0][0]
+        quantization: dict[str, Any] = {"group_size": GROUP_SIZE, "bits": default_bits}
+        for module, bits in bits_of.items():
+            if bits != default_bits:
+                quantization[module] = {"group_size": GROUP_SIZE, "bits": bits}
+        config |= {key: quantization for key in QUANT_KEYS}
+    return config
+
+
 def read_gguf(path: str | Path) -> GGUFModel:
     """Read a Llama-family GGUF file: F32/F16/BF16 as they are, Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 exactly into the affine
     layout at group size 32, other types dequantized to float32 (with a notice); q/k rows in transformers' order."""
-    gguf = _gguf()
     path = Path(path)
     reader = _open(path)
     meta = _metadata(reader)
-    # numpy shapes: GGUF lists dimensions innermost first
-    shapes = {t.name: tuple(int(n) for n in reversed(t.shape.tolist())) for t in reader.tensors}
+    shapes = {t.name: tuple(int(n) for n in reversed(t.shape.tolist())) for t in reader.tensors}  # innermost last
     by_name = {t.name: t for t in reader.tensors}
     rope_freqs = np.asarray(by_name["rope_freqs.weight"].data, np.float32) if "rope_freqs.weight" in by_name else None
     spec = _spec(meta, shapes, rope_freqs, path)
 
     tensors: dict[str, RawTensor] = {}
-    bits_of: dict[str, int] = {}
-    dequantized: Counter[str] = Counter()
+    bits_of: dict[str, int] = {}  # quantized module -> bits
+    dequantized: Counter[str] = Counter()  # ggml type -> tensors dequantized
     unknown = []
     for t in reader.tensors:
-        if t.name == "rope_freqs.weight":
-            continue
         stem, _, kind = t.name.rpartition(".")
         module = hf_module(stem)
+        if t.name == "rope_freqs.weight":
+            continue  # read into the spec's rope scaling
         if module is None or kind not in ("weight", "bias"):
             unknown.append(t.name)
             continue
-        shape = shapes[t.name]
-        qtype = t.tensor_type.name
-        data = np.asarray(t.data)
-        rows = shape[0]
-        heads = _rope_heads(spec, module)
-        order = rope_row_order(rows, heads, to_gguf=False) if heads and kind == "weight" else None
-        if qtype in ("F32", "F16", "BF16"):
-            values = data.view(np.uint16) if qtype == "BF16" else data
-            values = values.reshape(shape)
-            if order is not None:
-                values = values[order]
-            tensors[f"{module}.{kind}"] = RawTensor(qtype, shape, np.ascontiguousarray(values))
-        elif qtype in BLOCK_TYPES and len(shape) == 2:
-            block = BLOCK_TYPES[qtype]
-            blocks = data.reshape(rows, -1)
-            if order is not None:
-                blocks = blocks[order]
-            for suffix, array in blocks_to_affine(blocks, block, rows, shape[1]).items():
-                tensors[f"{module}.{suffix}"] = RawTensor.from_numpy(array)
-            bits_of[module] = block.bits
-        else:
-            try:
-                values = gguf.quants.dequantize(data, t.tensor_type).reshape(shape).astype(np.float32)
-            except NotImplementedError:
-                raise CheckpointError(
-                    f"{path}: tensor {t.name} has type {qtype}, which the gguf package cannot dequantize.",
-                    hint="Update the gguf package (pip install -U gguf), or use a file with other types.",
-                ) from None
-            if order is not None:
-                values = values[order]
-            tensors[f"{module}.{kind}"] = RawTensor.from_numpy(values)
-            dequantized[qtype] += 1
+        heads = _rope_heads(spec, module) if kind == "weight" else None
+        try:
+            parts, how = _read_tensor(t, shapes[t.name], heads)
+        except CheckpointError as e:
+            raise CheckpointError(f"{path}: {e.message}", hint=e.hint) from None
+        tensors |= {f"{module}.{suffix or kind}": tensor for suffix, tensor in parts.items()}
+        if how == "affine":
+            bits_of[module] = BLOCK_TYPES[t.tensor_type.name].bits
+        elif how == "dequantized":
+            dequantized[t.tensor_type.name] += 1
     if unknown:
+        more = f" and {len(unknown) - 6} more" if len(unknown) > 6 else ""
         raise UnsupportedModel(
-            f"{path} has tensors llmctl does not know for a llama model: {', '.join(unknown[:6])}"
-            + (f" and {len(unknown) - 6} more" if len(unknown) > 6 else "")
-            + ".",
+            f"{path} has tensors llmctl does not know for a llama model: {', '.join(unknown[:6])}{more}.",
             hint="This may be a variant of the architecture llmctl does not implement.",
         )
     logical = logical_shapes(tensors, {"group_size": GROUP_SIZE, "bits": 4})
@@ -521,7 +539,7 @@ def read_gguf(path: str | Path) -> GGUFModel:
             e.message.replace("does not match its config.json", "has tensors that disagree with its metadata"),
             hint="The file may be damaged, or be a variant of the llama architecture llmctl does not implement.",
         ) from None
-    for name in extra:
+    for name in extra:  # tensors check_tensors lets a checkpoint carry but the model does not use
         for suffix in ("", ".scales", ".biases"):
             tensors.pop(name.removesuffix(".weight") + suffix if suffix else name, None)
 
@@ -532,16 +550,7 @@ def read_gguf(path: str | Path) -> GGUFModel:
             f"{path.name}: {kinds} tensors have no exact affine equivalent; they were dequantized to float32."
         )
         ui.warn(notices[-1])
-    float_types = Counter(t.dtype for t in tensors.values() if t.dtype in ("F32", "F16", "BF16") and len(t.shape) == 2)
-    dtype = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}[float_types.most_common(1)[0][0]] if float_types else "float16"
-    config = config_from_spec(spec, dtype)
-    if bits_of:
-        default_bits = Counter(bits_of.values()).most_common(1)[0][0]
-        quantization: dict[str, Any] = {"group_size": GROUP_SIZE, "bits": default_bits}
-        for module, bits in bits_of.items():
-            if bits != default_bits:
-                quantization[module] = {"group_size": GROUP_SIZE, "bits": bits}
-        config |= {key: quantization for key in QUANT_KEYS}
+    config = _config(spec, tensors, bits_of)
     return GGUFModel(path, spec, tensors, config=config, notices=notices, metadata=meta)
 
 
@@ -587,10 +596,10 @@ class ConversionReport:
             return f"exact: all {len(self.exact)} tensors keep their values"
         n = sum(v[3] for v in self.lossy.values())
         reference = math.sqrt(sum(v[2] ** 2 * v[3] for v in self.lossy.values()) / n)
+        relative = 100 * self.rms() / reference if reference else 0.0
         return (
             f"lossy: {len(self.lossy)} of {len(self.lossy) + len(self.exact)} tensors changed; their values moved by "
-            f"at most {self.max_abs():.3g}, RMS {self.rms():.3g} ({100 * self.rms() / reference if reference else 0:.2f}% "
-            "of their RMS)"
+            f"at most {self.max_abs():.3g}, RMS {self.rms():.3g} ({relative:.2f}% of their RMS)"
         )
 
 
@@ -598,7 +607,12 @@ def error_stats(reference: np.ndarray, changed: np.ndarray) -> tuple[float, floa
     """(max |difference|, RMS difference, RMS of the reference, count) of two float arrays of one shape."""
     reference = reference.astype(np.float64).reshape(-1)
     diff = changed.astype(np.float64).reshape(-1) - reference
-    return float(np.abs(diff).max(initial=0.0)), float(np.sqrt(np.mean(diff**2))), float(np.sqrt(np.mean(reference**2))), diff.size
+    return (
+        float(np.abs(diff).max(initial=0.0)),
+        float(np.sqrt(np.mean(diff**2))),
+        float(np.sqrt(np.mean(reference**2))),
+        diff.size,
+    )
 
 
 def _quantize_rows(values: np.ndarray, qtype: str) -> np.ndarray:
@@ -612,7 +626,11 @@ def _dequantize_rows(data: np.ndarray, qtype: str) -> np.ndarray:
 
 
 def _plan_tensor(
-    name: str, tensors: dict[str, RawTensor], quantization: dict[str, Any] | None, target: str | None, report: ConversionReport
+    name: str,
+    tensors: dict[str, RawTensor],
+    quantization: dict[str, Any] | None,
+    target: str | None,
+    report: ConversionReport,
 ) -> tuple[np.ndarray, str]:
     """One tensor (HF name of its weight) as ggml data and type; records in `report` whether it stayed exact."""
     module = name.removesuffix(".weight")
@@ -712,7 +730,9 @@ def write_gguf(
         report.types[qtype] += 1
         planned.append((f"{module}.{kind}", np.ascontiguousarray(data), qtype))
     if spec.rope_scaling is not None and spec.rope_scaling.rope_type == "llama3":
-        planned.append(("rope_freqs.weight", llama3_rope_factors(spec.rope_scaling, spec.rope_theta, spec.head_dim), "F32"))
+        planned.append(
+            ("rope_freqs.weight", llama3_rope_factors(spec.rope_scaling, spec.rope_theta, spec.head_dim), "F32")
+        )
 
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     writer = gguf.GGUFWriter(tmp, "llama")
@@ -775,7 +795,9 @@ def _write_metadata(
         writer.add_string("llama.rope.scaling.type", "linear")
         writer.add_float32("llama.rope.scaling.factor", spec.rope_scaling.factor)
     elif spec.rope_scaling is not None:  # llama3: the factors go in rope_freqs.weight; this lets a reader recover it
-        writer.add_uint32("llama.rope.scaling.original_context_length", spec.rope_scaling.original_max_position_embeddings)
+        writer.add_uint32(
+            "llama.rope.scaling.original_context_length", spec.rope_scaling.original_max_position_embeddings
+        )
     if tokenizer is None:
         report.notices.append("The model has no tokenizer; llama.cpp needs one in the file to run it.")
         ids = [("bos_token_id", spec.bos_token_id), ("padding_token_id", spec.pad_token_id)]

@@ -73,7 +73,9 @@ def tokenizer_from_metadata(meta: dict[str, Any], path: Path) -> Tokenizer:
         backend.pre_tokenizer = _byte_level_pre_tokenizer(pre, path)
         backend.decoder = decoders.ByteLevel()
         special = {CONTROL: True, USER_DEFINED: False}  # control tokens are special; user-defined ones match whole
-        backend.add_tokens([AddedToken(t, normalized=False, special=special[k]) for t, k in zip(tokens, types) if k in special])
+        backend.add_tokens(
+            [AddedToken(t, normalized=False, special=special[k]) for t, k in zip(tokens, types) if k in special]
+        )
         add_bos = meta.get("tokenizer.ggml.add_bos_token", pre in _LLAMA3_NAMES)
     elif kind == "llama":
         scores = list(meta.get("tokenizer.ggml.scores") or [0.0] * len(tokens))
@@ -159,14 +161,19 @@ def tokenizer_metadata(tokenizer: Tokenizer, vocab_size: int) -> dict[str, tuple
     data = json.loads(tokenizer.backend.to_str())
     model = data.get("model", {})
     tokens, types = _token_table(tokenizer, data, vocab_size)
-    byte_level = "ByteLevel" in json.dumps(data.get("pre_tokenizer")) or (data.get("decoder") or {}).get("type") == "ByteLevel"
+    byte_level = (
+        "ByteLevel" in json.dumps(data.get("pre_tokenizer")) or (data.get("decoder") or {}).get("type") == "ByteLevel"
+    )
     merges = [m.split(" ", 1) if isinstance(m, str) else m for m in model.get("merges", [])]
     meta: dict[str, tuple[Any, str]] = {}
     if model.get("type") == "BPE" and byte_level:
         pre = _pre_tokenizer_name(data.get("pre_tokenizer"))
         if pre is None:
             pre = "default"
-            ui.warn("the tokenizer's pre-tokenizer has no llama.cpp name; writing 'default', so llama.cpp may split text differently.")
+            ui.warn(
+                "the tokenizer's pre-tokenizer has no llama.cpp name; writing 'default', "
+                "so llama.cpp may split text differently."
+            )
         meta["tokenizer.ggml.model"] = ("gpt2", "str")
         meta["tokenizer.ggml.pre"] = (pre, "str")
         meta["tokenizer.ggml.merges"] = ([f"{left} {right}" for left, right in merges], "array")
@@ -182,7 +189,9 @@ def tokenizer_metadata(tokenizer: Tokenizer, vocab_size: int) -> dict[str, tuple
                 types[i] = BYTE
         if tokenizer.unk_id is not None:
             types[tokenizer.unk_id] = UNKNOWN
-        prefix = "Prepend" in json.dumps(data.get("normalizer")) or '"prepend_scheme": "always"' in json.dumps(data.get("pre_tokenizer"))
+        prefix = "Prepend" in json.dumps(data.get("normalizer")) or '"prepend_scheme": "always"' in json.dumps(
+            data.get("pre_tokenizer")
+        )
         meta["tokenizer.ggml.model"] = ("llama", "str")
         meta["tokenizer.ggml.pre"] = ("default", "str")
         meta["tokenizer.ggml.scores"] = (scores, "float_array")
