@@ -10,7 +10,7 @@ import typer
 
 from llmctl import __version__
 from llmctl.commands import chat, generate, info, train
-from llmctl.commands import convert
+from llmctl.commands import convert, quantize
 
 app = typer.Typer(
     name="llmctl",
@@ -61,3 +61,4 @@ app.command(name="info")(handled(info.info))
 app.command(name="generate")(handled(generate.generate))
 app.command(name="chat")(handled(chat.chat))
 app.command(name="convert")(handled(convert.convert))
+app.command(name="quantize")(handled(quantize.quantize))

@@ -216,7 +216,14 @@ def _ignorable(name: str, spec: ModelSpec) -> bool:
 
 
 def check_tensors(spec: ModelSpec, shapes: dict[str, tuple[int, ...]], folder: Path, where: dict[str, str]) -> list[str]:
-    """Raise CheckpointError naming file and tensor when names or shapes disagree; returns names to drop."""
+    """Raise CheckpointError naming file and tensor when names or shapes disagree; returns names to drop.
+
+    Quantized layers (config.json's "quantization") are checked by the float shapes their packed weights,
+    scales and biases stand for.
+    """
+    from llmctl.quant import float_shapes, quantization_of
+
+    shapes = float_shapes(quantization_of(spec.extra), shapes, folder)
     expected = parameter_shapes(spec)
     problems = []
     for name, shape in expected.items():

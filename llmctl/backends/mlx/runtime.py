@@ -12,6 +12,7 @@ from mlx.utils import tree_flatten
 
 from llmctl.backends.mlx import generate as engine
 from llmctl.backends.mlx.model import Transformer
+from llmctl.backends.mlx.quant import prepare_quantized
 from llmctl.generation import PromptCache, SamplingParams
 from llmctl.io.model_folder import read_model, write_model
 from llmctl.io.safetensors import from_mlx, to_mlx
@@ -73,9 +74,10 @@ class Runtime:
     def load(self, name: str | Path, dtype: str | None = "float32") -> Model:
         folder = read_model(name)
         module = Transformer(folder.spec)
+        stored = prepare_quantized(module, folder, DTYPES[dtype] if dtype else None)  # quantized layers keep their codes, scales and biases
         weights = [(k, to_mlx(t)) for k, t in folder.tensors.items()]
         if dtype is not None:
-            weights = [(k, v.astype(DTYPES[dtype])) for k, v in weights]
+            weights = [(k, v if k in stored else v.astype(DTYPES[dtype])) for k, v in weights]
         module.load_weights(weights, strict=True)
         mx.eval(module.parameters())
         return Model(module, folder.path)

@@ -256,8 +256,11 @@ class Transformer(nn.Module):
             if r is not None:
                 router_logits.append(r)
         h = self.model.norm(h[:, -1:] if last_only else h)
-        head = self.model.embed_tokens.weight if self.spec.tie_embeddings else self.lm_head.weight
-        logits = F.linear(h, head)
+        if self.spec.tie_embeddings:  # a quantized embedding runs the tied head through its own kernel
+            embed = self.model.embed_tokens
+            logits = embed.as_linear(h) if hasattr(embed, "as_linear") else F.linear(h, embed.weight)
+        else:
+            logits = self.lm_head(h)
         if not return_aux:
             return logits
         aux = None

@@ -11,6 +11,7 @@ import torch
 
 from llmctl.backends.torch import generate as engine
 from llmctl.backends.torch.model import Rope, Transformer
+from llmctl.backends.torch.quant import prepare_quantized
 from llmctl.generation import PromptCache, SamplingParams
 from llmctl.io.model_folder import read_model, write_model
 from llmctl.io.safetensors import from_torch, to_torch
@@ -69,9 +70,10 @@ class Runtime:
         folder = read_model(name)
         with torch.device("meta"):
             module = Transformer(folder.spec)
+            stored = prepare_quantized(module, folder, DTYPES[dtype] if dtype else None)  # quantized layers keep their codes, scales and biases
         state = {k: to_torch(t) for k, t in folder.tensors.items()}
         if dtype is not None:
-            state = {k: v.to(DTYPES[dtype]) for k, v in state.items()}
+            state = {k: v if k in stored else v.to(DTYPES[dtype]) for k, v in state.items()}
         module.load_state_dict(state, strict=True, assign=True)
         module.rope = Rope(folder.spec)  # buffers built on the meta device hold no data
         return Model(module, folder.path)

@@ -1,0 +1,137 @@
+"""Quantized layers for the torch backend (llmctl's C++ kernels), and quantizing a model's tensors."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from llmctl import kernels
+from llmctl.io.model_folder import ModelFolder
+from llmctl.io.safetensors import RawTensor, from_torch, to_torch
+from llmctl.quant import AUX_SUFFIXES, QuantParams, expand_double_quant, quantization_of, quantized_layers
+
+
+class _QMatmul(torch.autograd.Function):
+    """y = x @ W^T through the kernels; the backward pass (for adapters on top, QLoRA) uses the dequantized W."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, layer: QuantizedLinear) -> Tensor:  # type: ignore[override]
+        ctx.layer = layer
+        return layer.matmul(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        return grad @ ctx.layer.dequantized(grad.dtype), None
+
+
+class QuantizedLinear(nn.Module):
+    """A Linear whose weight is stored as `weight` (uint32 codes), `scales` and, for affine, `biases`."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, params: QuantParams, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.dtype = dtype  # of the model's activations; None: the scales' dtype
+        dtype = dtype or torch.float32
+        self.in_features, self.out_features = in_features, out_features
+        self.group_size, self.bits, self.mode = params.group_size, params.bits, params.mode
+        groups = in_features // params.group_size
+        self.register_buffer("weight", torch.zeros(out_features, in_features * params.bits // 32, dtype=torch.uint32))
+        self.register_buffer("scales", torch.zeros(out_features, groups, dtype=dtype))
+        if params.mode == "affine":
+            self.register_buffer("biases", torch.zeros(out_features, groups, dtype=dtype))
+        else:
+            self.biases = None
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype)) if bias else None
+
+    def matmul(self, x: Tensor) -> Tensor:
+        """x (..., in) @ W^T with no bias, in x's dtype."""
+        return kernels.qmatmul(x, self.weight, self.scales, self.biases, self.group_size, self.bits, mode=self.mode)
+
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The weight as a float (out, in) matrix."""
+        if self.mode == "nf4":
+            return kernels.dequantize_nf4(self.weight, self.scales, self.group_size, dtype=dtype)
+        return kernels.dequantize(self.weight, self.scales, self.biases, self.group_size, self.bits, dtype=dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = _QMatmul.apply(x, self) if torch.is_grad_enabled() and x.requires_grad else self.matmul(x)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, bits={self.bits}, group_size={self.group_size}, mode={self.mode}"
+
+
+class QuantizedEmbedding(QuantizedLinear):
+    """An Embedding stored like QuantizedLinear: rows are gathered, then dequantized; `as_linear` is the tied head."""
+
+    def __init__(self, num_embeddings: int, dim: int, params: QuantParams, dtype: torch.dtype | None = None) -> None:
+        super().__init__(dim, num_embeddings, False, params, dtype)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        flat = tokens.reshape(-1)
+        rows = self.weight.view(torch.int32)[flat].view(torch.uint32)  # index_select has no uint32 kernel
+        scales = self.scales[flat]
+        if self.mode == "nf4":
+            out = kernels.dequantize_nf4(rows, scales, self.group_size, dtype=self.dtype)
+        else:
+            out = kernels.dequantize(rows, scales, self.biases[flat], self.group_size, self.bits, dtype=self.dtype)
+        return out.view(*tokens.shape, self.in_features)
+
+    def as_linear(self, x: Tensor) -> Tensor:
+        return self.matmul(x)
+
+
+def _parent(root: nn.Module, path: str) -> tuple[nn.Module, str]:
+    parent, _, name = path.rpartition(".")
+    return (root.get_submodule(parent) if parent else root), name
+
+
+def apply_quantized_layers(module: nn.Module, layers: Mapping[str, QuantParams], dtype: torch.dtype | None = None) -> None:
+    """Swap the Linear/Embedding at each path for its quantized twin (empty, to be filled by load_state_dict)."""
+    for path, params in layers.items():
+        parent, name = _parent(module, path)
+        old = getattr(parent, name)
+        if isinstance(old, nn.Embedding):
+            new: nn.Module = QuantizedEmbedding(old.num_embeddings, old.embedding_dim, params, dtype)
+        elif isinstance(old, nn.Linear):
+            new = QuantizedLinear(old.in_features, old.out_features, old.bias is not None, params, dtype)
+        else:
+            raise TypeError(f"{path} is a {type(old).__name__}; only Linear and Embedding layers are quantized")
+        setattr(parent, name, new)
+
+
+def quantize_tensors(
+    tensors: Mapping[str, RawTensor], layers: Mapping[str, QuantParams], on_layer: Callable[[str], None] | None = None
+) -> dict[str, RawTensor]:
+    """The folder's tensors with each layer's `.weight` replaced by its quantized form (MLX's layout; NF4 beside it)."""
+    from llmctl.quant.nf4 import double_quantize
+
+    out = dict(tensors)
+    for path, p in layers.items():
+        weight = to_torch(out.pop(path + ".weight"))
+        if p.mode == "nf4":
+            wq, scales = kernels.quantize_nf4(weight, p.group_size)
+            out[path + ".weight"], out[path + ".scales"] = from_torch(wq), from_torch(scales)
+            if p.double_quant:
+                codes, absmax, offset = double_quantize(scales.float().numpy())
+                out[path + ".scales"] = RawTensor.from_numpy(codes)
+                out[path + ".scales_absmax"], out[path + ".scales_offset"] = RawTensor.from_numpy(absmax), RawTensor.from_numpy(offset)
+        else:
+            wq, scales, biases = kernels.quantize(weight, p.group_size, p.bits)
+            out[path + ".weight"], out[path + ".scales"], out[path + ".biases"] = map(from_torch, (wq, scales, biases))
+        if on_layer is not None:
+            on_layer(path)
+    return out
+
+
+def prepare_quantized(module: nn.Module, folder: ModelFolder, dtype: torch.dtype | None = None) -> set[str]:
+    """For a quantized folder: swap in quantized layers and expand NF4 double-quantized scales.
+
+    Returns the tensor names to load as stored (codes, scales, biases), not cast to the model's dtype `dtype`
+    (None: as stored), which quantized embeddings still produce.
+    """
+    layers = quantized_layers(quantization_of(folder.spec.extra), folder.tensors)
+    expand_double_quant(folder.tensors, layers)
+    apply_quantized_layers(module, layers, dtype)
+    return {path + suffix for path in layers for suffix in (".weight", *AUX_SUFFIXES)}

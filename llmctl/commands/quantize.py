@@ -1,0 +1,285 @@
+"""`llmctl quantize`: post-training weight quantization into MLX's layout (RTN, AWQ, GPTQ, NF4) or a GGUF file."""
+
+from __future__ import annotations
+
+import enum
+import fnmatch
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from llmctl.backends import Backend
+
+
+class Method(str, enum.Enum):
+    rtn = "rtn"    # round to nearest, group-wise affine
+    awq = "awq"    # activation-aware scaling of salient input channels (calibrated)
+    gptq = "gptq"  # second-order error compensation, column by column (calibrated)
+    nf4 = "nf4"    # QLoRA's 4-bit NormalFloat, absmax per block
+
+
+class Format(str, enum.Enum):
+    folder = "folder"  # a model folder in mlx-lm's quantized layout
+    gguf = "gguf"      # one .gguf file for llama.cpp / ollama
+
+
+class GGUFType(str, enum.Enum):
+    f16 = "f16"
+    q8_0 = "q8_0"
+    q4_0 = "q4_0"
+    q4_1 = "q4_1"
+    q5_1 = "q5_1"
+
+
+@dataclass
+class QuantConfig:
+    bits: int = 4                  # 2, 3, 4, 5, 6 or 8 (nf4: 4)
+    group_size: int = 64           # values sharing one scale (and bias): 32, 64 or 128
+    method: Method = Method.rtn
+    double_quant: bool = False     # nf4: store the block scales in 8 bits too (QLoRA's double quantization)
+    keep: list[str] = field(default_factory=lambda: ["model.embed_tokens", "lm_head"])  # module globs left in float
+
+
+@dataclass
+class CalibConfig:
+    data: str | None = None        # awq/gptq: text file, .jsonl or folder; empty: Python's stdlib sources
+    samples: int = 128             # windows of calibration text
+    seq_len: int = 512             # tokens per window
+    seed: int = 0
+
+
+@dataclass
+class QuantizeConfig:
+    model: str = ""                # the float model folder (or Hugging Face id) to quantize
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    calib: CalibConfig = field(default_factory=CalibConfig)
+    format: Format = Format.folder
+    gguf_type: GGUFType = GGUFType.q4_0  # --format gguf: the type of the weight matrices
+    out: Path = Path("")
+
+
+def quantize(
+    overrides: Annotated[list[str] | None, typer.Argument(help="key=value, e.g. quant.bits=8 calib.samples=64")] = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Float model folder or Hugging Face id.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder (or FILE.gguf with --format gguf).")] = None,
+    bits: Annotated[int | None, typer.Option(help="Bits per weight: 2, 3, 4, 5, 6, 8.")] = None,
+    group_size: Annotated[int | None, typer.Option(help="Weights per scale: 32, 64, 128.")] = None,
+    method: Annotated[Method | None, typer.Option(help="rtn, awq, gptq (calibrated) or nf4.")] = None,
+    calib: Annotated[str | None, typer.Option(help="Calibration text for awq/gptq (default: built-in).")] = None,
+    keep: Annotated[list[str] | None, typer.Option(help="Module glob to keep in float (repeatable; replaces the default embeddings + head).")] = None,
+    double_quant: Annotated[bool | None, typer.Option("--double-quant", help="nf4: quantize the block scales too.")] = None,
+    format_: Annotated[Format | None, typer.Option("--format", help="folder (mlx-lm layout) or gguf.")] = None,
+    type_: Annotated[GGUFType | None, typer.Option("--type", help="GGUF tensor type with --format gguf.")] = None,
+    recipe: Annotated[str, typer.Option("--recipe", "-r", help="Name under recipes/quantize/ or a YAML path.")] = "default",
+    backend: Annotated[Backend, typer.Option(help="auto picks mlx on Apple silicon, else torch.")] = Backend.auto,
+    force: Annotated[bool, typer.Option(help="Overwrite an existing --out.")] = False,
+) -> None:
+    """Quantize a float model's weights; writes a model folder in mlx-lm's layout (or a .gguf file) to --out."""
+    from llmctl.config import load_recipe
+
+    flags = {
+        "model": model, "out": out, "quant.bits": bits, "quant.group_size": group_size, "quant.method": method.value if method else None,
+        "calib.data": calib, "quant.keep": keep, "quant.double_quant": double_quant,
+        "format": format_.value if format_ else None, "gguf_type": type_.value if type_ else None,
+    }  # fmt: skip
+    cfg = load_recipe(QuantizeConfig, "quantize", recipe, overrides or [], flags)
+    run(cfg, backend, force)
+
+
+def run(cfg: QuantizeConfig, backend: Backend | str = Backend.auto, force: bool = False) -> Path:
+    """Check the request, quantize, write the output and print a summary; returns the output path."""
+    from llmctl import ui
+    from llmctl.backends import resolve_name
+    from llmctl.config import to_yaml
+    from llmctl.io.hf import read_config
+    from llmctl.io.model_folder import read_model, write_model
+    from llmctl.io.safetensors import atomic_write_text
+    from llmctl.quant import config_entry, quantization_of
+
+    start = time.perf_counter()
+    _check(cfg, force)
+    if cfg.format == Format.gguf:
+        return _write_gguf(cfg)
+    folder = read_model(cfg.model)
+    if quantization_of(folder.spec.extra):
+        raise _already_quantized(cfg.model)
+    layers, kept, misfits = plan_layers(folder.tensors, cfg.quant)
+    for path in misfits:
+        ui.warn(f"{path} is left in float: its width is not a multiple of group size {cfg.quant.group_size}.")
+    if kept:
+        ui.info(f"kept in float: {', '.join(kept)}")
+    name = resolve_name(backend)
+    if cfg.quant.method in (Method.awq, Method.gptq):
+        tensors = _calibrated(cfg, folder, layers, kept + misfits)
+    else:
+        import importlib
+
+        quant = importlib.import_module(f"llmctl.backends.{name}.quant")
+        with ui.progress(len(layers), f"{cfg.quant.method.value} {cfg.quant.bits}-bit") as bar:
+            tensors = quant.quantize_tensors(folder.tensors, layers, on_layer=lambda path: bar.update(layer=path))
+    default = _params(cfg.quant)
+    entry = config_entry(default, layers)
+    config = read_config(folder.path)
+    dtype = config.get("dtype") or config.get("torch_dtype") or "float32"
+    write_model(cfg.out, folder.spec, tensors, folder.path, dtype, extra_config={"quantization": entry, "quantization_config": entry})
+    atomic_write_text(Path(cfg.out) / "llmctl_quantize.yaml", to_yaml(cfg))
+    _summary(folder.tensors, tensors, layers, time.perf_counter() - start, cfg.out)
+    return Path(cfg.out)
+
+
+def _params(q: QuantConfig) -> Any:
+    from llmctl.quant import QuantParams
+
+    nf4 = q.method == Method.nf4
+    return QuantParams(q.group_size, 4 if nf4 else q.bits, "nf4" if nf4 else "affine", nf4 and q.double_quant)
+
+
+def _already_quantized(model: str) -> Exception:
+    from llmctl.errors import CheckpointError
+
+    return CheckpointError(
+        f"{model} is already quantized (config.json has a quantization entry).",
+        hint=f"Dequantize it first: `llmctl convert {model} --out {model}-fp32 --dtype fp32`, then quantize that.",
+    )
+
+
+def _check(cfg: QuantizeConfig, force: bool) -> None:
+    """Every problem with the request, before any work: bits, group size, paths, calibration file."""
+    from llmctl.errors import ConfigError, DataError
+    from llmctl.quant import BITS, GROUP_SIZES
+
+    q = cfg.quant
+    problems = []
+    if not cfg.model:
+        problems.append("no model given: pass --model DIR")
+    if not str(cfg.out) or str(cfg.out) == ".":
+        problems.append("no output given: pass --out DIR (or FILE.gguf with --format gguf)")
+    if q.method == Method.nf4 and q.bits != 4:
+        problems.append(f"--method nf4 stores 4 bits per weight, not --bits {q.bits}")
+    elif q.bits not in BITS:
+        problems.append(f"--bits {q.bits} is not supported; choose one of {', '.join(map(str, BITS))}")
+    if q.group_size not in GROUP_SIZES:
+        problems.append(f"--group-size {q.group_size} is not supported; choose one of {', '.join(map(str, GROUP_SIZES))}")
+    if q.double_quant and q.method != Method.nf4:
+        problems.append("--double-quant applies to --method nf4 only")
+    if problems:
+        raise ConfigError("Cannot quantize:\n  " + "\n  ".join(problems), hint="`llmctl quantize --help` lists the options.")
+    if cfg.calib.data and not Path(cfg.calib.data).expanduser().exists():
+        raise DataError(
+            f"calibration data {cfg.calib.data}: no such file or folder.",
+            hint="Pass a text file (.txt, .jsonl with \"text\") or leave --calib out to use the built-in default.",
+        )
+    out, source = Path(cfg.out), Path(cfg.model)
+    if source.exists() and out.resolve() == source.resolve():
+        raise ConfigError(f"--out {out} is the model being quantized; the source is never modified.", hint="Choose another --out.")
+    if out.exists():
+        if not force:
+            raise ConfigError(f"{out} already exists.", hint="Pass --force to replace it, or choose another --out.")
+        import shutil
+
+        shutil.rmtree(out) if out.is_dir() else out.unlink()
+
+
+def plan_layers(tensors: dict[str, Any], q: QuantConfig) -> tuple[dict[str, Any], list[str], list[str]]:
+    """(layers to quantize -> params, paths kept by --keep, paths whose width does not fit the group size)."""
+    params = _params(q)
+    layers, kept, misfits = {}, [], []
+    for name, t in tensors.items():
+        path = name.removesuffix(".weight")
+        if not name.endswith(".weight") or len(t.shape) != 2:
+            continue  # norms and biases stay in float
+        if any(fnmatch.fnmatchcase(path, pattern) or path == pattern for pattern in q.keep):
+            kept.append(path)
+        elif t.shape[1] % q.group_size:
+            misfits.append(path)
+        else:
+            layers[path] = params
+    return layers, sorted(kept), sorted(misfits)
+
+
+def _calibrated(cfg: QuantizeConfig, folder: Any, layers: dict[str, Any], skip: list[str]) -> dict[str, Any]:
+    """AWQ or GPTQ on the torch backend: the quantizer returns triples and float parameters it changed."""
+    import importlib
+
+    from llmctl.errors import BackendUnavailable
+
+    method = cfg.quant.method.value
+    try:
+        module = importlib.import_module(f"llmctl.quant.{method}")
+        quantizer = getattr(module, f"quantize_{method}")
+    except (ImportError, AttributeError):
+        raise BackendUnavailable(
+            f"--method {method} is not available yet in this llmctl.", hint="Use --method rtn or nf4 for now."
+        ) from None
+    from llmctl.backends import get_backend
+    from llmctl.io.safetensors import from_torch
+    from llmctl.quant.calib import calibration_tokens
+    from llmctl.tokenizer import load_tokenizer
+
+    model = get_backend("torch").load(folder.path, dtype="float32").module
+    tokens = calibration_tokens(load_tokenizer(folder.path), cfg.calib.data, cfg.calib.samples, cfg.calib.seq_len, cfg.calib.seed)
+    skip_set = set(skip) | {p for p in _all_matrices(folder.tensors) if p not in layers}
+    triples, changed = quantizer(model, tokens, cfg.quant.bits, cfg.quant.group_size, skip_set)
+    out = dict(folder.tensors)
+    for name, value in changed.items():
+        stored = folder.tensors.get(name)
+        out[name] = from_torch(value.to(_torch_dtype(stored.dtype if stored else "F32")).contiguous())
+    for path, (wq, scales, biases) in triples.items():
+        out.pop(path + ".weight")
+        dtype = _torch_dtype(folder.tensors[path + ".weight"].dtype)
+        out[path + ".weight"] = from_torch(wq.contiguous())
+        out[path + ".scales"], out[path + ".biases"] = from_torch(scales.to(dtype).contiguous()), from_torch(biases.to(dtype).contiguous())
+    for path in set(layers) - set(triples):
+        layers.pop(path)  # left in float by the quantizer
+    return out
+
+
+def _torch_dtype(safetensors_dtype: str) -> Any:
+    import torch
+
+    return {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}.get(safetensors_dtype, torch.float32)
+
+
+def _all_matrices(tensors: dict[str, Any]) -> list[str]:
+    return [n.removesuffix(".weight") for n, t in tensors.items() if n.endswith(".weight") and len(t.shape) == 2]
+
+
+def _write_gguf(cfg: QuantizeConfig) -> Path:
+    from llmctl import ui
+    from llmctl.commands.convert import read_source
+    from llmctl.errors import BackendUnavailable
+
+    try:
+        from llmctl.io.gguf import write_gguf
+    except ImportError:
+        raise BackendUnavailable("GGUF output is not available in this llmctl (llmctl.io.gguf.write_gguf is missing).") from None
+    source = read_source(cfg.model)
+    if source.quantization:
+        raise _already_quantized(cfg.model)
+    report = write_gguf(
+        cfg.out, source.spec, source.tensors, tokenizer=source.tokenizer, target=cfg.gguf_type.value,
+        name=Path(cfg.model).name, general=source.general,
+    )  # fmt: skip
+    types = ", ".join(f"{n} {t}" for t, n in sorted(report.types.items()))
+    ui.info(f"wrote {cfg.out} ({types}); {report.summary()}")
+    return Path(cfg.out)
+
+
+def _summary(before: dict[str, Any], after: dict[str, Any], layers: dict[str, Any], seconds: float, out: Path) -> None:
+    from llmctl import ui
+    from llmctl.commands.info import _bytes
+    from llmctl.quant import AUX_SUFFIXES
+
+    size_before = sum(t.nbytes for t in before.values())
+    size_after = sum(t.nbytes for t in after.values())
+    weights = sum(before[p + ".weight"].shape[0] * before[p + ".weight"].shape[1] for p in layers)
+    stored = sum(after[p + s].nbytes for p in layers for s in (".weight", *AUX_SUFFIXES) if p + s in after)
+    total = sum(t.data.size for n, t in before.items())
+    ui.info(
+        f"wrote {out}: {len(layers)} layers quantized in {seconds:.1f}s; size {_bytes(size_before)} -> {_bytes(size_after)} "
+        f"({size_before / max(size_after, 1):.2f}x smaller); {8 * stored / max(weights, 1):.3f} bits per quantized weight "
+        f"(codes, scales and biases), {8 * size_after / max(total, 1):.2f} bits per weight over the whole model"
+    )
