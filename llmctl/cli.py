@@ -11,6 +11,7 @@ import typer
 from llmctl import __version__
 from llmctl.commands import chat, generate, info, train
 from llmctl.commands import convert, quantize
+from llmctl.commands import eval as evaluate
 
 app = typer.Typer(
     name="llmctl",
@@ -60,5 +61,6 @@ app.command(name="train")(handled(train.train))
 app.command(name="info")(handled(info.info))
 app.command(name="generate")(handled(generate.generate))
 app.command(name="chat")(handled(chat.chat))
+app.command(name="eval")(handled(evaluate.eval_command))
 app.command(name="convert")(handled(convert.convert))
 app.command(name="quantize")(handled(quantize.quantize))

@@ -1,0 +1,130 @@
+"""`llmctl eval`: perplexity and bits per byte of a model on a text file; with --base, KL divergence to that model."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from llmctl.backends import Backend
+
+DEFAULT_SEQ_LEN = 512  # llama.cpp's perplexity context
+
+
+def read_text(path: Path) -> str:
+    """The file's text; a .jsonl's "text" fields joined by blank lines."""
+    from llmctl.data.text import read_documents
+    from llmctl.errors import DataError
+
+    if not path.is_file():
+        raise DataError(
+            f"{path}: no such file.",
+            hint="Pass the text to score with --data, e.g. a held-out .txt file or a .jsonl with a \"text\" field.",
+        )
+    return "\n\n".join(read_documents(path))
+
+
+def tokens_and_bytes(tokenizer: Any, text: str, max_tokens: int) -> tuple[list[int], int]:
+    """The text as one token stream (as training reads it: no BOS), cut to max_tokens + 1, and the UTF-8 bytes
+    of the text that the scored tokens (all but the first) cover."""
+    backend = getattr(tokenizer, "backend", None)
+    if backend is None:
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        ids = ids[: max_tokens + 1] if max_tokens else ids
+        return ids, len(tokenizer.decode(ids[1:]).encode("utf-8"))
+    encoding = backend.encode(text, add_special_tokens=False)
+    ids, offsets = encoding.ids, encoding.offsets
+    if max_tokens:
+        ids, offsets = ids[: max_tokens + 1], offsets[: max_tokens + 1]
+    if len(ids) < 2:
+        return ids, 0
+    return ids, len(text[offsets[1][0] : offsets[-1][1]].encode("utf-8"))
+
+
+def _table(result: dict[str, Any]) -> Any:
+    from rich.table import Table
+
+    table = Table(title=f"{result['model']} on {result['data']}", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    rows = [
+        ("backend", result["backend"]),
+        ("window / stride", f"{result['seq_len']} / {result['stride']}"),
+        ("tokens scored / bytes", f"{result['tokens']:,} / {result['bytes']:,}"),
+        ("perplexity", f"{result['perplexity']:.4f}"),
+        ("mean NLL (nats / token)", f"{result['nll']:.5f}"),
+        ("bits per byte", f"{result['bits_per_byte']:.5f}"),
+    ]
+    if "kl_mean" in result:
+        rows += [
+            ("base", result["base"]),
+            ("base perplexity", f"{result['base_perplexity']:.4f}"),
+            ("ln(PPL / base PPL)", f"{result['ln_ppl_ratio']:+.5f}"),
+            ("mean KL(base || model)", f"{result['kl_mean']:.6f} ± {result['kl_stderr']:.6f}"),
+            ("median / 99% / max KL", f"{result['kl_median']:.6f} / {result['kl_p99']:.6f} / {result['kl_max']:.6f}"),
+            ("top-1 agreement", f"{100 * result['top1_agreement']:.3f} %"),
+        ]
+    rows.append(("time", f"{result['seconds']:.1f} s ({result['tokens'] / max(result['seconds'], 1e-9):,.0f} tokens/s)"))
+    for label, value in rows:
+        table.add_row(label, value)
+    return table
+
+
+def eval_command(
+    model: Annotated[str, typer.Option("--model", help="Model folder (or Hugging Face id) to score.")],
+    data: Annotated[Path, typer.Option("--data", help="Text file to score (.txt, or .jsonl with \"text\").")],
+    base: Annotated[str | None, typer.Option("--base", help="Reference model: adds KL(base || model) and top-1 agreement.")] = None,
+    backend: Annotated[Backend, typer.Option(help="auto picks mlx on Apple silicon, else torch.")] = Backend.auto,
+    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per window; 0: 512, or the model's context if shorter.")] = 0,
+    stride: Annotated[int, typer.Option(help="Start a window every N tokens, scoring only new ones; 0: non-overlapping.")] = 0,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", help="Score at most N tokens; 0: the whole file.")] = 0,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Windows per forward pass.")] = 4,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON instead of a table.")] = False,
+) -> None:
+    """Print perplexity and bits per byte of --model on --data (with --base: KL divergence and top-1 agreement)."""
+    from llmctl import scoring, ui
+    from llmctl.backends import get_backend
+    from llmctl.errors import ConfigError, DataError
+    from llmctl.tokenizer import load_tokenizer
+
+    for name, value in (("--seq-len", seq_len), ("--stride", stride), ("--max-tokens", max_tokens)):
+        if value < 0:
+            raise ConfigError(f"{name}={value}; pass a positive number, or 0 for the default.")
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size={batch_size}; pass 1 or more.")
+    text = read_text(data)
+    runtime = get_backend(backend)
+    scored = runtime.load(model)
+    reference = runtime.load(base) if base is not None else None
+    if reference is not None and reference.spec.vocab_size != scored.spec.vocab_size:
+        raise ConfigError(
+            f"--base {base} has a vocabulary of {reference.spec.vocab_size} tokens, --model {model} one of "
+            f"{scored.spec.vocab_size}; KL divergence compares models that share a tokenizer.",
+            hint="Pass as --base the model that --model was made from.",
+        )
+    seq_len = seq_len or min(DEFAULT_SEQ_LEN, scored.spec.max_seq_len)
+    if seq_len > scored.spec.max_seq_len:
+        ui.warn(f"--seq-len {seq_len} is longer than the model's context of {scored.spec.max_seq_len} tokens.")
+    stride = min(stride or seq_len, seq_len)
+    ids, n_bytes = tokens_and_bytes(load_tokenizer(Path(scored.source or model)), text, max_tokens)
+    if len(ids) < 2:
+        raise DataError(f"{data}: {len(ids)} token(s); scoring needs at least 2.", hint="Pass a longer text.")
+    start = time.perf_counter()
+    plan = scoring.windows(len(ids), seq_len, stride)
+    with ui.progress(len(plan), "eval", log_every=max(1, len(plan) // 10)) as bar:
+        totals = scoring.score(scored.logits, ids, seq_len, stride, batch_size,
+                               reference.logits if reference is not None else None, on_batch=bar.update)
+    result: dict[str, Any] = {"model": str(model), "data": str(data), "backend": runtime.name, "seq_len": seq_len,
+                              "stride": stride, **scoring.summary(totals, n_bytes),
+                              "seconds": time.perf_counter() - start}
+    if base is not None:
+        result["base"] = str(base)
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+    else:
+        from rich.console import Console
+
+        Console().print(_table(result))  # the report is the command's output: stdout
