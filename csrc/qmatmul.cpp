@@ -153,7 +153,11 @@ class Pool {
   std::exception_ptr error_;
 };
 
-int hardware_threads() { return int(std::max(1u, std::thread::hardware_concurrency())); }
+// Asked once: glibc reads /sys for it, which costs more than a small product.
+int hardware_threads() {
+  static const int n = int(std::max(1u, std::thread::hardware_concurrency()));
+  return n;
+}
 
 bool isa_available(int isa) {
   switch (isa) {
@@ -227,7 +231,8 @@ bool prepare_x(QJob& job, const void* x, int x_dtype, bool want_int16, int phase
   if (!want_int16 || !finite) return finite;
   job.in_pad = (K + 127) / 128 * 128;
   job.xq.assign(size_t(B * job.in_pad), 0);
-  std::vector<int16_t> natural(static_cast<size_t>(K));
+  static thread_local std::vector<int16_t> natural;
+  natural.resize(size_t(K));
   const int phase_shift = phases == 4 ? 2 : phases == 2 ? 1 : 0, lane_shift = lanes == 32 ? 5 : 4;
   const int64_t chunk = int64_t(phases) * lanes;
   for (int64_t r = 0; r < B; ++r) {
@@ -363,8 +368,13 @@ void qmatmul(const void* x, int x_dtype, int64_t batch, int64_t in, const uint32
     return;
   }
 
-  QJob job{batch, in, out, in / group_size, group_size, bits, mode, w_dtype, y_dtype,
-           wq, scales, mode == kModeNF4 ? nullptr : biases, y, 0, {}, {}, {}, {}};
+  // One job per calling thread, reused: its buffers keep their capacity from call to call (decode
+  // makes ~100 small calls per token, too many for fresh allocations each time).
+  static thread_local QJob this_threads_job;
+  QJob& job = this_threads_job;  // a reference, so the workers' lambdas below see this thread's job
+  job.batch = batch, job.in = in, job.out = out, job.groups = in / group_size;
+  job.group_size = group_size, job.bits = bits, job.mode = mode, job.w_dtype = w_dtype, job.y_dtype = y_dtype;
+  job.wq = wq, job.scales = scales, job.biases = mode == kModeNF4 ? nullptr : biases, job.y = y;
   const bool simd = isa == kIsaAvx2 || isa == kIsaAvx512;
   const int phases = bits == 4 || bits == 8 ? 16 / bits : 1, lanes = isa == kIsaAvx512 ? 32 : 16;
   if (!prepare_x(job, x, x_dtype, simd, phases, lanes)) isa = kIsaScalar;  // inf/NaN: let float32 carry them

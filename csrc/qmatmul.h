@@ -50,13 +50,13 @@ namespace detail {
 
 // One call's arguments plus x prepared once for every output row.
 struct QJob {
-  int64_t batch, in, out, groups;  // groups = in / group_size
-  int group_size, bits, mode, w_dtype, y_dtype;
-  const uint32_t* wq;
-  const void* scales;
-  const void* biases;
-  void* y;
-  int64_t in_pad;             // row stride of xq: in rounded up to 128
+  int64_t batch = 0, in = 0, out = 0, groups = 0;  // groups = in / group_size
+  int group_size = 0, bits = 0, mode = 0, w_dtype = 0, y_dtype = 0;
+  const uint32_t* wq = nullptr;
+  const void* scales = nullptr;
+  const void* biases = nullptr;
+  void* y = nullptr;
+  int64_t in_pad = 0;         // row stride of xq: in rounded up to 128
   std::vector<float> xf;      // (batch, in) x as float32
   std::vector<int16_t> xq;    // (batch, in_pad) x / sx per group, laid out as the kernel reads it
   std::vector<float> sx;      // (batch, groups + 1) int16 step of each group of x (0 padded)

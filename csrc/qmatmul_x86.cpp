@@ -45,7 +45,7 @@ void load_tile(const QJob& job, int64_t o0, int64_t rows, Scratch& t, Convert co
   t.stride = ng + 16;
   t.scales.assign(size_t(rows * t.stride), 0.0f);
   t.biases.assign(size_t(rows * t.stride), 0.0f);
-  t.combined.assign(size_t(kMaxXRows * t.stride), 0.0f);
+  t.combined.assign(size_t(kRowTile * kMaxXRows * t.stride), 0.0f);
   const float extra = job.mode == kModeNF4 ? 1.0f / kNF4Int16Scale : 1.0f;  // undo the levels' 2^13
   for (int64_t i = 0; i < rows; ++i) {
     convert(job.scales, (o0 + i) * ng, ng, t.scales.data() + i * t.stride, extra);
@@ -84,15 +84,6 @@ struct ConvertAvx512 {
   }
 };
 
-LLMCTL_AVX512 float dot_avx512(const float* a, const float* b, int64_t n) {
-  __m512 acc = _mm512_setzero_ps();
-  for (int64_t k = 0; k < n; k += 16) {
-    const __mmask16 m = __mmask16((1u << std::min<int64_t>(16, n - k)) - 1u);
-    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + k), _mm512_maskz_loadu_ps(m, b + k), acc);
-  }
-  return _mm512_reduce_add_ps(acc);
-}
-
 LLMCTL_AVX512 void multiply_avx512(const float* a, const float* b, int64_t n, float* out) {
   for (int64_t k = 0; k < n; k += 16) {
     const __mmask16 m = __mmask16((1u << std::min<int64_t>(16, n - k)) - 1u);
@@ -100,10 +91,12 @@ LLMCTL_AVX512 void multiply_avx512(const float* a, const float* b, int64_t n, fl
   }
 }
 
-// One output row o against x rows r0 .. r0 + NR. s, b: the row's float32 scales and biases.
+// One output row o against x rows r0 .. r0 + NR. combined: the row's scale * sx per group for each
+// x row (stride apart); b: the row's float32 biases.
 template <int BITS, int G, bool NF4, int NR>
-LLMCTL_AVX512 void row_avx512(const QJob& job, int64_t o, int64_t r0, const float* s, const float* b, float* combined,
-                              int64_t stride) {
+LLMCTL_AVX512 inline __attribute__((always_inline)) void row_avx512(const QJob& job, int64_t o, int64_t r0,
+                                                                    const float* combined, int64_t stride,
+                                                                    const float* b) {
   const int64_t ng = job.groups, K = job.in;
   const uint8_t* w = reinterpret_cast<const uint8_t*>(job.wq + o * (K * BITS / 32));
   const int16_t* xq[NR];
@@ -112,7 +105,6 @@ LLMCTL_AVX512 void row_avx512(const QJob& job, int64_t o, int64_t r0, const floa
   for (int i = 0; i < NR; ++i) {
     xq[i] = job.xq.data() + (r0 + i) * job.in_pad;
     c[i] = combined + i * stride;
-    multiply_avx512(s, job.sx.data() + (r0 + i) * (ng + 1), ng, combined + i * stride);
     acc[i] = _mm512_setzero_ps();
   }
   if constexpr (BITS == 4 || BITS == 8) {
@@ -163,9 +155,14 @@ LLMCTL_AVX512 void row_avx512(const QJob& job, int64_t o, int64_t r0, const floa
     }
   }
   for (int i = 0; i < NR; ++i) {
-    float v = _mm512_reduce_add_ps(acc[i]);
-    if (!NF4) v += dot_avx512(b, job.xsum.data() + (r0 + i) * (ng + 1), ng);
-    store_y(job, r0 + i, o, v);
+    if (!NF4) {  // + sum_g b_g * sum(x in g), lane-wise before the one reduction
+      const float* xs = job.xsum.data() + (r0 + i) * (ng + 1);
+      for (int64_t g = 0; g < ng; g += 16) {
+        const __mmask16 m = __mmask16((1u << std::min<int64_t>(16, ng - g)) - 1u);
+        acc[i] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, b + g), _mm512_maskz_loadu_ps(m, xs + g), acc[i]);
+      }
+    }
+    store_y(job, r0 + i, o, _mm512_reduce_add_ps(acc[i]));
   }
 }
 
@@ -173,21 +170,25 @@ LLMCTL_AVX512 void row_avx512(const QJob& job, int64_t o, int64_t r0, const floa
 // while every block of x passes over them.
 template <int BITS, int G, bool NF4>
 LLMCTL_AVX512 void rows_avx512(const QJob& job, int64_t o0, int64_t o1) {
-  Scratch t;
+  static thread_local Scratch t;  // reused across calls: no allocation once warm
   for (int64_t t0 = o0; t0 < o1; t0 += kRowTile) {
     const int64_t t1 = std::min<int64_t>(o1, t0 + kRowTile);
     load_tile(job, t0, t1 - t0, t, ConvertAvx512{job.w_dtype});
     for (int64_t r0 = 0; r0 < job.batch; r0 += kMaxXRows) {
       const int64_t nr = std::min<int64_t>(kMaxXRows, job.batch - r0);
+      // combined[(o - t0) * kMaxXRows + i] = the row's scales * x row r0 + i's steps, per group
+      for (int64_t o = t0; o < t1; ++o)
+        for (int64_t i = 0; i < nr; ++i)
+          multiply_avx512(t.scales.data() + (o - t0) * t.stride, job.sx.data() + (r0 + i) * (job.groups + 1), job.groups,
+                          t.combined.data() + ((o - t0) * kMaxXRows + i) * t.stride);
       for (int64_t o = t0; o < t1; ++o) {
-        const float* s = t.scales.data() + (o - t0) * t.stride;
+        const float* c = t.combined.data() + (o - t0) * kMaxXRows * t.stride;
         const float* b = t.biases.data() + (o - t0) * t.stride;
-        float* c = t.combined.data();
         switch (nr) {
-          case 1: row_avx512<BITS, G, NF4, 1>(job, o, r0, s, b, c, t.stride); break;
-          case 2: row_avx512<BITS, G, NF4, 2>(job, o, r0, s, b, c, t.stride); break;
-          case 3: row_avx512<BITS, G, NF4, 3>(job, o, r0, s, b, c, t.stride); break;
-          default: row_avx512<BITS, G, NF4, 4>(job, o, r0, s, b, c, t.stride); break;
+          case 1: row_avx512<BITS, G, NF4, 1>(job, o, r0, c, t.stride, b); break;
+          case 2: row_avx512<BITS, G, NF4, 2>(job, o, r0, c, t.stride, b); break;
+          case 3: row_avx512<BITS, G, NF4, 3>(job, o, r0, c, t.stride, b); break;
+          default: row_avx512<BITS, G, NF4, 4>(job, o, r0, c, t.stride, b); break;
         }
       }
     }
@@ -218,8 +219,9 @@ LLMCTL_AVX2 __m256i nf4_levels_avx2(__m256i codes, __m256i table_lo, __m256i tab
 }
 
 template <int BITS, int G, bool NF4, int NR>
-LLMCTL_AVX2 void row_avx2(const QJob& job, int64_t o, int64_t r0, const float* s, const float* b, float* combined,
-                          int64_t stride) {
+LLMCTL_AVX2 inline __attribute__((always_inline)) void row_avx2(const QJob& job, int64_t o, int64_t r0,
+                                                                const float* s, const float* b, float* combined,
+                                                                int64_t stride) {
   const int64_t ng = job.groups, K = job.in;
   const uint8_t* w = reinterpret_cast<const uint8_t*>(job.wq + o * (K * BITS / 32));
   const int16_t* xq[NR];
@@ -307,7 +309,7 @@ LLMCTL_AVX2 void row_avx2(const QJob& job, int64_t o, int64_t r0, const float* s
 
 template <int BITS, int G, bool NF4>
 LLMCTL_AVX2 void rows_avx2(const QJob& job, int64_t o0, int64_t o1) {
-  Scratch t;
+  static thread_local Scratch t;  // reused across calls: no allocation once warm
   for (int64_t t0 = o0; t0 < o1; t0 += kRowTile) {
     const int64_t t1 = std::min<int64_t>(o1, t0 + kRowTile);
     load_tile(job, t0, t1 - t0, t, ConvertScalar{job.w_dtype});

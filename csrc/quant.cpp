@@ -23,7 +23,8 @@ constexpr int64_t kMinElementsPerThread = 1 << 16;
 void parallel_for(int64_t n, int64_t cost_per_item, int threads,
                   const std::function<void(int64_t, int64_t)>& fn) {
   if (n <= 0) return;
-  int64_t workers = threads > 0 ? threads : std::max(1u, std::thread::hardware_concurrency());
+  static const int64_t hardware = std::max(1u, std::thread::hardware_concurrency());  // glibc reads /sys
+  int64_t workers = threads > 0 ? threads : hardware;
   workers = std::min(workers, std::max<int64_t>(1, n * cost_per_item / kMinElementsPerThread));
   workers = std::min(workers, n);
   if (workers == 1) {

@@ -318,7 +318,7 @@ ISAS = ("auto", "scalar", "avx2", "avx512", "neon")
 MODES = ("affine", "nf4")
 
 
-def _isa_code(isa: str | None) -> int:
+def isa_code(isa: str | None) -> int:
     """The C++ isa code of a name; None reads LLMCTL_ISA (default auto), e.g. LLMCTL_ISA=scalar for a reference run."""
     import os
 
@@ -406,7 +406,7 @@ def qmatmul(
             lib.qmatmul_cuda(*args, stream)
     else:
         try:
-            _lib().qmatmul(*args, threads, _isa_code(isa))
+            _lib().qmatmul(*args, threads, isa_code(isa))
         except ValueError as error:
             raise KernelArgumentError(f"{error}.") from None
     return _result(y)

@@ -13,6 +13,16 @@ from llmctl.io.safetensors import RawTensor, from_torch, to_torch
 from llmctl.quant import AUX_SUFFIXES, QuantParams, expand_double_quant, quantization_of, quantized_layers
 
 
+_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # csrc/quant.h's DType
+_MODES = {"affine": 0, "nf4": 1}
+
+
+def _lib():
+    from llmctl import _C
+
+    return _C
+
+
 class _QMatmul(torch.autograd.Function):
     """y = x @ W^T through the kernels; the backward pass (for adapters on top, QLoRA) uses the dequantized W."""
 
@@ -46,7 +56,19 @@ class QuantizedLinear(nn.Module):
 
     def matmul(self, x: Tensor) -> Tensor:
         """x (..., in) @ W^T with no bias, in x's dtype."""
-        return kernels.qmatmul(x, self.weight, self.scales, self.biases, self.group_size, self.bits, mode=self.mode)
+        code = _DTYPE_CODES.get(x.dtype)
+        if x.device.type != "cpu" or code is None or x.shape[-1] != self.in_features or self.scales.dtype not in _DTYPE_CODES:
+            return kernels.qmatmul(x, self.weight, self.scales, self.biases, self.group_size, self.bits, mode=self.mode)
+        # The decode path: a hundred small products per token, so straight to the kernel (checked at load).
+        x = x.contiguous()
+        y = torch.empty(*x.shape[:-1], self.out_features, dtype=x.dtype)
+        biases = 0 if self.biases is None else self.biases.data_ptr()
+        _lib().qmatmul(
+            x.data_ptr(), code, x.numel() // self.in_features, self.in_features, self.weight.data_ptr(),
+            self.scales.data_ptr(), biases, _DTYPE_CODES[self.scales.dtype], self.out_features, self.group_size,
+            self.bits, _MODES[self.mode], y.data_ptr(), code, 0, kernels.isa_code(None),
+        )  # fmt: skip
+        return y
 
     def dequantized(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """The weight as a float (out, in) matrix."""
