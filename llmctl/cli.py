@@ -10,6 +10,7 @@ import typer
 
 from llmctl import __version__
 from llmctl.commands import chat, generate, info, train
+from llmctl.commands import convert
 from llmctl.commands import convert, quantize
 from llmctl.commands import eval as evaluate
 

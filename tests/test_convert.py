@@ -172,7 +172,7 @@ def test_existing_out_is_refused_unless_force(float_folder, tmp_path):
         (["--out", "{tmp}/m.gguf", "--type", "q6_k"], "q6_k"),
         (["--out", "{tmp}/m.gguf", "--dtype", "fp32"], "--dtype is for folder outputs"),
         (["--out", "{tmp}/folder", "--type", "q4_0"], "--type is for .gguf outputs"),
-        (["--out", "{tmp}/folder"], "already a model folder: pass --dtype"),
+        (["--out", "{tmp}/folder"], "is a model folder already: pass --dtype"),
         (["--out", "{tmp}/folder", "--dtype", "fp64"], "fp64"),
     ],
     ids=["unsupported-type", "dtype-to-gguf", "type-to-folder", "folder-to-folder", "unsupported-dtype"],

@@ -579,3 +579,30 @@ def test_smollm2_quantized_gguf_greedy_matches_transformers_on_torch(smollm2, sm
     prompt, reference = smollm2_reference
     model = get_backend("torch").load(smollm2)  # the .gguf itself, its blocks run as affine 4-/8-bit groups
     assert model.greedy(prompt, 32) == reference
+
+
+@pytest.mark.slow
+def test_smollm2_written_by_llmctl_runs_in_llama_cpp(smollm2, smollm2_fp32, smollm2_reference, tmp_path):
+    """llama.cpp (llama-cpp-python) loads the GGUF files llmctl writes: the Q4_1 file rebuilt from a quantized
+    folder answers the question, and a float32 file from the dequantized folder gives transformers' greedy tokens."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    from typer.testing import CliRunner
+
+    from llmctl.cli import app
+
+    runner = CliRunner()
+    prompt, reference = smollm2_reference
+    for args in ([str(smollm2), "--out", str(tmp_path / "q")], [str(tmp_path / "q"), "--out", str(tmp_path / "q.gguf")],
+                 [str(smollm2_fp32), "--out", str(tmp_path / "f32.gguf")]):  # fmt: skip
+        result = runner.invoke(app, ["convert", *args])
+        assert result.exit_code == 0, result.output
+    for name, n in (("q.gguf", 8), ("f32.gguf", 32)):
+        llm = llama_cpp.Llama(str(tmp_path / name), n_ctx=256, n_threads=2, verbose=False)
+        text = llm.detokenize(prompt, special=True).decode()
+        assert llm.tokenize(text.encode(), add_bos=False, special=True) == prompt, name
+        tokens = []
+        for token in llm.generate(prompt, temp=0.0, top_k=1, repeat_penalty=1.0):
+            tokens.append(token)
+            if len(tokens) == n:
+                break
+        assert tokens == reference[:n], name

@@ -114,12 +114,12 @@ def _replace(staged: Path, out: Path) -> None:
 
 def to_folder(source: Source, out: Path, dtype: str | None) -> ConversionReport:
     """Write `source` as a model folder: quantized as it is (GGUF -> affine), or every tensor as float `dtype`."""
+    import numpy as np
+
     from llmctl.io.gguf import (
         QUANT_KEYS, ConversionReport, affine_float32, dequantize_tensors, error_stats, float32_of, layer_quantization,
     )  # fmt: skip
     from llmctl.io.model_folder import write_model
-
-    import numpy as np
 
     report = ConversionReport(notices=list(source.notices))
     tensors, quantization = source.tensors, source.quantization
@@ -179,6 +179,10 @@ def convert(
         raise typer.BadParameter("--dtype is for folder outputs; a .gguf output takes --type (f32, f16, ...).")
     if not to_gguf and type_ is not None:
         raise typer.BadParameter("--type is for .gguf outputs; a folder output takes --dtype (fp32, bf16, fp16).")
+    if not to_gguf and dtype is None and not is_gguf(model):
+        raise typer.BadParameter(
+            f"{model} is a model folder already: pass --dtype to write it as floats, or name OUT *.gguf."
+        )
     if Path(model).exists() and Path(model).resolve() == out.resolve():
         raise CheckpointError(f"--out {out} is the model being converted.", hint="Write to another name.")
     if out.exists() and not force:
@@ -195,10 +199,6 @@ def convert(
         types = ", ".join(f"{n} {t}" for t, n in sorted(report.types.items()))
         ui.info(f"wrote {out} ({types})")
     else:
-        if dtype is None and source.folder is not None:
-            raise typer.BadParameter(
-                f"{model} is already a model folder: pass --dtype to write it as floats, or name OUT *.gguf."
-            )
         report = to_folder(source, out, DTYPES[dtype.value] if dtype else None)
         what = f"float {DTYPES[dtype.value]}" if dtype else ("affine-quantized" if source.quantization else "float")
         ui.info(f"wrote {out} ({what} model folder)")

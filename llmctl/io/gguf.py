@@ -237,7 +237,7 @@ def float32_of(raw: RawTensor) -> np.ndarray:
     if raw.dtype == "BF16":
         return (raw.data.astype(np.uint32) << 16).view(np.float32)
     if raw.dtype in ("F32", "F16", "F64"):
-        return raw.data.astype(np.float32)
+        return raw.data.astype(np.float32, copy=False)  # float32 stays a view of the (memory-mapped) file
     raise CheckpointError(f"A {raw.dtype} tensor is not a float tensor llmctl can convert.")
 
 
