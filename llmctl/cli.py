@@ -10,7 +10,6 @@ import typer
 
 from llmctl import __version__
 from llmctl.commands import chat, generate, info, train
-from llmctl.commands import convert
 from llmctl.commands import convert, quantize
 from llmctl.commands import eval as evaluate
 
