@@ -53,20 +53,22 @@ class QuantizedLinear(nn.Module):
         else:
             self.biases = None
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype)) if bias else None
+        self.isa = kernels.isa_code(None)  # $LLMCTL_ISA (e.g. scalar) as it was when the model was built
 
     def matmul(self, x: Tensor) -> Tensor:
         """x (..., in) @ W^T with no bias, in x's dtype."""
         code = _DTYPE_CODES.get(x.dtype)
         if x.device.type != "cpu" or code is None or x.shape[-1] != self.in_features or self.scales.dtype not in _DTYPE_CODES:
             return kernels.qmatmul(x, self.weight, self.scales, self.biases, self.group_size, self.bits, mode=self.mode)
-        # The decode path: a hundred small products per token, so straight to the kernel (checked at load).
+        # The decode path: a hundred small products per token, so straight to the kernel (checked at load),
+        # with as many threads as torch uses.
         x = x.contiguous()
         y = torch.empty(*x.shape[:-1], self.out_features, dtype=x.dtype)
         biases = 0 if self.biases is None else self.biases.data_ptr()
         _lib().qmatmul(
             x.data_ptr(), code, x.numel() // self.in_features, self.in_features, self.weight.data_ptr(),
             self.scales.data_ptr(), biases, _DTYPE_CODES[self.scales.dtype], self.out_features, self.group_size,
-            self.bits, _MODES[self.mode], y.data_ptr(), code, 0, kernels.isa_code(None),
+            self.bits, _MODES[self.mode], y.data_ptr(), code, torch.get_num_threads(), self.isa,
         )  # fmt: skip
         return y
 
