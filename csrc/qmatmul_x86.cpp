@@ -166,6 +166,75 @@ LLMCTL_AVX512 inline __attribute__((always_inline)) void row_avx512(const QJob& 
   }
 }
 
+// One x row (decode): two output rows at a time, sharing the x loads and interleaving their chains.
+template <int BITS, int G, bool NF4>
+LLMCTL_AVX512 inline __attribute__((always_inline)) void two_rows_avx512(const QJob& job, int64_t o, int64_t r,
+                                                                         const float* c0, const float* c1,
+                                                                         const float* b0, const float* b1) {
+  const int64_t ng = job.groups, K = job.in, bytes = K * BITS / 8;
+  const uint8_t* w0 = reinterpret_cast<const uint8_t*>(job.wq + o * (K * BITS / 32));
+  const uint8_t* w1 = w0 + bytes;
+  const int16_t* xq = job.xq.data() + r * job.in_pad;
+  constexpr int kCodes = 512 / BITS, kPerLane = kCodes / 16;
+  constexpr LaneGroups<16, kPerLane, G> lane_groups;
+  const __m512i groups_of_lanes = _mm512_loadu_si512(lane_groups.idx);
+  const __m512i levels = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(kNF4Int16)));
+  const __m512i mask = _mm512_set1_epi16(BITS == 4 ? 0x0F : 0xFF);
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+  auto split = [&](__m512i raw, __m512i* q) LLMCTL_AVX512 {
+    if constexpr (BITS == 4) {
+      q[0] = _mm512_and_si512(raw, mask);
+      q[1] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), mask);
+      q[2] = _mm512_and_si512(_mm512_srli_epi16(raw, 8), mask);
+      q[3] = _mm512_srli_epi16(raw, 12);
+      if constexpr (NF4)
+        for (int j = 0; j < 4; ++j) q[j] = _mm512_permutexvar_epi16(q[j], levels);
+    } else {
+      q[0] = _mm512_and_si512(raw, mask);
+      q[1] = _mm512_srli_epi16(raw, 8);
+    }
+  };
+  for (int64_t u = 0; u * 64 < bytes; ++u) {
+    const int64_t left = bytes - u * 64;
+    const __mmask64 m = left >= 64 ? ~0ull : (~0ull) >> (64 - left);
+    __m512i q0[16 / BITS], q1[16 / BITS];
+    split(_mm512_maskz_loadu_epi8(m, w0 + u * 64), q0);
+    split(_mm512_maskz_loadu_epi8(m, w1 + u * 64), q1);
+    const int16_t* xp = xq + u * kCodes;
+    __m512i d0a = _mm512_setzero_si512(), d0b = _mm512_setzero_si512();
+    __m512i d1a = _mm512_setzero_si512(), d1b = _mm512_setzero_si512();
+    for (int j = 0; j < 16 / BITS; j += 2) {  // two chains per row: shorter dependency paths
+      const __m512i xa = _mm512_loadu_si512(xp + 32 * j), xb = _mm512_loadu_si512(xp + 32 * (j + 1));
+      d0a = _mm512_dpwssd_epi32(d0a, q0[j], xa);
+      d0b = _mm512_dpwssd_epi32(d0b, q0[j + 1], xb);
+      d1a = _mm512_dpwssd_epi32(d1a, q1[j], xa);
+      d1b = _mm512_dpwssd_epi32(d1b, q1[j + 1], xb);
+    }
+    const int64_t g0 = u * kCodes / G;
+    __m512 s0, s1;
+    if constexpr (kCodes <= G) {
+      s0 = _mm512_set1_ps(c0[g0]);
+      s1 = _mm512_set1_ps(c1[g0]);
+    } else {
+      s0 = _mm512_permutexvar_ps(groups_of_lanes, _mm512_loadu_ps(c0 + g0));
+      s1 = _mm512_permutexvar_ps(groups_of_lanes, _mm512_loadu_ps(c1 + g0));
+    }
+    acc0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(d0a, d0b)), s0, acc0);
+    acc1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(d1a, d1b)), s1, acc1);
+  }
+  if (!NF4) {
+    const float* xs = job.xsum.data() + r * (ng + 1);
+    for (int64_t g = 0; g < ng; g += 16) {
+      const __mmask16 m = __mmask16((1u << std::min<int64_t>(16, ng - g)) - 1u);
+      const __m512 x = _mm512_maskz_loadu_ps(m, xs + g);
+      acc0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, b0 + g), x, acc0);
+      acc1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, b1 + g), x, acc1);
+    }
+  }
+  store_y(job, r, o, _mm512_reduce_add_ps(acc0));
+  store_y(job, r, o + 1, _mm512_reduce_add_ps(acc1));
+}
+
 // Output rows in tiles of kRowTile, x rows in blocks of kMaxXRows: a tile's weights stay in cache
 // while every block of x passes over them.
 template <int BITS, int G, bool NF4>
@@ -181,7 +250,15 @@ LLMCTL_AVX512 void rows_avx512(const QJob& job, int64_t o0, int64_t o1) {
         for (int64_t i = 0; i < nr; ++i)
           multiply_avx512(t.scales.data() + (o - t0) * t.stride, job.sx.data() + (r0 + i) * (job.groups + 1), job.groups,
                           t.combined.data() + ((o - t0) * kMaxXRows + i) * t.stride);
-      for (int64_t o = t0; o < t1; ++o) {
+      int64_t o = t0;
+      if constexpr (BITS == 4 || BITS == 8) {
+        for (; nr == 1 && o + 1 < t1; o += 2) {
+          const float* c = t.combined.data() + (o - t0) * kMaxXRows * t.stride;
+          const float* b = t.biases.data() + (o - t0) * t.stride;
+          two_rows_avx512<BITS, G, NF4>(job, o, r0, c, c + kMaxXRows * t.stride, b, b + t.stride);
+        }
+      }
+      for (; o < t1; ++o) {
         const float* c = t.combined.data() + (o - t0) * kMaxXRows * t.stride;
         const float* b = t.biases.data() + (o - t0) * t.stride;
         switch (nr) {
