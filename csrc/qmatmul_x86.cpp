@@ -43,9 +43,10 @@ template <typename Convert>
 void load_tile(const QJob& job, int64_t o0, int64_t rows, Scratch& t, Convert convert) {
   const int64_t ng = job.groups;
   t.stride = ng + 16;
-  t.scales.assign(size_t(rows * t.stride), 0.0f);
-  t.biases.assign(size_t(rows * t.stride), 0.0f);
-  t.combined.assign(size_t(kRowTile * kMaxXRows * t.stride), 0.0f);
+  // Sized once and reused; what is read past the groups (combined's last 16 per row) is zeroed where written.
+  t.scales.resize(size_t(kRowTile * t.stride));
+  t.biases.resize(size_t(kRowTile * t.stride));
+  t.combined.resize(size_t(kRowTile * kMaxXRows * t.stride));
   const float extra = job.mode == kModeNF4 ? 1.0f / kNF4Int16Scale : 1.0f;  // undo the levels' 2^13
   for (int64_t i = 0; i < rows; ++i) {
     convert(job.scales, (o0 + i) * ng, ng, t.scales.data() + i * t.stride, extra);
@@ -84,11 +85,13 @@ struct ConvertAvx512 {
   }
 };
 
+// out[:n] = a * b, then out[n : n + 16] = 0 (vector loads of a row's last groups read there).
 LLMCTL_AVX512 void multiply_avx512(const float* a, const float* b, int64_t n, float* out) {
   for (int64_t k = 0; k < n; k += 16) {
     const __mmask16 m = __mmask16((1u << std::min<int64_t>(16, n - k)) - 1u);
-    _mm512_mask_storeu_ps(out + k, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, a + k), _mm512_maskz_loadu_ps(m, b + k)));
+    _mm512_storeu_ps(out + k, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, a + k), _mm512_maskz_loadu_ps(m, b + k)));
   }
+  _mm512_storeu_ps(out + n, _mm512_setzero_ps());
 }
 
 // One output row o against x rows r0 .. r0 + NR. combined: the row's scale * sx per group for each
@@ -309,6 +312,7 @@ LLMCTL_AVX2 inline __attribute__((always_inline)) void row_avx2(const QJob& job,
     c[i] = combined + i * stride;
     const float* sx = job.sx.data() + (r0 + i) * (ng + 1);
     for (int64_t g = 0; g < ng; ++g) combined[i * stride + g] = s[g] * sx[g];
+    std::fill(combined + i * stride + ng, combined + (i + 1) * stride, 0.0f);  // read by the last vector loads
     acc[i] = _mm256_setzero_ps();
   }
   if constexpr (BITS == 4 || BITS == 8) {
