@@ -48,7 +48,9 @@ using detail::QJob;
 
 [[noreturn]] void fail(const std::string& message) { throw std::invalid_argument(message); }
 
-// ---- a persistent pool: decode runs ~100 small products per token, too many to start threads for
+// ---- a persistent pool: decode runs ~100 small products per token, too many to start threads for.
+// Tasks are claimed from a shared counter, so the caller never waits for a worker that has not woken
+// up yet (on a busy machine it may not run for milliseconds): it simply takes the tasks itself.
 
 class Pool {
  public:
@@ -57,15 +59,16 @@ class Pool {
     return *pool;
   }
 
-  // fn(i) for i in [0, n): i = 0 on the calling thread, the others on workers; rethrows the first
-  // exception. A second caller while a run is in flight runs everything itself.
-  void run(int n, const std::function<void(int)>& fn) {
+  // fn(task) for task in [0, tasks), on the calling thread and up to threads - 1 workers; returns when
+  // all are done and rethrows the first exception. A second caller while a run is in flight runs
+  // everything itself.
+  void run(int tasks, int threads, const std::function<void(int)>& fn) {
     std::unique_lock<std::mutex> busy(run_mutex_, std::try_to_lock);
-    if (n <= 1 || !busy.owns_lock()) {
-      for (int i = 0; i < n; ++i) fn(i);
+    if (tasks <= 1 || threads <= 1 || !busy.owns_lock()) {
+      for (int i = 0; i < tasks; ++i) fn(i);
       return;
     }
-    while (int(workers_.size()) < n - 1) {
+    while (int(workers_.size()) < threads - 1) {
       const int index = int(workers_.size()) + 1;
       const uint64_t seen = generation_.load();  // a new worker must not miss the run below
       workers_.emplace_back([this, index, seen] { work(index, seen); });
@@ -73,15 +76,18 @@ class Pool {
     }
     error_ = nullptr;
     fn_ = &fn;
-    n_ = n;
-    remaining_.store(n - 1, std::memory_order_relaxed);
+    total_ = tasks;
+    participants_ = threads;
+    done_.store(0, std::memory_order_relaxed);
+    const uint32_t run_id = uint32_t(generation_.load() + 1);
+    claim_.store(uint64_t(run_id) << 32, std::memory_order_release);
     {
       std::lock_guard<std::mutex> lock(mutex_);
       generation_.fetch_add(1, std::memory_order_release);
     }
     wake_.notify_all();
-    call(fn, 0);
-    while (remaining_.load(std::memory_order_acquire) != 0) relax();
+    work_on(run_id);
+    while (done_.load(std::memory_order_acquire) != tasks) relax();
     fn_ = nullptr;
     if (error_) std::rethrow_exception(error_);
   }
@@ -111,12 +117,21 @@ class Pool {
 #endif
   }
 
-  void call(const std::function<void(int)>& fn, int i) {
-    try {
-      fn(i);
-    } catch (...) {
-      std::lock_guard<std::mutex> lock(mutex_);
-      if (!error_) error_ = std::current_exception();
+  // Claims and runs tasks of run `run_id` until none is left; a late worker finds the counter of a
+  // later run (another id) and claims nothing, so it never runs a finished run's function.
+  void work_on(uint32_t run_id) {
+    uint64_t current = claim_.load(std::memory_order_acquire);
+    while (uint32_t(current >> 32) == run_id && int(current & 0xFFFFFFFFu) < total_) {
+      if (!claim_.compare_exchange_weak(current, current + 1, std::memory_order_acq_rel)) continue;
+      const int task = int(current & 0xFFFFFFFFu);
+      try {
+        (*fn_)(task);
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(mutex_);
+        if (!error_) error_ = std::current_exception();
+      }
+      done_.fetch_add(1, std::memory_order_acq_rel);
+      current = claim_.load(std::memory_order_acquire);
     }
   }
 
@@ -135,10 +150,7 @@ class Pool {
         }
       }
       seen = generation_.load(std::memory_order_acquire);
-      if (index < n_) {
-        call(*fn_, index);
-        remaining_.fetch_sub(1, std::memory_order_acq_rel);
-      }
+      if (index < participants_) work_on(uint32_t(seen));
     }
   }
 
@@ -146,9 +158,10 @@ class Pool {
   std::mutex run_mutex_, mutex_;
   std::condition_variable wake_;
   std::atomic<uint64_t> generation_{0};
-  std::atomic<int> remaining_{0};
+  std::atomic<uint64_t> claim_{0};  // (run id << 32) | next task
+  std::atomic<int> done_{0};
   const std::function<void(int)>* fn_ = nullptr;
-  int n_ = 0;
+  int total_ = 0, participants_ = 0;
   int spin_us_ = 200;
   std::exception_ptr error_;
 };
@@ -383,11 +396,16 @@ void qmatmul(const void* x, int x_dtype, int64_t batch, int64_t in, const uint32
               : isa == kIsaNeon ? detail::qmatmul_rows_neon
                                 : qmatmul_rows_scalar;
 
-  // Split output rows so that each thread reads at least ~64 KiB of weights or does as much work.
+  // Threads only where each reads at least ~64 KiB of weights or does as much work; four tasks per
+  // thread (of whole 16-row tiles), so a thread that starts late is made up for by the others.
   const int max_threads = threads > 0 ? threads : hardware_threads();
   const double work = double(out) * double(in) * (bits / 8.0 + double(batch));
   const int n = int(std::max<int64_t>(1, std::min<int64_t>({max_threads, int64_t(work / 65536.0), out})));
-  Pool::get().run(n, [&](int t) { rows(job, out * t / n, out * (t + 1) / n); });
+  const int64_t tiles = (out + 15) / 16;
+  const int tasks = int(std::min<int64_t>(tiles, n == 1 ? 1 : 4 * n));
+  Pool::get().run(tasks, n, [&](int t) {
+    rows(job, std::min(out, tiles * t / tasks * 16), std::min(out, tiles * (t + 1) / tasks * 16));
+  });
 }
 
 void quantize_nf4(const void* w, int dtype, int64_t rows, int64_t cols, int group_size, uint32_t* wq,
@@ -401,7 +419,7 @@ void quantize_nf4(const void* w, int dtype, int64_t rows, int64_t cols, int grou
   std::atomic<bool> nonfinite{false};
   const int max_threads = threads > 0 ? threads : hardware_threads();
   const int n = int(std::max<int64_t>(1, std::min<int64_t>(max_threads, rows * cols / 65536)));
-  Pool::get().run(n, [&](int t) {
+  Pool::get().run(n, n, [&](int t) {
     uint32_t codes[128];
     for (int64_t g = n_groups * t / n; g < n_groups * (t + 1) / n; ++g) {
       float amax = 0.0f;
@@ -437,7 +455,7 @@ void dequantize_nf4(const uint32_t* wq, const void* scales, int dtype, int64_t r
   const int64_t n_groups = rows * cols / group_size;
   const int max_threads = threads > 0 ? threads : hardware_threads();
   const int n = int(std::max<int64_t>(1, std::min<int64_t>(max_threads, rows * cols / 65536)));
-  Pool::get().run(n, [&](int t) {
+  Pool::get().run(n, n, [&](int t) {
     for (int64_t g = n_groups * t / n; g < n_groups * (t + 1) / n; ++g) {
       const float s = load_float(scales, dtype, g);
       for (int i = 0; i < group_size; ++i) {
