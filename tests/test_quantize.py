@@ -217,3 +217,21 @@ def test_gguf_output(llama, tmp_path):
     reader = gguf.GGUFReader(out)
     types = {t.name: t.tensor_type.name for t in reader.tensors}
     assert types["blk.0.ffn_up.weight"] == "Q8_0"
+
+
+def test_torch_quantized_linear_passes_gradients_to_its_input():
+    torch = pytest.importorskip("torch")
+    from llmctl import kernels
+    from llmctl.backends.torch.quant import QuantizedLinear
+    from llmctl.quant import QuantParams
+
+    layer = QuantizedLinear(128, 24, True, QuantParams(64, 4))
+    w = torch.randn(24, 128, generator=torch.Generator().manual_seed(0)) * 0.05
+    layer.weight, layer.scales, layer.biases = kernels.quantize(w, 64, 4)
+    layer.bias.data.fill_(0.5)
+    x = torch.randn(3, 128, requires_grad=True)
+    y = layer(x)
+    dense = layer.dequantized()
+    torch.testing.assert_close(y, x.detach() @ dense.T + 0.5, atol=1e-3, rtol=1e-3)
+    y.square().sum().backward()
+    torch.testing.assert_close(x.grad, (2 * y.detach()) @ dense, atol=1e-4, rtol=1e-4)
