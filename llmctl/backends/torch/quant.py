@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -17,7 +19,9 @@ _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # csrc/q
 _MODES = {"affine": 0, "nf4": 1}
 
 
-def _lib():
+@functools.cache
+def _lib() -> Any:
+    """llmctl._C, imported on first use (the torch backend still loads float models without it)."""
     from llmctl import _C
 
     return _C
@@ -57,18 +61,19 @@ class QuantizedLinear(nn.Module):
 
     def matmul(self, x: Tensor) -> Tensor:
         """x (..., in) @ W^T with no bias, in x's dtype."""
-        code = _DTYPE_CODES.get(x.dtype)
-        if x.device.type != "cpu" or code is None or x.shape[-1] != self.in_features or self.scales.dtype not in _DTYPE_CODES:
-            return kernels.qmatmul(x, self.weight, self.scales, self.biases, self.group_size, self.bits, mode=self.mode)
-        # The decode path: a hundred small products per token, so straight to the kernel (checked at load),
-        # with as many threads as torch uses.
+        buffers = self._buffers  # direct: nn.Module.__getattr__ costs a microsecond per buffer
+        weight, scales, biases = buffers["weight"], buffers["scales"], buffers.get("biases")
+        code, scale_code = _DTYPE_CODES.get(x.dtype), _DTYPE_CODES.get(scales.dtype)
+        if x.is_cuda or weight.is_cuda or code is None or scale_code is None or x.shape[-1] != self.in_features:
+            return kernels.qmatmul(x, weight, scales, biases, self.group_size, self.bits, mode=self.mode)
+        # The decode path: a hundred small products per token, so straight to the kernel (the buffers were
+        # checked at load), with as many threads as torch uses.
         x = x.contiguous()
         y = torch.empty(*x.shape[:-1], self.out_features, dtype=x.dtype)
-        biases = 0 if self.biases is None else self.biases.data_ptr()
         _lib().qmatmul(
-            x.data_ptr(), code, x.numel() // self.in_features, self.in_features, self.weight.data_ptr(),
-            self.scales.data_ptr(), biases, _DTYPE_CODES[self.scales.dtype], self.out_features, self.group_size,
-            self.bits, _MODES[self.mode], y.data_ptr(), code, torch.get_num_threads(), self.isa,
+            x.data_ptr(), code, x.numel() // self.in_features, self.in_features, weight.data_ptr(),
+            scales.data_ptr(), 0 if biases is None else biases.data_ptr(), scale_code, self.out_features,
+            self.group_size, self.bits, _MODES[self.mode], y.data_ptr(), code, torch.get_num_threads(), self.isa,
         )  # fmt: skip
         return y
 
