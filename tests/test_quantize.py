@@ -212,11 +212,19 @@ def test_calibrated_methods_say_when_they_are_missing(llama, tmp_path, monkeypat
 def test_gguf_output(llama, tmp_path):
     gguf = pytest.importorskip("gguf")
     out = tmp_path / "model.gguf"
-    result = runner.invoke(app, ["quantize", "--model", str(llama), "--format", "gguf", "--type", "q8_0", "--out", str(out)])
+    result = runner.invoke(app, ["quantize", "--model", str(llama), "--type", "q8_0", "--out", str(out)])
     assert result.exit_code == 0, result.output
     reader = gguf.GGUFReader(out)
     types = {t.name: t.tensor_type.name for t in reader.tensors}
     assert types["blk.0.ffn_up.weight"] == "Q8_0"
+    tensor = next(t for t in reader.tensors if t.name == "blk.0.ffn_up.weight")
+    got = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+    from llmctl.io.safetensors import load_folder_tensors
+
+    want = load_folder_tensors(llama)["model.layers.0.mlp.up_proj.weight"].data
+    assert got.shape == want.shape
+    step = np.abs(want.reshape(-1, 32)).max(-1, keepdims=True) / 127  # Q8_0: blocks of 32, absmax / 127
+    assert (np.abs(got.reshape(-1, 32) - want.reshape(-1, 32)) <= 0.6 * step).all()  # half a step, d in float16
 
 
 def test_torch_quantized_linear_passes_gradients_to_its_input():

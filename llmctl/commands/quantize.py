@@ -85,6 +85,8 @@ def quantize(
         "calib.data": calib, "quant.keep": keep, "quant.double_quant": double_quant,
         "format": format_.value if format_ else None, "gguf_type": type_.value if type_ else None,
     }  # fmt: skip
+    if format_ is None and (type_ is not None or (out is not None and out.suffix == ".gguf")):
+        flags["format"] = Format.gguf.value  # --type q4_0 or --out model.gguf mean a GGUF file
     cfg = load_recipe(QuantizeConfig, "quantize", recipe, overrides or [], flags)
     run(cfg, backend, force)
 
