@@ -422,11 +422,13 @@ def smollm2_reference(smollm2_model, smollm2_transformers) -> tuple[list[int], l
     import torch
 
     prompt = smollm2_model.tokenizer().apply_chat_template(CHAT, tokenize=True)
-    ids = list(prompt)
+    new: list[int] = []
     with torch.no_grad():
-        for _ in range(32):
-            ids.append(int(smollm2_transformers(torch.tensor([ids])).logits[0, -1].argmax()))
-    return prompt, ids[len(prompt) :]
+        out = smollm2_transformers(torch.tensor([prompt]), use_cache=True)
+        for _ in range(32):  # transformers' own decoding through its KV cache
+            new.append(int(out.logits[0, -1].argmax()))
+            out = smollm2_transformers(torch.tensor([new[-1:]]), past_key_values=out.past_key_values, use_cache=True)
+    return prompt, new
 
 
 def test_smollm2_spec_quantization_and_tokenizer(smollm2, smollm2_model):
@@ -573,18 +575,34 @@ def test_smollm2_quantized_folder_loads_in_mlx_lm(smollm2, tmp_path):
     importlib.util.find_spec("llmctl.backends.torch.quant") is None,
     reason="the quantized runtime (llmctl.backends.torch.quant) is not built yet",
 )
-def test_smollm2_quantized_gguf_greedy_matches_transformers_on_torch(smollm2, smollm2_reference):
-    from llmctl.backends import get_backend
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+def test_smollm2_quantized_gguf_greedy_matches_transformers(smollm2, smollm2_reference, backend):
+    """The .gguf itself, its Q4_1/Q8_0 blocks run as affine 4-/8-bit groups (our kernels, mx.quantized_matmul)."""
+    from llmctl.backends import available_backends, get_backend
 
+    if backend not in available_backends():
+        pytest.skip(f"{backend} is not installed")
     prompt, reference = smollm2_reference
-    model = get_backend("torch").load(smollm2)  # the .gguf itself, its blocks run as affine 4-/8-bit groups
-    assert model.greedy(prompt, 32) == reference
+    assert get_backend(backend).load(smollm2).greedy(prompt, 32) == reference
+
+
+def _llama_cpp_greedy(llama_cpp, path: Path, prompt: list[int], n: int) -> list[int]:
+    llm = llama_cpp.Llama(str(path), n_ctx=256, n_threads=2, verbose=False)
+    text = llm.detokenize(prompt, special=True).decode()
+    assert llm.tokenize(text.encode(), add_bos=False, special=True) == prompt, path  # same tokenizer
+    tokens = []
+    for token in llm.generate(prompt, temp=0.0, top_k=1, repeat_penalty=1.0):
+        tokens.append(token)
+        if len(tokens) == n:
+            return tokens
+    return tokens
 
 
 @pytest.mark.slow
 def test_smollm2_written_by_llmctl_runs_in_llama_cpp(smollm2, smollm2_fp32, smollm2_reference, tmp_path):
     """llama.cpp (llama-cpp-python) loads the GGUF files llmctl writes: the Q4_1 file rebuilt from a quantized
-    folder answers the question, and a float32 file from the dequantized folder gives transformers' greedy tokens."""
+    folder runs as the original file does, and a float32 file of the dequantized folder gives transformers'
+    greedy tokens (so metadata, q/k row order and tokenizer are what llama.cpp expects)."""
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
     from typer.testing import CliRunner
 
@@ -592,17 +610,11 @@ def test_smollm2_written_by_llmctl_runs_in_llama_cpp(smollm2, smollm2_fp32, smol
 
     runner = CliRunner()
     prompt, reference = smollm2_reference
-    for args in ([str(smollm2), "--out", str(tmp_path / "q")], [str(tmp_path / "q"), "--out", str(tmp_path / "q.gguf")],
-                 [str(smollm2_fp32), "--out", str(tmp_path / "f32.gguf")]):  # fmt: skip
-        result = runner.invoke(app, ["convert", *args])
+    steps = [[smollm2, tmp_path / "q"], [tmp_path / "q", tmp_path / "q.gguf"], [smollm2_fp32, tmp_path / "f32.gguf"]]
+    for source, out in steps:
+        result = runner.invoke(app, ["convert", str(source), "--out", str(out)])
         assert result.exit_code == 0, result.output
-    for name, n in (("q.gguf", 8), ("f32.gguf", 32)):
-        llm = llama_cpp.Llama(str(tmp_path / name), n_ctx=256, n_threads=2, verbose=False)
-        text = llm.detokenize(prompt, special=True).decode()
-        assert llm.tokenize(text.encode(), add_bos=False, special=True) == prompt, name
-        tokens = []
-        for token in llm.generate(prompt, temp=0.0, top_k=1, repeat_penalty=1.0):
-            tokens.append(token)
-            if len(tokens) == n:
-                break
-        assert tokens == reference[:n], name
+    # (llama.cpp quantizes activations for its Q4_1/Q8_0 products, so the original's own answer is the reference)
+    original = _llama_cpp_greedy(llama_cpp, smollm2, prompt, 16)
+    assert _llama_cpp_greedy(llama_cpp, tmp_path / "q.gguf", prompt, 16) == original
+    assert _llama_cpp_greedy(llama_cpp, tmp_path / "f32.gguf", prompt, 32) == reference

@@ -68,7 +68,7 @@ def read_source(name: str | Path) -> Source:
         tokenizer = model.tokenizer() if "tokenizer.ggml.tokens" in model.metadata else None
         return Source(
             model.path,
-            model.spec,
+            model.spec.with_updates(extra={}),  # the quantization travels beside the spec, as for folders
             model.tensors,
             model.quantization,
             model.config["dtype"],

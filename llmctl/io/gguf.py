@@ -551,6 +551,8 @@ def read_gguf(path: str | Path) -> GGUFModel:
         )
         ui.warn(notices[-1])
     config = _config(spec, tensors, bits_of)
+    # as a folder's spec does, the spec carries the quantization (the backends read it from spec.extra)
+    spec = spec.with_updates(extra={key: config[key] for key in QUANT_KEYS if key in config})
     return GGUFModel(path, spec, tensors, config=config, notices=notices, metadata=meta)
 
 
