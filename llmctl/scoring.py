@@ -67,7 +67,7 @@ def score(
     totals = Totals()
     # Windows of one length run together (all but the last one or few are full length).
     for length in sorted({length for _, length, _ in plan}, reverse=True):
-        same = [(start, skip) for start, l, skip in plan if l == length]
+        same = [(start, skip) for start, size, skip in plan if size == length]
         for first in range(0, len(same), batch_size):
             batch = same[first : first + batch_size]
             rows = [stream[start : start + length].tolist() for start, _ in batch]

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -306,9 +304,9 @@ def test_8_bit_is_within_one_percent_of_full_precision(stories, method):
 def test_quantize_command_then_eval(stories, method, tmp_path):
     """`llmctl quantize --method awq|gptq` writes a folder whose perplexity under `llmctl eval` is the fake-quantized one."""
     out = tmp_path / method
+    calib = ["--calib", str(stories["texts"]["calib"]), f"calib.samples={CALIB_ROWS}", "calib.seq_len=128"]
     result = CliRunner().invoke(app, ["quantize", "--model", str(STORIES), "--bits", "4", "--group-size", str(GROUP),
-                                      "--method", method, "--calib", str(stories["texts"]["calib"]), f"calib.samples={CALIB_ROWS}",
-                                      "calib.seq_len=128", "--out", str(out)])
+                                      "--method", method, *calib, "--out", str(out)])
     assert result.exit_code == 0, result.output
     config = json.loads((out / "config.json").read_text())
     assert config["quantization"]["bits"] == 4 and config["quantization"]["group_size"] == GROUP
@@ -316,8 +314,9 @@ def test_quantize_command_then_eval(stories, method, tmp_path):
     for backend in ("torch", "mlx"):
         if backend == "mlx":
             pytest.importorskip("mlx.core")
-        result = CliRunner().invoke(app, ["eval", "--model", str(out), "--data", str(stories["texts"]["heldout"]), "--seq-len",
-                                          "128", "--max-tokens", str(HELD_OUT), "--batch-size", "16", "--backend", backend, "--json"])
+        data = ["--data", str(stories["texts"]["heldout"]), "--seq-len", "128", "--max-tokens", str(HELD_OUT)]
+        args = ["eval", "--model", str(out), *data, "--batch-size", "16", "--backend", backend, "--json"]
+        result = CliRunner().invoke(app, args)
         assert result.exit_code == 0, result.output
         got = json.loads(result.output[result.output.index("{") :])
         assert got["tokens"] == HELD_OUT

@@ -76,7 +76,7 @@ def _table(result: dict[str, Any]) -> Any:
 def eval_command(
     model: Annotated[str, typer.Option("--model", help="Model folder (or Hugging Face id) to score.")],
     data: Annotated[Path, typer.Option("--data", help="Text file to score (.txt, or .jsonl with \"text\").")],
-    base: Annotated[str | None, typer.Option("--base", help="Reference model: adds KL(base || model) and top-1 agreement.")] = None,
+    base: Annotated[str | None, typer.Option("--base", help="Reference model: adds KL(base || model), top-1 agreement.")] = None,
     backend: Annotated[Backend, typer.Option(help="auto picks mlx on Apple silicon, else torch.")] = Backend.auto,
     seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per window; 0: 512, or the model's context if shorter.")] = 0,
     stride: Annotated[int, typer.Option(help="Start a window every N tokens, scoring only new ones; 0: non-overlapping.")] = 0,
