@@ -264,8 +264,10 @@ def open_model(name: str | None, backend: str, dtype: str | None) -> tuple[Any, 
             )
         name = str(latest)
         ui.info(f"[dim]--model not given: using the latest trained model {latest}[/]")
-    folder = resolve_model(name)
-    tokenizer = Tokenizer.from_dir(folder)
+    from llmctl.tokenizer import load_tokenizer
+
+    folder = resolve_model(name)  # a folder, a cached Hugging Face id, or a .gguf file
+    tokenizer = load_tokenizer(folder)
     model = get_backend(backend).load(folder, dtype=dtype)
     ui.info(f"[dim]model {folder} ({model.spec.family}, {model.spec.param_count() / 1e6:.3g}M parameters) on {resolve_name(backend)}[/]")
     return model, tokenizer

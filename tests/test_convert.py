@@ -211,3 +211,20 @@ def test_clear_errors_for_bad_sources(float_folder, tmp_path):
     result = convert(gptq, "--out", tmp_path / "g.gguf")
     assert result.exit_code == 1 and "quantization method 'gptq'" in result.output
     assert not (tmp_path / "out").exists() and not (tmp_path / "g.gguf").exists()
+
+
+def test_a_gguf_file_is_accepted_where_a_model_folder_is(q4_folder, tmp_path):
+    """info and generate take the .gguf path itself (tokenizer from its metadata) and act as on the folder."""
+    gguf_path = tmp_path / "m.gguf"
+    assert convert(q4_folder, "--out", gguf_path).exit_code == 0
+    runner = CliRunner()
+    info = runner.invoke(app, ["info", str(gguf_path)])
+    assert info.exit_code == 0 and "llama" in info.output
+
+    def greedy_text(model: Path) -> str:
+        result = runner.invoke(app, ["generate", "--model", str(model), "--prompt", "def main():", "--max-tokens", "12", "--json"])
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout.strip().splitlines()[-1])["text"]
+
+    from_folder = greedy_text(q4_folder)
+    assert from_folder and greedy_text(gguf_path) == from_folder

@@ -55,7 +55,7 @@ def spec_rows(spec: ModelSpec) -> list[tuple[str, str]]:
 
 
 def info(
-    model: Annotated[str, typer.Argument(help="A model folder or a Hugging Face id in the local cache.")],
+    model: Annotated[str, typer.Argument(help="A model folder, a .gguf file, or a Hugging Face id in the local cache.")],
 ) -> None:
     """Show a model's spec, size, memory per dtype, FLOPs per token and compute-optimal training tokens."""
     from rich.console import Console
@@ -65,7 +65,12 @@ def info(
     from llmctl.io.hub import resolve_model
 
     folder = resolve_model(model)
-    spec = load_spec(folder)
+    if folder.suffix.lower() == ".gguf":
+        from llmctl.io.gguf import read_gguf
+
+        spec = read_gguf(folder).spec
+    else:
+        spec = load_spec(folder)
     table = Table(title=str(folder), show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column()

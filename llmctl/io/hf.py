@@ -150,6 +150,7 @@ def config_from_spec(spec: ModelSpec, dtype: str = "float32") -> dict[str, Any]:
         "pad_token_id": spec.pad_token_id,
         "rms_norm_eps": spec.norm_eps,
         "rope_parameters": rope,
+        "rope_theta": spec.rope_theta,  # also at the top level: mlx-lm and older readers look for it there
         "tie_word_embeddings": spec.tie_embeddings,
         "transformers_version": TRANSFORMERS_VERSION,
         "use_cache": True,
