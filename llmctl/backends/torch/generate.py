@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import functools
+import weakref
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
 
-from llmctl.backends.torch.model import Transformer, make_cache
+from llmctl.backends.torch.model import KVCache, Transformer, attention_mask, fuse, make_cache, padded_mask
 from llmctl.errors import LlmctlError
 from llmctl.generation import PREFILL_CHUNK, PromptCache, SamplingParams
 
@@ -27,6 +31,126 @@ def _threads_for(model: Transformer) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def _projection(linears: list[nn.Module]) -> Callable[[Tensor], Tensor]:
+    """x -> the outputs of `linears` side by side: one matmul for plain Linears, one call each for quantized ones."""
+    fused = fuse(linears)
+    if fused is not None:
+        return functools.partial(F.linear, weight=fused[0], bias=fused[1])
+    if len(linears) == 1:
+        return linears[0]
+    return lambda x: torch.cat([linear(x) for linear in linears], -1)
+
+
+def _mlp(block: nn.Module) -> Callable[[Tensor], Tensor]:
+    if not hasattr(block, "mlp"):
+        return lambda x: block.block_sparse_moe(x)[0]
+    gate_up, down = _projection([block.mlp.gate_proj, block.mlp.up_proj]), _projection([block.mlp.down_proj])
+
+    def swiglu(x: Tensor) -> Tensor:
+        gate, up = gate_up(x).chunk(2, -1)
+        return down(F.silu(gate) * up)
+
+    return swiglu
+
+
+class Decoder:
+    """The Transformer's forward for inference: fused projections and no module calls, so a token costs its matmuls.
+
+    It computes what `Transformer.forward` does (that one is the reference, and what training runs); the greedy
+    parity tests hold the two together. Build it with `decoder_for`, which notices when the weights change.
+    """
+
+    def __init__(self, model: Transformer) -> None:
+        spec = model.spec
+        self.spec, self.model = spec, model
+        self.low_precision = model.model.embed_tokens.weight.dtype in (torch.bfloat16, torch.float16)
+        self.layers = []
+        for block in model.model.layers:
+            attn = block.self_attn
+            self.layers.append((
+                block.input_layernorm.weight, _projection([attn.q_proj, attn.k_proj, attn.v_proj]), _projection([attn.o_proj]),
+                block.post_attention_layernorm.weight, _mlp(block),
+            ))  # fmt: skip
+        self.embed = embed = model.model.embed_tokens
+        self.final_norm = model.model.norm.weight
+        if not spec.tie_embeddings:
+            self.head = _projection([model.lm_head])
+        else:  # a quantized embedding runs the tied head through its own kernel
+            self.head = embed.as_linear if hasattr(embed, "as_linear") else functools.partial(F.linear, weight=embed.weight)
+        self.cos = self.sin = torch.empty(0)
+        self.signature = self._signature()
+
+    def _signature(self) -> tuple:
+        return tuple((t.data_ptr(), t.dtype) for t in (*self.model.parameters(), *self.model.buffers()))
+
+    def rope(self, offset: int, T: int, like: Tensor) -> tuple[Tensor, Tensor]:
+        """cos and sin of positions offset.., (T, 1, D); sin's first half negated, so that rotating half is a roll."""
+        if len(self.cos) < offset + T or self.cos.dtype != like.dtype:
+            cos, sin = self.model.rope.table(max(offset + T, 2 * len(self.cos)), like)   # (N, D)
+            half = sin.shape[-1] // 2
+            self.cos, self.sin = cos[:, None], torch.cat([-sin[:, :half], sin[:, half:]], -1)[:, None]
+        return self.cos[offset : offset + T], self.sin[offset : offset + T]
+
+    def __call__(self, tokens: Tensor, cache: list[KVCache], key_mask: Tensor | None = None, last_only: bool = False) -> Tensor:
+        """Logits (B, T, V), or (B, 1, V) with `last_only`; `cache` is extended, `key_mask` as in the model."""
+        B, T = tokens.shape
+        with self.matmuls(B * T):
+            x = self.forward(tokens, cache, key_mask)
+        if last_only:
+            x = x[:, -1:]
+        with self.matmuls(x.shape[0] * x.shape[1]):
+            return self.head(F.rms_norm(x, (self.spec.dim,), self.final_norm, self.spec.norm_eps))
+
+    @contextmanager
+    def matmuls(self, rows: int) -> Iterator[None]:
+        """bf16/fp16 products of one row skip oneDNN: it reorders the weight first (a 49 MB copy for a 32000-word
+        head) and is slow on a single row, where torch's own kernel streams the weights several times faster."""
+        if rows > 1 or not self.low_precision:
+            yield
+            return
+        onednn = torch.backends.mkldnn.enabled
+        torch.backends.mkldnn.enabled = False
+        try:
+            yield
+        finally:
+            torch.backends.mkldnn.enabled = onednn
+
+    def forward(self, tokens: Tensor, cache: list[KVCache], key_mask: Tensor | None) -> Tensor:
+        """The last layer's output (B, T, dim)."""
+        spec = self.spec
+        B, T = tokens.shape
+        H, KV, D = spec.n_heads, spec.n_kv_heads, spec.head_dim
+        offset = cache[0].offset
+        if key_mask is None:
+            mask = attention_mask(T, offset, spec.sliding_window, tokens.device)
+        else:
+            mask = padded_mask(key_mask, T, offset, spec.sliding_window)
+        x = self.embed(tokens)                                                  # (B, T, dim)
+        cos, sin = self.rope(offset, T, x)
+        norm = (spec.dim,)
+        for (ln1, qkv, o, ln2, mlp), layer_cache in zip(self.layers, cache):
+            y = qkv(F.rms_norm(x, norm, ln1, spec.norm_eps)).view(B, T, H + 2 * KV, D)
+            qk = y[:, :, : H + KV]
+            qk = qk * cos + qk.roll(D // 2, -1) * sin                         # RoPE on q and k at once, (B, T, H+KV, D)
+            k, v = layer_cache.update(qk[:, :, H:].transpose(1, 2), y[:, :, H + KV :].transpose(1, 2))  # (B, KV, S, D)
+            q = qk[:, :, :H].transpose(1, 2)                                   # (B, H, T, D)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, enable_gqa=True)
+            x = x + o(y.transpose(1, 2).reshape(B, T, H * D))
+            x = x + mlp(F.rms_norm(x, norm, ln2, spec.norm_eps))
+        return x
+
+
+_decoders: weakref.WeakKeyDictionary[Transformer, Decoder] = weakref.WeakKeyDictionary()
+
+
+def decoder_for(model: Transformer) -> Decoder:
+    """The model's Decoder, built once and again whenever its weights were replaced (new dtype, reloaded, ...)."""
+    decoder = _decoders.get(model)
+    if decoder is None or decoder.signature != decoder._signature():
+        decoder = _decoders[model] = Decoder(model)
+    return decoder
 
 
 def new_cache(model: Transformer) -> PromptCache:
@@ -83,10 +207,11 @@ def generate_step(model: Transformer, prompt: list[int], params: SamplingParams,
         budget = _budget(model, len(prompt), params)
         cache = cache if cache is not None else new_cache(model)
         device = model.model.embed_tokens.weight.device
+        decoder = decoder_for(model)
         start = cache.reuse(prompt)
         for i in range(start, len(prompt), PREFILL_CHUNK):
             chunk = prompt[i : i + PREFILL_CHUNK]
-            logits = model(torch.tensor([chunk], device=device), cache.layers, last_only=True)[:, -1]   # (1, V)
+            logits = decoder(torch.tensor([chunk], device=device), cache.layers, last_only=True)[:, -1]   # (1, V)
             cache.tokens.extend(chunk)
         generator = _generator(params, device)
         seen = None
@@ -104,7 +229,7 @@ def generate_step(model: Transformer, prompt: list[int], params: SamplingParams,
                 return
             if seen is not None:
                 seen[0, token_id] = True
-            logits = model(token.view(1, 1), cache.layers)[:, -1]
+            logits = decoder(token.view(1, 1), cache.layers)[:, -1]
             cache.tokens.append(token_id)
 
 
@@ -124,8 +249,9 @@ def generate_batch(model: Transformer, prompts: list[list[int]], params: Samplin
             tokens[row, T - len(prompt) :] = torch.tensor(prompt)
             key_mask[row, : T - len(prompt)] = False
         cache = make_cache(model.spec)
+        decoder = decoder_for(model)
         for i in range(0, T, PREFILL_CHUNK):
-            logits = model(tokens[:, i : i + PREFILL_CHUNK], cache, key_mask=key_mask, last_only=True)[:, -1]  # (B, V)
+            logits = decoder(tokens[:, i : i + PREFILL_CHUNK], cache, key_mask=key_mask, last_only=True)[:, -1]  # (B, V)
         generator = _generator(params, device)
         seen = None
         if params.repetition_penalty != 1.0:
@@ -147,7 +273,7 @@ def generate_batch(model: Transformer, prompts: list[list[int]], params: Samplin
                 break
             if seen is not None:
                 seen[torch.arange(B), token] = True
-            logits = model(token.view(B, 1), cache, key_mask=key_mask)[:, -1]
+            logits = decoder(token.view(B, 1), cache, key_mask=key_mask)[:, -1]
         return out
 
 

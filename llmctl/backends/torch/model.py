@@ -43,6 +43,56 @@ def make_cache(spec: ModelSpec) -> list[KVCache]:
     return [KVCache() for _ in range(spec.n_layers)]
 
 
+def fuse(linears: list[nn.Module]) -> tuple[Tensor, Tensor | None] | None:
+    """One weight (and bias) for Linears that read the same input; their own parameters become row views of it.
+
+    Inference then runs one matmul where there were several, at no extra memory, while saving, loading and
+    training still see each Linear's tensors under its Hugging Face name. Fusing again gives back the same tensors.
+    None when they cannot share a tensor: quantized layers (they keep their own kernels), mixed dtypes or biases.
+    """
+    if not all(type(linear) is nn.Linear for linear in linears):
+        return None
+    if len({(linear.weight.dtype, linear.weight.device, linear.bias is None) for linear in linears}) > 1:
+        return None
+    out = []
+    for name in ("weight", "bias"):
+        parts = [getattr(linear, name) for linear in linears]
+        if parts[0] is None:
+            out.append(None)
+            continue
+        joint = _joint(parts)
+        if joint is None:
+            # not under inference_mode: parameters made there could not be trained afterwards
+            with torch.inference_mode(False), torch.no_grad():
+                joint = torch.cat([p.detach() for p in parts])
+                for p, view in zip(parts, joint.split([len(p) for p in parts])):
+                    p.data = view
+        out.append(joint)
+    return out[0], out[1]
+
+
+def fuse_projections(model: Transformer) -> None:
+    """Fuse each layer's q/k/v and gate/up projections where they can be (see `fuse`)."""
+    for block in model.model.layers:
+        groups = [[block.self_attn.q_proj, block.self_attn.k_proj, block.self_attn.v_proj]]
+        if hasattr(block, "mlp"):
+            groups.append([block.mlp.gate_proj, block.mlp.up_proj])
+        for linears in groups:
+            fuse(linears)
+
+
+def _joint(parts: list[Tensor]) -> Tensor | None:
+    """The tensor whose consecutive row blocks `parts` are, or None when they are not laid out so."""
+    first = parts[0]
+    storage, offset = first.untyped_storage().data_ptr(), first.storage_offset()
+    for p in parts:
+        if p.untyped_storage().data_ptr() != storage or p.storage_offset() != offset or p.dtype != first.dtype or not p.is_contiguous():
+            return None
+        offset += p.numel()
+    rows = sum(len(p) for p in parts)
+    return first.detach().as_strided((rows, *first.shape[1:]), first.stride(), first.storage_offset())
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()

@@ -8,9 +8,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.overrides import TorchFunctionMode
 
 from llmctl.backends.torch import generate as engine
-from llmctl.backends.torch.model import Rope, Transformer
+from llmctl.backends.torch.model import Rope, Transformer, fuse_projections
 from llmctl.backends.torch.quant import prepare_quantized
 from llmctl.generation import PromptCache, SamplingParams
 from llmctl.io.model_folder import read_model, write_model
@@ -19,6 +20,17 @@ from llmctl.spec import ModelSpec
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
+
+
+class _SkipInit(TorchFunctionMode):
+    """Skips modules' random default init while a skeleton is built on the meta device (every tensor is loaded
+    right after): the meta `normal_` of nn.Embedding alone imports torch._dynamo, 1.3 s and 70 MB."""
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if getattr(func, "__module__", None) == "torch.nn.init":
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **kwargs)
 
 
 class Model:
@@ -68,7 +80,7 @@ class Runtime:
 
     def load(self, name: str | Path, dtype: str | None = "float32") -> Model:
         folder = read_model(name)
-        with torch.device("meta"):
+        with torch.device("meta"), _SkipInit():
             module = Transformer(folder.spec)
             stored = prepare_quantized(module, folder, DTYPES[dtype] if dtype else None)  # quantized layers keep their codes, scales and biases
         state = {k: to_torch(t) for k, t in folder.tensors.items()}
@@ -76,4 +88,11 @@ class Runtime:
             state = {k: v if k in stored else v.to(DTYPES[dtype]) for k, v in state.items()}
         module.load_state_dict(state, strict=True, assign=True)
         module.rope = Rope(folder.spec)  # buffers built on the meta device hold no data
+        fuse_projections(module)  # built straight from the file, before the copies below
+        # Tensors still backed by the file's mapping are copied out, so the model is not changed by a later write
+        # to the file and the mapping closes: its pages, read once for fused tensors, no longer count as resident.
+        mapped = {raw.data.ctypes.data for raw in folder.tensors.values()}
+        for tensor in (*module.parameters(), *module.buffers()):
+            if tensor.data_ptr() in mapped:
+                tensor.data = tensor.data.clone()
         return Model(module, folder.path)
