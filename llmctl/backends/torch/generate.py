@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import time
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -21,23 +22,87 @@ SMALL_MODEL = 8_000_000  # matmul parameters below which decoding runs on one th
 
 @contextmanager
 def _threads_for(model: Transformer) -> Iterator[None]:
-    """One thread for small models: per token their math takes microseconds, less than waking other threads costs."""
+    """One thread for small models (per token their math takes microseconds, less than waking other threads costs);
+    the count torch had is restored afterwards, whatever DecodeThreads chose on the way."""
     threads = torch.get_num_threads()
-    if model.spec.matmul_params() >= SMALL_MODEL or threads == 1:
-        yield
-        return
-    torch.set_num_threads(1)
+    if model.spec.matmul_params() < SMALL_MODEL:
+        torch.set_num_threads(1)
     try:
         yield
     finally:
         torch.set_num_threads(threads)
 
 
+class DecodeThreads:
+    """How many threads decode the next token: all of torch's or one, whichever is faster at the moment.
+
+    A token is ~100 small parallel products. On an idle machine more threads read the weights faster; on a busy one
+    each product waits for its second thread to be scheduled, and one thread alone can be several times faster.
+    So each count's time per token is kept as a moving average, now and then `PROBE` tokens run with the count not
+    in use, and the faster count on average is used; the longer it stays the same, the rarer the probes.
+    Used as `with threads.step(): ...` around each token's forward.
+    """
+
+    PROBE = 2                  # tokens run with the other count at each probe
+    FIRST, LONGEST = 8, 512    # tokens between probes: after a change, and at most
+    WEIGHT = 0.25              # of the newest token in the moving averages
+
+    def __init__(self, threads: int) -> None:
+        self.counts = (threads, 1) if threads > 1 else (1,)
+        self.best = threads
+        self.average = dict.fromkeys(self.counts, 0.0)  # seconds per token; 0: not measured yet
+        self.n = 0                 # tokens decoded
+        self.probe_at = self.FIRST  # token at which the next probe starts
+        self.every = self.FIRST
+
+    @classmethod
+    def now(cls) -> DecodeThreads:
+        """The one for torch's current thread count, kept across calls so that what it learnt is not lost."""
+        threads = torch.get_num_threads()
+        if threads not in _decode_threads:
+            _decode_threads[threads] = cls(threads)
+        return _decode_threads[threads]
+
+    @contextmanager
+    def step(self) -> Iterator[None]:
+        probing = len(self.counts) > 1 and 0 <= self.n - self.probe_at < self.PROBE
+        threads = self.counts[self.best == self.counts[0]] if probing else self.best
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+        start = time.perf_counter()
+        yield
+        seconds = time.perf_counter() - start
+        old = self.average[threads]
+        self.average[threads] = seconds if old == 0.0 else (1 - self.WEIGHT) * old + self.WEIGHT * seconds
+        self.n += 1
+        if probing and self.n - self.probe_at == self.PROBE:
+            best = min(self.counts, key=lambda count: self.average[count])
+            self.every = min(2 * self.every, self.LONGEST) if best == self.best else self.FIRST
+            self.best, self.probe_at = best, self.n + self.every
+
+
+_decode_threads: dict[int, DecodeThreads] = {}
+
+
+def _linear(weight: Tensor, bias: Tensor | None) -> Callable[[Tensor], Tensor]:
+    """x -> x @ weight.T + bias. float32 on the CPU runs in oneDNN (inductor's linear op): MKL, torch's default,
+    runs a one-row product on one thread, and measured here both decode and prompts at ~60% of oneDNN's speed."""
+    if weight.dtype == torch.float32 and weight.device.type == "cpu" and _onednn_linear():
+        op = torch.ops.mkldnn._linear_pointwise
+        return lambda x: op(x, weight, bias, "none", [], "")
+    return functools.partial(F.linear, weight=weight, bias=bias)
+
+
+@functools.cache
+def _onednn_linear() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
 def _projection(linears: list[nn.Module]) -> Callable[[Tensor], Tensor]:
     """x -> the outputs of `linears` side by side: one matmul for plain Linears, one call each for quantized ones."""
     fused = fuse(linears)
     if fused is not None:
-        return functools.partial(F.linear, weight=fused[0], bias=fused[1])
+        return _linear(*fused)
     if len(linears) == 1:
         return linears[0]
     return lambda x: torch.cat([linear(x) for linear in linears], -1)
@@ -53,6 +118,21 @@ def _mlp(block: nn.Module) -> Callable[[Tensor], Tensor]:
         return down(F.silu(gate) * up)
 
     return swiglu
+
+
+def _attend_one(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+    """Attention of one query per row, (B, H, 1, D) over keys (B, KV, S, D), as two small batched products.
+
+    SDPA's kernel spreads these few microseconds of work over all threads; on a busy machine waiting for the
+    other thread to be scheduled costs milliseconds, a batched product stays on one.
+    """
+    B, H, _, D = q.shape
+    KV = k.shape[1]
+    scores = (q * D**-0.5).view(B, KV, H // KV, D) @ k.transpose(2, 3)   # (B, KV, G, S): query heads grouped by KV head
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))                   # mask: (1, S) or (B, 1, 1, S)
+    probs = scores.softmax(-1, dtype=torch.float32).to(q.dtype)
+    return (probs @ v).view(B, H, 1, D)
 
 
 class Decoder:
@@ -78,7 +158,7 @@ class Decoder:
         if not spec.tie_embeddings:
             self.head = _projection([model.lm_head])
         else:  # a quantized embedding runs the tied head through its own kernel
-            self.head = embed.as_linear if hasattr(embed, "as_linear") else functools.partial(F.linear, weight=embed.weight)
+            self.head = embed.as_linear if hasattr(embed, "as_linear") else _linear(embed.weight, None)
         self.cos = self.sin = torch.empty(0)
         self.signature = self._signature()
 
@@ -136,7 +216,10 @@ class Decoder:
             qk = qk * cos + qk.roll(D // 2, -1) * sin                         # RoPE on q and k at once, (B, T, H+KV, D)
             k, v = layer_cache.update(qk[:, :, H:].transpose(1, 2), y[:, :, H + KV :].transpose(1, 2))  # (B, KV, S, D)
             q = qk[:, :, :H].transpose(1, 2)                                   # (B, H, T, D)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1, enable_gqa=True)
+            if T == 1:
+                y = _attend_one(q, k, v, mask)
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
             x = x + o(y.transpose(1, 2).reshape(B, T, H * D))
             x = x + mlp(F.rms_norm(x, norm, ln2, spec.norm_eps))
         return x
@@ -218,6 +301,7 @@ def generate_step(model: Transformer, prompt: list[int], params: SamplingParams,
         if params.repetition_penalty != 1.0:
             seen = torch.zeros(1, model.spec.vocab_size, dtype=torch.bool, device=device)
             seen[0, prompt] = True
+        threads = DecodeThreads.now()
         for n in range(budget):
             logits = logits.float()
             if seen is not None:
@@ -229,7 +313,8 @@ def generate_step(model: Transformer, prompt: list[int], params: SamplingParams,
                 return
             if seen is not None:
                 seen[0, token_id] = True
-            logits = decoder(token.view(1, 1), cache.layers)[:, -1]
+            with threads.step():
+                logits = decoder(token.view(1, 1), cache.layers)[:, -1]
             cache.tokens.append(token_id)
 
 
@@ -260,6 +345,7 @@ def generate_batch(model: Transformer, prompts: list[list[int]], params: Samplin
             seen[rows[key_mask[:, :T]], tokens[key_mask[:, :T]]] = True
         out: list[list[int]] = [[] for _ in prompts]
         done = [False] * B
+        threads = DecodeThreads.now()
         for n in range(budget):
             logits = logits.float()
             if seen is not None:
@@ -273,7 +359,8 @@ def generate_batch(model: Transformer, prompts: list[list[int]], params: Samplin
                 break
             if seen is not None:
                 seen[torch.arange(B), token] = True
-            logits = decoder(token.view(B, 1), cache, key_mask=key_mask)[:, -1]
+            with threads.step():
+                logits = decoder(token.view(B, 1), cache, key_mask=key_mask)[:, -1]
         return out
 
 
