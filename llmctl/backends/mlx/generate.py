@@ -2,13 +2,109 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
 
-from llmctl.backends.mlx.model import Transformer, make_cache
+from llmctl.backends.mlx.model import KVCache, Transformer, attention_mask, fuse, make_cache, padded_mask
 from llmctl.errors import LlmctlError
 from llmctl.generation import PREFILL_CHUNK, PromptCache, SamplingParams
+
+
+def _linear(weight: mx.array, bias: mx.array | None) -> Callable[[mx.array], mx.array]:
+    """x -> x @ weight + bias, `weight` being (in, out)."""
+    if bias is None:
+        return lambda x: x @ weight
+    return lambda x: mx.addmm(bias, x, weight)
+
+
+def _projection(linears: list[nn.Module], input_major: bool) -> Callable[[mx.array], mx.array]:
+    """x -> the outputs of `linears` side by side: one matmul for plain Linears, one call each for quantized ones."""
+    fused = fuse(linears, input_major)
+    if fused is not None:
+        return _linear(*fused)
+    if len(linears) == 1:
+        return linears[0]
+    return lambda x: mx.concatenate([linear(x) for linear in linears], axis=-1)
+
+
+def _mlp(block: nn.Module, input_major: bool) -> Callable[[mx.array], mx.array]:
+    if "mlp" not in block:
+        return lambda x: block.block_sparse_moe(x)[0]
+    gate_up = _projection([block.mlp.gate_proj, block.mlp.up_proj], input_major)
+    down = _projection([block.mlp.down_proj], input_major)
+
+    def swiglu(x: mx.array) -> mx.array:
+        gate, up = mx.split(gate_up(x), 2, axis=-1)
+        return down(nn.silu(gate) * up)
+
+    return swiglu
+
+
+class Decoder:
+    """The Transformer's forward for inference: fused projections and no module calls, so a token costs its matmuls.
+
+    It computes what `Transformer.__call__` does (that one is the reference, and what training runs); the greedy
+    parity tests hold the two together. Build it with `decoder_for`, which notices when the weights change.
+    """
+
+    def __init__(self, model: Transformer) -> None:
+        spec = model.spec
+        self.spec, self.model = spec, model
+        # float32 on the CPU: weights input-major, which MLX's CPU BLAS reads twice as fast
+        input_major = model.model.embed_tokens.weight.dtype == mx.float32 and mx.default_device() == mx.cpu
+        self.layers = []
+        for block in model.model.layers:
+            attn = block.self_attn
+            self.layers.append((
+                block.input_layernorm.weight, _projection([attn.q_proj, attn.k_proj, attn.v_proj], input_major),
+                _projection([attn.o_proj], input_major), block.post_attention_layernorm.weight, _mlp(block, input_major),
+            ))  # fmt: skip
+        self.embed = model.model.embed_tokens
+        self.final_norm = model.model.norm.weight
+        if not spec.tie_embeddings:
+            self.head = _projection([model.lm_head], input_major)
+        else:
+            self.head = self.embed.as_linear
+        self.params = [v for _, v in tree_flatten(model.parameters())]
+        mx.clear_cache()  # the unfused copies just freed
+
+    def stale(self) -> bool:
+        """Whether the model's parameters were replaced since (loaded, cast, trained)."""
+        now = [v for _, v in tree_flatten(self.model.parameters())]
+        return len(now) != len(self.params) or any(a is not b for a, b in zip(now, self.params))
+
+    def __call__(self, tokens: mx.array, cache: list[KVCache], key_mask: mx.array | None = None, last_only: bool = False) -> mx.array:
+        """Logits (B, T, V), or (B, 1, V) with `last_only`; `cache` is extended, `key_mask` as in the model."""
+        spec = self.spec
+        B, T = tokens.shape
+        H, KV, D = spec.n_heads, spec.n_kv_heads, spec.head_dim
+        offset = cache[0].offset
+        if key_mask is None:
+            mask = attention_mask(T, offset, spec.sliding_window)
+        else:
+            mask = padded_mask(key_mask, T, offset, spec.sliding_window)
+        x = self.embed(tokens)                                                  # (B, T, dim)
+        for (ln1, qkv, o, ln2, mlp), layer_cache in zip(self.layers, cache):
+            y = qkv(mx.fast.rms_norm(x, ln1, spec.norm_eps)).reshape(B, T, H + 2 * KV, D).transpose(0, 2, 1, 3)  # (B, H+2KV, T, D)
+            qk = self.model.rope(y[:, : H + KV], offset)                          # RoPE on q and k at once
+            k, v = layer_cache.update(qk[:, H:], y[:, H + KV :])                 # (B, KV, S, D)
+            y = mx.fast.scaled_dot_product_attention(qk[:, :H], k, v, scale=D**-0.5, mask=mask)
+            x = x + o(y.transpose(0, 2, 1, 3).reshape(B, T, H * D))
+            x = x + mlp(mx.fast.rms_norm(x, ln2, spec.norm_eps))
+        if last_only:
+            x = x[:, -1:]
+        return self.head(mx.fast.rms_norm(x, self.final_norm, spec.norm_eps))
+
+
+def decoder_for(model: Transformer) -> Decoder:
+    """The model's Decoder, built once (kept on the model) and again whenever its weights were replaced."""
+    decoder = getattr(model, "_decoder", None)
+    if decoder is None or decoder.stale():
+        decoder = model._decoder = Decoder(model)
+    return decoder
 
 
 def new_cache(model: Transformer) -> PromptCache:
@@ -70,10 +166,11 @@ def generate_step(model: Transformer, prompt: list[int], params: SamplingParams,
     """Yield new ids one by one; a stop id, when sampled, is yielded last. `cache` keeps what it can of an earlier prompt."""
     budget = _budget(model, len(prompt), params)
     cache = cache if cache is not None else new_cache(model)
+    decoder = decoder_for(model)
     start = cache.reuse(prompt)
     for i in range(start, len(prompt), PREFILL_CHUNK):
         chunk = prompt[i : i + PREFILL_CHUNK]
-        logits = model(mx.array([chunk]), cache.layers, last_only=True)[:, -1]   # (1, V)
+        logits = decoder(mx.array([chunk]), cache.layers, last_only=True)[:, -1]   # (1, V)
         if i + PREFILL_CHUNK < len(prompt):
             mx.eval([(c.keys, c.values) for c in cache.layers])  # keep each chunk's graph small
         cache.tokens.extend(chunk)
@@ -98,7 +195,7 @@ def generate_step(model: Transformer, prompt: list[int], params: SamplingParams,
         # Queue the next step before reading this token, so the model computes while Python streams text.
         last = n == budget - 1
         if not last:
-            following = next_token(model(token[:, None], cache.layers)[:, -1])
+            following = next_token(decoder(token[:, None], cache.layers)[:, -1])
             mx.async_eval(following)
         token_id = token.item()
         if not last:
@@ -119,8 +216,9 @@ def generate_batch(model: Transformer, prompts: list[list[int]], params: Samplin
     tokens = mx.array([[0] * (T - len(p)) + p for p in prompts])                          # (B, T)
     key_mask = mx.array([[False] * (T - len(p)) + [True] * (len(p) + budget) for p in prompts])  # (B, T + budget)
     cache = make_cache(model.spec)
+    decoder = decoder_for(model)
     for i in range(0, T, PREFILL_CHUNK):
-        logits = model(tokens[:, i : i + PREFILL_CHUNK], cache, key_mask=key_mask, last_only=True)[:, -1]  # (B, V)
+        logits = decoder(tokens[:, i : i + PREFILL_CHUNK], cache, key_mask=key_mask, last_only=True)[:, -1]  # (B, V)
     keys = _Keys(params)
     seen = None
     if params.repetition_penalty != 1.0:
@@ -141,7 +239,7 @@ def generate_batch(model: Transformer, prompts: list[list[int]], params: Samplin
             break
         if seen is not None:
             seen[mx.arange(B), token] = True
-        logits = model(token[:, None], cache, key_mask=key_mask)[:, -1]
+        logits = decoder(token[:, None], cache, key_mask=key_mask)[:, -1]
     return out
 
 

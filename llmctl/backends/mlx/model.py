@@ -43,6 +43,36 @@ def make_cache(spec: ModelSpec) -> list[KVCache]:
     return [KVCache() for _ in range(spec.n_layers)]
 
 
+def fuse(linears: list[nn.Module], input_major: bool) -> tuple[mx.array, mx.array | None] | None:
+    """One weight (and bias) for Linears that read the same input, shaped as `x @ weight` reads it: (in, out).
+
+    Each Linear's own parameters become views of it, so no memory is added and saving, loading and training still
+    see the Hugging Face tensors. `input_major` stores it so (MLX's CPU BLAS reads that twice as fast in float32),
+    else it is a transposed view of the (out, in) rows. None when the Linears cannot share a tensor: quantized
+    layers (they keep their own kernels), mixed dtypes or biases.
+    """
+    if not all(type(linear) is nn.Linear for linear in linears):
+        return None
+    if len({(linear.weight.dtype, "bias" in linear) for linear in linears}) > 1:
+        return None
+    if input_major:
+        joint = mx.contiguous(mx.concatenate([linear.weight.T for linear in linears], axis=1))   # (in, out)
+    else:
+        joint = (mx.concatenate([linear.weight for linear in linears]) if len(linears) > 1 else linears[0].weight).T
+    bias = None
+    if "bias" in linears[0]:
+        bias = mx.concatenate([linear.bias for linear in linears]) if len(linears) > 1 else linears[0].bias
+    start = 0
+    for linear in linears:
+        n = linear.weight.shape[0]
+        linear.weight = joint[:, start : start + n].T
+        if bias is not None:
+            linear.bias = bias[start : start + n]
+        start += n
+    mx.eval(joint, bias, [linear.parameters() for linear in linears])
+    return joint, bias
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()

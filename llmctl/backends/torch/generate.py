@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import time
-import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -165,6 +164,10 @@ class Decoder:
     def _signature(self) -> tuple:
         return tuple((t.data_ptr(), t.dtype) for t in (*self.model.parameters(), *self.model.buffers()))
 
+    def stale(self) -> bool:
+        """Whether the model's weights were replaced since (cast, reloaded, quantized, ...)."""
+        return self.signature != self._signature()
+
     def rope(self, offset: int, T: int, like: Tensor) -> tuple[Tensor, Tensor]:
         """cos and sin of positions offset.., (T, 1, D); sin's first half negated, so that rotating half is a roll."""
         if len(self.cos) < offset + T or self.cos.dtype != like.dtype:
@@ -225,14 +228,11 @@ class Decoder:
         return x
 
 
-_decoders: weakref.WeakKeyDictionary[Transformer, Decoder] = weakref.WeakKeyDictionary()
-
-
 def decoder_for(model: Transformer) -> Decoder:
-    """The model's Decoder, built once and again whenever its weights were replaced (new dtype, reloaded, ...)."""
-    decoder = _decoders.get(model)
-    if decoder is None or decoder.signature != decoder._signature():
-        decoder = _decoders[model] = Decoder(model)
+    """The model's Decoder, built once (kept on the model) and again whenever its weights were replaced."""
+    decoder = getattr(model, "_decoder", None)
+    if decoder is None or decoder.stale():
+        decoder = model._decoder = Decoder(model)
     return decoder
 
 
