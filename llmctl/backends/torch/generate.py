@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import time
 from collections.abc import Callable, Iterator
@@ -144,7 +145,10 @@ class Decoder:
     def __init__(self, model: Transformer) -> None:
         spec = model.spec
         self.spec, self.model = spec, model
-        self.low_precision = model.model.embed_tokens.weight.dtype in (torch.bfloat16, torch.float16)
+        norm = model.model.norm.weight  # in the activations' dtype, quantized models included
+        self.low_precision = norm.dtype in (torch.bfloat16, torch.float16)
+        # Attention and its cache in float32 on the CPU: its bf16/fp16 products of a few rows are 3x slower there.
+        self.attention_dtype = torch.float32 if norm.device.type == "cpu" else norm.dtype
         self.layers = []
         for block in model.model.layers:
             attn = block.self_attn
@@ -211,19 +215,20 @@ class Decoder:
         else:
             mask = padded_mask(key_mask, T, offset, spec.sliding_window)
         x = self.embed(tokens)                                                  # (B, T, dim)
-        cos, sin = self.rope(offset, T, x)
+        dtype = self.attention_dtype
+        cos, sin = self.rope(offset, T, x.to(dtype))
         norm = (spec.dim,)
         for (ln1, qkv, o, ln2, mlp), layer_cache in zip(self.layers, cache):
             y = qkv(F.rms_norm(x, norm, ln1, spec.norm_eps)).view(B, T, H + 2 * KV, D)
-            qk = y[:, :, : H + KV]
+            qk = y[:, :, : H + KV].to(dtype)
             qk = qk * cos + qk.roll(D // 2, -1) * sin                         # RoPE on q and k at once, (B, T, H+KV, D)
-            k, v = layer_cache.update(qk[:, :, H:].transpose(1, 2), y[:, :, H + KV :].transpose(1, 2))  # (B, KV, S, D)
+            k, v = layer_cache.update(qk[:, :, H:].transpose(1, 2), y[:, :, H + KV :].transpose(1, 2).to(dtype))  # (B, KV, S, D)
             q = qk[:, :, :H].transpose(1, 2)                                   # (B, H, T, D)
             if T == 1:
                 y = _attend_one(q, k, v, mask)
             else:
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
-            x = x + o(y.transpose(1, 2).reshape(B, T, H * D))
+            x = x + o(y.transpose(1, 2).reshape(B, T, H * D).to(x.dtype))
             x = x + mlp(F.rms_norm(x, norm, ln2, spec.norm_eps))
         return x
 
@@ -234,6 +239,22 @@ def decoder_for(model: Transformer) -> Decoder:
     if decoder is None or decoder.stale():
         decoder = model._decoder = Decoder(model)
     return decoder
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim  # glibc
+    except (OSError, AttributeError):
+        return None
+
+
+def _release_prompt_memory() -> None:
+    """Hand the prompt's freed activations back to the system: glibc keeps them for reuse (tens of MB after a long
+    prompt), so they would stay resident for the whole conversation; decoding needs only small ones."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def new_cache(model: Transformer) -> PromptCache:
@@ -296,6 +317,8 @@ def generate_step(model: Transformer, prompt: list[int], params: SamplingParams,
             chunk = prompt[i : i + PREFILL_CHUNK]
             logits = decoder(torch.tensor([chunk], device=device), cache.layers, last_only=True)[:, -1]   # (1, V)
             cache.tokens.extend(chunk)
+        if len(prompt) - start > 1:
+            _release_prompt_memory()
         generator = _generator(params, device)
         seen = None
         if params.repetition_penalty != 1.0:
@@ -337,6 +360,7 @@ def generate_batch(model: Transformer, prompts: list[list[int]], params: Samplin
         decoder = decoder_for(model)
         for i in range(0, T, PREFILL_CHUNK):
             logits = decoder(tokens[:, i : i + PREFILL_CHUNK], cache, key_mask=key_mask, last_only=True)[:, -1]  # (B, V)
+        _release_prompt_memory()
         generator = _generator(params, device)
         seen = None
         if params.repetition_penalty != 1.0:
