@@ -44,7 +44,7 @@ class DecodeThreads:
     """
 
     PROBE = 2                  # tokens run with the other count at each probe
-    FIRST, LONGEST = 8, 512    # tokens between probes: after a change, and at most
+    FIRST, LONGEST = 16, 512   # tokens between probes: after a change, and at most
     WEIGHT = 0.25              # of the newest token in the moving averages
 
     def __init__(self, threads: int) -> None:
@@ -221,7 +221,7 @@ class Decoder:
         for (ln1, qkv, o, ln2, mlp), layer_cache in zip(self.layers, cache):
             y = qkv(F.rms_norm(x, norm, ln1, spec.norm_eps)).view(B, T, H + 2 * KV, D)
             qk = y[:, :, : H + KV].to(dtype)
-            qk = qk * cos + qk.roll(D // 2, -1) * sin                         # RoPE on q and k at once, (B, T, H+KV, D)
+            qk = torch.addcmul(qk * cos, qk.roll(D // 2, -1), sin)            # RoPE on q and k at once, (B, T, H+KV, D)
             k, v = layer_cache.update(qk[:, :, H:].transpose(1, 2), y[:, :, H + KV :].transpose(1, 2).to(dtype))  # (B, KV, S, D)
             q = qk[:, :, :H].transpose(1, 2)                                   # (B, H, T, D)
             if T == 1:
