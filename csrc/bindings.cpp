@@ -1,10 +1,12 @@
 // pybind11 module llmctl._C: integer addresses and shapes in, std::invalid_argument -> ValueError.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <cstdint>
 #include <stdexcept>
 #include <string>
 
+#include "decode.h"
 #include "qmatmul.h"
 #include "quant.h"
 
@@ -26,6 +28,29 @@ int check_threads(int threads) {
   throw std::runtime_error(
       "llmctl._C was built without CUDA; reinstall with "
       "`pip install . --config-settings=cmake.define.LLMCTL_CUDA=ON`");
+}
+
+// (out, in, w, w_dtype, wq, scales, biases, q_dtype, group_size, bits, mode, bias, bias_dtype): a
+// dense matrix when wq is 0, else MLX-quantized codes; bias 0 when there is none.
+using MatrixTuple = std::tuple<int64_t, int64_t, uintptr_t, int, uintptr_t, uintptr_t, uintptr_t, int, int, int, int,
+                               uintptr_t, int>;
+
+llmctl::Matrix matrix(const MatrixTuple& t) {
+  llmctl::Matrix m;
+  uintptr_t w, wq, scales, biases, bias;
+  std::tie(m.out, m.in, w, m.w_dtype, wq, scales, biases, m.q_dtype, m.group_size, m.bits, m.mode, bias,
+           m.bias_dtype) = t;
+  m.w = address<const void>(w), m.wq = address<const uint32_t>(wq), m.scales = address<const void>(scales);
+  m.biases = address<const void>(biases), m.bias = address<const void>(bias);
+  if (m.wq == nullptr && m.w == nullptr) throw std::invalid_argument("a matrix has neither weights nor codes");
+  if (m.wq != nullptr) llmctl::check_quant_args(m.q_dtype, m.out, m.in, m.group_size, m.bits);
+  return m;
+}
+
+llmctl::Projection projection(const std::vector<MatrixTuple>& ts) {
+  llmctl::Projection p;
+  for (const auto& t : ts) p.push_back(matrix(t));
+  return p;
 }
 
 }  // namespace
@@ -210,4 +235,44 @@ PYBIND11_MODULE(_C, m) {
       py::arg("group_size"), py::arg("bits"), py::arg("mode"), py::arg("y"), py::arg("y_dtype"),
       py::arg("stream") = 0, release,
       "qmatmul on device addresses, queued on the CUDA stream `stream` (0: the default stream).");
+
+  py::class_<llmctl::NativeDecoder>(m, "NativeDecoder",
+                                    "One decoding step of a Llama-family model (batch 1) in C++; matrices are\n"
+                                    "tuples (out, in, w, w_dtype, wq, scales, biases, q_dtype, group_size, bits,\n"
+                                    "mode, bias, bias_dtype) of addresses the caller keeps alive.")
+      .def(py::init([](int64_t dim, int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, int64_t hidden,
+                       int64_t vocab, int64_t window, float norm_eps, int norm_dtype, const MatrixTuple& embedding,
+                       uintptr_t final_norm, const MatrixTuple& head) {
+             llmctl::DecoderShape s;
+             s.dim = dim, s.n_heads = n_heads, s.n_kv_heads = n_kv_heads, s.head_dim = head_dim, s.hidden = hidden;
+             s.vocab = vocab, s.window = window, s.norm_eps = norm_eps, s.norm_dtype = norm_dtype;
+             return new llmctl::NativeDecoder(s, matrix(embedding), address<const void>(final_norm), matrix(head));
+           }),
+           py::arg("dim"), py::arg("n_heads"), py::arg("n_kv_heads"), py::arg("head_dim"), py::arg("hidden"),
+           py::arg("vocab"), py::arg("window"), py::arg("norm_eps"), py::arg("norm_dtype"), py::arg("embedding"),
+           py::arg("final_norm"), py::arg("head"))
+      .def(
+          "add_layer",
+          [](llmctl::NativeDecoder& d, uintptr_t attn_norm, const std::vector<MatrixTuple>& qkv,
+             const std::vector<MatrixTuple>& o, uintptr_t mlp_norm, const std::vector<MatrixTuple>& gate_up,
+             const std::vector<MatrixTuple>& down) {
+            llmctl::DecoderLayer layer;
+            layer.attn_norm = address<const void>(attn_norm), layer.mlp_norm = address<const void>(mlp_norm);
+            layer.qkv = projection(qkv), layer.o = projection(o);
+            layer.gate_up = projection(gate_up), layer.down = projection(down);
+            d.add_layer(layer);
+          },
+          py::arg("attn_norm"), py::arg("qkv"), py::arg("o"), py::arg("mlp_norm"), py::arg("gate_up"), py::arg("down"))
+      .def(
+          "step",
+          [](llmctl::NativeDecoder& d, int64_t token, int64_t pos, const std::vector<uintptr_t>& keys,
+             const std::vector<uintptr_t>& values, int64_t capacity, uintptr_t cos, uintptr_t sin, uintptr_t logits,
+             int threads) {
+            d.step(token, pos, keys, values, capacity, address<const float>(cos), address<const float>(sin),
+                   address<float>(logits), check_threads(threads));
+          },
+          py::arg("token"), py::arg("pos"), py::arg("keys"), py::arg("values"), py::arg("capacity"), py::arg("cos"),
+          py::arg("sin"), py::arg("logits"), py::arg("threads") = 0, release,
+          "Decode `token` at position `pos`: writes its keys and values into each layer's float32 cache\n"
+          "(n_kv_heads, capacity, head_dim) and the float32 logits (vocab) at `logits`.");
 }

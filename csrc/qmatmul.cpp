@@ -309,6 +309,9 @@ void check_nf4_args(int dtype, int64_t rows, int64_t cols, int group_size) {
 
 namespace detail {
 
+void parallel_for(int tasks, int threads, const std::function<void(int)>& fn) { Pool::get().run(tasks, threads, fn); }
+int hardware_threads() { return llmctl::hardware_threads(); }
+
 #if defined(__aarch64__)
 // NEON: each group's values unpacked to float, then a 4-lane float32 dot product with x.
 void qmatmul_rows_neon(const QJob& job, int64_t o0, int64_t o1) {

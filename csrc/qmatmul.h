@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <vector>
 
 #include "quant.h"
@@ -70,6 +71,11 @@ inline void store_y(const QJob& job, int64_t r, int64_t o, float v) {
     store_float(job.y, job.y_dtype, r * job.out + o, v);
   }
 }
+// fn(task) for task in [0, tasks) on the calling thread and up to threads - 1 workers of the
+// persistent pool that qmatmul uses; returns when all are done.
+void parallel_for(int tasks, int threads, const std::function<void(int)>& fn);
+int hardware_threads();
+
 void qmatmul_rows_avx2(const QJob& job, int64_t o0, int64_t o1);
 void qmatmul_rows_avx512(const QJob& job, int64_t o0, int64_t o1);
 void qmatmul_rows_neon(const QJob& job, int64_t o0, int64_t o1);

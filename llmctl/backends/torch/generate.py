@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from llmctl.backends.torch.model import KVCache, Transformer, attention_mask, fuse, make_cache, padded_mask
+from llmctl.backends.torch.quant import QuantizedEmbedding, QuantizedLinear
 from llmctl.errors import LlmctlError
 from llmctl.generation import PREFILL_CHUNK, PromptCache, SamplingParams
 
@@ -135,6 +137,115 @@ def _attend_one(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
     return (probs @ v).view(B, H, 1, D)
 
 
+_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # llmctl._C's dtype codes
+_MODES = {"affine": 0, "nf4": 1}
+
+
+def _native_lib():
+    """llmctl._C when it has the C++ decode step and it is not turned off (LLMCTL_NATIVE_DECODE=0, or LLMCTL_ISA
+    set to pin qmatmul's kernels for a reference run, which the step would not follow); else None."""
+    if os.environ.get("LLMCTL_NATIVE_DECODE", "1") == "0" or os.environ.get("LLMCTL_ISA"):
+        return None
+    try:
+        from llmctl import _C
+    except ImportError:
+        return None
+    return _C if hasattr(_C, "NativeDecoder") else None
+
+
+class NativeStep:
+    """One token of batch 1 through the whole model in one C++ call (llmctl._C.NativeDecoder).
+
+    A token of a ~100M-parameter model is ~100 matrix-vector products plus norms, RoPE and attention. As torch ops
+    each costs a dispatch and a thread-pool wake-up; in C++ the products split over a persistent pool and the rest
+    runs on this thread, with float32 activations and the weights read as stored (float or quantized codes). It
+    reads and writes the same float32 KV cache as the torch path, so prefill (compute-bound: torch's matmuls) and
+    decoding mix freely. `build` returns None for what it does not cover (MoE, other devices, odd layouts).
+    """
+
+    def __init__(self, lib, model: Transformer) -> None:
+        spec = model.spec
+        self.spec, self.model, self.keep = spec, model, []
+        inner = model.model
+        norm_dtype = inner.norm.weight.dtype
+        embed = inner.embed_tokens
+        embedding = self._matrix(embed) if isinstance(embed, QuantizedEmbedding) else self._dense(embed.weight, None)
+        head = embedding if spec.tie_embeddings else self._projection([model.lm_head])[0]
+        self.impl = lib.NativeDecoder(
+            spec.dim, spec.n_heads, spec.n_kv_heads, spec.head_dim, spec.ffn_dim, spec.vocab_size,
+            spec.sliding_window or 0, spec.norm_eps, _DTYPES[norm_dtype], embedding, self._keep(inner.norm.weight), head,
+        )  # fmt: skip
+        for block in inner.layers:
+            attn, mlp = block.self_attn, block.mlp
+            self.impl.add_layer(
+                self._keep(block.input_layernorm.weight), self._projection([attn.q_proj, attn.k_proj, attn.v_proj]),
+                self._projection([attn.o_proj]), self._keep(block.post_attention_layernorm.weight),
+                self._projection([mlp.gate_proj, mlp.up_proj]), self._projection([mlp.down_proj]),
+            )  # fmt: skip
+        self.empty = torch.empty(1, spec.n_kv_heads, 1, spec.head_dim)  # what the cache's storage is made like
+
+    @classmethod
+    def build(cls, model: Transformer) -> NativeStep | None:
+        lib = _native_lib()
+        inner = model.model
+        if lib is None or inner.embed_tokens.weight.device.type != "cpu" or not all(hasattr(b, "mlp") for b in inner.layers):
+            return None
+        try:
+            return cls(lib, model)
+        except _Unsupported:
+            return None
+
+    def _keep(self, t: Tensor) -> int:
+        if t.dtype not in _DTYPES or not t.is_contiguous() or t.device.type != "cpu":
+            raise _Unsupported
+        self.keep.append(t)
+        return t.data_ptr()
+
+    def _bias(self, bias: Tensor | None) -> tuple[int, int]:
+        return (0, 0) if bias is None else (self._keep(bias), _DTYPES[bias.dtype])
+
+    def _dense(self, weight: Tensor, bias: Tensor | None) -> tuple:
+        return (*weight.shape, self._keep(weight), _DTYPES[weight.dtype], 0, 0, 0, 0, 0, 0, 0, *self._bias(bias))
+
+    def _matrix(self, layer: nn.Module) -> tuple:
+        if isinstance(layer, QuantizedLinear):
+            if layer.weight.device.type != "cpu" or not layer.weight.is_contiguous():
+                raise _Unsupported
+            self.keep.append(layer.weight)
+            biases = 0 if layer.biases is None else self._keep(layer.biases)
+            return (
+                layer.out_features, layer.in_features, 0, 0, layer.weight.data_ptr(), self._keep(layer.scales), biases,
+                _DTYPES[layer.scales.dtype], layer.group_size, layer.bits, _MODES[layer.mode], *self._bias(layer.bias),
+            )  # fmt: skip
+        if type(layer) is not nn.Linear:
+            raise _Unsupported
+        return self._dense(layer.weight, layer.bias)
+
+    def _projection(self, linears: list[nn.Module]) -> list[tuple]:
+        fused = fuse(linears)
+        return [self._dense(*fused)] if fused is not None else [self._matrix(linear) for linear in linears]
+
+    def __call__(self, token: int, cache: list[KVCache]) -> Tensor:
+        """Logits (1, 1, V) float32 of `token` at the cache's next position; the cache grows by one."""
+        pos = cache[0].offset
+        for layer in cache:
+            layer.reserve(pos + 1, self.empty)
+        cos, sin = self.model.rope.table(pos + 1, self.empty)                 # (N, D) float32
+        logits = torch.empty(1, 1, self.spec.vocab_size)
+        row = pos * self.spec.head_dim * 4
+        self.impl.step(
+            token, pos, [layer.keys.data_ptr() for layer in cache], [layer.values.data_ptr() for layer in cache],
+            cache[0].keys.shape[2], cos.data_ptr() + row, sin.data_ptr() + row, logits.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+        for layer in cache:
+            layer.offset = pos + 1
+        return logits
+
+
+class _Unsupported(Exception):
+    """A layer NativeStep does not cover: the torch path runs the model."""
+
+
 class Decoder:
     """The Transformer's forward for inference: fused projections and no module calls, so a token costs its matmuls.
 
@@ -163,6 +274,8 @@ class Decoder:
         else:  # a quantized embedding runs the tied head through its own kernel
             self.head = embed.as_linear if hasattr(embed, "as_linear") else _linear(embed.weight, None)
         self.cos = self.sin = torch.empty(0)
+        # the C++ step for one token of batch 1 on the CPU, where per-op overhead would dominate
+        self.native = NativeStep.build(model) if self.attention_dtype == torch.float32 else None
         self.signature = self._signature()
 
     def _signature(self) -> tuple:
@@ -183,6 +296,8 @@ class Decoder:
     def __call__(self, tokens: Tensor, cache: list[KVCache], key_mask: Tensor | None = None, last_only: bool = False) -> Tensor:
         """Logits (B, T, V), or (B, 1, V) with `last_only`; `cache` is extended, `key_mask` as in the model."""
         B, T = tokens.shape
+        if self.native is not None and B * T == 1 and key_mask is None and cache[0].offset < self.spec.max_seq_len:
+            return self.native(int(tokens), cache)
         with self.matmuls(B * T):
             x = self.forward(tokens, cache, key_mask)
         if last_only:

@@ -22,17 +22,24 @@ class KVCache:
     def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         B, KV, T, D = k.shape
         end = self.offset + T
-        if self.keys is None or end > self.keys.shape[2]:
-            size = -(-end // CACHE_CHUNK) * CACHE_CHUNK
-            keys, values = k.new_zeros(B, KV, size, D), v.new_zeros(B, KV, size, D)
-            if self.keys is not None:
-                keys[:, :, : self.offset] = self.keys[:, :, : self.offset]
-                values[:, :, : self.offset] = self.values[:, :, : self.offset]
-            self.keys, self.values = keys, values
+        self.reserve(end, k)
         self.keys[:, :, self.offset : end] = k
         self.values[:, :, self.offset : end] = v
         self.offset = end
         return self.keys[:, :, :end], self.values[:, :, :end]
+
+    def reserve(self, end: int, like: Tensor) -> None:
+        """Room for positions up to `end` (a multiple of CACHE_CHUNK), keeping what is stored; `like` (B, KV, T, D)
+        gives the batch, heads, head size, dtype and device."""
+        if self.keys is not None and end <= self.keys.shape[2]:
+            return
+        B, KV, _, D = like.shape
+        size = -(-end // CACHE_CHUNK) * CACHE_CHUNK
+        keys, values = like.new_zeros(B, KV, size, D), like.new_zeros(B, KV, size, D)
+        if self.keys is not None:
+            keys[:, :, : self.offset] = self.keys[:, :, : self.offset]
+            values[:, :, : self.offset] = self.values[:, :, : self.offset]
+        self.keys, self.values = keys, values
 
     def trim(self, n: int) -> None:
         """Forget all but the first `n` positions (a shared prefix kept across chat turns)."""

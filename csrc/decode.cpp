@@ -1,0 +1,329 @@
+// The decode step (decode.h) and its dense matrix-vector kernels: float32, float16 and bfloat16
+// weights against float32 x, AVX-512 and AVX2/FMA paths picked at run time, a portable loop elsewhere.
+#include "decode.h"
+
+#include <algorithm>
+#include <cmath>
+#include <stdexcept>
+#include <string>
+
+#include "qmatmul.h"
+#include "quant.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define LLMCTL_X86 1
+#define LLMCTL_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define LLMCTL_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
+#endif
+
+namespace llmctl {
+namespace {
+
+[[noreturn]] void fail(const std::string& message) { throw std::invalid_argument(message); }
+
+int64_t dtype_size(int dtype) { return dtype == kFloat32 ? 4 : 2; }
+
+// ---- dense rows: y[r] = dot(W[r], x) for r in [r0, r1), four rows at a time so each x load serves four.
+// bfloat16 rows are read 32 values per 512-bit load: the low half of each 32-bit lane (an even value)
+// shifted up and the high half masked are both float32 already, so x comes de-interleaved per 32
+// (16 even values, then 16 odd ones).
+
+void rows_scalar(const void* W, int dtype, int64_t in, const float* x, float* y, int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    float acc[8] = {};
+    int64_t i = 0;
+    for (; i + 8 <= in; i += 8)
+      for (int j = 0; j < 8; ++j) acc[j] += load_float(W, dtype, r * in + i + j) * x[i + j];
+    for (; i < in; ++i) acc[0] += load_float(W, dtype, r * in + i) * x[i];
+    float sum = 0.0f;
+    for (float a : acc) sum += a;
+    y[r] = sum;
+  }
+}
+
+#ifdef LLMCTL_X86
+
+LLMCTL_AVX512 inline __m512 load16_avx512(const void* W, int dtype, int64_t i) {
+  if (dtype == kFloat32) return _mm512_loadu_ps(static_cast<const float*>(W) + i);
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(W) + i)));
+}
+
+// acc += W[r, i : i + step] * x[i : i + step], step 32 for bfloat16 (x de-interleaved in xp), else 16
+template <int DTYPE>
+LLMCTL_AVX512 inline void dot_avx512(const void* W, int64_t at, const float* x, const float* xp, int64_t i, __m512& acc) {
+  if constexpr (DTYPE == kBFloat16) {
+    const __m512i v = _mm512_loadu_si512(static_cast<const uint16_t*>(W) + at);
+    const __m512i high = _mm512_set1_epi32(int(0xFFFF0000u));
+    acc = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(v, 16)), _mm512_loadu_ps(xp + i), acc);
+    acc = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(v, high)), _mm512_loadu_ps(xp + i + 16), acc);
+  } else {
+    acc = _mm512_fmadd_ps(load16_avx512(W, DTYPE, at), _mm512_loadu_ps(x + i), acc);
+  }
+}
+
+template <int DTYPE>
+LLMCTL_AVX512 void rows_avx512(const void* W, int64_t in, const float* x, const float* xp, float* y, int64_t r0, int64_t r1) {
+  constexpr int64_t kStep = DTYPE == kBFloat16 ? 32 : 16;
+  const int64_t body = in / kStep * kStep;
+  int64_t r = r0;
+  for (; r + 4 <= r1; r += 4) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t i = 0; i < body; i += kStep) {
+      dot_avx512<DTYPE>(W, r * in + i, x, xp, i, a0);
+      dot_avx512<DTYPE>(W, (r + 1) * in + i, x, xp, i, a1);
+      dot_avx512<DTYPE>(W, (r + 2) * in + i, x, xp, i, a2);
+      dot_avx512<DTYPE>(W, (r + 3) * in + i, x, xp, i, a3);
+    }
+    y[r] = _mm512_reduce_add_ps(a0);
+    y[r + 1] = _mm512_reduce_add_ps(a1);
+    y[r + 2] = _mm512_reduce_add_ps(a2);
+    y[r + 3] = _mm512_reduce_add_ps(a3);
+  }
+  for (; r < r1; ++r) {
+    __m512 a = _mm512_setzero_ps();
+    for (int64_t i = 0; i < body; i += kStep) dot_avx512<DTYPE>(W, r * in + i, x, xp, i, a);
+    y[r] = _mm512_reduce_add_ps(a);
+  }
+  for (int64_t t = r0; t < r1 && body < in; ++t)
+    for (int64_t i = body; i < in; ++i) y[t] += load_float(W, DTYPE, t * in + i) * x[i];
+}
+
+LLMCTL_AVX2 inline float reduce_avx2(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+LLMCTL_AVX2 inline __m256 load8_avx2(const void* W, int dtype, int64_t i) {
+  if (dtype == kFloat32) return _mm256_loadu_ps(static_cast<const float*>(W) + i);
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(W) + i));
+  if (dtype == kFloat16) return _mm256_cvtph_ps(h);
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+template <int DTYPE>
+LLMCTL_AVX2 void rows_avx2(const void* W, int64_t in, const float* x, float* y, int64_t r0, int64_t r1) {
+  const int64_t body = in / 8 * 8;
+  int64_t r = r0;
+  for (; r + 4 <= r1; r += 4) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t i = 0; i < body; i += 8) {
+      const __m256 xv = _mm256_loadu_ps(x + i);
+      a0 = _mm256_fmadd_ps(load8_avx2(W, DTYPE, r * in + i), xv, a0);
+      a1 = _mm256_fmadd_ps(load8_avx2(W, DTYPE, (r + 1) * in + i), xv, a1);
+      a2 = _mm256_fmadd_ps(load8_avx2(W, DTYPE, (r + 2) * in + i), xv, a2);
+      a3 = _mm256_fmadd_ps(load8_avx2(W, DTYPE, (r + 3) * in + i), xv, a3);
+    }
+    y[r] = reduce_avx2(a0), y[r + 1] = reduce_avx2(a1), y[r + 2] = reduce_avx2(a2), y[r + 3] = reduce_avx2(a3);
+  }
+  for (; r < r1; ++r) {
+    __m256 a = _mm256_setzero_ps();
+    for (int64_t i = 0; i < body; i += 8) a = _mm256_fmadd_ps(load8_avx2(W, DTYPE, r * in + i), _mm256_loadu_ps(x + i), a);
+    y[r] = reduce_avx2(a);
+  }
+  for (int64_t t = r0; t < r1 && body < in; ++t)
+    for (int64_t i = body; i < in; ++i) y[t] += load_float(W, DTYPE, t * in + i) * x[i];
+}
+
+#endif  // LLMCTL_X86
+
+void dense_matvec(const Matrix& m, const float* x, float* y, int threads) {
+  const int isa = best_isa();
+  const int64_t out = m.out, in = m.in;
+  // bfloat16 on AVX-512 reads x de-interleaved per 32 values (see above)
+  static thread_local std::vector<float> xp;
+  if (isa == kIsaAvx512 && m.w_dtype == kBFloat16) {
+    xp.resize(size_t(in / 32 * 32));
+    for (int64_t c = 0; c + 32 <= in; c += 32)
+      for (int j = 0; j < 16; ++j) xp[size_t(c + j)] = x[c + 2 * j], xp[size_t(c + 16 + j)] = x[c + 2 * j + 1];
+  }
+  const float* x_pairs = xp.data();  // a plain pointer: in a worker's lambda `xp` would be the worker's own
+  auto rows = [&](int64_t r0, int64_t r1) {
+#ifdef LLMCTL_X86
+    if (isa == kIsaAvx512) {
+      if (m.w_dtype == kFloat32) return rows_avx512<kFloat32>(m.w, in, x, x_pairs, y, r0, r1);
+      if (m.w_dtype == kFloat16) return rows_avx512<kFloat16>(m.w, in, x, x_pairs, y, r0, r1);
+      return rows_avx512<kBFloat16>(m.w, in, x, x_pairs, y, r0, r1);
+    }
+    if (isa == kIsaAvx2) {
+      if (m.w_dtype == kFloat32) return rows_avx2<kFloat32>(m.w, in, x, y, r0, r1);
+      if (m.w_dtype == kFloat16) return rows_avx2<kFloat16>(m.w, in, x, y, r0, r1);
+      return rows_avx2<kBFloat16>(m.w, in, x, y, r0, r1);
+    }
+#endif
+    rows_scalar(m.w, m.w_dtype, in, x, y, r0, r1);
+  };
+  // Threads only where each reads at least ~64 KiB; four tasks per thread of whole 4-row blocks, so a
+  // thread that starts late (a busy machine) is made up for by the others.
+  const int max_threads = threads > 0 ? threads : detail::hardware_threads();
+  const int64_t bytes = out * in * dtype_size(m.w_dtype);
+  const int n = int(std::max<int64_t>(1, std::min<int64_t>(max_threads, bytes / 65536)));
+  const int64_t blocks = (out + 3) / 4;
+  const int tasks = int(std::min<int64_t>(blocks, n == 1 ? 1 : 4 * n));
+  detail::parallel_for(tasks, n, [&](int t) {
+    rows(std::min(out, blocks * t / tasks * 4), std::min(out, blocks * (t + 1) / tasks * 4));
+  });
+}
+
+void rms_norm(const float* x, const void* w, int w_dtype, int64_t n, float eps, float* y) {
+  double ss = 0.0;
+  for (int64_t i = 0; i < n; ++i) ss += double(x[i]) * x[i];
+  const float inv = 1.0f / std::sqrt(float(ss / double(n)) + eps);
+  for (int64_t i = 0; i < n; ++i) y[i] = x[i] * inv * load_float(w, w_dtype, i);
+}
+
+// x = x * cos + rotate_half(x) * sin for one head: rotate_half(x) = (-x2, x1).
+void rope(float* x, const float* cos, const float* sin, int64_t d) {
+  const int64_t half = d / 2;
+  for (int64_t i = 0; i < half; ++i) {
+    const float a = x[i], b = x[i + half];
+    x[i] = a * cos[i] - b * sin[i];
+    x[i + half] = b * cos[i + half] + a * sin[i + half];
+  }
+}
+
+void project(const Projection& p, const float* x, float* y, int threads) {
+  for (const Matrix& m : p) {
+    matvec(m, x, y, threads);
+    y += m.out;
+  }
+}
+
+}  // namespace
+
+void matvec(const Matrix& m, const float* x, float* y, int threads) {
+  if (m.wq != nullptr) {
+    qmatmul(x, kFloat32, 1, m.in, m.wq, m.scales, m.biases, m.q_dtype, m.out, m.group_size, m.bits, m.mode, y,
+            kFloat32, threads, kIsaAuto);
+  } else {
+    dense_matvec(m, x, y, threads);
+  }
+  if (m.bias != nullptr)
+    for (int64_t i = 0; i < m.out; ++i) y[i] += load_float(m.bias, m.bias_dtype, i);
+}
+
+NativeDecoder::NativeDecoder(const DecoderShape& shape, const Matrix& embedding, const void* final_norm,
+                             const Matrix& head)
+    : shape_(shape), embedding_(embedding), head_(head), final_norm_(final_norm) {
+  const DecoderShape& s = shape;
+  if (s.dim <= 0 || s.n_heads <= 0 || s.n_kv_heads <= 0 || s.head_dim <= 0 || s.hidden <= 0 || s.vocab <= 0)
+    fail("decoder shape has a non-positive size");
+  if (s.n_heads % s.n_kv_heads != 0) fail("n_heads must be a multiple of n_kv_heads");
+  if (s.head_dim % 2 != 0) fail("head_dim must be even (RoPE rotates halves)");
+  if (embedding.out != s.vocab || embedding.in != s.dim) fail("embedding is not (vocab, dim)");
+  if (head.out != s.vocab || head.in != s.dim) fail("head is not (vocab, dim)");
+  x_.resize(size_t(s.dim));
+  h_.resize(size_t(std::max(s.dim, s.hidden)));
+  qkv_.resize(size_t((s.n_heads + 2 * s.n_kv_heads) * s.head_dim));
+  attn_.resize(size_t(s.n_heads * s.head_dim));
+  gate_up_.resize(size_t(2 * s.hidden));
+  act_.resize(size_t(s.hidden));
+}
+
+void NativeDecoder::add_layer(const DecoderLayer& layer) {
+  const DecoderShape& s = shape_;
+  auto width = [](const Projection& p, int64_t in, const char* what) {
+    int64_t out = 0;
+    for (const Matrix& m : p) {
+      if (m.in != in) fail(std::string(what) + ": a matrix reads " + std::to_string(m.in) + " values, not " + std::to_string(in));
+      out += m.out;
+    }
+    return out;
+  };
+  if (width(layer.qkv, s.dim, "qkv") != (s.n_heads + 2 * s.n_kv_heads) * s.head_dim) fail("qkv: wrong output width");
+  if (width(layer.o, s.n_heads * s.head_dim, "o") != s.dim) fail("o: wrong output width");
+  if (width(layer.gate_up, s.dim, "gate_up") != 2 * s.hidden) fail("gate_up: wrong output width");
+  if (width(layer.down, s.hidden, "down") != s.dim) fail("down: wrong output width");
+  layers_.push_back(layer);
+}
+
+void NativeDecoder::step(int64_t token, int64_t pos, const std::vector<uintptr_t>& keys,
+                         const std::vector<uintptr_t>& values, int64_t capacity, const float* cos,
+                         const float* sin, float* logits, int threads) {
+  const DecoderShape& s = shape_;
+  const int64_t H = s.n_heads, KV = s.n_kv_heads, D = s.head_dim, dim = s.dim;
+  if (token < 0 || token >= s.vocab) fail("token id " + std::to_string(token) + " is outside the vocabulary");
+  if (pos < 0 || pos >= capacity) fail("position " + std::to_string(pos) + " is outside the cache");
+  if (keys.size() != layers_.size() || values.size() != layers_.size()) fail("one key and one value cache per layer");
+  float* x = x_.data();
+  float* h = h_.data();
+
+  const Matrix& e = embedding_;
+  if (e.wq != nullptr) {  // one row of codes, dequantized
+    const int64_t groups = dim / e.group_size;
+    const uint32_t* row = e.wq + token * (dim * e.bits / 32);
+    const void* scales = static_cast<const char*>(e.scales) + token * groups * dtype_size(e.q_dtype);
+    if (e.mode == kModeNF4) {
+      dequantize_nf4(row, scales, e.q_dtype, 1, dim, e.group_size, x, kFloat32, 1);
+    } else {
+      const void* biases = static_cast<const char*>(e.biases) + token * groups * dtype_size(e.q_dtype);
+      dequantize(row, scales, biases, e.q_dtype, 1, dim, e.group_size, e.bits, x, kFloat32, 1);
+    }
+  } else {
+    for (int64_t i = 0; i < dim; ++i) x[i] = load_float(e.w, e.w_dtype, token * dim + i);
+  }
+
+  const float scale = 1.0f / std::sqrt(float(D));
+  const int64_t first = s.window > 0 ? std::max<int64_t>(0, pos - s.window + 1) : 0;
+  const int64_t span = pos + 1 - first;
+  if (int64_t(scores_.size()) < H * span) scores_.resize(size_t(H * span));
+  for (size_t l = 0; l < layers_.size(); ++l) {
+    const DecoderLayer& layer = layers_[l];
+    rms_norm(x, layer.attn_norm, s.norm_dtype, dim, s.norm_eps, h);
+    project(layer.qkv, h, qkv_.data(), threads);
+    float* q = qkv_.data();
+    float* k = q + H * D;
+    float* v = k + KV * D;
+    for (int64_t head = 0; head < H + KV; ++head) rope(q + head * D, cos, sin, D);
+    float* kc = reinterpret_cast<float*>(keys[l]);
+    float* vc = reinterpret_cast<float*>(values[l]);
+    for (int64_t g = 0; g < KV; ++g) {
+      std::copy(k + g * D, k + (g + 1) * D, kc + (g * capacity + pos) * D);
+      std::copy(v + g * D, v + (g + 1) * D, vc + (g * capacity + pos) * D);
+    }
+    // attention of each query head over its KV head's positions [first, pos]
+    auto attend = [&](int t) {
+      const int64_t head = t, g = head / (H / KV);
+      const float* qh = q + head * D;
+      const float* kg = kc + g * capacity * D;
+      const float* vg = vc + g * capacity * D;
+      float* sc = scores_.data() + head * span;
+      float top = -INFINITY;
+      for (int64_t j = 0; j < span; ++j) {
+        const float* kj = kg + (first + j) * D;
+        float dot = 0.0f;
+        for (int64_t i = 0; i < D; ++i) dot += qh[i] * kj[i];
+        sc[j] = dot * scale;
+        top = std::max(top, sc[j]);
+      }
+      float total = 0.0f;
+      for (int64_t j = 0; j < span; ++j) total += sc[j] = std::exp(sc[j] - top);
+      const float inv = 1.0f / total;
+      float* out = attn_.data() + head * D;
+      std::fill(out, out + D, 0.0f);
+      for (int64_t j = 0; j < span; ++j) {
+        const float p = sc[j] * inv;
+        const float* vj = vg + (first + j) * D;
+        for (int64_t i = 0; i < D; ++i) out[i] += p * vj[i];
+      }
+    };
+    const int attention_threads = span * H * D >= (1 << 16) ? (threads > 0 ? threads : detail::hardware_threads()) : 1;
+    detail::parallel_for(int(H), attention_threads, attend);
+    project(layer.o, attn_.data(), h, threads);
+    for (int64_t i = 0; i < dim; ++i) x[i] += h[i];
+
+    rms_norm(x, layer.mlp_norm, s.norm_dtype, dim, s.norm_eps, h);
+    project(layer.gate_up, h, gate_up_.data(), threads);
+    const float* gate = gate_up_.data();
+    const float* up = gate + s.hidden;
+    for (int64_t i = 0; i < s.hidden; ++i) act_[size_t(i)] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
+    project(layer.down, act_.data(), h, threads);
+    for (int64_t i = 0; i < dim; ++i) x[i] += h[i];
+  }
+  rms_norm(x, final_norm_, s.norm_dtype, dim, s.norm_eps, h);
+  matvec(head_, h, logits, threads);
+}
+
+}  // namespace llmctl
