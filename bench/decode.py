@@ -5,6 +5,9 @@
 The Llama config of issue #5 (vocab 32000, hidden 768, 12 layers, 12 heads, 4 KV heads, MLP 2048, about 125M
 parameters with the untied head), random weights saved as a model folder with the Llama 2 BPE tokenizer from
 shared/tokenizers/llama2, and GGUF f32/f16 copies written by `llmctl convert`. Batch 1, 2 threads, greedy.
+Quantized engines (issue #6) run every matrix, embeddings and head included, at 4.5 or 8.5 bits per weight on each
+side: llmctl's and mlx-lm's on one folder from `llmctl quantize --bits 4|8 --group-size 64 quant.keep=` of the
+bfloat16 weights (bfloat16 scales and biases), llama.cpp on `llmctl quantize --format gguf --type q4_0|q8_0`.
 Each engine runs in a fresh process (its own thread pool and memory), once per round; rounds interleave the engines
 and the best of all rounds counts, so a busy machine slows everyone alike. Per engine:
   - decode tokens/s after a 128-token prompt (from the first new token to the last), and its share of the
@@ -51,13 +54,28 @@ ENGINES = {
     "mlx-lm-fp32": ("mlx-lm", "mlx", "fp32"),
     "llmctl-mlx-bf16": ("llmctl", "mlx", "bf16"),
     "mlx-lm-bf16": ("mlx-lm", "mlx", "bf16"),
+    # quantized (issue #6): every matrix, embeddings and head included, 4.5 or 8.5 bits per weight on each side
+    "llmctl-torch-q4": ("llmctl", "torch", "q4"),
+    "llama.cpp-q4_0": ("llama.cpp", "q4_0", "q4"),
+    "llmctl-torch-q8": ("llmctl", "torch", "q8"),
+    "llama.cpp-q8_0": ("llama.cpp", "q8_0", "q8"),
+    "llmctl-mlx-q4": ("llmctl", "mlx", "q4"),
+    "mlx-lm-q4": ("mlx-lm", "mlx", "q4"),
+    "llmctl-mlx-q8": ("llmctl", "mlx", "q8"),
+    "mlx-lm-q8": ("mlx-lm", "mlx", "q8"),
 }
+QUANTIZED = {"q4": 4, "q8": 8}  # bits; group size 64 with bfloat16 scales and biases: + 0.5 bit per weight
+GROUP = 64
 NEEDS = {"llama.cpp": "llama_cpp", "mlx-lm": "mlx_lm", "mlx": "mlx"}
 PEERS = {  # what each llmctl engine is compared with
     "llmctl-torch-fp32": ("transformers-fp32", "llama.cpp-f32"),
     "llmctl-torch-bf16": ("transformers-bf16", "llama.cpp-f16"),
     "llmctl-mlx-fp32": ("mlx-lm-fp32",),
     "llmctl-mlx-bf16": ("mlx-lm-bf16",),
+    "llmctl-torch-q4": ("llama.cpp-q4_0", "mlx-lm-q4"),
+    "llmctl-torch-q8": ("llama.cpp-q8_0", "mlx-lm-q8"),
+    "llmctl-mlx-q4": ("mlx-lm-q4",),
+    "llmctl-mlx-q8": ("mlx-lm-q8",),
 }
 
 
@@ -75,7 +93,7 @@ def run_llmctl(backend: str, precision: str, folder: Path, prompts: dict, new_to
 
     runtime = get_backend(backend)  # imports the framework before the first reading
     before = rss()
-    model = runtime.load(folder, dtype=precision)
+    model = runtime.load(folder, dtype=None if precision in QUANTIZED else precision)
     decode, prefill = [], []
     for _ in range(REPEATS):
         start = time.perf_counter()
@@ -167,7 +185,7 @@ def run_llama_cpp(gguf: Path, prompts: dict, new_tokens: int) -> dict:
 def worker(name: str, work: Path, new_tokens: int) -> dict:
     runner, what, precision = ENGINES[name]
     prompts = json.loads((work / "prompts.json").read_text())
-    folder = work / "model"
+    folder = work / (f"model-{precision}" if precision in QUANTIZED else "model")
     if runner == "llmctl":
         import torch
 
@@ -196,8 +214,19 @@ def make_model(work: Path) -> None:
     for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"):
         if (TOKENIZER / name).is_file():
             shutil.copy(TOKENIZER / name, folder / name)
+    llmctl = [sys.executable, "-m", "llmctl"]
     for kind in ("f32", "f16"):
-        _run([sys.executable, "-m", "llmctl", "convert", str(folder), "--out", str(work / f"model-{kind}.gguf"), "--type", kind])
+        _run([*llmctl, "convert", str(folder), "--out", str(work / f"model-{kind}.gguf"), "--type", kind])
+    # quantized copies of the bfloat16 weights: bfloat16 scales (and biases), like ggml's float16 block scales
+    _run([*llmctl, "convert", str(folder), "--out", str(work / "model-bf16"), "--dtype", "bf16"])
+    for name, bits in QUANTIZED.items():
+        _run([*llmctl, "quantize", "--model", str(work / "model-bf16"), "--out", str(work / f"model-{name}"), "--bits", str(bits),
+              "--group-size", str(GROUP), "quant.keep="])
+        _run([*llmctl, "quantize", "--model", str(folder), "--format", "gguf", "--type", f"{name}_0",
+              "--out", str(work / f"model-{name}_0.gguf")])
+        for extra in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"):
+            if (folder / extra).is_file() and not (work / f"model-{name}" / extra).is_file():
+                shutil.copy(folder / extra, work / f"model-{name}" / extra)
     text = CORPUS.read_text() if CORPUS.is_file() else " ".join(f"The number {i} follows {i - 1}." for i in range(1, 400))
     ids = Tokenizer.from_dir(folder).encode(text)
     prompts = {"decode": ids[:DECODE_PROMPT], "prefill": ids[:PREFILL_PROMPT]}
@@ -270,10 +299,10 @@ def budget(precision: str, positions: int) -> tuple[int, int]:
     from llmctl.spec import ModelSpec
 
     spec = ModelSpec(vocab_size=32000, dim=768, n_layers=12, n_heads=12, n_kv_heads=4, ffn_dim=2048)
-    size = 4 if precision == "fp32" else 2
+    size = 4 if precision == "fp32" else (QUANTIZED[precision] + 32 / GROUP) / 8 if precision in QUANTIZED else 2
     read = spec.matmul_params() * size + spec.dim * size  # every matrix once, plus one embedding row
-    kv = 2 * spec.n_layers * spec.kv_dim * positions * size
-    return read, int((spec.param_count() * size + kv) * 1.2)
+    kv = 2 * spec.n_layers * spec.kv_dim * positions * 4  # float32 keys and values (llama.cpp: float16)
+    return int(read), int((spec.param_count() * size + kv) * 1.2)
 
 
 def main() -> None:
@@ -333,7 +362,7 @@ def report(engines: list[str], results: dict, limits: dict, new_tokens: int, sta
         read, allowed = budget(precision, PREFILL_PROMPT)
         ceiling = limits["bandwidth"] * 1e9 / read
         print(f"{name:20s} {best[name]['decode']:12.1f} {best[name]['decode'] / ceiling:13.0%} {best[name]['prefill']:12.1f} "
-              f"{best[name]['prefill'] * flops / 1e9 / limits[precision]:8.0%} {growth[name] / 2**20:8.0f}MB {allowed / 2**20:6.0f}MB")
+              f"{best[name]['prefill'] * flops / 1e9 / limits.get(precision, limits['fp32']):8.0%} {growth[name] / 2**20:8.0f}MB {allowed / 2**20:6.0f}MB")
     print(f"(decode: {new_tokens} tokens after a {DECODE_PROMPT}-token prompt; prompt: {PREFILL_PROMPT} tokens; best of each "
           f"engine's runs. BW ceiling: bandwidth / bytes of weights read per token; peak: the matmul rate at that precision; "
           f"budget: weights + KV cache + 20%)")
