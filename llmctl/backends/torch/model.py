@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -100,6 +102,116 @@ def _joint(parts: list[Tensor]) -> Tensor | None:
     return first.detach().as_strided((rows, *first.shape[1:]), first.stride(), first.storage_offset())
 
 
+def _onednn() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    """x @ weight.T (+ bias) in float32 on the CPU through oneDNN, the products of training's forward and input gradient.
+
+    torch's default for float32, MKL, measured 10-30% slower on them here (AMD EPYC, 1-2 threads); it stays on the
+    weight gradient, which it computes faster than oneDNN from the transposed operands.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight = ctx.saved_tensors
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.ops.mkldnn._linear_pointwise(grad, weight.t(), None, "none", [], "")
+        rows = grad.reshape(-1, grad.shape[-1])                        # (N, out)
+        if ctx.needs_input_grad[1]:
+            grad_w = rows.t() @ x.reshape(-1, x.shape[-1])             # (out, in)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = rows.sum(0)
+        return grad_x, grad_w, grad_b
+
+
+def linear(layer: nn.Module, x: Tensor) -> Tensor:
+    """layer(x), through `_OneDNNLinear` when training a plain float32 Linear on the CPU.
+
+    Anything else (inference, autocast, quantized layers, Linears with hooks as AWQ/GPTQ put on) calls the module.
+    """
+    if (
+        type(layer) is nn.Linear and x.device.type == "cpu" and torch.is_grad_enabled() and layer.weight.requires_grad
+        and x.dtype == layer.weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
+        and not (layer._forward_hooks or layer._forward_pre_hooks) and _onednn()
+    ):
+        return _OneDNNLinear.apply(x, layer.weight, layer.bias)
+    return layer(x)
+
+
+CE_CHUNK = 1 << 22  # logits per chunk of the fused cross-entropy (16 MB in float32)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of `h @ weight.T` against `targets`, a chunk of rows at a time.
+
+    The (N, V) logits, their log-softmax and their gradient never exist whole (three float32 tensors of 64 MB at a
+    vocabulary of 8192 and 2048 tokens): each chunk's gradient, softmax - one_hot, is made in the forward pass while
+    the chunk is still in cache, and turned into the gradients of `h` and `weight` there; backward only scales them.
+    Under autocast the products run in its dtype, the softmax in float32, as `logits.float()` then cross_entropy does.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, h: Tensor, weight: Tensor, targets: Tensor) -> Tensor:
+        device = h.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+        onednn = device == "cpu" and dtype == torch.float32 and _onednn()
+        with torch.autocast(device, enabled=False):
+            x, w = h.to(dtype), weight.to(dtype)
+            N, V = len(x), len(w)
+            chunk = max(128, CE_CHUNK // V)
+            loss = torch.zeros((), device=h.device, dtype=torch.float32)
+            grad_h = torch.empty_like(x)
+            grad_w = torch.zeros(w.shape, device=w.device, dtype=torch.float32)
+            for start in range(0, N, chunk):
+                xc, tc = x[start : start + chunk], targets[start : start + chunk, None]
+                logits = torch.ops.mkldnn._linear_pointwise(xc, w, None, "none", [], "") if onednn else xc @ w.t()  # (n, V)
+                logp = torch.log_softmax(logits, -1, dtype=torch.float32)
+                del logits
+                picked = logp.gather(1, tc)                                   # (n, 1)
+                loss -= picked.sum()
+                g = logp.exp_().scatter_add_(1, tc, torch.full_like(picked, -1.0)).to(dtype)  # softmax - one_hot
+                if onednn:
+                    grad_h[start : start + chunk] = torch.ops.mkldnn._linear_pointwise(g, w.t(), None, "none", [], "")
+                else:
+                    torch.mm(g, w, out=grad_h[start : start + chunk])
+                if dtype == torch.float32:
+                    grad_w.addmm_(g.t(), xc)
+                else:
+                    grad_w += g.t() @ xc
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.dtypes = h.dtype, weight.dtype
+        return loss / N
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        grad_h, grad_w = ctx.saved_tensors
+        scale = grad / len(grad_h)
+        return (grad_h * scale).to(ctx.dtypes[0]), (grad_w * scale).to(ctx.dtypes[1]), None
+
+
+def linear_cross_entropy(h: Tensor, weight: Tensor, targets: Tensor) -> Tensor:
+    """Mean cross-entropy of the logits `h @ weight.T` (h (N, D), targets (N,)) without making them whole."""
+    if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+        return _LinearCrossEntropy.apply(h, weight, targets)
+    device = h.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+    chunk = max(128, CE_CHUNK // len(weight))
+    with torch.autocast(device, enabled=False):
+        x, w = h.to(dtype), weight.to(dtype)
+        total = sum(F.cross_entropy((x[i : i + chunk] @ w.t()).float(), targets[i : i + chunk], reduction="sum")
+                    for i in range(0, len(x), chunk))
+    return total / len(x)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -184,15 +296,15 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, rope: Rope, mask: Tensor | None, cache: KVCache | None) -> Tensor:
         B, T, _ = x.shape
         offset = cache.offset if cache is not None else 0
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)     # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q = linear(self.q_proj, x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)     # (B, H, T, D)
+        k = linear(self.k_proj, x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
+        v = linear(self.v_proj, x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = rope(q, offset), rope(k, offset)
         if cache is not None:
             k, v = cache.update(k, v)    # keys/values of all previous tokens, (B, KV, S, D)
         causal = mask is None and T > 1
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        return linear(self.o_proj, y.transpose(1, 2).reshape(B, T, -1))
 
 
 class MLP(nn.Module):
@@ -205,7 +317,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(ffn_dim, dim, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return linear(self.down_proj, F.silu(linear(self.gate_proj, x)) * linear(self.up_proj, x))
 
 
 class Expert(nn.Module):
@@ -218,7 +330,7 @@ class Expert(nn.Module):
         self.w3 = nn.Linear(dim, ffn_dim, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return linear(self.w2, F.silu(linear(self.w1, x)) * linear(self.w3, x))
 
 
 class MoE(nn.Module):
@@ -294,10 +406,12 @@ class Transformer(nn.Module):
 
     def forward(
         self, tokens: Tensor, cache: list[KVCache] | None = None, return_aux: bool = False,
-        key_mask: Tensor | None = None, last_only: bool = False,
+        key_mask: Tensor | None = None, last_only: bool = False, targets: Tensor | None = None,
     ) -> Tensor | tuple[Tensor, Tensor | None]:
         """Logits (B, T, V); with `return_aux`, also the MoE load-balancing loss (weighted by its coefficient).
 
+        Training: with `targets` (B, T), the mean cross-entropy of the logits against them instead of the logits,
+        computed a chunk of rows at a time (`linear_cross_entropy`) where the head is a plain weight.
         Generation: `key_mask` (B, >=S) is False at left padding of batched prompts; `last_only` gives (B, 1, V).
         """
         B, T = tokens.shape
@@ -313,17 +427,27 @@ class Transformer(nn.Module):
             if r is not None:
                 router_logits.append(r)
         h = self.model.norm(h[:, -1:] if last_only else h)
-        if self.spec.tie_embeddings:  # a quantized embedding runs the tied head through its own kernel
-            embed = self.model.embed_tokens
-            logits = embed.as_linear(h) if hasattr(embed, "as_linear") else F.linear(h, embed.weight)
-        else:
-            logits = self.lm_head(h)
+        out = self.logits(h) if targets is None else self.loss(h, targets)
         if not return_aux:
-            return logits
+            return out
         aux = None
         if router_logits:
             aux = self.spec.router_aux_loss_coef * load_balancing_loss(router_logits, self.spec.n_experts, self.spec.experts_per_token)
-        return logits, aux
+        return out, aux
+
+    def logits(self, h: Tensor) -> Tensor:
+        """(B, T, V) from the final norm's output."""
+        if self.spec.tie_embeddings:  # a quantized embedding runs the tied head through its own kernel
+            embed = self.model.embed_tokens
+            return embed.as_linear(h) if hasattr(embed, "as_linear") else F.linear(h, embed.weight)
+        return self.lm_head(h)
+
+    def loss(self, h: Tensor, targets: Tensor) -> Tensor:
+        """Mean cross-entropy of the logits of `h` (B, T, D) against `targets` (B, T); a plain head never makes them whole."""
+        head = self.model.embed_tokens if self.spec.tie_embeddings else self.lm_head
+        if type(head) in (nn.Embedding, nn.Linear):
+            return linear_cross_entropy(h.flatten(0, 1), head.weight, targets.flatten())
+        return F.cross_entropy(self.logits(h).float().flatten(0, 1), targets.flatten())
 
     def init_weights(self, seed: int) -> None:
         """Normal(0, init_std) matrices, ones for norms, zeros for biases, from a fixed seed."""

@@ -13,7 +13,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from llmctl import ui
@@ -196,8 +195,8 @@ def evaluate(model: torch.nn.Module, prep: Prepared, rows: int, batches: int, de
     for batch in prep.data.val_batches(rows, batches):
         x = torch.from_numpy(batch).to(device)
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            logits = model(x[:, :-1])
-        total += F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten(), reduction="sum").item()
+            loss = model(x[:, :-1], targets=x[:, 1:])
+        total += loss.item() * x[:, 1:].numel()
         count += x[:, 1:].numel()
     model.train()
     return total / count
@@ -259,8 +258,7 @@ def _train(cfg: Any, force: bool, resume: bool, rank: int, world: int, device: t
                 sync = micro == cfg.train.grad_accum - 1 or world == 1 or cfg.strategy.value != "ddp"
                 context = net.no_sync() if not sync else _null()
                 with context, torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                    logits, aux = net(batch[:, :-1], return_aux=True)
-                    loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
+                    loss, aux = net(batch[:, :-1], targets=batch[:, 1:], return_aux=True)
                     total = (loss + (aux if aux is not None else 0.0)) / cfg.train.grad_accum
                     (scaler.scale(total) if scaler else total).backward()
                 loss_sum += loss.detach() / cfg.train.grad_accum
