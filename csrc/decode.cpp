@@ -127,7 +127,76 @@ LLMCTL_AVX2 void rows_avx2(const void* W, int64_t in, const float* x, float* y, 
     for (int64_t i = body; i < in; ++i) y[t] += load_float(W, DTYPE, t * in + i) * x[i];
 }
 
+// ---- attention's small vector ops: dot products of a query with each key, sums of values weighted by
+// probabilities (head_dim-long rows; a scalar chain of dependent adds would take ~4 cycles a value)
+
+LLMCTL_AVX512 float dot_avx512(const float* a, const float* b, int64_t n) {
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc0);
+    acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), acc1);
+  }
+  for (; i < n; i += 16) {
+    const __mmask16 m = __mmask16((1u << std::min<int64_t>(16, n - i)) - 1u);
+    acc0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, b + i), acc0);
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+}
+
+LLMCTL_AVX512 void axpy_avx512(float p, const float* v, float* out, int64_t n) {
+  const __m512 pv = _mm512_set1_ps(p);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = __mmask16((1u << std::min<int64_t>(16, n - i)) - 1u);
+    _mm512_mask_storeu_ps(out + i, m, _mm512_fmadd_ps(pv, _mm512_maskz_loadu_ps(m, v + i), _mm512_maskz_loadu_ps(m, out + i)));
+  }
+}
+
+LLMCTL_AVX2 float dot_avx2(const float* a, const float* b, int64_t n) {
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
+  }
+  float sum = reduce_avx2(_mm256_add_ps(acc0, acc1));
+  for (; i < n; ++i) sum += a[i] * b[i];
+  return sum;
+}
+
+LLMCTL_AVX2 void axpy_avx2(float p, const float* v, float* out, int64_t n) {
+  const __m256 pv = _mm256_set1_ps(p);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, _mm256_fmadd_ps(pv, _mm256_loadu_ps(v + i), _mm256_loadu_ps(out + i)));
+  for (; i < n; ++i) out[i] += p * v[i];
+}
+
 #endif  // LLMCTL_X86
+
+float dot(const float* a, const float* b, int64_t n, int isa) {
+#ifdef LLMCTL_X86
+  if (isa == kIsaAvx512) return dot_avx512(a, b, n);
+  if (isa == kIsaAvx2) return dot_avx2(a, b, n);
+#endif
+  (void)isa;
+  float acc[8] = {};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int j = 0; j < 8; ++j) acc[j] += a[i + j] * b[i + j];
+  for (; i < n; ++i) acc[0] += a[i] * b[i];
+  float sum = 0.0f;
+  for (float v : acc) sum += v;
+  return sum;
+}
+
+void axpy(float p, const float* v, float* out, int64_t n, int isa) {
+#ifdef LLMCTL_X86
+  if (isa == kIsaAvx512) return axpy_avx512(p, v, out, n);
+  if (isa == kIsaAvx2) return axpy_avx2(p, v, out, n);
+#endif
+  (void)isa;
+  for (int64_t i = 0; i < n; ++i) out[i] += p * v[i];
+}
 
 void dense_matvec(const Matrix& m, const float* x, float* y, int threads) {
   const int isa = best_isa();
@@ -266,6 +335,7 @@ void NativeDecoder::step(int64_t token, int64_t pos, const std::vector<uintptr_t
   }
 
   const float scale = 1.0f / std::sqrt(float(D));
+  const int isa = best_isa();
   const int64_t first = s.window > 0 ? std::max<int64_t>(0, pos - s.window + 1) : 0;
   const int64_t span = pos + 1 - first;
   if (int64_t(scores_.size()) < H * span) scores_.resize(size_t(H * span));
@@ -292,10 +362,7 @@ void NativeDecoder::step(int64_t token, int64_t pos, const std::vector<uintptr_t
       float* sc = scores_.data() + head * span;
       float top = -INFINITY;
       for (int64_t j = 0; j < span; ++j) {
-        const float* kj = kg + (first + j) * D;
-        float dot = 0.0f;
-        for (int64_t i = 0; i < D; ++i) dot += qh[i] * kj[i];
-        sc[j] = dot * scale;
+        sc[j] = dot(qh, kg + (first + j) * D, D, isa) * scale;
         top = std::max(top, sc[j]);
       }
       float total = 0.0f;
@@ -303,11 +370,7 @@ void NativeDecoder::step(int64_t token, int64_t pos, const std::vector<uintptr_t
       const float inv = 1.0f / total;
       float* out = attn_.data() + head * D;
       std::fill(out, out + D, 0.0f);
-      for (int64_t j = 0; j < span; ++j) {
-        const float p = sc[j] * inv;
-        const float* vj = vg + (first + j) * D;
-        for (int64_t i = 0; i < D; ++i) out[i] += p * vj[i];
-      }
+      for (int64_t j = 0; j < span; ++j) axpy(sc[j] * inv, vg + (first + j) * D, out, D, isa);
     };
     const int attention_threads = span * H * D >= (1 << 16) ? (threads > 0 ? threads : detail::hardware_threads()) : 1;
     detail::parallel_for(int(H), attention_threads, attend);
