@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from llmctl.backends.torch.model import KVCache, Transformer, attention_mask, fuse, make_cache, padded_mask
+from llmctl.backends.torch.model import KVCache, Transformer, _joint, attention_mask, fuse, make_cache, padded_mask
 from llmctl.backends.torch.quant import QuantizedEmbedding, QuantizedLinear
 from llmctl.errors import LlmctlError
 from llmctl.generation import PREFILL_CHUNK, PromptCache, SamplingParams
@@ -223,7 +223,17 @@ class NativeStep:
 
     def _projection(self, linears: list[nn.Module]) -> list[tuple]:
         fused = fuse(linears)
-        return [self._dense(*fused)] if fused is not None else [self._matrix(linear) for linear in linears]
+        if fused is not None:
+            return [self._dense(*fused)]
+        if len(linears) > 1 and _fuse_quantized(linears):
+            first, rows = linears[0], sum(linear.out_features for linear in linears)
+            weight, scales, biases, bias = (_joint_buffer(linears, name) for name in ("weight", "scales", "biases", "bias"))
+            self.keep.append(weight)
+            return [(
+                rows, first.in_features, 0, 0, weight.data_ptr(), self._keep(scales), 0 if biases is None else self._keep(biases),
+                _DTYPES[scales.dtype], first.group_size, first.bits, _MODES[first.mode], *self._bias(bias),
+            )]  # fmt: skip
+        return [self._matrix(linear) for linear in linears]
 
     def __call__(self, token: int, cache: list[KVCache]) -> Tensor:
         """Logits (1, 1, V) float32 of `token` at the cache's next position; the cache grows by one."""
@@ -240,6 +250,39 @@ class NativeStep:
         for layer in cache:
             layer.offset = pos + 1
         return logits
+
+
+def _fuse_quantized(linears: list[nn.Module]) -> bool:
+    """Whether quantized layers that read the same x can run as one product (same format, all with a bias or none);
+    if so their codes, scales, biases and bias become row views of joint tensors (`_joint_buffer` finds them)."""
+    if not all(type(linear) is QuantizedLinear for linear in linears):
+        return False
+    first = linears[0]
+    formats = {
+        (l.in_features, l.group_size, l.bits, l.mode, l.scales.dtype, l.weight.device, l.biases is None, l.bias is None)
+        for l in linears
+    }  # fmt: skip
+    if len(formats) > 1 or first.weight.device.type != "cpu":
+        return False
+    for name in ("weight", "scales", "biases", "bias"):
+        if getattr(first, name) is not None and _joint_buffer(linears, name) is None:
+            parts = [getattr(linear, name).detach() for linear in linears]
+            with torch.inference_mode(False), torch.no_grad():  # tensors made under inference_mode could not be trained
+                if parts[0].dtype == torch.uint32:  # cat has no uint32 kernel: the same bits as int32
+                    joint = torch.cat([p.view(torch.int32) for p in parts]).view(torch.uint32)
+                else:
+                    joint = torch.cat(parts)
+            for linear, view in zip(linears, joint.split([len(p) for p in parts])):
+                if name == "bias":
+                    linear.bias.data = view
+                else:
+                    linear._buffers[name] = view
+    return True
+
+
+def _joint_buffer(linears: list[nn.Module], name: str) -> Tensor | None:
+    parts = [getattr(linear, name) for linear in linears]
+    return None if parts[0] is None else _joint(parts)
 
 
 class _Unsupported(Exception):
