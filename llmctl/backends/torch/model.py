@@ -102,51 +102,6 @@ def _joint(parts: list[Tensor]) -> Tensor | None:
     return first.detach().as_strided((rows, *first.shape[1:]), first.stride(), first.storage_offset())
 
 
-def _onednn() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-
-
-class _OneDNNLinear(torch.autograd.Function):
-    """x @ weight.T (+ bias) in float32 on the CPU through oneDNN, the products of training's forward and input gradient.
-
-    torch's default for float32, MKL, measured 10-30% slower on them here (AMD EPYC, 1-2 threads); it stays on the
-    weight gradient, which it computes faster than oneDNN from the transposed operands.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        x, weight = ctx.saved_tensors
-        grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = torch.ops.mkldnn._linear_pointwise(grad, weight.t(), None, "none", [], "")
-        rows = grad.reshape(-1, grad.shape[-1])                        # (N, out)
-        if ctx.needs_input_grad[1]:
-            grad_w = rows.t() @ x.reshape(-1, x.shape[-1])             # (out, in)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = rows.sum(0)
-        return grad_x, grad_w, grad_b
-
-
-def linear(layer: nn.Module, x: Tensor) -> Tensor:
-    """layer(x), through `_OneDNNLinear` when training a plain float32 Linear on the CPU.
-
-    Anything else (inference, autocast, quantized layers, Linears with hooks as AWQ/GPTQ put on) calls the module.
-    """
-    if (
-        type(layer) is nn.Linear and x.device.type == "cpu" and torch.is_grad_enabled() and layer.weight.requires_grad
-        and x.dtype == layer.weight.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
-        and not (layer._forward_hooks or layer._forward_pre_hooks) and _onednn()
-    ):
-        return _OneDNNLinear.apply(x, layer.weight, layer.bias)
-    return layer(x)
-
-
 CE_CHUNK = 1 << 22  # logits per chunk of the fused cross-entropy (16 MB in float32)
 
 
@@ -163,7 +118,6 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx: Any, h: Tensor, weight: Tensor, targets: Tensor) -> Tensor:
         device = h.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
-        onednn = device == "cpu" and dtype == torch.float32 and _onednn()
         with torch.autocast(device, enabled=False):
             x, w = h.to(dtype), weight.to(dtype)
             N, V = len(x), len(w)
@@ -173,16 +127,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_w = torch.zeros(w.shape, device=w.device, dtype=torch.float32)
             for start in range(0, N, chunk):
                 xc, tc = x[start : start + chunk], targets[start : start + chunk, None]
-                logits = torch.ops.mkldnn._linear_pointwise(xc, w, None, "none", [], "") if onednn else xc @ w.t()  # (n, V)
+                logits = xc @ w.t()                                           # (n, V)
                 logp = torch.log_softmax(logits, -1, dtype=torch.float32)
                 del logits
                 picked = logp.gather(1, tc)                                   # (n, 1)
                 loss -= picked.sum()
                 g = logp.exp_().scatter_add_(1, tc, torch.full_like(picked, -1.0)).to(dtype)  # softmax - one_hot
-                if onednn:
-                    grad_h[start : start + chunk] = torch.ops.mkldnn._linear_pointwise(g, w.t(), None, "none", [], "")
-                else:
-                    torch.mm(g, w, out=grad_h[start : start + chunk])
+                torch.mm(g, w, out=grad_h[start : start + chunk])
                 if dtype == torch.float32:
                     grad_w.addmm_(g.t(), xc)
                 else:
@@ -296,15 +247,15 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, rope: Rope, mask: Tensor | None, cache: KVCache | None) -> Tensor:
         B, T, _ = x.shape
         offset = cache.offset if cache is not None else 0
-        q = linear(self.q_proj, x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)     # (B, H, T, D)
-        k = linear(self.k_proj, x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
-        v = linear(self.v_proj, x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)     # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = rope(q, offset), rope(k, offset)
         if cache is not None:
             k, v = cache.update(k, v)    # keys/values of all previous tokens, (B, KV, S, D)
         causal = mask is None and T > 1
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
-        return linear(self.o_proj, y.transpose(1, 2).reshape(B, T, -1))
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
 class MLP(nn.Module):
@@ -317,7 +268,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(ffn_dim, dim, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return linear(self.down_proj, F.silu(linear(self.gate_proj, x)) * linear(self.up_proj, x))
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class Expert(nn.Module):
@@ -330,7 +281,7 @@ class Expert(nn.Module):
         self.w3 = nn.Linear(dim, ffn_dim, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return linear(self.w2, F.silu(linear(self.w1, x)) * linear(self.w3, x))
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
 class MoE(nn.Module):
