@@ -137,3 +137,43 @@ def qmatmul_cuda(
     stream: int = 0,
 ) -> None:
     """qmatmul on device addresses, queued on a cudaStream_t; RuntimeError when built without CUDA."""
+
+Matrix = tuple[int, int, int, int, int, int, int, int, int, int, int, int, int]
+
+class NativeDecoder:
+    """One decoding step of a Llama-family model (batch 1) in C++. A matrix is a tuple (out, in, w, w_dtype, wq,
+    scales, biases, q_dtype, group_size, bits, mode, bias, bias_dtype) of sizes, codes and addresses the caller keeps
+    alive: dense when wq is 0, MLX-quantized otherwise; bias 0 when there is none."""
+
+    def __init__(
+        self,
+        dim: int,
+        n_heads: int,
+        n_kv_heads: int,
+        head_dim: int,
+        hidden: int,
+        vocab: int,
+        window: int,
+        norm_eps: float,
+        norm_dtype: int,
+        embedding: Matrix,
+        final_norm: int,
+        head: Matrix,
+    ) -> None: ...
+    def add_layer(
+        self, attn_norm: int, qkv: list[Matrix], o: list[Matrix], mlp_norm: int, gate_up: list[Matrix], down: list[Matrix]
+    ) -> None: ...
+    def step(
+        self,
+        token: int,
+        pos: int,
+        keys: list[int],
+        values: list[int],
+        capacity: int,
+        cos: int,
+        sin: int,
+        logits: int,
+        threads: int = 0,
+    ) -> None:
+        """Decode `token` at `pos`: its keys and values into each layer's float32 cache (n_kv_heads, capacity,
+        head_dim), the float32 logits (vocab) at `logits`; cos and sin point at position pos's RoPE rows."""

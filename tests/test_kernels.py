@@ -303,7 +303,10 @@ def test_stub_lists_what_the_extension_defines():
             params = signature.split("(", 1)[1].split(")")[0]
             names = [part.split(":")[0].strip() for part in params.split(",") if part.strip()]
             assert names == [a.arg for a in node.args.args], node.name
-    defined = {n.name for n in stub.body if isinstance(n, ast.FunctionDef)}
+        if isinstance(node, ast.ClassDef):  # its methods, by name
+            methods = {n.name for n in node.body if isinstance(n, ast.FunctionDef) and not n.name.startswith("_")}
+            assert methods == {m for m in dir(getattr(_C, node.name)) if not m.startswith("_")}, node.name
+    defined = {n.name for n in stub.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
     assert defined == {name for name in dir(_C) if callable(getattr(_C, name)) and not name.startswith("_")}
 
 
