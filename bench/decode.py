@@ -372,8 +372,9 @@ def report(engines: list[str], results: dict, limits: dict, new_tokens: int, sta
           f"budget: weights + KV cache + 20%)")
     for name, peers in PEERS.items():
         for peer in (p for p in peers if name in engines and p in engines):
+            prompt = (f"prompt {best[name]['prefill'] / best[peer]['prefill']:.2f}x, " if best[peer]['prefill'] else "")
             print(f"{name} / {peer}: decode {best[name]['decode'] / best[peer]['decode']:.2f}x, "
-                  f"prompt {best[name]['prefill'] / best[peer]['prefill']:.2f}x, memory growth {growth[name] / growth[peer]:.2f}x")
+                  f"{prompt}memory growth {growth[name] / growth[peer]:.2f}x")
     if startup:
         print(f"llmctl chat start-up to first prompt (default model): best {min(startup):.2f} s, first {startup[0]:.2f} s")
 
