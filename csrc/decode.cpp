@@ -26,8 +26,8 @@ int64_t dtype_size(int dtype) { return dtype == kFloat32 ? 4 : 2; }
 
 // ---- dense rows: y[r] = dot(W[r], x) for r in [r0, r1), one row at a time (four rows interleaved, sharing x
 // loads, streamed 35-55% slower here: more streams than the prefetchers follow well). bfloat16 rows are read
-// 32 values per 512-bit load: the low half of each 32-bit lane (an even value) shifted up and the high half masked are both float32 already, so x comes de-interleaved per 32
-// (16 even values, then 16 odd ones).
+// 32 values per 512-bit load: the low half of each 32-bit lane (an even value) shifted up and the high
+// half masked are both float32 already, so x comes de-interleaved per 32 (16 even values, then 16 odd ones).
 
 void rows_scalar(const void* W, int dtype, int64_t in, const float* x, float* y, int64_t r0, int64_t r1) {
   for (int64_t r = r0; r < r1; ++r) {
