@@ -29,17 +29,19 @@ int64_t dtype_size(int dtype) { return dtype == kFloat32 ? 4 : 2; }
 // 32 values per 512-bit load: the low half of each 32-bit lane (an even value) shifted up and the high
 // half masked are both float32 already, so x comes de-interleaved per 32 (16 even values, then 16 odd ones).
 
+float row_dot_scalar(const void* W, int dtype, int64_t at, int64_t n, const float* x) {
+  float acc[8] = {};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int j = 0; j < 8; ++j) acc[j] += load_float(W, dtype, at + i + j) * x[i + j];
+  for (; i < n; ++i) acc[0] += load_float(W, dtype, at + i) * x[i];
+  float sum = 0.0f;
+  for (float a : acc) sum += a;
+  return sum;
+}
+
 void rows_scalar(const void* W, int dtype, int64_t in, const float* x, float* y, int64_t r0, int64_t r1) {
-  for (int64_t r = r0; r < r1; ++r) {
-    float acc[8] = {};
-    int64_t i = 0;
-    for (; i + 8 <= in; i += 8)
-      for (int j = 0; j < 8; ++j) acc[j] += load_float(W, dtype, r * in + i + j) * x[i + j];
-    for (; i < in; ++i) acc[0] += load_float(W, dtype, r * in + i) * x[i];
-    float sum = 0.0f;
-    for (float a : acc) sum += a;
-    y[r] = sum;
-  }
+  for (int64_t r = r0; r < r1; ++r) y[r] = row_dot_scalar(W, dtype, r * in, in, x);
 }
 
 #ifdef LLMCTL_X86
@@ -62,26 +64,29 @@ LLMCTL_AVX512 inline void dot_avx512(const void* W, int64_t at, const float* x, 
   }
 }
 
-// One row at a time, four accumulators along it: each thread reads one sequential stream (the hardware
-// prefetchers' best case); x sits in L1.
+// dot(W[at : at + n], x) with four accumulators along the row (xp: x de-interleaved, for bfloat16).
+template <int DTYPE>
+LLMCTL_AVX512 float row_dot_avx512(const void* W, int64_t at, int64_t n, const float* x, const float* xp) {
+  constexpr int64_t kStep = DTYPE == kBFloat16 ? 32 : 16;
+  const int64_t body = n / kStep * kStep, body4 = n / (4 * kStep) * (4 * kStep);
+  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  int64_t i = 0;
+  for (; i < body4; i += 4 * kStep) {
+    dot_avx512<DTYPE>(W, at + i, x, xp, i, a0);
+    dot_avx512<DTYPE>(W, at + i + kStep, x, xp, i + kStep, a1);
+    dot_avx512<DTYPE>(W, at + i + 2 * kStep, x, xp, i + 2 * kStep, a2);
+    dot_avx512<DTYPE>(W, at + i + 3 * kStep, x, xp, i + 3 * kStep, a3);
+  }
+  for (; i < body; i += kStep) dot_avx512<DTYPE>(W, at + i, x, xp, i, a0);
+  float sum = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+  for (; i < n; ++i) sum += load_float(W, DTYPE, at + i) * x[i];
+  return sum;
+}
+
+// One row at a time: each thread reads one sequential stream (the hardware prefetchers' best case); x sits in L1.
 template <int DTYPE>
 LLMCTL_AVX512 void rows_avx512(const void* W, int64_t in, const float* x, const float* xp, float* y, int64_t r0, int64_t r1) {
-  constexpr int64_t kStep = DTYPE == kBFloat16 ? 32 : 16;
-  const int64_t body = in / kStep * kStep, body4 = in / (4 * kStep) * (4 * kStep);
-  for (int64_t r = r0; r < r1; ++r) {
-    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    int64_t i = 0;
-    for (; i < body4; i += 4 * kStep) {
-      dot_avx512<DTYPE>(W, r * in + i, x, xp, i, a0);
-      dot_avx512<DTYPE>(W, r * in + i + kStep, x, xp, i + kStep, a1);
-      dot_avx512<DTYPE>(W, r * in + i + 2 * kStep, x, xp, i + 2 * kStep, a2);
-      dot_avx512<DTYPE>(W, r * in + i + 3 * kStep, x, xp, i + 3 * kStep, a3);
-    }
-    for (; i < body; i += kStep) dot_avx512<DTYPE>(W, r * in + i, x, xp, i, a0);
-    float sum = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
-    for (; i < in; ++i) sum += load_float(W, DTYPE, r * in + i) * x[i];
-    y[r] = sum;
-  }
+  for (int64_t r = r0; r < r1; ++r) y[r] = row_dot_avx512<DTYPE>(W, r * in, in, x, xp);
 }
 
 LLMCTL_AVX2 inline float reduce_avx2(__m256 v) {
@@ -99,41 +104,28 @@ LLMCTL_AVX2 inline __m256 load8_avx2(const void* W, int dtype, int64_t i) {
 }
 
 template <int DTYPE>
-LLMCTL_AVX2 void rows_avx2(const void* W, int64_t in, const float* x, float* y, int64_t r0, int64_t r1) {
-  const int64_t body = in / 8 * 8, body4 = in / 32 * 32;
-  for (int64_t r = r0; r < r1; ++r) {  // one row at a time, as rows_avx512
-    const int64_t at = r * in;
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    int64_t i = 0;
-    for (; i < body4; i += 32) {
-      a0 = _mm256_fmadd_ps(load8_avx2(W, DTYPE, at + i), _mm256_loadu_ps(x + i), a0);
-      a1 = _mm256_fmadd_ps(load8_avx2(W, DTYPE, at + i + 8), _mm256_loadu_ps(x + i + 8), a1);
-      a2 = _mm256_fmadd_ps(load8_avx2(W, DTYPE, at + i + 16), _mm256_loadu_ps(x + i + 16), a2);
-      a3 = _mm256_fmadd_ps(load8_avx2(W, DTYPE, at + i + 24), _mm256_loadu_ps(x + i + 24), a3);
-    }
-    for (; i < body; i += 8) a0 = _mm256_fmadd_ps(load8_avx2(W, DTYPE, at + i), _mm256_loadu_ps(x + i), a0);
-    float sum = reduce_avx2(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-    for (; i < in; ++i) sum += load_float(W, DTYPE, at + i) * x[i];
-    y[r] = sum;
-  }
-}
-
-// ---- attention's small vector ops: dot products of a query with each key, sums of values weighted by
-// probabilities (head_dim-long rows; a scalar chain of dependent adds would take ~4 cycles a value)
-
-LLMCTL_AVX512 float dot_avx512(const float* a, const float* b, int64_t n) {
-  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+LLMCTL_AVX2 float row_dot_avx2(const void* W, int64_t at, int64_t n, const float* x) {
+  const int64_t body = n / 8 * 8, body4 = n / 32 * 32;
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
   int64_t i = 0;
-  for (; i + 32 <= n; i += 32) {
-    acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc0);
-    acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), acc1);
+  for (; i < body4; i += 32) {
+    a0 = _mm256_fmadd_ps(load8_avx2(W, DTYPE, at + i), _mm256_loadu_ps(x + i), a0);
+    a1 = _mm256_fmadd_ps(load8_avx2(W, DTYPE, at + i + 8), _mm256_loadu_ps(x + i + 8), a1);
+    a2 = _mm256_fmadd_ps(load8_avx2(W, DTYPE, at + i + 16), _mm256_loadu_ps(x + i + 16), a2);
+    a3 = _mm256_fmadd_ps(load8_avx2(W, DTYPE, at + i + 24), _mm256_loadu_ps(x + i + 24), a3);
   }
-  for (; i < n; i += 16) {
-    const __mmask16 m = __mmask16((1u << std::min<int64_t>(16, n - i)) - 1u);
-    acc0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, b + i), acc0);
-  }
-  return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+  for (; i < body; i += 8) a0 = _mm256_fmadd_ps(load8_avx2(W, DTYPE, at + i), _mm256_loadu_ps(x + i), a0);
+  float sum = reduce_avx2(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+  for (; i < n; ++i) sum += load_float(W, DTYPE, at + i) * x[i];
+  return sum;
 }
+
+template <int DTYPE>
+LLMCTL_AVX2 void rows_avx2(const void* W, int64_t in, const float* x, float* y, int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) y[r] = row_dot_avx2<DTYPE>(W, r * in, in, x);
+}
+
+// ---- attention's weighted sums of values (head_dim-long rows; its dot products are row_dot's)
 
 LLMCTL_AVX512 void axpy_avx512(float p, const float* v, float* out, int64_t n) {
   const __m512 pv = _mm512_set1_ps(p);
@@ -141,18 +133,6 @@ LLMCTL_AVX512 void axpy_avx512(float p, const float* v, float* out, int64_t n) {
     const __mmask16 m = __mmask16((1u << std::min<int64_t>(16, n - i)) - 1u);
     _mm512_mask_storeu_ps(out + i, m, _mm512_fmadd_ps(pv, _mm512_maskz_loadu_ps(m, v + i), _mm512_maskz_loadu_ps(m, out + i)));
   }
-}
-
-LLMCTL_AVX2 float dot_avx2(const float* a, const float* b, int64_t n) {
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
-    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
-  }
-  float sum = reduce_avx2(_mm256_add_ps(acc0, acc1));
-  for (; i < n; ++i) sum += a[i] * b[i];
-  return sum;
 }
 
 LLMCTL_AVX2 void axpy_avx2(float p, const float* v, float* out, int64_t n) {
@@ -164,20 +144,14 @@ LLMCTL_AVX2 void axpy_avx2(float p, const float* v, float* out, int64_t n) {
 
 #endif  // LLMCTL_X86
 
+// Attention's q . k: the weight-row dot products on float32 rows.
 float dot(const float* a, const float* b, int64_t n, int isa) {
 #ifdef LLMCTL_X86
-  if (isa == kIsaAvx512) return dot_avx512(a, b, n);
-  if (isa == kIsaAvx2) return dot_avx2(a, b, n);
+  if (isa == kIsaAvx512) return row_dot_avx512<kFloat32>(a, 0, n, b, nullptr);
+  if (isa == kIsaAvx2) return row_dot_avx2<kFloat32>(a, 0, n, b);
 #endif
   (void)isa;
-  float acc[8] = {};
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    for (int j = 0; j < 8; ++j) acc[j] += a[i + j] * b[i + j];
-  for (; i < n; ++i) acc[0] += a[i] * b[i];
-  float sum = 0.0f;
-  for (float v : acc) sum += v;
-  return sum;
+  return row_dot_scalar(a, kFloat32, 0, n, b);
 }
 
 void axpy(float p, const float* v, float* out, int64_t n, int isa) {
@@ -215,16 +189,13 @@ void dense_matvec(const Matrix& m, const float* x, float* y, int threads) {
 #endif
     rows_scalar(m.w, m.w_dtype, in, x, y, r0, r1);
   };
-  // Threads only where each reads at least ~64 KiB; four tasks per thread of whole 4-row blocks, so a
-  // thread that starts late (a busy machine) is made up for by the others.
+  // Threads only where each reads at least ~64 KiB; four tasks per thread, so a thread that starts late (a
+  // busy machine) is made up for by the others.
   const int max_threads = threads > 0 ? threads : detail::hardware_threads();
   const int64_t bytes = out * in * dtype_size(m.w_dtype);
   const int n = int(std::max<int64_t>(1, std::min<int64_t>(max_threads, bytes / 65536)));
-  const int64_t blocks = (out + 3) / 4;
-  const int tasks = int(std::min<int64_t>(blocks, n == 1 ? 1 : 4 * n));
-  detail::parallel_for(tasks, n, [&](int t) {
-    rows(std::min(out, blocks * t / tasks * 4), std::min(out, blocks * (t + 1) / tasks * 4));
-  });
+  const int tasks = int(std::min<int64_t>(out, n == 1 ? 1 : 4 * n));
+  detail::parallel_for(tasks, n, [&](int t) { rows(out * t / tasks, out * (t + 1) / tasks); });
 }
 
 void rms_norm(const float* x, const void* w, int w_dtype, int64_t n, float eps, float* y) {

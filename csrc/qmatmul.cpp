@@ -346,10 +346,13 @@ void qmatmul_rows_neon(const QJob&, int64_t, int64_t) { fail("NEON kernels exist
 
 }  // namespace detail
 
-int best_isa() {
-  for (int isa : {kIsaAvx512, kIsaAvx2, kIsaNeon})
-    if (isa_available(isa)) return isa;
-  return kIsaScalar;
+int best_isa() {  // asked once: the decode step and qmatmul ask on every product
+  static const int best = [] {
+    for (int isa : {kIsaAvx512, kIsaAvx2, kIsaNeon})
+      if (isa_available(isa)) return isa;
+    return int(kIsaScalar);
+  }();
+  return best;
 }
 
 const char* isa_name(int isa) {
