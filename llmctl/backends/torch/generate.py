@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from llmctl.backends.torch.model import KVCache, Transformer, _joint, attention_mask, fuse, make_cache, padded_mask
-from llmctl.backends.torch.quant import QuantizedEmbedding, QuantizedLinear
+from llmctl.backends.torch.quant import _DTYPE_CODES, _MODES, QuantizedEmbedding, QuantizedLinear
 from llmctl.errors import LlmctlError
 from llmctl.generation import PREFILL_CHUNK, PromptCache, SamplingParams
 
@@ -137,8 +137,6 @@ def _attend_one(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
     return (probs @ v).view(B, H, 1, D)
 
 
-_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # llmctl._C's dtype codes
-_MODES = {"affine": 0, "nf4": 1}
 
 
 def _native_lib():
@@ -173,7 +171,7 @@ class NativeStep:
         head = embedding if spec.tie_embeddings else self._projection([model.lm_head])[0]
         self.impl = lib.NativeDecoder(
             spec.dim, spec.n_heads, spec.n_kv_heads, spec.head_dim, spec.ffn_dim, spec.vocab_size,
-            spec.sliding_window or 0, spec.norm_eps, _DTYPES[norm_dtype], embedding, self._keep(inner.norm.weight), head,
+            spec.sliding_window or 0, spec.norm_eps, _DTYPE_CODES[norm_dtype], embedding, self._keep(inner.norm.weight), head,
         )  # fmt: skip
         for block in inner.layers:
             attn, mlp = block.self_attn, block.mlp
@@ -195,28 +193,30 @@ class NativeStep:
         except _Unsupported:
             return None
 
-    def _keep(self, t: Tensor) -> int:
-        if t.dtype not in _DTYPES or not t.is_contiguous() or t.device.type != "cpu":
+    def _keep(self, t: Tensor, codes: bool = False) -> int:
+        """t's address, t kept alive; float tensors (or uint32 codes), contiguous, on the CPU."""
+        if (t.dtype != torch.uint32 if codes else t.dtype not in _DTYPE_CODES) or not t.is_contiguous() or t.device.type != "cpu":
             raise _Unsupported
         self.keep.append(t)
         return t.data_ptr()
 
     def _bias(self, bias: Tensor | None) -> tuple[int, int]:
-        return (0, 0) if bias is None else (self._keep(bias), _DTYPES[bias.dtype])
+        return (0, 0) if bias is None else (self._keep(bias), _DTYPE_CODES[bias.dtype])
 
     def _dense(self, weight: Tensor, bias: Tensor | None) -> tuple:
-        return (*weight.shape, self._keep(weight), _DTYPES[weight.dtype], 0, 0, 0, 0, 0, 0, 0, *self._bias(bias))
+        return (*weight.shape, self._keep(weight), _DTYPE_CODES[weight.dtype], 0, 0, 0, 0, 0, 0, 0, *self._bias(bias))
+
+    def _quantized(self, layer: QuantizedLinear, rows: int, weight: Tensor, scales: Tensor, biases: Tensor | None, bias: Tensor | None) -> tuple:
+        """`rows` outputs of `layer`'s format (its own tensors, or those of layers fused with it)."""
+        return (
+            rows, layer.in_features, 0, 0, self._keep(weight, codes=True), self._keep(scales),
+            0 if biases is None else self._keep(biases), _DTYPE_CODES[scales.dtype], layer.group_size, layer.bits,
+            _MODES[layer.mode], *self._bias(bias),
+        )  # fmt: skip
 
     def _matrix(self, layer: nn.Module) -> tuple:
         if isinstance(layer, QuantizedLinear):
-            if layer.weight.device.type != "cpu" or not layer.weight.is_contiguous():
-                raise _Unsupported
-            self.keep.append(layer.weight)
-            biases = 0 if layer.biases is None else self._keep(layer.biases)
-            return (
-                layer.out_features, layer.in_features, 0, 0, layer.weight.data_ptr(), self._keep(layer.scales), biases,
-                _DTYPES[layer.scales.dtype], layer.group_size, layer.bits, _MODES[layer.mode], *self._bias(layer.bias),
-            )  # fmt: skip
+            return self._quantized(layer, layer.out_features, layer.weight, layer.scales, layer.biases, layer.bias)
         if type(layer) is not nn.Linear:
             raise _Unsupported
         return self._dense(layer.weight, layer.bias)
@@ -226,13 +226,8 @@ class NativeStep:
         if fused is not None:
             return [self._dense(*fused)]
         if len(linears) > 1 and _fuse_quantized(linears):
-            first, rows = linears[0], sum(linear.out_features for linear in linears)
-            weight, scales, biases, bias = (_joint_buffer(linears, name) for name in ("weight", "scales", "biases", "bias"))
-            self.keep.append(weight)
-            return [(
-                rows, first.in_features, 0, 0, weight.data_ptr(), self._keep(scales), 0 if biases is None else self._keep(biases),
-                _DTYPES[scales.dtype], first.group_size, first.bits, _MODES[first.mode], *self._bias(bias),
-            )]  # fmt: skip
+            joint = (_joint_buffer(linears, name) for name in ("weight", "scales", "biases", "bias"))
+            return [self._quantized(linears[0], sum(linear.out_features for linear in linears), *joint)]
         return [self._matrix(linear) for linear in linears]
 
     def __call__(self, token: int, cache: list[KVCache]) -> Tensor:
