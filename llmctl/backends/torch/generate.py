@@ -233,8 +233,9 @@ class NativeStep:
     def __call__(self, token: int, cache: list[KVCache]) -> Tensor:
         """Logits (1, 1, V) float32 of `token` at the cache's next position; the cache grows by one."""
         pos = cache[0].offset
-        for layer in cache:
-            layer.reserve(pos + 1, self.empty)
+        if cache[0].keys is None or pos >= cache[0].keys.shape[2]:  # layers grow in step: one check for all
+            for layer in cache:
+                layer.reserve(pos + 1, self.empty)
         cos, sin = self.model.rope.table(pos + 1, self.empty)                 # (N, D) float32
         logits = torch.empty(1, 1, self.spec.vocab_size)
         row = pos * self.spec.head_dim * 4
