@@ -103,3 +103,47 @@ def test_stories260k_greedy_reproduces_reference(backend):
     loaded = backend.load(folder)
     got = loaded.greedy([loaded.spec.bos_token_id or 1], max_new_tokens=len(want))
     assert got == want
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_training_forward_and_gradients_match_transformers(family, tmp_path):
+    """The training path (one matmul over concatenated q/k/v and gate/up weights) gives transformers' loss and
+    every parameter's gradient in float32."""
+    from llmctl.backends.torch.runtime import Runtime
+
+    model = make_hf_model(family, tmp_path, seed=3).float().train()
+    ours = Runtime().load(tmp_path).module.train()
+    tokens = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+    ref = model(input_ids=tokens[:, :-1], labels=tokens[:, :-1]).loss  # transformers shifts the labels itself
+    got = ours(tokens[:, :-1][:, :-1], targets=tokens[:, :-1][:, 1:])
+    assert abs(got.item() - ref.item()) <= 1e-5 * abs(ref.item())
+    ref.backward()
+    got.backward()
+    theirs = dict(model.named_parameters())
+    for name, p in ours.named_parameters():
+        g, r = p.grad, theirs[name].grad
+        assert g is not None, name
+        assert float((g - r).abs().max()) <= 1e-5 * max(1e-3, float(r.abs().max())), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_causal_attention_matches_sdpa(dtype):
+    """The eager attention used for reduced-precision CPU training: outputs and gradients against SDPA."""
+    from llmctl.backends.torch.model import eager_attention_pays, grouped_causal_attention
+
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, h, 37, 16, generator=gen, dtype=torch.float32) for h in (6, 2, 2))
+    reference = [t.clone().requires_grad_() for t in (q, k, v)]
+    y_ref = torch.nn.functional.scaled_dot_product_attention(*reference, is_causal=True, enable_gqa=True)
+    ours = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+    y = grouped_causal_attention(*ours)
+    tol = 1e-5 if dtype == torch.float32 else 3e-2  # bfloat16 inputs: 8-bit mantissas
+    assert float((y.detach().float() - y_ref.detach()).abs().max()) <= tol
+    weights = torch.randn(y_ref.shape, generator=gen)
+    (y_ref * weights).sum().backward()
+    (y.float() * weights).sum().backward()
+    for a, b in zip(ours, reference):
+        assert float((a.grad.float() - b.grad).abs().max()) <= tol * max(1.0, float(b.grad.abs().max()))
+    assert eager_attention_pays(ours[0], ours[1]) == (dtype == torch.bfloat16)
+    with torch.no_grad():
+        assert not eager_attention_pays(ours[0], ours[1])  # inference keeps SDPA

@@ -13,7 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from llmctl.backends.torch.model import KVCache, Transformer, _joint, attention_mask, fuse, make_cache, padded_mask
+from llmctl.backends.torch.model import (
+    KVCache, Transformer, _joint, attention_mask, dense_linear, fuse, make_cache, padded_mask,
+)
 from llmctl.backends.torch.quant import _DTYPE_CODES, _MODES, QuantizedEmbedding, QuantizedLinear
 from llmctl.errors import LlmctlError
 from llmctl.generation import PREFILL_CHUNK, PromptCache, SamplingParams
@@ -87,17 +89,8 @@ _decode_threads: dict[int, DecodeThreads] = {}
 
 
 def _linear(weight: Tensor, bias: Tensor | None) -> Callable[[Tensor], Tensor]:
-    """x -> x @ weight.T + bias. float32 on the CPU runs in oneDNN (inductor's linear op): MKL, torch's default,
-    runs a one-row product on one thread, and measured here both decode and prompts at ~60% of oneDNN's speed."""
-    if weight.dtype == torch.float32 and weight.device.type == "cpu" and _onednn_linear():
-        op = torch.ops.mkldnn._linear_pointwise
-        return lambda x: op(x, weight, bias, "none", [], "")
-    return functools.partial(F.linear, weight=weight, bias=bias)
-
-
-@functools.cache
-def _onednn_linear() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    """x -> x @ weight.T + bias (float32 on the CPU in oneDNN: MKL runs a one-row product on one thread)."""
+    return functools.partial(dense_linear, weight=weight, bias=bias)
 
 
 def _projection(linears: list[nn.Module]) -> Callable[[Tensor], Tensor]:

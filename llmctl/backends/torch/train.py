@@ -98,7 +98,10 @@ def make_optimizer(model: torch.nn.Module, optim: Any) -> torch.optim.Optimizer:
     betas = (optim.beta1, optim.beta2)
     if optim.name.value == "lion":
         return Lion(groups, lr=optim.lr, betas=betas)
-    return torch.optim.AdamW(groups, lr=optim.lr, betas=betas, eps=optim.eps, foreach=True)
+    # The fused kernel (one pass over each tensor for the whole update) where it exists; sharded DTensors take foreach.
+    sharded = any(type(p) is not torch.Tensor and type(p) is not torch.nn.Parameter for p in decay + rest)
+    fused = not sharded and all(p.device.type in ("cpu", "cuda") for p in decay + rest)
+    return torch.optim.AdamW(groups, lr=optim.lr, betas=betas, eps=optim.eps, foreach=not fused, fused=fused or None)
 
 
 def _state_dicts(model: torch.nn.Module, opt: torch.optim.Optimizer) -> tuple[dict, dict]:
