@@ -29,12 +29,18 @@ RECIPE = ["model.dim=192", "model.n_layers=4", "model.n_heads=6", "data.vocab_si
 
 def run_llmctl(seconds: float, work: Path, train: Path, val: Path) -> dict:
     base = [sys.executable, "-m", "llmctl", "train", *RECIPE, f"data.train={train}", f"data.val={val}"]
-    # Calibrate: a short run gives tokens/s, from which the step count that fills the budget follows.
-    subprocess.run([*base, "train.steps=12", "train.eval_every=100000", "train.save_every=0", "--out", str(work / "probe")],
-                   check=True, capture_output=True)
+    # Calibrate: a short run gives the time a step takes and what the process spends besides steps (start-up,
+    # tokenizer, token cache, final evaluation and save); the step count that fills the budget, all of it
+    # counted, follows.
+    probe_steps = 12
+    start = time.perf_counter()
+    subprocess.run([*base, f"train.steps={probe_steps}", f"train.eval_every={probe_steps}", "train.eval_batches=1000",
+                    "train.save_every=0", "--out", str(work / "probe")], check=True, capture_output=True)
+    probe_wall = time.perf_counter() - start
     records = [json.loads(line) for line in (work / "probe" / "metrics.jsonl").read_text().splitlines()]
     seconds_per_step = sorted(16 * 256 / r["tok_s"] for r in records[3:])[len(records[3:]) // 2]
-    steps = int(seconds * 0.93 / seconds_per_step)  # leave room for start-up and the final evaluation
+    overhead = probe_wall - probe_steps * seconds_per_step
+    steps = int((seconds - overhead) * 0.97 / seconds_per_step)
     start = time.perf_counter()
     subprocess.run([*base, f"train.steps={steps}", f"train.eval_every={steps}", "train.eval_batches=1000",
                     "train.save_every=0", "--out", str(work / "run")], check=True, capture_output=True)

@@ -211,8 +211,11 @@ void unpack_group(const uint32_t* words, int n, int bits, uint8_t* codes) {
 // For 4- and 8-bit codes the kernels split each 16-bit lane of packed codes into its 16 / bits codes
 // with shifts and masks: lane k of phase j holds code phases * k + j, so x is laid out in chunks of
 // phases * lanes values, phase by phase. Returns false when x holds inf or NaN (no int16 for those).
-bool prepare_x(QJob& job, const void* x, int x_dtype, bool want_int16, int phases, int lanes) {
+// With `bytes` (the AVX-512 kernels of one x row and affine 4-/8-bit codes), also xb: the same int16 values as
+// two signed bytes each, laid out for vpdpbusd against the packed codes as they are stored.
+bool prepare_x(QJob& job, const void* x, int x_dtype, bool want_int16, int phases, int lanes, bool bytes) {
   const int64_t B = job.batch, K = job.in, ng = job.groups, G = job.group_size;
+  job.xb.clear();  // the job is reused across calls: an empty xb tells the kernels to take the int16 path
   job.xf.resize(size_t(B * K));
   if (x_dtype == kFloat32) {
     std::memcpy(job.xf.data(), x, size_t(B * K) * sizeof(float));
@@ -238,23 +241,38 @@ bool prepare_x(QJob& job, const void* x, int x_dtype, bool want_int16, int phase
       }
       finite = finite && std::isfinite(sum[0]) && std::isfinite(amax[0]);
       job.xsum[size_t(r * (ng + 1) + g)] = sum[0];
-      job.sx[size_t(r * (ng + 1) + g)] = amax[0] / 32767.0f;
+      job.sx[size_t(r * (ng + 1) + g)] = amax[0] / detail::kXMax;
     }
   }
   if (!want_int16 || !finite) return finite;
   job.in_pad = (K + 127) / 128 * 128;
   job.xq.assign(size_t(B * job.in_pad), 0);
+  if (bytes) job.xb.assign(size_t(B * 2 * job.in_pad), 0);
   static thread_local std::vector<int16_t> natural;
   natural.resize(size_t(K));
   const int phase_shift = phases == 4 ? 2 : phases == 2 ? 1 : 0, lane_shift = lanes == 32 ? 5 : 4;
   const int64_t chunk = int64_t(phases) * lanes;
   for (int64_t r = 0; r < B; ++r) {
     for (int64_t g = 0; g < ng; ++g) {
-      const float amax = job.sx[size_t(r * (ng + 1) + g)] * 32767.0f;
-      const float inv = amax > 0.0f ? 32767.0f / amax : 0.0f;
+      const float amax = job.sx[size_t(r * (ng + 1) + g)] * detail::kXMax;
+      const float inv = amax > 0.0f ? detail::kXMax / amax : 0.0f;
       const float* v = job.xf.data() + r * K + g * G;
       for (int64_t i = 0; i < G; ++i)
-        natural[size_t(g * G + i)] = int16_t(int32_t(round_even(std::min(32767.0f, std::max(-32767.0f, v[i] * inv)))));
+        natural[size_t(g * G + i)] =
+            int16_t(int32_t(round_even(std::min(detail::kXMax, std::max(-detail::kXMax, v[i] * inv)))));
+    }
+    if (bytes) {  // steps of 512 / bits codes: [high even | high odd | low even | low odd] (4-bit) or [high | low]
+      const int64_t step = 512 / job.bits, half = job.bits == 4 ? step / 2 : step;
+      int8_t* out = job.xb.data() + r * 2 * job.in_pad;
+      for (int64_t k = 0; k < K; ++k) {
+        const int16_t v = natural[size_t(k)];
+        const int8_t low = int8_t(uint8_t(uint16_t(v) & 0xFF));
+        const int8_t high = int8_t((int32_t(v) - low) / 256);
+        const int64_t base = k / step * step * 2, i = k % step;
+        const int64_t slot = job.bits == 4 ? (i & 1) * half + (i >> 1) : i;
+        out[base + slot] = high;
+        out[base + step + slot] = low;
+      }
     }
     int16_t* q = job.xq.data() + r * job.in_pad;
     if (phases == 1) {
@@ -396,7 +414,8 @@ void qmatmul(const void* x, int x_dtype, int64_t batch, int64_t in, const uint32
   job.wq = wq, job.scales = scales, job.biases = mode == kModeNF4 ? nullptr : biases, job.y = y;
   const bool simd = isa == kIsaAvx2 || isa == kIsaAvx512;
   const int phases = bits == 4 || bits == 8 ? 16 / bits : 1, lanes = isa == kIsaAvx512 ? 32 : 16;
-  if (!prepare_x(job, x, x_dtype, simd, phases, lanes)) isa = kIsaScalar;  // inf/NaN: let float32 carry them
+  const bool bytes = isa == kIsaAvx512 && batch == 1 && mode == kModeAffine && (bits == 4 || bits == 8);
+  if (!prepare_x(job, x, x_dtype, simd, phases, lanes, bytes)) isa = kIsaScalar;  // inf/NaN: let float32 carry them
   auto rows = isa == kIsaAvx512 ? detail::qmatmul_rows_avx512
               : isa == kIsaAvx2 ? detail::qmatmul_rows_avx2
               : isa == kIsaNeon ? detail::qmatmul_rows_neon

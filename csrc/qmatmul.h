@@ -60,9 +60,13 @@ struct QJob {
   int64_t in_pad = 0;         // row stride of xq: in rounded up to 128
   std::vector<float> xf;      // (batch, in) x as float32
   std::vector<int16_t> xq;    // (batch, in_pad) x / sx per group, laid out as the kernel reads it
+  std::vector<int8_t> xb;     // (batch, 2 * in_pad) the same values split in bytes, xq = 256 * high + low (byte kernels)
   std::vector<float> sx;      // (batch, groups + 1) int16 step of each group of x (0 padded)
   std::vector<float> xsum;    // (batch, groups + 1) float32 sum of each group of x
 };
+
+// Largest |x / sx|: 127 * 256 + 127, so that each int16 x splits into two signed bytes (xb).
+constexpr float kXMax = 32639.0f;
 
 inline void store_y(const QJob& job, int64_t r, int64_t o, float v) {
   if (job.y_dtype == kFloat32) {

@@ -5,7 +5,8 @@
 // per group (step sx) and q the codes as int16: one vpdpwssd (vpmaddwd + vpaddd on AVX2) multiplies
 // and pair-sums 32 (16) of them. 4- and 8-bit codes come out of each 16-bit lane of the packed words
 // by shifts and masks (prepare_x lays x out to match); other widths are unpacked per group first.
-// NF4 turns each 4-bit code into its level times 2^13 (vpermw; pshufb on AVX2).
+// NF4 turns each 4-bit code into its level times 2^13 (vpermw; pshufb on AVX2). With one x row (decode), affine
+// 4-/8-bit codes on AVX-512 take a byte kernel instead: the same int16 x split into two bytes (row_bytes_avx512).
 #include "qmatmul.h"
 
 #include <algorithm>
@@ -26,6 +27,7 @@ namespace {
 
 constexpr int kRowTile = 16;  // output rows whose weights stay in cache while x blocks pass over them
 constexpr int kMaxXRows = 4;  // x rows sharing each vector of codes
+constexpr int kPrefetchBytes = 2048;  // how far ahead the one-x-row byte kernel asks for codes  // how far ahead the one-x-row kernel asks for the codes it will read
 
 // Scratch of one thread: a tile's scales and biases as float32, and scale * sx per x row.
 struct Scratch {
@@ -238,6 +240,53 @@ LLMCTL_AVX512 inline __attribute__((always_inline)) void two_rows_avx512(const Q
   store_y(job, r, o + 1, _mm512_reduce_add_ps(acc1));
 }
 
+// One x row against output row o, affine 4- or 8-bit codes, x as two signed bytes per value (job.xb): the codes
+// go into vpdpbusd as the unsigned bytes they are stored in (4-bit: low and high nibbles, one mask each) against
+// x's high and low bytes, and 256 * high + low gives the same int32 sums as the int16 products in half the
+// unpacking. Rows one after another, each read start to end, with a software prefetch kPrefetchBytes ahead: the
+// codes then stream as one sequence (rows are only a few cache lines long; several rows in lockstep made as many
+// short streams, which measured here 30-40% slower out of memory for 8-bit codes).
+template <int BITS, int G>
+LLMCTL_AVX512 inline __attribute__((always_inline)) void row_bytes_avx512(const QJob& job, int64_t o, const float* c,
+                                                                          const float* b) {
+  const int64_t ng = job.groups, bytes = job.in * BITS / 8;
+  const uint8_t* w = reinterpret_cast<const uint8_t*>(job.wq) + o * bytes;
+  const int8_t* xb = job.xb.data();
+  constexpr int kCodes = 512 / BITS, kPerLane = kCodes / 16;
+  constexpr LaneGroups<16, kPerLane, G> lane_groups;
+  const __m512i groups_of_lanes = _mm512_loadu_si512(lane_groups.idx);
+  const __m512i nibble = _mm512_set1_epi8(0x0F);
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t u = 0; u * 64 < bytes; ++u) {
+    const int64_t left = bytes - u * 64;
+    const __mmask64 m = left >= 64 ? ~0ull : (~0ull) >> (64 - left);
+    _mm_prefetch(reinterpret_cast<const char*>(w + u * 64 + kPrefetchBytes), _MM_HINT_T0);  // never faults
+    const __m512i raw = _mm512_maskz_loadu_epi8(m, w + u * 64);
+    const int8_t* xp = xb + u * 2 * kCodes;
+    __m512i high, low;
+    if constexpr (BITS == 4) {
+      const __m512i even = _mm512_and_si512(raw, nibble), odd = _mm512_and_si512(_mm512_srli_epi16(raw, 4), nibble);
+      high = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), even, _mm512_loadu_si512(xp)), odd,
+                                 _mm512_loadu_si512(xp + 64));
+      low = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), even, _mm512_loadu_si512(xp + 128)), odd,
+                                _mm512_loadu_si512(xp + 192));
+    } else {
+      high = _mm512_dpbusd_epi32(_mm512_setzero_si512(), raw, _mm512_loadu_si512(xp));
+      low = _mm512_dpbusd_epi32(_mm512_setzero_si512(), raw, _mm512_loadu_si512(xp + 64));
+    }
+    const __m512i d = _mm512_add_epi32(_mm512_slli_epi32(high, 8), low);
+    const int64_t g0 = u * kCodes / G;
+    const __m512 scale = kCodes <= G ? _mm512_set1_ps(c[g0]) : _mm512_permutexvar_ps(groups_of_lanes, _mm512_loadu_ps(c + g0));
+    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), scale, acc);
+  }
+  const float* xs = job.xsum.data();
+  for (int64_t g = 0; g < ng; g += 16) {  // + sum_g b_g * sum(x in g), lane-wise before the one reduction
+    const __mmask16 m = __mmask16((1u << std::min<int64_t>(16, ng - g)) - 1u);
+    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, b + g), _mm512_maskz_loadu_ps(m, xs + g), acc);
+  }
+  store_y(job, 0, o, _mm512_reduce_add_ps(acc));
+}
+
 // Output rows in tiles of kRowTile, x rows in blocks of kMaxXRows: a tile's weights stay in cache
 // while every block of x passes over them.
 template <int BITS, int G, bool NF4>
@@ -254,7 +303,11 @@ LLMCTL_AVX512 void rows_avx512(const QJob& job, int64_t o0, int64_t o1) {
           multiply_avx512(t.scales.data() + (o - t0) * t.stride, job.sx.data() + (r0 + i) * (job.groups + 1), job.groups,
                           t.combined.data() + ((o - t0) * kMaxXRows + i) * t.stride);
       int64_t o = t0;
-      if constexpr (BITS == 4 || BITS == 8) {
+      if constexpr ((BITS == 4 || BITS == 8) && !NF4) {
+        for (; !job.xb.empty() && o < t1; ++o)  // one x row: the byte kernel
+          row_bytes_avx512<BITS, G>(job, o, t.combined.data() + (o - t0) * kMaxXRows * t.stride, t.biases.data() + (o - t0) * t.stride);
+      }
+      if constexpr (BITS == 4 || BITS == 8) {  // NF4 (or no byte x): two rows sharing the int16 x
         for (; nr == 1 && o + 1 < t1; o += 2) {
           const float* c = t.combined.data() + (o - t0) * kMaxXRows * t.stride;
           const float* b = t.biases.data() + (o - t0) * t.stride;
