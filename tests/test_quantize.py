@@ -243,3 +243,28 @@ def test_torch_quantized_linear_passes_gradients_to_its_input():
     torch.testing.assert_close(y, x.detach() @ dense.T + 0.5, atol=1e-3, rtol=1e-3)
     y.square().sum().backward()
     torch.testing.assert_close(x.grad, (2 * y.detach()) @ dense, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_torch_quantized_linear_prompt_path_matches_kernel_rows(dtype):
+    """A prompt (at least DEQUANTIZED_ROWS rows) multiplies by blocks of dequantized weights; each of its rows equals
+    that row through the one-row kernel (1e-3 of the largest output), and float32 dequantize-then-matmul (1e-5)."""
+    torch = pytest.importorskip("torch")
+    from llmctl import kernels
+    from llmctl.backends.torch import quant
+    from llmctl.quant import QuantParams
+
+    gen = torch.Generator().manual_seed(0)
+    out_features = quant.DEQUANTIZED_BLOCK // 192 + 37  # more than one block, and a ragged last one
+    layer = quant.QuantizedLinear(192, out_features, False, QuantParams(64, 4))
+    w = (torch.randn(out_features, 192, generator=gen) * 0.05).to(getattr(torch, dtype))
+    layer.weight, layer.scales, layer.biases = kernels.quantize(w, 64, 4)
+    x = torch.randn(2, quant.DEQUANTIZED_ROWS, 192, generator=gen)
+    with torch.no_grad():
+        y = layer(x)
+        rows = torch.stack([layer(row[None]) for row in x.reshape(-1, 192)]).reshape(y.shape)
+        # each weight as code * scale + bias in float32 (dequantized() rounds them to the scales' dtype, as MLX does)
+        dense = x @ kernels.dequantize(layer.weight, layer.scales.float(), layer.biases.float(), 64, 4).T
+    assert y.shape == (2, quant.DEQUANTIZED_ROWS, out_features)
+    assert float((y - rows).abs().max()) <= 1e-3 * float(rows.abs().max())
+    assert float((y - dense).abs().max()) <= 1e-5 * float(dense.abs().max())
