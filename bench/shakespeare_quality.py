@@ -24,23 +24,23 @@ from pathlib import Path
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 RECIPE = ["model.dim=192", "model.n_layers=4", "model.n_heads=6", "data.vocab_size=1024", "data.seq_len=256",
-          "data.batch_size=16", "optim.lr=3e-3", "optim.warmup_steps=50", "optim.weight_decay=0.1"]
+          "data.batch_size=8", "optim.lr=3e-3", "optim.warmup_steps=50", "optim.weight_decay=0.1"]
 
 
 def run_llmctl(seconds: float, work: Path, train: Path, val: Path) -> dict:
     base = [sys.executable, "-m", "llmctl", "train", *RECIPE, f"data.train={train}", f"data.val={val}"]
-    # Calibrate: a short run gives the time a step takes and what the process spends besides steps (start-up,
-    # tokenizer, token cache, final evaluation and save); the step count that fills the budget, all of it
-    # counted, follows.
-    probe_steps = 12
-    start = time.perf_counter()
-    subprocess.run([*base, f"train.steps={probe_steps}", f"train.eval_every={probe_steps}", "train.eval_batches=1000",
-                    "train.save_every=0", "--out", str(work / "probe")], check=True, capture_output=True)
-    probe_wall = time.perf_counter() - start
-    records = [json.loads(line) for line in (work / "probe" / "metrics.jsonl").read_text().splitlines()]
-    seconds_per_step = sorted(16 * 256 / r["tok_s"] for r in records[3:])[len(records[3:]) // 2]
-    overhead = probe_wall - probe_steps * seconds_per_step
-    steps = int((seconds - overhead) * 0.97 / seconds_per_step)
+    # Calibrate: two short runs give the wall time of a step (logging included) and what the process spends
+    # besides steps (start-up, tokenizer, token cache, final evaluation and save); the step count that fills the
+    # budget, all of it counted, follows.
+    walls = {}
+    for probe_steps in (1, 10, 90):  # the first fills the token cache, which the others and the real run then read
+        start = time.perf_counter()
+        subprocess.run([*base, f"train.steps={probe_steps}", f"train.eval_every={probe_steps}", "train.eval_batches=1000",
+                        "train.save_every=0", "--out", str(work / f"probe{probe_steps}")], check=True, capture_output=True)
+        walls[probe_steps] = time.perf_counter() - start
+    seconds_per_step = (walls[90] - walls[10]) / 80  # 80 steps apart: start-up noise of a second or two matters little
+    overhead = walls[10] - 10 * seconds_per_step
+    steps = int((seconds - overhead) * 0.88 / seconds_per_step)  # room for the machine slowing down mid-run
     start = time.perf_counter()
     subprocess.run([*base, f"train.steps={steps}", f"train.eval_every={steps}", "train.eval_batches=1000",
                     "train.save_every=0", "--out", str(work / "run")], check=True, capture_output=True)
@@ -78,7 +78,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=None, help="llmctl's budget (default: nanoGPT's wall time, else 180)")
     parser.add_argument("--nanogpt", type=Path, default=None, help="a copy of karpathy/nanoGPT outside this repository")
+    parser.add_argument("overrides", nargs="*", help="extra llmctl recipe overrides (key=value)")
     opts = parser.parse_args()
+    RECIPE.extend(opts.overrides)
     corpus = SHARED / "data" / "tinyshakespeare.txt"
     text = corpus.read_text()
     cut = int(len(text) * 0.9)

@@ -246,8 +246,11 @@ bool prepare_x(QJob& job, const void* x, int x_dtype, bool want_int16, int phase
   }
   if (!want_int16 || !finite) return finite;
   job.in_pad = (K + 127) / 128 * 128;
-  job.xq.assign(size_t(B * job.in_pad), 0);
-  if (bytes) job.xb.assign(size_t(B * 2 * job.in_pad), 0);
+  if (bytes) {
+    job.xb.assign(size_t(B * 2 * job.in_pad), 0);
+  } else {
+    job.xq.assign(size_t(B * job.in_pad), 0);
+  }
   static thread_local std::vector<int16_t> natural;
   natural.resize(size_t(K));
   const int phase_shift = phases == 4 ? 2 : phases == 2 ? 1 : 0, lane_shift = lanes == 32 ? 5 : 4;
@@ -264,15 +267,18 @@ bool prepare_x(QJob& job, const void* x, int x_dtype, bool want_int16, int phase
     if (bytes) {  // steps of 512 / bits codes: [high even | high odd | low even | low odd] (4-bit) or [high | low]
       const int64_t step = 512 / job.bits, half = job.bits == 4 ? step / 2 : step;
       int8_t* out = job.xb.data() + r * 2 * job.in_pad;
-      for (int64_t k = 0; k < K; ++k) {
-        const int16_t v = natural[size_t(k)];
-        const int8_t low = int8_t(uint8_t(uint16_t(v) & 0xFF));
-        const int8_t high = int8_t((int32_t(v) - low) / 256);
-        const int64_t base = k / step * step * 2, i = k % step;
-        const int64_t slot = job.bits == 4 ? (i & 1) * half + (i >> 1) : i;
-        out[base + slot] = high;
-        out[base + step + slot] = low;
+      for (int64_t base = 0; base < K; base += step) {
+        int8_t* o = out + base * 2;
+        const int16_t* v = natural.data() + base;
+        const int64_t n = std::min<int64_t>(step, K - base);
+        for (int64_t i = 0; i < n; ++i) {
+          const int8_t low = int8_t(uint8_t(uint16_t(v[i]) & 0xFF));
+          const int64_t slot = job.bits == 4 ? (i & 1) * half + (i >> 1) : i;
+          o[slot] = int8_t((int32_t(v[i]) - low) >> 8);
+          o[step + slot] = low;
+        }
       }
+      continue;  // the byte kernel reads xb only
     }
     int16_t* q = job.xq.data() + r * job.in_pad;
     if (phases == 1) {
