@@ -129,25 +129,22 @@ def main() -> None:
     flops = spec.flops_per_token(SEQ, training=True)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {spec.param_count() / 1e6:.1f}M params, "
           f"{flops / 1e6:.0f} MFLOP/token (training)")
-    rows = []
     for backend in opts.backends.split(","):
         for dtype in opts.dtypes.split(","):
             variants = [False, True] if (backend == "torch" and opts.compile) else [False]
             for compile_ in variants:
                 name = ("transformers loop" + (" +compile" if compile_ else "")) if backend == "torch" else "mlx-lm loop"
                 steps = opts.steps if backend == "torch" else max(4, opts.steps // 3)
-                best_ours, best_peer, ratios = None, None, []
+                runs = []
                 for _ in range(opts.rounds):  # rounds alternate the two, so a noisy stretch of the machine hits both
                     if backend == "torch":
                         peer = _in_subprocess("transformers_loop", steps, dtype, compile_)
                     else:
                         peer = _in_subprocess("mlx_lm_loop", steps, dtype)
-                    ours = llmctl_run(steps, dtype, backend, compile_, corpus)
-                    ratios.append(ours["tok_s"] / peer["tok_s"])
-                    best_ours = ours if best_ours is None or ours["tok_s"] > best_ours["tok_s"] else best_ours
-                    best_peer = peer if best_peer is None or peer["tok_s"] > best_peer["tok_s"] else best_peer
-                    ours, peer = best_ours, best_peer
-                rows.append((backend, dtype + (" +compile" if compile_ else ""), ours, name, peer))
+                    runs.append((llmctl_run(steps, dtype, backend, compile_, corpus), peer))
+                ratios = [o["tok_s"] / p["tok_s"] for o, p in runs]
+                ours = max((o for o, _ in runs), key=lambda r: r["tok_s"])
+                peer = max((p for _, p in runs), key=lambda r: r["tok_s"])
                 print(f"{backend:5s} {dtype:13s} llmctl {ours['tok_s']:8.0f} tok/s (MFU {ours['mfu']:.2f}, peak {ours['peak_rss_mb']:.0f} MB)"
                       f" | {name} {peer['tok_s']:8.0f} tok/s (peak {peer['peak_rss_mb']:.0f} MB)"
                       f" | best/best {ours['tok_s'] / peer['tok_s']:.2f}x, per-round ratios {' '.join(f'{r:.2f}' for r in ratios)}"

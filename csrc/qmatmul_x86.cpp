@@ -27,7 +27,7 @@ namespace {
 
 constexpr int kRowTile = 16;  // output rows whose weights stay in cache while x blocks pass over them
 constexpr int kMaxXRows = 4;  // x rows sharing each vector of codes
-constexpr int kPrefetchBytes = 2048;  // how far ahead the one-x-row byte kernel asks for codes  // how far ahead the one-x-row kernel asks for the codes it will read
+constexpr int kPrefetchBytes = 2048;  // how far ahead the one-x-row byte kernel asks for the codes it will read
 
 // Scratch of one thread: a tile's scales and biases as float32, and scale * sx per x row.
 struct Scratch {

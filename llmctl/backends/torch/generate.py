@@ -130,8 +130,6 @@ def _attend_one(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
     return (probs @ v).view(B, H, 1, D)
 
 
-
-
 def _native_lib():
     """llmctl._C when it has the C++ decode step and it is not turned off (LLMCTL_NATIVE_DECODE=0, or LLMCTL_ISA
     set to pin qmatmul's kernels for a reference run, which the step would not follow); else None."""
@@ -226,7 +224,7 @@ class NativeStep:
     def __call__(self, token: int, cache: list[KVCache]) -> Tensor:
         """Logits (1, 1, V) float32 of `token` at the cache's next position; the cache grows by one."""
         pos = cache[0].offset
-        if cache[0].keys is None or pos >= cache[0].keys.shape[2]:  # layers grow in step: one check for all
+        if not cache[0].has_room(pos + 1):  # layers grow in step: one check for all
             for layer in cache:
                 layer.reserve(pos + 1, self.empty)
         cos, sin = self.model.rope.table(pos + 1, self.empty)                 # (N, D) float32

@@ -34,7 +34,7 @@ class KVCache:
     def reserve(self, end: int, like: Tensor) -> None:
         """Room for positions up to `end` (a multiple of CACHE_CHUNK), keeping what is stored; `like` (B, KV, T, D)
         gives the batch, heads, head size, dtype and device."""
-        if self.keys is not None and end <= self.keys.shape[2]:
+        if self.has_room(end):
             return
         B, KV, _, D = like.shape
         size = -(-end // CACHE_CHUNK) * CACHE_CHUNK
@@ -43,6 +43,10 @@ class KVCache:
             keys[:, :, : self.offset] = self.keys[:, :, : self.offset]
             values[:, :, : self.offset] = self.values[:, :, : self.offset]
         self.keys, self.values = keys, values
+
+    def has_room(self, end: int) -> bool:
+        """Whether positions up to `end` fit without growing."""
+        return self.keys is not None and end <= self.keys.shape[2]
 
     def trim(self, n: int) -> None:
         """Forget all but the first `n` positions (a shared prefix kept across chat turns)."""
