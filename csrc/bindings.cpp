@@ -30,20 +30,22 @@ int check_threads(int threads) {
       "`pip install . --config-settings=cmake.define.LLMCTL_CUDA=ON`");
 }
 
-// (out, in, w, w_dtype, wq, scales, biases, q_dtype, group_size, bits, mode, bias, bias_dtype): a
-// dense matrix when wq is 0, else MLX-quantized codes; bias 0 when there is none.
+// (out, in, w, w_dtype, wq, scales, biases, q_dtype, group_size, bits, mode, bias, bias_dtype, tiled): a
+// dense matrix when wq is 0, else quantized codes in MLX's layout or (tiled) the tiled one; bias 0 when none.
 using MatrixTuple = std::tuple<int64_t, int64_t, uintptr_t, int, uintptr_t, uintptr_t, uintptr_t, int, int, int, int,
-                               uintptr_t, int>;
+                               uintptr_t, int, bool>;
 
 llmctl::Matrix matrix(const MatrixTuple& t) {
   llmctl::Matrix m;
   uintptr_t w, wq, scales, biases, bias;
   std::tie(m.out, m.in, w, m.w_dtype, wq, scales, biases, m.q_dtype, m.group_size, m.bits, m.mode, bias,
-           m.bias_dtype) = t;
+           m.bias_dtype, m.tiled) = t;
   m.w = address<const void>(w), m.wq = address<const uint32_t>(wq), m.scales = address<const void>(scales);
   m.biases = address<const void>(biases), m.bias = address<const void>(bias);
   if (m.wq == nullptr && m.w == nullptr) throw std::invalid_argument("a matrix has neither weights nor codes");
   if (m.wq != nullptr) llmctl::check_quant_args(m.q_dtype, m.out, m.in, m.group_size, m.bits);
+  if (m.tiled && !(m.wq && llmctl::tiled_supported(m.bits, m.mode, m.out, m.in, m.group_size)))
+    throw std::invalid_argument("a tiled matrix must hold affine 4-/8-bit codes of a multiple of 16 rows");
   return m;
 }
 
@@ -156,6 +158,49 @@ PYBIND11_MODULE(_C, m) {
       py::arg("wq"), py::arg("scales"), py::arg("dtype"), py::arg("rows"), py::arg("cols"),
       py::arg("group_size"), py::arg("out"), py::arg("out_dtype"), py::arg("threads") = 0, release,
       "Inverse of quantize_nf4: level(code) * absmax in float32, stored as out_dtype.");
+
+  m.def("tiled_supported", &llmctl::tiled_supported, py::arg("bits"), py::arg("mode"), py::arg("out_features"),
+        py::arg("in_features"), py::arg("group_size"),
+        "Whether weights of this format can take the tiled layout (affine 4-/8-bit, rows a multiple of 16).");
+  m.def("tiled_fast", &llmctl::tiled_fast, "Whether this CPU has the tiled kernels (elsewhere a scalar loop).");
+  for (bool back : {false, true}) {
+    m.def(
+        back ? "from_tiled" : "to_tiled",
+        [back](uintptr_t wq, uintptr_t scales, uintptr_t biases, int dtype, int64_t out, int64_t in, int group_size,
+               int bits, int threads) {
+          (back ? llmctl::from_tiled : llmctl::to_tiled)(address<uint32_t>(wq), address<void>(scales),
+                                                         address<void>(biases), dtype, out, in, group_size, bits,
+                                                         check_threads(threads));
+        },
+        py::arg("wq"), py::arg("scales"), py::arg("biases"), py::arg("dtype"), py::arg("out_features"),
+        py::arg("in_features"), py::arg("group_size"), py::arg("bits"), py::arg("threads") = 0, release,
+        back ? "The tiled layout back to MLX's, in place." : "MLX's layout to the tiled one (see qmatmul.h), in place.");
+  }
+  m.def(
+      "dequantize_tiled",
+      [](uintptr_t wq, uintptr_t scales, uintptr_t biases, int dtype, int64_t out, int64_t in, int group_size,
+         int bits, int64_t row0, int64_t row1, uintptr_t dst, int threads) {
+        llmctl::dequantize_tiled(address<const uint32_t>(wq), address<const void>(scales),
+                                 address<const void>(biases), dtype, out, in, group_size, bits, row0, row1,
+                                 address<float>(dst), check_threads(threads));
+      },
+      py::arg("wq"), py::arg("scales"), py::arg("biases"), py::arg("dtype"), py::arg("out_features"),
+      py::arg("in_features"), py::arg("group_size"), py::arg("bits"), py::arg("row0"), py::arg("row1"),
+      py::arg("dst"), py::arg("threads") = 0, release,
+      "Rows [row0, row1) of tiled weights as float32 (row1 - row0, in_features) at dst.");
+  m.def(
+      "qmatmul_tiled",
+      [](uintptr_t x, int x_dtype, int64_t batch, int64_t in_features, uintptr_t wq, uintptr_t scales,
+         uintptr_t biases, int w_dtype, int64_t out_features, int group_size, int bits, uintptr_t y, int y_dtype,
+         int threads, int isa) {
+        llmctl::qmatmul_tiled(address<const void>(x), x_dtype, batch, in_features, address<const uint32_t>(wq),
+                              address<const void>(scales), address<const void>(biases), w_dtype, out_features,
+                              group_size, bits, address<void>(y), y_dtype, check_threads(threads), isa);
+      },
+      py::arg("x"), py::arg("x_dtype"), py::arg("batch"), py::arg("in_features"), py::arg("wq"),
+      py::arg("scales"), py::arg("biases"), py::arg("w_dtype"), py::arg("out_features"),
+      py::arg("group_size"), py::arg("bits"), py::arg("y"), py::arg("y_dtype"), py::arg("threads") = 0,
+      py::arg("isa") = 0, release, "qmatmul for weights in the tiled layout (affine 4-/8-bit).");
 
   m.def(
       "cpu_isa", [] { return std::string(llmctl::isa_name(llmctl::best_isa())); },

@@ -225,7 +225,10 @@ void project(const Projection& p, const float* x, float* y, int threads) {
 }  // namespace
 
 void matvec(const Matrix& m, const float* x, float* y, int threads) {
-  if (m.wq != nullptr) {
+  if (m.tiled) {
+    qmatmul_tiled(x, kFloat32, 1, m.in, m.wq, m.scales, m.biases, m.q_dtype, m.out, m.group_size, m.bits, y, kFloat32,
+                  threads, kIsaAuto);
+  } else if (m.wq != nullptr) {
     qmatmul(x, kFloat32, 1, m.in, m.wq, m.scales, m.biases, m.q_dtype, m.out, m.group_size, m.bits, m.mode, y,
             kFloat32, threads, kIsaAuto);
   } else {
@@ -245,6 +248,7 @@ NativeDecoder::NativeDecoder(const DecoderShape& shape, const Matrix& embedding,
   if (s.head_dim % 2 != 0) fail("head_dim must be even (RoPE rotates halves)");
   if (embedding.out != s.vocab || embedding.in != s.dim) fail("embedding is not (vocab, dim)");
   if (head.out != s.vocab || head.in != s.dim) fail("head is not (vocab, dim)");
+  if (embedding.tiled) fail("the embedding's rows are looked up: it cannot be tiled");
   x_.resize(size_t(s.dim));
   h_.resize(size_t(std::max(s.dim, s.hidden)));
   qkv_.resize(size_t((s.n_heads + 2 * s.n_kv_heads) * s.head_dim));

@@ -13,7 +13,7 @@
 
 namespace llmctl {
 
-// W (out, in) as a step reads it: a dense row-major matrix of w_dtype, or MLX-quantized codes with
+// W (out, in) as a step reads it: a dense row-major matrix of w_dtype, or quantized codes (MLX's layout or tiled) with
 // their scales and biases (see qmatmul). bias (out,), when set, is added to the product.
 struct Matrix {
   int64_t out = 0, in = 0;
@@ -23,6 +23,7 @@ struct Matrix {
   const void* scales = nullptr;
   const void* biases = nullptr;
   int q_dtype = 0, group_size = 0, bits = 0, mode = 0;
+  bool tiled = false;  // codes, scales and biases in qmatmul.h's tiled layout
   const void* bias = nullptr;
   int bias_dtype = 0;
 };

@@ -37,6 +37,26 @@ void quantize_nf4(const void* w, int dtype, int64_t rows, int64_t cols, int grou
 void dequantize_nf4(const uint32_t* wq, const void* scales, int dtype, int64_t rows, int64_t cols,
                     int group_size, void* out, int out_dtype, int threads);
 
+// The tiled layout (decode-friendly, made in place from MLX's, see qtiled.cpp): affine 4-/8-bit codes of 16
+// consecutive output rows interleaved 4 bytes at a time, so one vector of codes serves 16 rows. Tile t holds rows
+// 16t .. 16t + 15 in the same bytes as MLX's layout does: steps of 64 bytes, step s of 8-bit codes holding codes
+// 4s .. 4s + 3 of each row (row j at bytes 4j .. 4j + 3), of 4-bit codes 8s .. 8s + 7 (byte 4j + b: code 8s + b in
+// the low nibble, 8s + 4 + b in the high one). Scales and biases: element (t * groups + g) * 16 + j is row 16t + j's.
+constexpr int kTileRows = 16;
+bool tiled_supported(int bits, int mode, int64_t out, int64_t in, int group_size);
+bool tiled_fast();  // whether this CPU has the tiled kernels (AVX-512 VNNI); elsewhere they run a scalar loop
+void to_tiled(uint32_t* wq, void* scales, void* biases, int dtype, int64_t out, int64_t in, int group_size, int bits,
+              int threads);
+void from_tiled(uint32_t* wq, void* scales, void* biases, int dtype, int64_t out, int64_t in, int group_size, int bits,
+                int threads);
+// Rows [row0, row1) (whole tiles) as float32 into dst (row1 - row0, in): code * scale + bias in float32.
+void dequantize_tiled(const uint32_t* wq, const void* scales, const void* biases, int dtype, int64_t out, int64_t in,
+                      int group_size, int bits, int64_t row0, int64_t row1, float* dst, int threads);
+// qmatmul for tiled weights, with the same int16 x and the same error bound.
+void qmatmul_tiled(const void* x, int x_dtype, int64_t batch, int64_t in, const uint32_t* wq, const void* scales,
+                   const void* biases, int w_dtype, int64_t out, int group_size, int bits, void* y, int y_dtype,
+                   int threads, int isa);
+
 int best_isa();
 const char* isa_name(int isa);
 

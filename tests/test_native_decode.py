@@ -142,3 +142,46 @@ def test_bad_arguments_raise_instead_of_crashing(tmp_path):
         step(model.spec.vocab_size, cache)
     with pytest.raises(ValueError, match="one key and one value cache per layer"):
         step(3, cache[:1])
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_tiled_layers_give_the_logits_of_mlx_s_layout(family_folder, bits, tmp_path, monkeypatch):
+    """Building the step rearranges affine 4-/8-bit layers into the tiled layout in place; the logits are those of a
+    model loaded from the same folder that never was tiled, and the state dict still holds the folder's tensors."""
+    from safetensors.torch import load_file
+
+    from llmctl import _C
+    from llmctl.backends.torch.quant import QuantizedLinear
+
+    if not _C.tiled_fast():
+        pytest.skip("this CPU has no tiled kernels (AVX-512 VNNI): the layers stay in MLX's layout")
+    name, folder = family_folder
+    quantized = _quantize(folder, tmp_path / "q", f"quant.bits={bits}", "quant.group_size=64", "quant.keep=")
+    tiled = model_of(quantized)
+    got = step_logits(tiled, True)
+    layers = [m for m in tiled.modules() if type(m) is QuantizedLinear]
+    assert layers and all(m.tiled for m in layers), f"{name}: {[m.tiled for m in layers]}"
+
+    monkeypatch.setenv("LLMCTL_NATIVE_DECODE", "0")  # no C++ step, so nothing is tiled: the torch path on MLX's layout
+    plain = model_of(quantized)
+    with torch.inference_mode():
+        decoder = decoder_for(plain)
+        assert decoder.native is None
+        cache = make_cache(plain.spec)
+        decoder(torch.tensor([PROMPT]), cache, last_only=True)
+        want = torch.stack([decoder(torch.tensor([[t]]), cache)[0, -1].float() for t in STEPS])
+    assert not any(getattr(m, "tiled", False) for m in plain.modules())
+    assert_close(got, want, 1e-3, f"{name} {bits}-bit tiled")
+
+    stored = {}
+    for file in quantized.glob("*.safetensors"):
+        stored.update(load_file(file))
+    state = tiled.state_dict()
+    compared = [k for k in state if k.endswith((".weight", ".scales", ".biases")) and k.rsplit(".", 1)[0] + ".scales" in stored]
+    assert len(compared) >= 3 * len(layers)
+    for key in compared:
+        assert torch.equal(state[key], stored[key]), key
+    plain.load_state_dict(state)  # and it loads back as it should
+    for layer in layers:  # loading into a tiled model puts MLX's layout back first
+        layer.load_state_dict({k: v.clone() for k, v in layer.state_dict().items()})
+        assert not layer.tiled

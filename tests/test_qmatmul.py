@@ -198,3 +198,94 @@ def test_cuda_matches_cpu(bits):
             want = kernels.qmatmul(x, wq, scales, None, group_size, 4, mode="nf4", isa="scalar").double().numpy()
             got = kernels.qmatmul(x.cuda(), wq.cuda(), scales.cuda(), None, group_size, 4, mode="nf4")
             close(got.cpu().numpy(), want, f"cuda nf4 group={group_size}", tol=1e-5)
+
+
+# ---- the tiled layout (csrc/qtiled.cpp): 16 rows interleaved for one-row products, made in place from MLX's
+
+def _lib():
+    from llmctl import _C
+
+    return _C
+
+
+_SCALE_DTYPES = {"float32": 0, "float16": 1, "bfloat16": 2}
+
+
+def _tiled(rows: int, cols: int, group_size: int, bits: int, scale_dtype: str, seed: int = 0):
+    """(MLX-layout tensors, tiled copies, the float32 weights code * scale + bias) of random weights."""
+    torch = pytest.importorskip("torch")
+    g = torch.Generator().manual_seed(seed)
+    w = (torch.randn(rows, cols, generator=g) * 0.05).to(getattr(torch, scale_dtype))
+    wq, scales, biases = kernels.quantize(w, group_size, bits)
+    want = kernels.dequantize(wq, scales.float(), biases.float(), group_size, bits)  # float32 arithmetic
+    tiled = [t.clone() for t in (wq, scales, biases)]
+    _lib().to_tiled(*(t.data_ptr() for t in tiled), _SCALE_DTYPES[scale_dtype], rows, cols, group_size, bits)
+    return (wq, scales, biases), tiled, want
+
+
+def _qmatmul_tiled(x, tiled, rows: int, group_size: int, bits: int, scale_dtype: str, isa: int = 0, threads: int = 0):
+    torch = pytest.importorskip("torch")
+    y = torch.empty(x.shape[0], rows)
+    _lib().qmatmul_tiled(x.data_ptr(), 0, x.shape[0], x.shape[1], *(t.data_ptr() for t in tiled),
+                         _SCALE_DTYPES[scale_dtype], rows, group_size, bits, y.data_ptr(), 0, threads, isa)  # fmt: skip
+    return y
+
+
+@pytest.mark.parametrize("scale_dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("group_size", GROUP_SIZES)
+@pytest.mark.parametrize("bits", [4, 8])
+def test_tiled_kernels_match_dequantize_then_matmul(bits, group_size, scale_dtype):
+    torch = pytest.importorskip("torch")
+    for rows, cols in ((16, group_size), (48, 3 * group_size), (80, 512)):
+        mlx, tiled, w = _tiled(rows, cols, group_size, bits, scale_dtype, seed=rows)
+        assert not torch.equal(tiled[0], mlx[0]), "the codes were not rearranged"
+        for batch in (1, 3, 17):
+            x = torch.randn(batch, cols, generator=torch.Generator().manual_seed(batch))
+            x[0, 0] = 30.0  # an outlier in one group of x
+            want = (x.double() @ w.double().T).numpy()
+            for isa in (0, 1):  # the best this CPU has (AVX-512 VNNI, or the scalar loop), and the scalar loop
+                got = _qmatmul_tiled(x, tiled, rows, group_size, bits, scale_dtype, isa).numpy()
+                close(got, want, f"tiled isa={isa} bits={bits} group={group_size} {scale_dtype} {rows}x{cols} batch={batch}")
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_tiled_layout_round_trips_and_dequantizes_exactly(bits):
+    torch = pytest.importorskip("torch")
+    mlx, tiled, w = _tiled(64, 256, 32, bits, "bfloat16")
+    rows = torch.empty(32, 256)  # rows 16..47: whole tiles from the middle
+    _lib().dequantize_tiled(*(t.data_ptr() for t in tiled), 2, 64, 256, 32, bits, 16, 48, rows.data_ptr())
+    assert torch.equal(rows, w[16:48])
+    _lib().from_tiled(*(t.data_ptr() for t in tiled), 2, 64, 256, 32, bits)
+    for got, want in zip(tiled, mlx):
+        assert torch.equal(got, want)
+
+
+def test_tiled_threads_do_not_change_the_result():
+    torch = pytest.importorskip("torch")
+    _, tiled, _ = _tiled(256, 512, 64, 4, "bfloat16")
+    x = torch.randn(1, 512)
+    one = _qmatmul_tiled(x, tiled, 256, 64, 4, "bfloat16", threads=1)
+    assert torch.equal(_qmatmul_tiled(x, tiled, 256, 64, 4, "bfloat16", threads=2), one)
+
+
+def test_tiled_nonfinite_activations_propagate():
+    torch = pytest.importorskip("torch")
+    _, tiled, _ = _tiled(16, 128, 64, 4, "float32")
+    x = torch.ones(2, 128)
+    x[1, 5] = float("inf")
+    y = _qmatmul_tiled(x, tiled, 16, 64, 4, "float32")
+    assert torch.isfinite(y[0]).all() and not torch.isfinite(y[1]).any()
+
+
+def test_tiled_layout_refuses_what_it_cannot_hold():
+    torch = pytest.importorskip("torch")
+    wq, scales, biases = kernels.quantize(torch.randn(24, 128), 64, 4)  # 24 rows: not whole tiles of 16
+    with pytest.raises(ValueError, match="multiple of 16 rows, not 4-bit codes and 24 rows"):
+        _lib().to_tiled(wq.data_ptr(), scales.data_ptr(), biases.data_ptr(), 0, 24, 128, 64, 4)
+    wq, scales, biases = kernels.quantize(torch.randn(32, 128), 64, 3)
+    with pytest.raises(ValueError, match="affine 4- or 8-bit codes"):
+        _lib().to_tiled(wq.data_ptr(), scales.data_ptr(), biases.data_ptr(), 0, 32, 128, 64, 3)
+    out = torch.empty(16, 128)
+    wq, scales, biases = kernels.quantize(torch.randn(32, 128), 64, 4)
+    with pytest.raises(ValueError, match=r"rows \[8, 24\) are not whole tiles of 16 within 32"):
+        _lib().dequantize_tiled(wq.data_ptr(), scales.data_ptr(), biases.data_ptr(), 0, 32, 128, 64, 4, 8, 24, out.data_ptr())

@@ -195,18 +195,19 @@ class NativeStep:
         return (0, 0) if bias is None else (self._keep(bias), _DTYPE_CODES[bias.dtype])
 
     def _dense(self, weight: Tensor, bias: Tensor | None) -> tuple:
-        return (*weight.shape, self._keep(weight), _DTYPE_CODES[weight.dtype], 0, 0, 0, 0, 0, 0, 0, *self._bias(bias))
+        return (*weight.shape, self._keep(weight), _DTYPE_CODES[weight.dtype], 0, 0, 0, 0, 0, 0, 0, *self._bias(bias), False)
 
     def _quantized(self, layer: QuantizedLinear, rows: int, weight: Tensor, scales: Tensor, biases: Tensor | None, bias: Tensor | None) -> tuple:
         """`rows` outputs of `layer`'s format (its own tensors, or those of layers fused with it)."""
         return (
             rows, layer.in_features, 0, 0, self._keep(weight, codes=True), self._keep(scales),
             0 if biases is None else self._keep(biases), _DTYPE_CODES[scales.dtype], layer.group_size, layer.bits,
-            _MODES[layer.mode], *self._bias(bias),
+            _MODES[layer.mode], *self._bias(bias), layer.tiled,
         )  # fmt: skip
 
     def _matrix(self, layer: nn.Module) -> tuple:
         if isinstance(layer, QuantizedLinear):
+            layer.tile()
             return self._quantized(layer, layer.out_features, layer.weight, layer.scales, layer.biases, layer.bias)
         if type(layer) is not nn.Linear:
             raise _Unsupported
@@ -217,6 +218,9 @@ class NativeStep:
         if fused is not None:
             return [self._dense(*fused)]
         if len(linears) > 1 and _fuse_quantized(linears):
+            tile = all(linear.can_tile() or linear.tiled for linear in linears)  # each part in place: the joint is too
+            for linear in linears:
+                linear.tile() if tile else linear.untile()
             joint = (_joint_buffer(linears, name) for name in ("weight", "scales", "biases", "bias"))
             return [self._quantized(linears[0], sum(linear.out_features for linear in linears), *joint)]
         return [self._matrix(linear) for linear in linears]
@@ -309,7 +313,8 @@ class Decoder:
         self.signature = self._signature()
 
     def _signature(self) -> tuple:
-        return tuple((t.data_ptr(), t.dtype) for t in (*self.model.parameters(), *self.model.buffers()))
+        tensors = tuple((t.data_ptr(), t.dtype) for t in (*self.model.parameters(), *self.model.buffers()))
+        return tensors, tuple(m for m in self.model.modules() if getattr(m, "tiled", False))
 
     def stale(self) -> bool:
         """Whether the model's weights were replaced since (cast, reloaded, quantized, ...)."""

@@ -1,0 +1,407 @@
+// The tiled layout of affine 4-/8-bit weights (qmatmul.h) and its products.
+//
+// In MLX's layout a row's codes are contiguous, so a one-row product (decoding) computes each output as a dot
+// product along a row and pays for a horizontal sum, the group scales and a store per row: for the 768-wide rows
+// of a ~100M model that bookkeeping costs as much as the multiplications. Here 16 rows are interleaved 4 bytes at
+// a time: one 512-bit vector of codes holds 4 (8-bit) or 8 (4-bit) consecutive codes of each of 16 rows, so
+// vpdpbusd against x's 4 bytes broadcast to every lane sums 16 rows at once, lane j holding row j's sum. No
+// horizontal sum is left, the group's scales and biases are one 16-wide vector each, and a thread reads one
+// contiguous stream. x is the same int16 as in qmatmul (error <= 2^-16 of its group's largest |x|), split into a
+// high and a low signed byte (xq = 256 * high + low): two vpdpbusd per vector of codes for the two bytes.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "qmatmul.h"
+#include "quant.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define LLMCTL_TILED_X86 1
+#define LLMCTL_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")))
+#endif
+
+namespace llmctl {
+namespace {
+
+[[noreturn]] void fail(const std::string& message) { throw std::invalid_argument(message); }
+
+// Bytes of one step: 4 codes of each of the tile's 16 rows (8-bit), 8 codes in two nibbles (4-bit).
+constexpr int kStepBytes = 64;
+
+void check_tiled(int dtype, int64_t out, int64_t in, int group_size, int bits) {
+  check_quant_args(dtype, out, in, group_size, bits);
+  if (!tiled_supported(bits, kModeAffine, out, in, group_size))
+    fail("the tiled layout takes affine 4- or 8-bit codes and a multiple of " + std::to_string(kTileRows) +
+         " rows, not " + std::to_string(bits) + "-bit codes and " + std::to_string(out) + " rows");
+}
+
+int task_threads(int threads, double work) {
+  const int max_threads = threads > 0 ? threads : detail::hardware_threads();
+  return int(std::max<int64_t>(1, std::min<int64_t>(max_threads, int64_t(work / 65536.0))));
+}
+
+// One tile's codes, row-major (16 rows of in codes each) -> tiled, or back (`to_rows`).
+void tile_codes(uint8_t* rows, uint8_t* tiled, int64_t in, int bits, bool to_rows, uint8_t* scratch) {
+  const int64_t row_bytes = in * bits / 8;
+  // codes of the tile as one byte each, (16, in)
+  uint8_t* codes = scratch;
+  if (!to_rows) {
+    for (int j = 0; j < kTileRows; ++j) {
+      const uint8_t* r = rows + j * row_bytes;
+      if (bits == 8) {
+        std::memcpy(codes + j * in, r, size_t(in));
+      } else {
+        for (int64_t i = 0; i < in / 2; ++i) {
+          codes[j * in + 2 * i] = r[i] & 0x0F;
+          codes[j * in + 2 * i + 1] = r[i] >> 4;
+        }
+      }
+    }
+    const int per_step = bits == 8 ? 4 : 8;
+    for (int64_t s = 0; s < in / per_step; ++s) {
+      uint8_t* v = tiled + s * kStepBytes;
+      for (int j = 0; j < kTileRows; ++j) {
+        const uint8_t* c = codes + j * in + s * per_step;
+        for (int b = 0; b < 4; ++b) v[4 * j + b] = bits == 8 ? c[b] : uint8_t(c[b] | (c[b + 4] << 4));
+      }
+    }
+    return;
+  }
+  const int per_step = bits == 8 ? 4 : 8;
+  for (int64_t s = 0; s < in / per_step; ++s) {
+    const uint8_t* v = tiled + s * kStepBytes;
+    for (int j = 0; j < kTileRows; ++j) {
+      uint8_t* c = codes + j * in + s * per_step;
+      for (int b = 0; b < 4; ++b) {
+        if (bits == 8) {
+          c[b] = v[4 * j + b];
+        } else {
+          c[b] = v[4 * j + b] & 0x0F;
+          c[b + 4] = v[4 * j + b] >> 4;
+        }
+      }
+    }
+  }
+  for (int j = 0; j < kTileRows; ++j) {
+    uint8_t* r = rows + j * row_bytes;
+    if (bits == 8) {
+      std::memcpy(r, codes + j * in, size_t(in));
+    } else {
+      for (int64_t i = 0; i < in / 2; ++i) r[i] = uint8_t(codes[j * in + 2 * i] | (codes[j * in + 2 * i + 1] << 4));
+    }
+  }
+}
+
+// (16, groups) values of `size` bytes each -> (groups, 16), or back.
+void tile_params(uint8_t* p, int64_t groups, int size, bool to_rows, std::vector<uint8_t>& tmp) {
+  if (!p) return;
+  tmp.assign(p, p + kTileRows * groups * size);
+  for (int j = 0; j < kTileRows; ++j)
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t row_major = (j * groups + g) * size, tiled = (g * kTileRows + j) * size;
+      std::memcpy(p + (to_rows ? row_major : tiled), tmp.data() + (to_rows ? tiled : row_major), size_t(size));
+    }
+}
+
+void retile(uint32_t* wq, void* scales, void* biases, int dtype, int64_t out, int64_t in, int group_size, int bits,
+            int threads, bool to_rows) {
+  check_tiled(dtype, out, in, group_size, bits);
+  if (out * in == 0) return;
+  if (!wq || !scales || !biases) fail("null pointer");
+  const int64_t tiles = out / kTileRows, tile_bytes = kTileRows * in * bits / 8, groups = in / group_size;
+  const int size = dtype == kFloat32 ? 4 : 2;
+  const int n = task_threads(threads, double(out) * double(in));
+  detail::parallel_for(n, n, [&](int t) {
+    std::vector<uint8_t> copy(static_cast<size_t>(tile_bytes)), codes(static_cast<size_t>(kTileRows * in)), tmp;
+    for (int64_t tile = tiles * t / n; tile < tiles * (t + 1) / n; ++tile) {
+      uint8_t* w = reinterpret_cast<uint8_t*>(wq) + tile * tile_bytes;
+      std::memcpy(copy.data(), w, size_t(tile_bytes));
+      if (to_rows) {
+        tile_codes(w, copy.data(), in, bits, true, codes.data());
+      } else {
+        tile_codes(copy.data(), w, in, bits, false, codes.data());
+      }
+      const int64_t at = tile * kTileRows * groups * size;
+      tile_params(static_cast<uint8_t*>(scales) + at, groups, size, to_rows, tmp);
+      tile_params(static_cast<uint8_t*>(biases) + at, groups, size, to_rows, tmp);
+    }
+  });
+}
+
+// x prepared for the kernels: per group its int16 step sx and float32 sum; the int16 values split in bytes.
+struct TiledX {
+  std::vector<float> xf, sx, xsum;  // (batch, in), (batch, groups), (batch, groups)
+  std::vector<int8_t> high, low;    // (batch, in + 64) each: 256 * high + low = x / sx, rounded
+};
+
+// Returns false when x holds inf or NaN (then only xf is filled).
+bool prepare(TiledX& p, const void* x, int x_dtype, int64_t batch, int64_t in, int group_size, bool bytes) {
+  const int64_t groups = in / group_size, stride = in + 64;
+  p.xf.resize(size_t(batch * in));
+  for (int64_t i = 0; i < batch * in; ++i) p.xf[size_t(i)] = load_float(x, x_dtype, i);
+  p.sx.assign(size_t(batch * groups), 0.0f);
+  p.xsum.assign(size_t(batch * groups), 0.0f);
+  bool finite = true;
+  for (int64_t r = 0; r < batch; ++r)
+    for (int64_t g = 0; g < groups; ++g) {
+      const float* v = p.xf.data() + r * in + g * group_size;
+      float sum[8] = {}, amax[8] = {};
+      for (int i = 0; i < group_size; i += 8)
+        for (int j = 0; j < 8; ++j) {
+          sum[j] += v[i + j];
+          amax[j] = std::max(amax[j], std::fabs(v[i + j]));
+        }
+      for (int j = 1; j < 8; ++j) sum[0] += sum[j], amax[0] = std::max(amax[0], amax[j]);
+      finite = finite && std::isfinite(sum[0]) && std::isfinite(amax[0]);
+      p.xsum[size_t(r * groups + g)] = sum[0];
+      p.sx[size_t(r * groups + g)] = amax[0] / detail::kXMax;
+    }
+  if (!finite || !bytes) return finite;
+  p.high.assign(size_t(batch * stride), 0);
+  p.low.assign(size_t(batch * stride), 0);
+  for (int64_t r = 0; r < batch; ++r)
+    for (int64_t g = 0; g < groups; ++g) {
+      const float amax = p.sx[size_t(r * groups + g)] * detail::kXMax;
+      const float inv = amax > 0.0f ? detail::kXMax / amax : 0.0f;
+      for (int i = 0; i < group_size; ++i) {
+        const int64_t at = r * in + g * group_size + i;
+        const float v = std::min(detail::kXMax, std::max(-detail::kXMax, p.xf[size_t(at)] * inv));
+        const int32_t q = int32_t(round_even(v));
+        const int8_t low = int8_t(uint8_t(uint32_t(q) & 0xFFu));
+        p.low[size_t(r * stride + g * group_size + i)] = low;
+        p.high[size_t(r * stride + g * group_size + i)] = int8_t((q - low) / 256);
+      }
+    }
+  return true;
+}
+
+// The tile's 16 rows as float32 (16, in): code * scale + bias in float32, as the kernels compute.
+void dequantize_tile(const uint8_t* w, const void* scales, const void* biases, int dtype, int64_t in, int group_size,
+                     int bits, int64_t tile, float* out, std::vector<uint8_t>& codes) {
+  const int64_t groups = in / group_size, tile_bytes = kTileRows * in * bits / 8;
+  codes.resize(size_t(kTileRows * in));
+  const int per_step = bits == 8 ? 4 : 8;
+  const uint8_t* t = w + tile * tile_bytes;
+  for (int64_t s = 0; s < in / per_step; ++s) {
+    const uint8_t* v = t + s * kStepBytes;
+    for (int j = 0; j < kTileRows; ++j) {
+      uint8_t* c = codes.data() + j * in + s * per_step;
+      for (int b = 0; b < 4; ++b) {
+        if (bits == 8) {
+          c[b] = v[4 * j + b];
+        } else {
+          c[b] = v[4 * j + b] & 0x0F;
+          c[b + 4] = v[4 * j + b] >> 4;
+        }
+      }
+    }
+  }
+  for (int j = 0; j < kTileRows; ++j)
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t at = (tile * groups + g) * kTileRows + j;
+      const float s = load_float(scales, dtype, at), b = load_float(biases, dtype, at);
+      const uint8_t* c = codes.data() + j * in + g * group_size;
+      float* o = out + j * in + g * group_size;
+      for (int i = 0; i < group_size; ++i) o[i] = float(c[i]) * s + b;
+    }
+}
+
+struct TiledJob {
+  const uint8_t* w;
+  const void *scales, *biases;
+  int dtype, group_size, bits, y_dtype;
+  int64_t batch, in, out, groups;
+  const TiledX* x;
+  void* y;
+};
+
+void store(const TiledJob& job, int64_t r, int64_t o, const float* v) {
+  for (int j = 0; j < kTileRows; ++j) store_float(job.y, job.y_dtype, r * job.out + o + j, v[j]);
+}
+
+// Any CPU, and x with inf or NaN: each tile dequantized to float32, then float32 dot products.
+void tiles_scalar(const TiledJob& job, int64_t t0, int64_t t1) {
+  std::vector<float> wf(size_t(kTileRows * job.in));
+  std::vector<uint8_t> codes;
+  float acc[kTileRows];
+  for (int64_t t = t0; t < t1; ++t) {
+    dequantize_tile(job.w, job.scales, job.biases, job.dtype, job.in, job.group_size, job.bits, t, wf.data(), codes);
+    for (int64_t r = 0; r < job.batch; ++r) {
+      const float* x = job.x->xf.data() + r * job.in;
+      for (int j = 0; j < kTileRows; ++j) {
+        float sum = 0.0f;
+        for (int64_t i = 0; i < job.in; ++i) sum += wf[size_t(j * job.in + i)] * x[i];
+        acc[j] = sum;
+      }
+      store(job, r, t * kTileRows, acc);
+    }
+  }
+}
+
+#ifdef LLMCTL_TILED_X86
+
+LLMCTL_AVX512 inline __m512 load_params(const void* p, int dtype, int64_t at) {
+  if (dtype == kFloat32) return _mm512_loadu_ps(static_cast<const float*>(p) + at);
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(p) + at));
+  if (dtype == kFloat16) return _mm512_cvtph_ps(h);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+LLMCTL_AVX512 inline __m512i broadcast4(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm512_set1_epi32(v);
+}
+
+// One tile against one x row: 16 outputs in the lanes of acc, no horizontal sum anywhere.
+template <int BITS, int DTYPE>
+LLMCTL_AVX512 __m512 tile_avx512(const TiledJob& job, int64_t t, int64_t r) {
+  const int G = job.group_size;
+  constexpr int kPerStep = BITS == 8 ? 4 : 8;
+  const int steps = G / kPerStep;
+  const uint8_t* w = job.w + t * (kTileRows * job.in * BITS / 8);
+  const int64_t stride = job.in + 64;
+  const int8_t* xh = job.x->high.data() + r * stride;
+  const int8_t* xl = job.x->low.data() + r * stride;
+  const float* sx = job.x->sx.data() + r * job.groups;
+  const float* xs = job.x->xsum.data() + r * job.groups;
+  const __m512i nibble = _mm512_set1_epi8(0x0F);
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t g = 0; g < job.groups; ++g) {
+    __m512i h0 = _mm512_setzero_si512(), h1 = h0, l0 = h0, l1 = h0;
+    const uint8_t* wg = w + g * steps * kStepBytes;
+    const int8_t *hg = xh + g * G, *lg = xl + g * G;
+    // One sequential stream a thread: no software prefetch (asking 1-4 KB ahead measured 10-30% slower).
+    for (int s = 0; s < steps; s += 2) {  // steps is even: G >= 32
+      const __m512i a = _mm512_loadu_si512(wg + s * kStepBytes), b = _mm512_loadu_si512(wg + (s + 1) * kStepBytes);
+      const int k = s * kPerStep;
+      if constexpr (BITS == 4) {
+        const __m512i a0 = _mm512_and_si512(a, nibble), a1 = _mm512_and_si512(_mm512_srli_epi16(a, 4), nibble);
+        const __m512i b0 = _mm512_and_si512(b, nibble), b1 = _mm512_and_si512(_mm512_srli_epi16(b, 4), nibble);
+        h0 = _mm512_dpbusd_epi32(h0, a0, broadcast4(hg + k));
+        h1 = _mm512_dpbusd_epi32(h1, a1, broadcast4(hg + k + 4));
+        l0 = _mm512_dpbusd_epi32(l0, a0, broadcast4(lg + k));
+        l1 = _mm512_dpbusd_epi32(l1, a1, broadcast4(lg + k + 4));
+        h0 = _mm512_dpbusd_epi32(h0, b0, broadcast4(hg + k + 8));
+        h1 = _mm512_dpbusd_epi32(h1, b1, broadcast4(hg + k + 12));
+        l0 = _mm512_dpbusd_epi32(l0, b0, broadcast4(lg + k + 8));
+        l1 = _mm512_dpbusd_epi32(l1, b1, broadcast4(lg + k + 12));
+      } else {
+        h0 = _mm512_dpbusd_epi32(h0, a, broadcast4(hg + k));
+        l0 = _mm512_dpbusd_epi32(l0, a, broadcast4(lg + k));
+        h1 = _mm512_dpbusd_epi32(h1, b, broadcast4(hg + k + 4));
+        l1 = _mm512_dpbusd_epi32(l1, b, broadcast4(lg + k + 4));
+      }
+    }
+    // 256 * high + low per lane: |sum| <= 255 * 127 * 128 * 257 < 2^31 for groups of up to 128 codes
+    const __m512i d = _mm512_add_epi32(_mm512_slli_epi32(_mm512_add_epi32(h0, h1), 8), _mm512_add_epi32(l0, l1));
+    const int64_t at = (t * job.groups + g) * kTileRows;
+    const __m512 scale = _mm512_mul_ps(load_params(job.scales, DTYPE, at), _mm512_set1_ps(sx[g]));
+    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), scale, acc);
+    acc = _mm512_fmadd_ps(load_params(job.biases, DTYPE, at), _mm512_set1_ps(xs[g]), acc);
+  }
+  return acc;
+}
+
+template <int BITS, int DTYPE>
+LLMCTL_AVX512 void tiles_avx512(const TiledJob& job, int64_t t0, int64_t t1) {
+  for (int64_t t = t0; t < t1; ++t)
+    for (int64_t r = 0; r < job.batch; ++r) {
+      const __m512 acc = tile_avx512<BITS, DTYPE>(job, t, r);
+      const int64_t at = r * job.out + t * kTileRows;
+      if (job.y_dtype == kFloat32) {
+        _mm512_storeu_ps(static_cast<float*>(job.y) + at, acc);
+      } else {
+        alignas(64) float v[kTileRows];
+        _mm512_store_ps(v, acc);
+        store(job, r, t * kTileRows, v);
+      }
+    }
+}
+
+template <int BITS>
+void tiles_avx512_dtype(const TiledJob& job, int64_t t0, int64_t t1) {
+  switch (job.dtype) {
+    case kFloat32: tiles_avx512<BITS, kFloat32>(job, t0, t1); break;
+    case kFloat16: tiles_avx512<BITS, kFloat16>(job, t0, t1); break;
+    default: tiles_avx512<BITS, kBFloat16>(job, t0, t1); break;
+  }
+}
+
+#endif
+
+}  // namespace
+
+bool tiled_supported(int bits, int mode, int64_t out, int64_t in, int group_size) {
+  (void)in, (void)group_size;
+  return mode == kModeAffine && (bits == 4 || bits == 8) && out % kTileRows == 0;
+}
+
+bool tiled_fast() { return best_isa() == kIsaAvx512; }
+
+void to_tiled(uint32_t* wq, void* scales, void* biases, int dtype, int64_t out, int64_t in, int group_size, int bits,
+              int threads) {
+  retile(wq, scales, biases, dtype, out, in, group_size, bits, threads, false);
+}
+
+void from_tiled(uint32_t* wq, void* scales, void* biases, int dtype, int64_t out, int64_t in, int group_size, int bits,
+                int threads) {
+  retile(wq, scales, biases, dtype, out, in, group_size, bits, threads, true);
+}
+
+void dequantize_tiled(const uint32_t* wq, const void* scales, const void* biases, int dtype, int64_t out, int64_t in,
+                      int group_size, int bits, int64_t row0, int64_t row1, float* dst, int threads) {
+  check_tiled(dtype, out, in, group_size, bits);
+  if (row0 < 0 || row1 > out || row0 > row1 || row0 % kTileRows || row1 % kTileRows)
+    fail("rows [" + std::to_string(row0) + ", " + std::to_string(row1) + ") are not whole tiles of " +
+         std::to_string(kTileRows) + " within " + std::to_string(out));
+  if (row0 == row1 || in == 0) return;
+  if (!wq || !scales || !biases || !dst) fail("null pointer");
+  const int64_t t0 = row0 / kTileRows, tiles = (row1 - row0) / kTileRows;
+  const int n = int(std::min<int64_t>(tiles, task_threads(threads, double(row1 - row0) * double(in))));
+  detail::parallel_for(n, n, [&](int k) {
+    std::vector<uint8_t> codes;
+    for (int64_t t = tiles * k / n; t < tiles * (k + 1) / n; ++t)
+      dequantize_tile(reinterpret_cast<const uint8_t*>(wq), scales, biases, dtype, in, group_size, bits, t0 + t,
+                      dst + t * kTileRows * in, codes);
+  });
+}
+
+void qmatmul_tiled(const void* x, int x_dtype, int64_t batch, int64_t in, const uint32_t* wq, const void* scales,
+                   const void* biases, int w_dtype, int64_t out, int group_size, int bits, void* y, int y_dtype,
+                   int threads, int isa) {
+  check_tiled(w_dtype, out, in, group_size, bits);
+  for (auto [dtype, what] : {std::pair<int, const char*>{x_dtype, "x"}, {y_dtype, "y"}})
+    if (dtype != kFloat32 && dtype != kFloat16 && dtype != kBFloat16)
+      fail(std::string(what) + " dtype code " + std::to_string(dtype) + " is not 0, 1 or 2");
+  if (batch < 0) fail("batch " + std::to_string(batch) + " is negative");
+  if (threads < 0) fail("threads must be >= 0 (0: all hardware threads)");
+  if (isa == kIsaAuto) isa = best_isa();
+  const bool runs = isa == kIsaScalar || isa == best_isa() || (isa == kIsaAvx2 && best_isa() == kIsaAvx512);
+  if (!runs) fail(std::string("this CPU cannot run the ") + isa_name(isa) + " kernels");
+  if (batch * out == 0) return;
+  if (!x || !wq || !scales || !biases || !y) fail("null pointer");
+  if (in == 0) {
+    for (int64_t i = 0; i < batch * out; ++i) store_float(y, y_dtype, i, 0.0f);
+    return;
+  }
+  static thread_local TiledX prepared;  // reused: decoding makes ~100 calls a token
+  const bool simd = isa == kIsaAvx512;
+  const bool finite = prepare(prepared, x, x_dtype, batch, in, group_size, simd);
+  TiledJob job{reinterpret_cast<const uint8_t*>(wq), scales, biases, w_dtype, group_size, bits, y_dtype,
+               batch, in, out, in / group_size, &prepared, y};
+  void (*tiles)(const TiledJob&, int64_t, int64_t) = tiles_scalar;
+#ifdef LLMCTL_TILED_X86
+  if (simd && finite) tiles = bits == 4 ? tiles_avx512_dtype<4> : tiles_avx512_dtype<8>;
+#endif
+  const int64_t n_tiles = out / kTileRows;
+  const int n = int(std::min<int64_t>(n_tiles, task_threads(threads, double(out) * double(in) * (bits / 8.0 + double(batch)))));
+  const int tasks = int(std::min<int64_t>(n_tiles, n == 1 ? 1 : 4 * n));
+  detail::parallel_for(tasks, n, [&](int k) { tiles(job, n_tiles * k / tasks, n_tiles * (k + 1) / tasks); });
+}
+
+}  // namespace llmctl
