@@ -138,9 +138,56 @@ struct TiledX {
   std::vector<int8_t> high, low;    // (batch, in + 64) each: 256 * high + low = x / sx, rounded
 };
 
+#ifdef LLMCTL_TILED_X86
+// prepare's work for the AVX-512 kernels on float32 x (decoding's), vectorized: it runs on the calling thread
+// before every product, while the pool's other threads wait. Returns false (nothing written) for inf or NaN.
+LLMCTL_AVX512 bool prepare_avx512(TiledX& p, const float* x, int64_t batch, int64_t in, int group_size) {
+  const int64_t groups = in / group_size, stride = in + 64;
+  p.sx.resize(size_t(batch * groups));
+  p.xsum.resize(size_t(batch * groups));
+  const __m512 magnitude = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF));
+  for (int64_t r = 0; r < batch; ++r)
+    for (int64_t g = 0; g < groups; ++g) {
+      const float* v = x + r * in + g * group_size;
+      __m512 sum = _mm512_setzero_ps(), amax = sum;
+      for (int i = 0; i < group_size; i += 16) {
+        const __m512 a = _mm512_loadu_ps(v + i);
+        sum = _mm512_add_ps(sum, a);
+        amax = _mm512_max_ps(amax, _mm512_and_ps(a, magnitude));
+      }
+      const float total = _mm512_reduce_add_ps(sum), largest = _mm512_reduce_max_ps(amax);
+      if (!std::isfinite(total) || !std::isfinite(largest)) return false;
+      p.xsum[size_t(r * groups + g)] = total;
+      p.sx[size_t(r * groups + g)] = largest / detail::kXMax;
+    }
+  p.high.resize(size_t(batch * stride));
+  p.low.resize(size_t(batch * stride));
+  const __m512 hi = _mm512_set1_ps(detail::kXMax), lo = _mm512_set1_ps(-detail::kXMax);
+  for (int64_t r = 0; r < batch; ++r)
+    for (int64_t g = 0; g < groups; ++g) {
+      const float amax = p.sx[size_t(r * groups + g)] * detail::kXMax;
+      const __m512 inv = _mm512_set1_ps(amax > 0.0f ? detail::kXMax / amax : 0.0f);
+      const float* v = x + r * in + g * group_size;
+      int8_t* high = p.high.data() + r * stride + g * group_size;
+      int8_t* low = p.low.data() + r * stride + g * group_size;
+      for (int i = 0; i < group_size; i += 16) {
+        // rounded to nearest even, as round_even does (the default rounding mode)
+        const __m512i q = _mm512_cvtps_epi32(_mm512_min_ps(hi, _mm512_max_ps(lo, _mm512_mul_ps(_mm512_loadu_ps(v + i), inv))));
+        const __m512i l = _mm512_srai_epi32(_mm512_slli_epi32(q, 24), 24);  // the low byte, signed
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(low + i), _mm512_cvtepi32_epi8(l));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(high + i), _mm512_cvtepi32_epi8(_mm512_srai_epi32(_mm512_sub_epi32(q, l), 8)));
+      }
+    }
+  return true;
+}
+#endif
+
 // Returns false when x holds inf or NaN (then only xf is filled).
 bool prepare(TiledX& p, const void* x, int x_dtype, int64_t batch, int64_t in, int group_size, bool bytes) {
   const int64_t groups = in / group_size, stride = in + 64;
+#ifdef LLMCTL_TILED_X86
+  if (bytes && x_dtype == kFloat32 && prepare_avx512(p, static_cast<const float*>(x), batch, in, group_size)) return true;
+#endif
   p.xf.resize(size_t(batch * in));
   for (int64_t i = 0; i < batch * in; ++i) p.xf[size_t(i)] = load_float(x, x_dtype, i);
   p.sx.assign(size_t(batch * groups), 0.0f);
