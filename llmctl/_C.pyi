@@ -68,6 +68,36 @@ def qmatmul(
 ) -> None:
     """y (batch, out_features) = x (batch, in_features) @ W^T for W packed by quantize (AFFINE) or quantize_nf4 (NF4)."""
 
+def tiled_supported(bits: int, mode: int, out_features: int, in_features: int, group_size: int) -> bool:
+    """Whether weights of this format can take the tiled layout (affine 4-/8-bit, rows a multiple of 16)."""
+
+def tiled_fast() -> bool:
+    """Whether this CPU has the tiled kernels (AVX-512 VNNI); elsewhere they run a scalar loop."""
+
+def to_tiled(
+    wq: int, scales: int, biases: int, dtype: int, out_features: int, in_features: int, group_size: int, bits: int,
+    threads: int = 0,
+) -> None:
+    """MLX's layout to the tiled one (csrc/qmatmul.h: 16 output rows interleaved 4 bytes at a time), in place."""
+
+def from_tiled(
+    wq: int, scales: int, biases: int, dtype: int, out_features: int, in_features: int, group_size: int, bits: int,
+    threads: int = 0,
+) -> None:
+    """The tiled layout back to MLX's, in place."""
+
+def dequantize_tiled(
+    wq: int, scales: int, biases: int, dtype: int, out_features: int, in_features: int, group_size: int, bits: int,
+    row0: int, row1: int, dst: int, threads: int = 0,
+) -> None:
+    """Rows [row0, row1) (whole tiles of 16) of tiled weights as float32 (row1 - row0, in_features) at dst."""
+
+def qmatmul_tiled(
+    x: int, x_dtype: int, batch: int, in_features: int, wq: int, scales: int, biases: int, w_dtype: int,
+    out_features: int, group_size: int, bits: int, y: int, y_dtype: int, threads: int = 0, isa: int = 0,
+) -> None:
+    """qmatmul for weights in the tiled layout (affine 4-/8-bit), with the same int16 x and error bound."""
+
 def quantize_nf4(
     w: int, dtype: int, rows: int, cols: int, group_size: int, wq: int, scales: int, threads: int = 0
 ) -> None:
@@ -138,12 +168,12 @@ def qmatmul_cuda(
 ) -> None:
     """qmatmul on device addresses, queued on a cudaStream_t; RuntimeError when built without CUDA."""
 
-Matrix = tuple[int, int, int, int, int, int, int, int, int, int, int, int, int]
+Matrix = tuple[int, int, int, int, int, int, int, int, int, int, int, int, int, bool]
 
 class NativeDecoder:
     """One decoding step of a Llama-family model (batch 1) in C++. A matrix is a tuple (out, in, w, w_dtype, wq,
-    scales, biases, q_dtype, group_size, bits, mode, bias, bias_dtype) of sizes, codes and addresses the caller keeps
-    alive: dense when wq is 0, MLX-quantized otherwise; bias 0 when there is none."""
+    scales, biases, q_dtype, group_size, bits, mode, bias, bias_dtype, tiled) of sizes, codes and addresses the caller
+    keeps alive: dense when wq is 0, quantized otherwise (MLX's layout, or the tiled one); bias 0 when there is none."""
 
     def __init__(
         self,
