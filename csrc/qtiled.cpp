@@ -44,33 +44,8 @@ int task_threads(int threads, double work) {
   return int(std::max<int64_t>(1, std::min<int64_t>(max_threads, int64_t(work / 65536.0))));
 }
 
-// One tile's codes, row-major (16 rows of in codes each) -> tiled, or back (`to_rows`).
-void tile_codes(uint8_t* rows, uint8_t* tiled, int64_t in, int bits, bool to_rows, uint8_t* scratch) {
-  const int64_t row_bytes = in * bits / 8;
-  // codes of the tile as one byte each, (16, in)
-  uint8_t* codes = scratch;
-  if (!to_rows) {
-    for (int j = 0; j < kTileRows; ++j) {
-      const uint8_t* r = rows + j * row_bytes;
-      if (bits == 8) {
-        std::memcpy(codes + j * in, r, size_t(in));
-      } else {
-        for (int64_t i = 0; i < in / 2; ++i) {
-          codes[j * in + 2 * i] = r[i] & 0x0F;
-          codes[j * in + 2 * i + 1] = r[i] >> 4;
-        }
-      }
-    }
-    const int per_step = bits == 8 ? 4 : 8;
-    for (int64_t s = 0; s < in / per_step; ++s) {
-      uint8_t* v = tiled + s * kStepBytes;
-      for (int j = 0; j < kTileRows; ++j) {
-        const uint8_t* c = codes + j * in + s * per_step;
-        for (int b = 0; b < 4; ++b) v[4 * j + b] = bits == 8 ? c[b] : uint8_t(c[b] | (c[b + 4] << 4));
-      }
-    }
-    return;
-  }
+// Codes as one byte each, (16, in), from a tile and into one.
+void codes_of_tile(const uint8_t* tiled, int64_t in, int bits, uint8_t* codes) {
   const int per_step = bits == 8 ? 4 : 8;
   for (int64_t s = 0; s < in / per_step; ++s) {
     const uint8_t* v = tiled + s * kStepBytes;
@@ -86,14 +61,35 @@ void tile_codes(uint8_t* rows, uint8_t* tiled, int64_t in, int bits, bool to_row
       }
     }
   }
-  for (int j = 0; j < kTileRows; ++j) {
-    uint8_t* r = rows + j * row_bytes;
-    if (bits == 8) {
-      std::memcpy(r, codes + j * in, size_t(in));
-    } else {
-      for (int64_t i = 0; i < in / 2; ++i) r[i] = uint8_t(codes[j * in + 2 * i] | (codes[j * in + 2 * i + 1] << 4));
+}
+
+void tile_of_codes(const uint8_t* codes, int64_t in, int bits, uint8_t* tiled) {
+  const int per_step = bits == 8 ? 4 : 8;
+  for (int64_t s = 0; s < in / per_step; ++s) {
+    uint8_t* v = tiled + s * kStepBytes;
+    for (int j = 0; j < kTileRows; ++j) {
+      const uint8_t* c = codes + j * in + s * per_step;
+      for (int b = 0; b < 4; ++b) v[4 * j + b] = bits == 8 ? c[b] : uint8_t(c[b] | (c[b + 4] << 4));
     }
   }
+}
+
+// One tile's codes, MLX's rows (16 rows of in codes each) -> tiled, or back (`to_rows`); codes: (16, in) scratch.
+void tile_codes(uint8_t* rows, uint8_t* tiled, int64_t in, int bits, bool to_rows, uint8_t* codes) {
+  const int64_t row_bytes = in * bits / 8;
+  if (to_rows) codes_of_tile(tiled, in, bits, codes);
+  for (int j = 0; j < kTileRows; ++j) {
+    uint8_t* r = rows + j * row_bytes;
+    uint8_t* c = codes + j * in;
+    if (bits == 8) {
+      std::memcpy(to_rows ? r : c, to_rows ? c : r, size_t(in));
+    } else if (to_rows) {
+      for (int64_t i = 0; i < in / 2; ++i) r[i] = uint8_t(c[2 * i] | (c[2 * i + 1] << 4));
+    } else {
+      for (int64_t i = 0; i < in / 2; ++i) c[2 * i] = r[i] & 0x0F, c[2 * i + 1] = r[i] >> 4;
+    }
+  }
+  if (!to_rows) tile_of_codes(codes, in, bits, tiled);
 }
 
 // (16, groups) values of `size` bytes each -> (groups, 16), or back.
@@ -231,22 +227,7 @@ void dequantize_tile(const uint8_t* w, const void* scales, const void* biases, i
                      int bits, int64_t tile, float* out, std::vector<uint8_t>& codes) {
   const int64_t groups = in / group_size, tile_bytes = kTileRows * in * bits / 8;
   codes.resize(size_t(kTileRows * in));
-  const int per_step = bits == 8 ? 4 : 8;
-  const uint8_t* t = w + tile * tile_bytes;
-  for (int64_t s = 0; s < in / per_step; ++s) {
-    const uint8_t* v = t + s * kStepBytes;
-    for (int j = 0; j < kTileRows; ++j) {
-      uint8_t* c = codes.data() + j * in + s * per_step;
-      for (int b = 0; b < 4; ++b) {
-        if (bits == 8) {
-          c[b] = v[4 * j + b];
-        } else {
-          c[b] = v[4 * j + b] & 0x0F;
-          c[b + 4] = v[4 * j + b] >> 4;
-        }
-      }
-    }
-  }
+  codes_of_tile(w + tile * tile_bytes, in, bits, codes.data());
   for (int j = 0; j < kTileRows; ++j)
     for (int64_t g = 0; g < groups; ++g) {
       const int64_t at = (tile * groups + g) * kTileRows + j;
