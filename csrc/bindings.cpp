@@ -162,6 +162,16 @@ PYBIND11_MODULE(_C, m) {
   m.def("tiled_supported", &llmctl::tiled_supported, py::arg("bits"), py::arg("mode"), py::arg("out_features"),
         py::arg("in_features"), py::arg("group_size"),
         "Whether weights of this format can take the tiled layout (affine 4-/8-bit, rows a multiple of 16).");
+  m.def(
+      "cpu_has_bf16",
+      [] {
+#if defined(__x86_64__) || defined(_M_X64)
+        return bool(__builtin_cpu_supports("avx512bf16") || __builtin_cpu_supports("amx-bf16"));
+#else
+        return false;
+#endif
+      },
+      "Whether this CPU multiplies bfloat16 natively (AVX512_BF16 or AMX): then bfloat16 products run ~2x float32's.");
   m.def("tiled_fast", &llmctl::tiled_fast, "Whether this CPU has the tiled kernels (elsewhere a scalar loop).");
   for (bool back : {false, true}) {
     m.def(

@@ -245,26 +245,39 @@ def test_torch_quantized_linear_passes_gradients_to_its_input():
     torch.testing.assert_close(x.grad, (2 * y.detach()) @ dense, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("tiled", [False, True], ids=["mlx-layout", "tiled"])
+@pytest.mark.parametrize("x_dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_torch_quantized_linear_prompt_path_matches_kernel_rows(dtype):
+def test_torch_quantized_linear_prompt_path_matches_kernel_rows(dtype, x_dtype, tiled):
     """A prompt (at least DEQUANTIZED_ROWS rows) multiplies by blocks of dequantized weights; each of its rows equals
-    that row through the one-row kernel (1e-3 of the largest output), and float32 dequantize-then-matmul (1e-5)."""
+    that row through the one-row kernel (1e-3 of the largest output), and float32 dequantize-then-matmul (1e-5).
+    bfloat16 x, on a CPU with bfloat16 products, multiplies the weights rounded to bfloat16: then the bars are those
+    of bfloat16 outputs (8e-3: two roundings of 2^-9), against the same product done in float32 on rounded inputs."""
     torch = pytest.importorskip("torch")
     from llmctl import kernels
     from llmctl.backends.torch import quant
     from llmctl.quant import QuantParams
 
     gen = torch.Generator().manual_seed(0)
-    out_features = quant.DEQUANTIZED_BLOCK // 192 + 37  # more than one block, and a ragged last one
+    # more than one block, and a ragged last one (whole tiles of 16 rows for the tiled layout)
+    out_features = quant.DEQUANTIZED_BLOCK // 192 // 16 * 16 + 48 if tiled else quant.DEQUANTIZED_BLOCK // 192 + 37
     layer = quant.QuantizedLinear(192, out_features, False, QuantParams(64, 4))
     w = (torch.randn(out_features, 192, generator=gen) * 0.05).to(getattr(torch, dtype))
     layer.weight, layer.scales, layer.biases = kernels.quantize(w, 64, 4)
-    x = torch.randn(2, quant.DEQUANTIZED_ROWS, 192, generator=gen)
+    # each weight as code * scale + bias in float32 (dequantized() rounds them to the scales' dtype, as MLX does)
+    w32 = kernels.dequantize(layer.weight, layer.scales.float(), layer.biases.float(), 64, 4)
+    if tiled:
+        if not layer.can_tile():
+            pytest.skip("this CPU has no tiled kernels (AVX-512 VNNI)")
+        assert layer.tile()
+    x = torch.randn(2, quant.DEQUANTIZED_ROWS, 192, generator=gen).to(getattr(torch, x_dtype))
     with torch.no_grad():
         y = layer(x)
         rows = torch.stack([layer(row[None]) for row in x.reshape(-1, 192)]).reshape(y.shape)
-        # each weight as code * scale + bias in float32 (dequantized() rounds them to the scales' dtype, as MLX does)
-        dense = x @ kernels.dequantize(layer.weight, layer.scales.float(), layer.biases.float(), 64, 4).T
-    assert y.shape == (2, quant.DEQUANTIZED_ROWS, out_features)
-    assert float((y - rows).abs().max()) <= 1e-3 * float(rows.abs().max())
-    assert float((y - dense).abs().max()) <= 1e-5 * float(dense.abs().max())
+        low = x_dtype == "bfloat16" and quant._bf16_products()
+        dense = x.float() @ (w32.bfloat16().float() if low else w32).T
+    assert y.shape == (2, quant.DEQUANTIZED_ROWS, out_features) and y.dtype == x.dtype
+    y, rows = y.float(), rows.float()
+    bar = 8e-3 if x_dtype == "bfloat16" else 1e-3
+    assert float((y - rows).abs().max()) <= bar * float(rows.abs().max())
+    assert float((y - dense).abs().max()) <= (8e-3 if x_dtype == "bfloat16" else 1e-5) * float(dense.abs().max())

@@ -28,6 +28,12 @@ def _lib() -> Any:
     return _C
 
 
+@functools.cache
+def _bf16_products() -> bool:
+    """Whether bfloat16 matrix products run natively here (oneDNN on AVX512_BF16 or AMX)."""
+    return torch.backends.mkldnn.is_available() and bool(getattr(_lib(), "cpu_has_bf16", lambda: False)())
+
+
 # Products with at least this many rows of x (prompts) dequantize blocks of DEQUANTIZED_BLOCK weights and multiply
 # in float32: past ~100 rows a float matrix product outruns the quantized kernels, which are made for one row.
 DEQUANTIZED_ROWS = 128
@@ -154,8 +160,11 @@ class QuantizedLinear(nn.Module):
         of the 110M model this took 42 ms a layer against the kernels' 54-58 (oneDNN; MKL 51-53)."""
         buffers = self._buffers
         weight, scales, biases = buffers["weight"], buffers["scales"], buffers["biases"]
-        x32 = x.reshape(-1, self.in_features).float()
-        y = torch.empty(len(x32), self.out_features, dtype=torch.float32)
+        # bfloat16 activations multiply bfloat16 weights (float32 sums) where the CPU has bfloat16 products, twice
+        # float32's rate: the model computes in bfloat16 anyway, as its dense layers and MLX's quantized ones do
+        dtype = torch.bfloat16 if x.dtype == torch.bfloat16 and _bf16_products() else torch.float32
+        x32 = x.reshape(-1, self.in_features).to(dtype)
+        y = torch.empty(len(x32), self.out_features, dtype=dtype)
         step = max(16, DEQUANTIZED_BLOCK // self.in_features // 16 * 16)  # whole tiles
         for o in range(0, self.out_features, step):
             if self.tiled:
@@ -167,7 +176,7 @@ class QuantizedLinear(nn.Module):
             else:
                 w = kernels.dequantize(weight[o : o + step], scales[o : o + step].float(), biases[o : o + step].float(),
                                        self.group_size, self.bits)  # fmt: skip
-            y[:, o : o + step] = dense_linear(x32, w)
+            y[:, o : o + step] = dense_linear(x32, w.to(dtype))
         return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
     def dequantized(self, dtype: torch.dtype = torch.float32) -> Tensor:
