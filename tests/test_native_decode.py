@@ -181,6 +181,11 @@ def test_tiled_layers_give_the_logits_of_mlx_s_layout(family_folder, bits, tmp_p
     assert len(compared) >= 3 * len(layers)
     for key in compared:
         assert torch.equal(state[key], stored[key]), key
+    monkeypatch.delenv("LLMCTL_NATIVE_DECODE")
+    tiled.float()  # a move or cast gives MLX's layout back; the next step notices and tiles again
+    assert not any(m.tiled for m in layers)
+    assert_close(step_logits(tiled, True), want, 1e-3, f"{name} {bits}-bit tiled again")
+    assert all(m.tiled for m in layers)
     plain.load_state_dict(state)  # and it loads back as it should
     for layer in layers:  # loading into a tiled model puts MLX's layout back first
         layer.load_state_dict({k: v.clone() for k, v in layer.state_dict().items()})

@@ -148,6 +148,10 @@ class QuantizedLinear(nn.Module):
             for name, t in zip(("weight", "scales", "biases"), self._mlx_layout()):
                 destination[prefix + name] = t
 
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[no-untyped-def]
+        self.untile()  # .to(), .cuda(), .half(), ...: what comes out is in MLX's layout (the decode step tiles again)
+        return super()._apply(fn, recurse)
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
         if any(prefix + name in state_dict for name in ("weight", "scales", "biases")):
             self.untile()  # what is loaded is in MLX's layout
