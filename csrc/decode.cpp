@@ -142,7 +142,80 @@ LLMCTL_AVX2 void axpy_avx2(float p, const float* v, float* out, int64_t n) {
   for (; i < n; ++i) out[i] += p * v[i];
 }
 
+// Attention of the G query heads that share one KV head (head_dim 16 * NV) over `span` cached positions: each key and
+// value row is read once for all G heads, scores and weighted sums stay in registers (no call per position).
+// q: (G, D); k, v: the first position's rows, D floats apart; sc: (G, span) scratch; out: (G, D).
+template <int G, int NV>
+LLMCTL_AVX512 void attend_group_avx512(const float* q, const float* k, const float* v, int64_t span, float scale,
+                                       float* sc, float* out) {
+  constexpr int D = 16 * NV;
+  __m512 qv[G][NV];
+  for (int h = 0; h < G; ++h)
+    for (int c = 0; c < NV; ++c) qv[h][c] = _mm512_mul_ps(_mm512_loadu_ps(q + h * D + 16 * c), _mm512_set1_ps(scale));
+  for (int64_t j = 0; j < span; ++j) {
+    __m512 kr[NV];
+    for (int c = 0; c < NV; ++c) kr[c] = _mm512_loadu_ps(k + j * D + 16 * c);
+    for (int h = 0; h < G; ++h) {
+      __m512 a = _mm512_mul_ps(qv[h][0], kr[0]);
+      for (int c = 1; c < NV; ++c) a = _mm512_fmadd_ps(qv[h][c], kr[c], a);
+      sc[h * span + j] = _mm512_reduce_add_ps(a);
+    }
+  }
+  float inv[G];
+  for (int h = 0; h < G; ++h) {
+    float* s = sc + h * span;
+    float top = -INFINITY, total = 0.0f;
+    for (int64_t j = 0; j < span; ++j) top = std::max(top, s[j]);
+    for (int64_t j = 0; j < span; ++j) total += s[j] = std::exp(s[j] - top);
+    inv[h] = 1.0f / total;
+  }
+  __m512 acc[G][NV];
+  for (int h = 0; h < G; ++h)
+    for (int c = 0; c < NV; ++c) acc[h][c] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < span; ++j) {
+    __m512 vr[NV];
+    for (int c = 0; c < NV; ++c) vr[c] = _mm512_loadu_ps(v + j * D + 16 * c);
+    for (int h = 0; h < G; ++h) {
+      const __m512 p = _mm512_set1_ps(sc[h * span + j]);
+      for (int c = 0; c < NV; ++c) acc[h][c] = _mm512_fmadd_ps(p, vr[c], acc[h][c]);
+    }
+  }
+  for (int h = 0; h < G; ++h)
+    for (int c = 0; c < NV; ++c) _mm512_storeu_ps(out + h * D + 16 * c, _mm512_mul_ps(acc[h][c], _mm512_set1_ps(inv[h])));
+}
+
+template <int NV>
+void attend_group_avx512_for(int G, const float* q, const float* k, const float* v, int64_t span, float scale,
+                             float* sc, float* out) {
+  switch (G) {
+    case 1: return attend_group_avx512<1, NV>(q, k, v, span, scale, sc, out);
+    case 2: return attend_group_avx512<2, NV>(q, k, v, span, scale, sc, out);
+    case 3: return attend_group_avx512<3, NV>(q, k, v, span, scale, sc, out);
+    default: return attend_group_avx512<4, NV>(q, k, v, span, scale, sc, out);
+  }
+}
+
 #endif  // LLMCTL_X86
+
+// Whether attend_group is built for these sizes: heads_per_group 1-4, head_dim 64 or 128, AVX-512.
+bool has_attend_group(int isa, int G, int64_t D) {
+#ifdef LLMCTL_X86
+  return isa == kIsaAvx512 && (D == 64 || D == 128) && G >= 1 && G <= 4;
+#else
+  (void)isa, (void)G, (void)D;
+  return false;
+#endif
+}
+
+void attend_group(int G, int64_t D, const float* q, const float* k, const float* v, int64_t span, float scale, float* sc,
+                  float* out) {
+#ifdef LLMCTL_X86
+  if (D == 64) return attend_group_avx512_for<4>(G, q, k, v, span, scale, sc, out);
+  return attend_group_avx512_for<8>(G, q, k, v, span, scale, sc, out);
+#else
+  (void)G, (void)D, (void)q, (void)k, (void)v, (void)span, (void)scale, (void)sc, (void)out;
+#endif
+}
 
 // Attention's q . k: the weight-row dot products on float32 rows.
 float dot(const float* a, const float* b, int64_t n, int isa) {
@@ -319,7 +392,15 @@ void NativeDecoder::step(int64_t token, int64_t pos, const std::vector<uintptr_t
       std::copy(k + g * D, k + (g + 1) * D, kc + (g * capacity + pos) * D);
       std::copy(v + g * D, v + (g + 1) * D, vc + (g * capacity + pos) * D);
     }
-    // attention of each query head over its KV head's positions [first, pos]
+    // attention of each query head over its KV head's positions [first, pos]: a KV head's query heads together
+    const int64_t per_group = H / KV;
+    auto attend_group_of = [&](int g) {
+      const float* kg = kc + (g * capacity + first) * D;
+      const float* vg = vc + (g * capacity + first) * D;
+      attend_group(int(per_group), D, q + g * per_group * D, kg, vg, span, scale, scores_.data() + g * per_group * span,
+                   attn_.data() + g * per_group * D);
+    };
+    const bool grouped = has_attend_group(isa, int(per_group), D);
     auto attend = [&](int t) {
       const int64_t head = t, g = head / (H / KV);
       const float* qh = q + head * D;
@@ -339,7 +420,11 @@ void NativeDecoder::step(int64_t token, int64_t pos, const std::vector<uintptr_t
       for (int64_t j = 0; j < span; ++j) axpy(sc[j] * inv, vg + (first + j) * D, out, D, isa);
     };
     const int attention_threads = span * H * D >= (1 << 16) ? (threads > 0 ? threads : detail::hardware_threads()) : 1;
-    detail::parallel_for(int(H), attention_threads, attend);
+    if (grouped) {
+      detail::parallel_for(int(KV), attention_threads, attend_group_of);
+    } else {
+      detail::parallel_for(int(H), attention_threads, attend);
+    }
     project(layer.o, attn_.data(), h, threads);
     for (int64_t i = 0; i < dim; ++i) x[i] += h[i];
 

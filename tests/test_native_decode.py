@@ -190,3 +190,17 @@ def test_tiled_layers_give_the_logits_of_mlx_s_layout(family_folder, bits, tmp_p
     for layer in layers:  # loading into a tiled model puts MLX's layout back first
         layer.load_state_dict({k: v.clone() for k, v in layer.state_dict().items()})
         assert not layer.tiled
+
+
+@pytest.mark.parametrize(
+    "heads", [(4, 2, 64), (3, 1, 128), (6, 1, 64)], ids=["2-per-kv-head-dim64", "3-per-kv-head-dim128", "6-per-kv-head"]
+)
+def test_grouped_attention_equals_the_torch_path(heads, tmp_path):
+    """Head sizes the step's grouped attention kernel covers (64 or 128 wide, 1-4 query heads per KV head; 6 is
+    past it and takes the per-head loop), over a hundred cached positions (so attention runs on every thread)."""
+    n_heads, n_kv, head_dim = heads
+    make_hf_model("llama", tmp_path, seed=3, scale=2.0, hidden_size=n_heads * head_dim, num_attention_heads=n_heads,
+                  num_key_value_heads=n_kv, intermediate_size=256)  # fmt: skip
+    model = model_of(tmp_path)
+    prompt = [(13 * i) % 250 + 1 for i in range(120)]
+    assert_close(step_logits(model, True, prompt), step_logits(model, False, prompt), 1e-4, f"heads {heads}")
