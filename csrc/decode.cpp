@@ -142,6 +142,40 @@ LLMCTL_AVX2 void axpy_avx2(float p, const float* v, float* out, int64_t n) {
   for (; i < n; ++i) out[i] += p * v[i];
 }
 
+// exp(x) to ~1 ulp: 2^n * e^r with n = round(x / ln 2) and r = x - n ln 2 (in two parts), e^r by its Taylor series to
+// r^7 (|r| <= ln 2 / 2: error < 1e-8), 2^n by vscalefps. x is clamped to exp's float range; NaN stays NaN.
+LLMCTL_AVX512 inline __m512 exp_avx512(__m512 x) {
+  x = _mm512_max_ps(_mm512_set1_ps(-104.0f), _mm512_min_ps(_mm512_set1_ps(88.8f), x));  // NaN: the second operand
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 5040);
+  for (float c : {1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f}) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+  return _mm512_scalef_ps(p, n);
+}
+
+// x * sigmoid(x) * up, 16 at a time (SwiGLU's product); n a multiple of 16
+LLMCTL_AVX512 void swiglu_avx512(const float* gate, const float* up, float* out, int64_t n) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const __m512 g = _mm512_loadu_ps(gate + i);
+    const __m512 sig = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_add_ps(_mm512_set1_ps(1.0f), exp_avx512(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+    _mm512_storeu_ps(out + i, _mm512_mul_ps(_mm512_mul_ps(g, sig), _mm512_loadu_ps(up + i)));
+  }
+}
+
+// s[j] = exp(s[j] - top) for j < n; returns their sum
+LLMCTL_AVX512 float exp_shifted_avx512(float* s, int64_t n, float top) {
+  __m512 total = _mm512_setzero_ps();
+  const __m512 t = _mm512_set1_ps(top);
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 m = __mmask16((1u << std::min<int64_t>(16, n - j)) - 1u);
+    const __m512 e = exp_avx512(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + j), t));
+    _mm512_mask_storeu_ps(s + j, m, e);
+    total = _mm512_add_ps(total, _mm512_maskz_mov_ps(m, e));
+  }
+  return _mm512_reduce_add_ps(total);
+}
+
 // Attention of the G query heads that share one KV head (head_dim 16 * NV) over `span` cached positions: each key and
 // value row is read once for all G heads, scores and weighted sums stay in registers (no call per position).
 // q: (G, D); k, v: the first position's rows, D floats apart; sc: (G, span) scratch; out: (G, D).
@@ -166,7 +200,7 @@ LLMCTL_AVX512 void attend_group_avx512(const float* q, const float* k, const flo
     float* s = sc + h * span;
     float top = -INFINITY, total = 0.0f;
     for (int64_t j = 0; j < span; ++j) top = std::max(top, s[j]);
-    for (int64_t j = 0; j < span; ++j) total += s[j] = std::exp(s[j] - top);
+    total = exp_shifted_avx512(s, span, top);
     inv[h] = 1.0f / total;
   }
   __m512 acc[G][NV];
@@ -432,7 +466,11 @@ void NativeDecoder::step(int64_t token, int64_t pos, const std::vector<uintptr_t
     project(layer.gate_up, h, gate_up_.data(), threads);
     const float* gate = gate_up_.data();
     const float* up = gate + s.hidden;
-    for (int64_t i = 0; i < s.hidden; ++i) act_[size_t(i)] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
+    int64_t i = 0;
+#ifdef LLMCTL_X86
+    if (isa == kIsaAvx512) swiglu_avx512(gate, up, act_.data(), i = s.hidden / 16 * 16);
+#endif
+    for (; i < s.hidden; ++i) act_[size_t(i)] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
     project(layer.down, act_.data(), h, threads);
     for (int64_t i = 0; i < dim; ++i) x[i] += h[i];
   }

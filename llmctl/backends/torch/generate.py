@@ -418,6 +418,8 @@ def new_cache(model: Transformer) -> PromptCache:
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
     """Next ids (B,) from float32 logits (B, V): greedy, or temperature then top-k, top-p and min-p filtering."""
     if params.greedy:
+        if logits.device.type == "cpu" and logits.dtype == torch.float32 and not logits.requires_grad:
+            return torch.from_numpy(logits.numpy().argmax(-1))  # 3 us against torch's 30-55 for a row of 32000 here
         return logits.argmax(-1)
     logits = logits / params.temperature
     if params.top_k and params.top_k < logits.shape[-1]:
