@@ -368,7 +368,8 @@ def report(engines: list[str], results: dict, limits: dict, new_tokens: int, sta
         print(f"{name:20s} {best[name]['decode']:12.1f} {best[name]['decode'] / ceiling:13.0%} {best[name]['prefill']:12.1f} "
               f"{best[name]['prefill'] * flops / 1e9 / limits.get(precision, limits['fp32']):8.0%} {growth[name] / 2**20:8.0f}MB {allowed / 2**20:6.0f}MB")
     print(f"(decode: {new_tokens} tokens after a {DECODE_PROMPT}-token prompt; prompt: {PREFILL_PROMPT} tokens; best of each "
-          f"engine's runs. BW ceiling: bandwidth / bytes of weights read per token; peak: the matmul rate at that precision; "
+          f"engine's runs. BW ceiling: bandwidth / bytes of weights read per token; peak: the matmul rate at that precision "
+          f"(fp32's for quantized engines, whose prompts may multiply in bf16 or int8); "
           f"budget: weights + KV cache + 20%)")
     for name, peers in PEERS.items():
         for peer in (p for p in peers if name in engines and p in engines):
