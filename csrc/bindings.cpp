@@ -189,15 +189,15 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "dequantize_tiled",
       [](uintptr_t wq, uintptr_t scales, uintptr_t biases, int dtype, int64_t out, int64_t in, int group_size,
-         int bits, int64_t row0, int64_t row1, uintptr_t dst, int threads) {
+         int bits, int64_t row0, int64_t row1, uintptr_t dst, int dst_dtype, int threads) {
         llmctl::dequantize_tiled(address<const uint32_t>(wq), address<const void>(scales),
                                  address<const void>(biases), dtype, out, in, group_size, bits, row0, row1,
-                                 address<float>(dst), check_threads(threads));
+                                 address<void>(dst), dst_dtype, check_threads(threads));
       },
       py::arg("wq"), py::arg("scales"), py::arg("biases"), py::arg("dtype"), py::arg("out_features"),
       py::arg("in_features"), py::arg("group_size"), py::arg("bits"), py::arg("row0"), py::arg("row1"),
-      py::arg("dst"), py::arg("threads") = 0, release,
-      "Rows [row0, row1) of tiled weights as float32 (row1 - row0, in_features) at dst.");
+      py::arg("dst"), py::arg("dst_dtype") = 0, py::arg("threads") = 0, release,
+      "Rows [row0, row1) of tiled weights (row1 - row0, in_features) at dst, float32 (0) or bfloat16 (2).");
   m.def(
       "qmatmul_tiled",
       [](uintptr_t x, int x_dtype, int64_t batch, int64_t in_features, uintptr_t wq, uintptr_t scales,

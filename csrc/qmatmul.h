@@ -49,9 +49,10 @@ void to_tiled(uint32_t* wq, void* scales, void* biases, int dtype, int64_t out, 
               int threads);
 void from_tiled(uint32_t* wq, void* scales, void* biases, int dtype, int64_t out, int64_t in, int group_size, int bits,
                 int threads);
-// Rows [row0, row1) (whole tiles) as float32 into dst (row1 - row0, in): code * scale + bias in float32.
+// Rows [row0, row1) (whole tiles) into dst (row1 - row0, in) of dst_dtype (float32 or bfloat16): code * scale + bias
+// in float32, rounded to dst_dtype.
 void dequantize_tiled(const uint32_t* wq, const void* scales, const void* biases, int dtype, int64_t out, int64_t in,
-                      int group_size, int bits, int64_t row0, int64_t row1, float* dst, int threads);
+                      int group_size, int bits, int64_t row0, int64_t row1, void* dst, int dst_dtype, int threads);
 // qmatmul for tiled weights, with the same int16 x and the same error bound.
 void qmatmul_tiled(const void* x, int x_dtype, int64_t batch, int64_t in, const uint32_t* wq, const void* scales,
                    const void* biases, int w_dtype, int64_t out, int group_size, int bits, void* y, int y_dtype,

@@ -222,19 +222,46 @@ bool prepare(TiledX& p, const void* x, int x_dtype, int64_t batch, int64_t in, i
   return true;
 }
 
-// The tile's 16 rows as float32 (16, in): code * scale + bias in float32, as the kernels compute.
+#ifdef LLMCTL_TILED_X86
+// n (a multiple of 16) codes as c * s + b, stored as float32 or (rounded to nearest even) bfloat16
+LLMCTL_AVX512 void codes_to_values_avx512(const uint8_t* c, float s, float b, int n, void* out, int out_dtype) {
+  const __m512 sv = _mm512_set1_ps(s), bv = _mm512_set1_ps(b);
+  for (int i = 0; i < n; i += 16) {
+    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(c + i));
+    const __m512 v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(bytes)), sv, bv);
+    if (out_dtype == kFloat32) {
+      _mm512_storeu_ps(static_cast<float*>(out) + i, v);
+    } else {  // as float_to_bf16 does for finite values
+      const __m512i u = _mm512_castps_si512(v);
+      const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+      const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), odd), 16);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(out) + i), _mm512_cvtepi32_epi16(rounded));
+    }
+  }
+}
+#endif
+
+// The tile's 16 rows (16, in) of out_dtype (float32 or bfloat16): code * scale + bias in float32, as the kernels
+// compute, then rounded to out_dtype.
 void dequantize_tile(const uint8_t* w, const void* scales, const void* biases, int dtype, int64_t in, int group_size,
-                     int bits, int64_t tile, float* out, std::vector<uint8_t>& codes) {
+                     int bits, int64_t tile, void* out, int out_dtype, std::vector<uint8_t>& codes) {
   const int64_t groups = in / group_size, tile_bytes = kTileRows * in * bits / 8;
   codes.resize(size_t(kTileRows * in));
   codes_of_tile(w + tile * tile_bytes, in, bits, codes.data());
+  const int size = out_dtype == kFloat32 ? 4 : 2;
   for (int j = 0; j < kTileRows; ++j)
     for (int64_t g = 0; g < groups; ++g) {
       const int64_t at = (tile * groups + g) * kTileRows + j;
       const float s = load_float(scales, dtype, at), b = load_float(biases, dtype, at);
       const uint8_t* c = codes.data() + j * in + g * group_size;
-      float* o = out + j * in + g * group_size;
-      for (int i = 0; i < group_size; ++i) o[i] = float(c[i]) * s + b;
+      const int64_t o = j * in + g * group_size;
+#ifdef LLMCTL_TILED_X86
+      if (best_isa() == kIsaAvx512) {
+        codes_to_values_avx512(c, s, b, group_size, static_cast<char*>(out) + o * size, out_dtype);
+        continue;
+      }
+#endif
+      for (int i = 0; i < group_size; ++i) store_float(out, out_dtype, o + i, float(c[i]) * s + b);
     }
 }
 
@@ -257,7 +284,8 @@ void tiles_scalar(const TiledJob& job, int64_t t0, int64_t t1) {
   std::vector<uint8_t> codes;
   float acc[kTileRows];
   for (int64_t t = t0; t < t1; ++t) {
-    dequantize_tile(job.w, job.scales, job.biases, job.dtype, job.in, job.group_size, job.bits, t, wf.data(), codes);
+    dequantize_tile(job.w, job.scales, job.biases, job.dtype, job.in, job.group_size, job.bits, t, wf.data(), kFloat32,
+                    codes);
     for (int64_t r = 0; r < job.batch; ++r) {
       const float* x = job.x->xf.data() + r * job.in;
       for (int j = 0; j < kTileRows; ++j) {
@@ -383,8 +411,10 @@ void from_tiled(uint32_t* wq, void* scales, void* biases, int dtype, int64_t out
 }
 
 void dequantize_tiled(const uint32_t* wq, const void* scales, const void* biases, int dtype, int64_t out, int64_t in,
-                      int group_size, int bits, int64_t row0, int64_t row1, float* dst, int threads) {
+                      int group_size, int bits, int64_t row0, int64_t row1, void* dst, int dst_dtype, int threads) {
   check_tiled(dtype, out, in, group_size, bits);
+  if (dst_dtype != kFloat32 && dst_dtype != kBFloat16)
+    fail("dst dtype code " + std::to_string(dst_dtype) + " is not 0 (float32) or 2 (bfloat16)");
   if (row0 < 0 || row1 > out || row0 > row1 || row0 % kTileRows || row1 % kTileRows)
     fail("rows [" + std::to_string(row0) + ", " + std::to_string(row1) + ") are not whole tiles of " +
          std::to_string(kTileRows) + " within " + std::to_string(out));
@@ -396,7 +426,7 @@ void dequantize_tiled(const uint32_t* wq, const void* scales, const void* biases
     std::vector<uint8_t> codes;
     for (int64_t t = tiles * k / n; t < tiles * (k + 1) / n; ++t)
       dequantize_tile(reinterpret_cast<const uint8_t*>(wq), scales, biases, dtype, in, group_size, bits, t0 + t,
-                      dst + t * kTileRows * in, codes);
+                      static_cast<char*>(dst) + t * kTileRows * in * (dst_dtype == kFloat32 ? 4 : 2), dst_dtype, codes);
   });
 }
 

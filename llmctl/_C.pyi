@@ -91,9 +91,9 @@ def from_tiled(
 
 def dequantize_tiled(
     wq: int, scales: int, biases: int, dtype: int, out_features: int, in_features: int, group_size: int, bits: int,
-    row0: int, row1: int, dst: int, threads: int = 0,
+    row0: int, row1: int, dst: int, dst_dtype: int = 0, threads: int = 0,
 ) -> None:
-    """Rows [row0, row1) (whole tiles of 16) of tiled weights as float32 (row1 - row0, in_features) at dst."""
+    """Rows [row0, row1) (whole tiles of 16) of tiled weights (row1 - row0, in_features) at dst, FLOAT32 or BFLOAT16."""
 
 def qmatmul_tiled(
     x: int, x_dtype: int, batch: int, in_features: int, wq: int, scales: int, biases: int, w_dtype: int,

@@ -255,6 +255,9 @@ def test_tiled_layout_round_trips_and_dequantizes_exactly(bits):
     rows = torch.empty(32, 256)  # rows 16..47: whole tiles from the middle
     _lib().dequantize_tiled(*(t.data_ptr() for t in tiled), 2, 64, 256, 32, bits, 16, 48, rows.data_ptr())
     assert torch.equal(rows, w[16:48])
+    half = torch.empty(32, 256, dtype=torch.bfloat16)  # rounded to nearest even, as torch rounds float32 to bfloat16
+    _lib().dequantize_tiled(*(t.data_ptr() for t in tiled), 2, 64, 256, 32, bits, 16, 48, half.data_ptr(), 2)
+    assert torch.equal(half, w[16:48].bfloat16())
     _lib().from_tiled(*(t.data_ptr() for t in tiled), 2, 64, 256, 32, bits)
     for got, want in zip(tiled, mlx):
         assert torch.equal(got, want)

@@ -172,10 +172,11 @@ class QuantizedLinear(nn.Module):
         step = max(16, DEQUANTIZED_BLOCK // self.in_features // 16 * 16)  # whole tiles
         for o in range(0, self.out_features, step):
             if self.tiled:
-                w = torch.empty(min(step, self.out_features - o), self.in_features)
+                w = torch.empty(min(step, self.out_features - o), self.in_features, dtype=dtype)
                 _lib().dequantize_tiled(
                     weight.data_ptr(), scales.data_ptr(), biases.data_ptr(), _DTYPE_CODES[scales.dtype], self.out_features,
-                    self.in_features, self.group_size, self.bits, o, o + len(w), w.data_ptr(), torch.get_num_threads(),
+                    self.in_features, self.group_size, self.bits, o, o + len(w), w.data_ptr(), _DTYPE_CODES[dtype],
+                    torch.get_num_threads(),
                 )  # fmt: skip
             else:
                 w = kernels.dequantize(weight[o : o + step], scales[o : o + step].float(), biases[o : o + step].float(),
