@@ -35,7 +35,7 @@ def _bf16_products() -> bool:
 
 
 # Products with at least this many rows of x (prompts) dequantize blocks of DEQUANTIZED_BLOCK weights and multiply
-# in float32: past ~100 rows a float matrix product outruns the quantized kernels, which are made for one row.
+# in float32 (or bfloat16, `_dequantized_matmul`): past ~100 rows a float matrix product outruns the quantized kernels, which are made for one row.
 DEQUANTIZED_ROWS = 128
 DEQUANTIZED_BLOCK = 1 << 20  # 4 MB of float32: smaller blocks made the products measurably slower
 
@@ -158,17 +158,19 @@ class QuantizedLinear(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _dequantized_matmul(self, x: Tensor) -> Tensor:
-        """x @ W^T for many rows (a prompt): W dequantized in float32 a block of output rows at a time (the block
-        stays in cache, and no whole float copy of W is ever made), then a float32 matrix product. Each weight is
-        code * scale + bias in float32, as the kernels compute; x is not rounded to int16 as there. With 512 rows
-        of the 110M model this took 42 ms a layer against the kernels' 54-58 (oneDNN; MKL 51-53)."""
+        """x @ W^T for many rows (a prompt): W dequantized a block of output rows at a time (the block stays in
+        cache, and no whole float copy of W is ever made), then a oneDNN matrix product. Each weight is code * scale
+        + bias in float32, as the kernels compute; x is not rounded to int16 as there. The product is in float32,
+        or in bfloat16 (float32 sums) for bfloat16 x where the CPU multiplies bfloat16 natively: the weights are
+        then rounded to bfloat16 too, as a bfloat16 model's are. With 512 rows of the 110M model a layer took 42 ms
+        in float32 against the kernels' 54-58; the bfloat16 products made the whole 512-token prompt ~1.4x faster."""
         buffers = self._buffers
         weight, scales, biases = buffers["weight"], buffers["scales"], buffers["biases"]
         # bfloat16 activations multiply bfloat16 weights (float32 sums) where the CPU has bfloat16 products, twice
         # float32's rate: the model computes in bfloat16 anyway, as its dense layers and MLX's quantized ones do
         dtype = torch.bfloat16 if x.dtype == torch.bfloat16 and _bf16_products() else torch.float32
-        x32 = x.reshape(-1, self.in_features).to(dtype)
-        y = torch.empty(len(x32), self.out_features, dtype=dtype)
+        rows = x.reshape(-1, self.in_features).to(dtype)
+        y = torch.empty(len(rows), self.out_features, dtype=dtype)
         step = max(16, DEQUANTIZED_BLOCK // self.in_features // 16 * 16)  # whole tiles
         for o in range(0, self.out_features, step):
             if self.tiled:
@@ -181,7 +183,7 @@ class QuantizedLinear(nn.Module):
             else:
                 w = kernels.dequantize(weight[o : o + step], scales[o : o + step].float(), biases[o : o + step].float(),
                                        self.group_size, self.bits)  # fmt: skip
-            y[:, o : o + step] = dense_linear(x32, w.to(dtype))
+            y[:, o : o + step] = dense_linear(rows, w.to(dtype))
         return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
     def dequantized(self, dtype: torch.dtype = torch.float32) -> Tensor:
