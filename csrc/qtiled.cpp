@@ -459,7 +459,10 @@ void qmatmul_tiled(const void* x, int x_dtype, int64_t batch, int64_t in, const 
 #endif
   const int64_t n_tiles = out / kTileRows;
   const int n = int(std::min<int64_t>(n_tiles, task_threads(threads, double(out) * double(in) * (bits / 8.0 + double(batch)))));
-  const int tasks = int(std::min<int64_t>(n_tiles, n == 1 ? 1 : 4 * n));
+  // One contiguous range of tiles a thread (a thread that has not started yet still leaves its range to the others:
+  // tasks are claimed). Four ranges a thread, as qmatmul makes, measured 10-35% slower over calls of 150-600 KB of
+  // codes (the 110M model's matrices): every range restarts the streams the prefetchers follow.
+  const int tasks = n;
   detail::parallel_for(tasks, n, [&](int k) { tiles(job, n_tiles * k / tasks, n_tiles * (k + 1) / tasks); });
 }
 
