@@ -44,7 +44,7 @@ llmctl::Matrix matrix(const MatrixTuple& t) {
   m.biases = address<const void>(biases), m.bias = address<const void>(bias);
   if (m.wq == nullptr && m.w == nullptr) throw std::invalid_argument("a matrix has neither weights nor codes");
   if (m.wq != nullptr) llmctl::check_quant_args(m.q_dtype, m.out, m.in, m.group_size, m.bits);
-  if (m.tiled && !(m.wq && llmctl::tiled_supported(m.bits, m.mode, m.out, m.in, m.group_size)))
+  if (m.tiled && !(m.wq && llmctl::tiled_supported(m.bits, m.mode, m.out)))
     throw std::invalid_argument("a tiled matrix must hold affine 4-/8-bit codes of a multiple of 16 rows");
   return m;
 }
@@ -160,7 +160,6 @@ PYBIND11_MODULE(_C, m) {
       "Inverse of quantize_nf4: level(code) * absmax in float32, stored as out_dtype.");
 
   m.def("tiled_supported", &llmctl::tiled_supported, py::arg("bits"), py::arg("mode"), py::arg("out_features"),
-        py::arg("in_features"), py::arg("group_size"),
         "Whether weights of this format can take the tiled layout (affine 4-/8-bit, rows a multiple of 16).");
   m.def(
       "cpu_has_bf16",

@@ -176,6 +176,8 @@ LLMCTL_AVX512 float exp_shifted_avx512(float* s, int64_t n, float top) {
   return _mm512_reduce_add_ps(total);
 }
 
+float softmax_weights(float* s, int64_t n, int isa);
+
 // Attention of the G query heads that share one KV head (head_dim 16 * NV) over `span` cached positions: each key and
 // value row is read once for all G heads, scores and weighted sums stay in registers (no call per position).
 // q: (G, D); k, v: the first position's rows, D floats apart; sc: (G, span) scratch; out: (G, D).
@@ -196,13 +198,7 @@ LLMCTL_AVX512 void attend_group_avx512(const float* q, const float* k, const flo
     }
   }
   float inv[G];
-  for (int h = 0; h < G; ++h) {
-    float* s = sc + h * span;
-    float top = -INFINITY, total = 0.0f;
-    for (int64_t j = 0; j < span; ++j) top = std::max(top, s[j]);
-    total = exp_shifted_avx512(s, span, top);
-    inv[h] = 1.0f / total;
-  }
+  for (int h = 0; h < G; ++h) inv[h] = softmax_weights(sc + h * span, span, kIsaAvx512);
   __m512 acc[G][NV];
   for (int h = 0; h < G; ++h)
     for (int c = 0; c < NV; ++c) acc[h][c] = _mm512_setzero_ps();
@@ -230,6 +226,18 @@ void attend_group_avx512_for(int G, const float* q, const float* k, const float*
 }
 
 #endif  // LLMCTL_X86
+
+// s[j] = exp(s[j] - max(s)), the softmax up to its normalisation; returns 1 / sum(s)
+float softmax_weights(float* s, int64_t n, int isa) {
+  float top = -INFINITY, total = 0.0f;
+  for (int64_t j = 0; j < n; ++j) top = std::max(top, s[j]);
+#ifdef LLMCTL_X86
+  if (isa == kIsaAvx512) return 1.0f / exp_shifted_avx512(s, n, top);
+#endif
+  (void)isa;
+  for (int64_t j = 0; j < n; ++j) total += s[j] = std::exp(s[j] - top);
+  return 1.0f / total;
+}
 
 // Whether attend_group is built for these sizes: heads_per_group 1-4, head_dim 64 or 128, AVX-512.
 bool has_attend_group(int isa, int G, int64_t D) {
@@ -298,9 +306,7 @@ void dense_matvec(const Matrix& m, const float* x, float* y, int threads) {
   };
   // Threads only where each reads at least ~64 KiB; four tasks per thread, so a thread that starts late (a
   // busy machine) is made up for by the others.
-  const int max_threads = threads > 0 ? threads : detail::hardware_threads();
-  const int64_t bytes = out * in * dtype_size(m.w_dtype);
-  const int n = int(std::max<int64_t>(1, std::min<int64_t>(max_threads, bytes / 65536)));
+  const int n = detail::threads_for(threads, double(out * in * dtype_size(m.w_dtype)));
   const int tasks = int(std::min<int64_t>(out, n == 1 ? 1 : 4 * n));
   detail::parallel_for(tasks, n, [&](int t) { rows(out * t / tasks, out * (t + 1) / tasks); });
 }
@@ -441,14 +447,8 @@ void NativeDecoder::step(int64_t token, int64_t pos, const std::vector<uintptr_t
       const float* kg = kc + g * capacity * D;
       const float* vg = vc + g * capacity * D;
       float* sc = scores_.data() + head * span;
-      float top = -INFINITY;
-      for (int64_t j = 0; j < span; ++j) {
-        sc[j] = dot(qh, kg + (first + j) * D, D, isa) * scale;
-        top = std::max(top, sc[j]);
-      }
-      float total = 0.0f;
-      for (int64_t j = 0; j < span; ++j) total += sc[j] = std::exp(sc[j] - top);
-      const float inv = 1.0f / total;
+      for (int64_t j = 0; j < span; ++j) sc[j] = dot(qh, kg + (first + j) * D, D, isa) * scale;
+      const float inv = softmax_weights(sc, span, isa);
       float* out = attn_.data() + head * D;
       std::fill(out, out + D, 0.0f);
       for (int64_t j = 0; j < span; ++j) axpy(sc[j] * inv, vg + (first + j) * D, out, D, isa);

@@ -224,26 +224,7 @@ bool prepare_x(QJob& job, const void* x, int x_dtype, bool want_int16, int phase
   }
   job.xsum.assign(size_t(B * (ng + 1)), 0.0f);
   job.sx.assign(size_t(B * (ng + 1)), 0.0f);
-  bool finite = true;
-  for (int64_t r = 0; r < B; ++r) {
-    for (int64_t g = 0; g < ng; ++g) {
-      const float* v = job.xf.data() + r * K + g * G;
-      float sum[8] = {}, amax[8] = {};  // eight independent lanes, so the loop vectorizes
-      for (int64_t i = 0; i < G; i += 8) {
-        for (int j = 0; j < 8; ++j) {
-          sum[j] += v[i + j];
-          amax[j] = std::max(amax[j], std::fabs(v[i + j]));
-        }
-      }
-      for (int j = 1; j < 8; ++j) {
-        sum[0] += sum[j];
-        amax[0] = std::max(amax[0], amax[j]);
-      }
-      finite = finite && std::isfinite(sum[0]) && std::isfinite(amax[0]);
-      job.xsum[size_t(r * (ng + 1) + g)] = sum[0];
-      job.sx[size_t(r * (ng + 1) + g)] = amax[0] / detail::kXMax;
-    }
-  }
+  const bool finite = detail::group_steps(job.xf.data(), B, K, int(G), job.xsum.data(), job.sx.data(), ng + 1);
   if (!want_int16 || !finite) return finite;
   job.in_pad = (K + 127) / 128 * 128;
   if (bytes) {
@@ -260,9 +241,7 @@ bool prepare_x(QJob& job, const void* x, int x_dtype, bool want_int16, int phase
       const float amax = job.sx[size_t(r * (ng + 1) + g)] * detail::kXMax;
       const float inv = amax > 0.0f ? detail::kXMax / amax : 0.0f;
       const float* v = job.xf.data() + r * K + g * G;
-      for (int64_t i = 0; i < G; ++i)
-        natural[size_t(g * G + i)] =
-            int16_t(int32_t(round_even(std::min(detail::kXMax, std::max(-detail::kXMax, v[i] * inv)))));
+      for (int64_t i = 0; i < G; ++i) natural[size_t(g * G + i)] = int16_t(detail::x_int16(v[i], inv));
     }
     if (bytes) {  // steps of 512 / bits codes: [high even | high odd | low even | low odd] (4-bit) or [high | low]
       const int64_t step = 512 / job.bits, half = job.bits == 4 ? step / 2 : step;
@@ -272,10 +251,9 @@ bool prepare_x(QJob& job, const void* x, int x_dtype, bool want_int16, int phase
         const int16_t* v = natural.data() + base;
         const int64_t n = std::min<int64_t>(step, K - base);
         for (int64_t i = 0; i < n; ++i) {
-          const int8_t low = int8_t(uint8_t(uint16_t(v[i]) & 0xFF));
           const int64_t slot = job.bits == 4 ? (i & 1) * half + (i >> 1) : i;
-          o[slot] = int8_t((int32_t(v[i]) - low) >> 8);
-          o[step + slot] = low;
+          o[slot] = detail::high_byte(v[i]);
+          o[step + slot] = detail::low_byte(v[i]);
         }
       }
       continue;  // the byte kernel reads xb only
@@ -319,12 +297,6 @@ void qmatmul_rows_scalar(const QJob& job, int64_t o0, int64_t o1) {
   }
 }
 
-void check_dtype(int dtype, const char* what) {
-  if (dtype != kFloat32 && dtype != kFloat16 && dtype != kBFloat16)
-    fail(std::string(what) + " dtype code " + std::to_string(dtype) +
-         " is not 0 (float32), 1 (float16) or 2 (bfloat16)");
-}
-
 void check_nf4_args(int dtype, int64_t rows, int64_t cols, int group_size) {
   check_quant_args(dtype, rows, cols, group_size, 4);
 }
@@ -335,6 +307,35 @@ namespace detail {
 
 void parallel_for(int tasks, int threads, const std::function<void(int)>& fn) { Pool::get().run(tasks, threads, fn); }
 int hardware_threads() { return llmctl::hardware_threads(); }
+
+int threads_for(int threads, double work) {
+  const int max_threads = threads > 0 ? threads : llmctl::hardware_threads();
+  return int(std::max<int64_t>(1, std::min<int64_t>(max_threads, int64_t(work / 65536.0))));
+}
+
+bool group_steps(const float* x, int64_t rows, int64_t in, int group_size, float* xsum, float* sx, int64_t stride) {
+  bool finite = true;
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t g = 0; g < in / group_size; ++g) {
+      const float* v = x + r * in + g * group_size;
+      float sum[8] = {}, amax[8] = {};  // eight independent lanes, so the loop vectorizes
+      for (int i = 0; i < group_size; i += 8) {
+        for (int j = 0; j < 8; ++j) {
+          sum[j] += v[i + j];
+          amax[j] = std::max(amax[j], std::fabs(v[i + j]));
+        }
+      }
+      for (int j = 1; j < 8; ++j) {
+        sum[0] += sum[j];
+        amax[0] = std::max(amax[0], amax[j]);
+      }
+      finite = finite && std::isfinite(sum[0]) && std::isfinite(amax[0]);
+      xsum[r * stride + g] = sum[0];
+      sx[r * stride + g] = amax[0] / kXMax;
+    }
+  }
+  return finite;
+}
 
 #if defined(__aarch64__)
 // NEON: each group's values unpacked to float, then a 4-lane float32 dot product with x.
@@ -429,9 +430,8 @@ void qmatmul(const void* x, int x_dtype, int64_t batch, int64_t in, const uint32
 
   // Threads only where each reads at least ~64 KiB of weights or does as much work; four tasks per
   // thread (of whole 16-row tiles), so a thread that starts late is made up for by the others.
-  const int max_threads = threads > 0 ? threads : hardware_threads();
   const double work = double(out) * double(in) * (bits / 8.0 + double(batch));
-  const int n = int(std::max<int64_t>(1, std::min<int64_t>({max_threads, int64_t(work / 65536.0), out})));
+  const int n = int(std::min<int64_t>(out, detail::threads_for(threads, work)));
   const int64_t tiles = (out + 15) / 16;
   const int tasks = int(std::min<int64_t>(tiles, n == 1 ? 1 : 4 * n));
   Pool::get().run(tasks, n, [&](int t) {
@@ -448,8 +448,7 @@ void quantize_nf4(const void* w, int dtype, int64_t rows, int64_t cols, int grou
   for (int k = 0; k < 15; ++k) mid[k] = 0.5f * (kNF4[k] + kNF4[k + 1]);
   const int64_t n_groups = rows * cols / group_size;
   std::atomic<bool> nonfinite{false};
-  const int max_threads = threads > 0 ? threads : hardware_threads();
-  const int n = int(std::max<int64_t>(1, std::min<int64_t>(max_threads, rows * cols / 65536)));
+  const int n = detail::threads_for(threads, double(rows) * double(cols));
   Pool::get().run(n, n, [&](int t) {
     uint32_t codes[128];
     for (int64_t g = n_groups * t / n; g < n_groups * (t + 1) / n; ++g) {
@@ -484,8 +483,7 @@ void dequantize_nf4(const uint32_t* wq, const void* scales, int dtype, int64_t r
   if (rows * cols == 0) return;
   if (!wq || !scales || !out) fail("null pointer");
   const int64_t n_groups = rows * cols / group_size;
-  const int max_threads = threads > 0 ? threads : hardware_threads();
-  const int n = int(std::max<int64_t>(1, std::min<int64_t>(max_threads, rows * cols / 65536)));
+  const int n = detail::threads_for(threads, double(rows) * double(cols));
   Pool::get().run(n, n, [&](int t) {
     for (int64_t g = n_groups * t / n; g < n_groups * (t + 1) / n; ++g) {
       const float s = load_float(scales, dtype, g);

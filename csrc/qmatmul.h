@@ -1,6 +1,7 @@
 // Quantized matrix products on MLX's packed layout (affine and NF4): plain C++ on raw pointers.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <functional>
 #include <vector>
@@ -43,7 +44,7 @@ void dequantize_nf4(const uint32_t* wq, const void* scales, int dtype, int64_t r
 // 4s .. 4s + 3 of each row (row j at bytes 4j .. 4j + 3), of 4-bit codes 8s .. 8s + 7 (byte 4j + b: code 8s + b in
 // the low nibble, 8s + 4 + b in the high one). Scales and biases: element (t * groups + g) * 16 + j is row 16t + j's.
 constexpr int kTileRows = 16;
-bool tiled_supported(int bits, int mode, int64_t out, int64_t in, int group_size);
+bool tiled_supported(int bits, int mode, int64_t out);
 bool tiled_fast();  // whether this CPU has the tiled kernels (AVX-512 VNNI); elsewhere they run a scalar loop
 void to_tiled(uint32_t* wq, void* scales, void* biases, int dtype, int64_t out, int64_t in, int group_size, int bits,
               int threads);
@@ -88,6 +89,19 @@ struct QJob {
 
 // Largest |x / sx|: 127 * 256 + 127, so that each int16 x splits into two signed bytes (xb).
 constexpr float kXMax = 32639.0f;
+
+// x * inv (inv = 1 / sx of its group) as the kernels' int16 value, rounded to nearest even
+inline int32_t x_int16(float x, float inv) { return int32_t(round_even(std::min(kXMax, std::max(-kXMax, x * inv)))); }
+// q = 256 * high_byte(q) + low_byte(q), both signed, for |q| <= kXMax
+inline int8_t low_byte(int32_t q) { return int8_t(uint8_t(uint32_t(q) & 0xFFu)); }
+inline int8_t high_byte(int32_t q) { return int8_t((q - low_byte(q)) >> 8); }
+
+// Per group of x (rows, in): its float32 sum into xsum and its int16 step (largest |x| / kXMax) into sx, row r's
+// at r * stride. Returns false when x holds inf or NaN.
+bool group_steps(const float* x, int64_t rows, int64_t in, int group_size, float* xsum, float* sx, int64_t stride);
+
+// Threads for `work` (about bytes to read): one per 64 KiB, at most `threads` (0: every hardware thread), at least 1.
+int threads_for(int threads, double work);
 
 inline void store_y(const QJob& job, int64_t r, int64_t o, float v) {
   if (job.y_dtype == kFloat32) {

@@ -34,14 +34,9 @@ constexpr int kStepBytes = 64;
 
 void check_tiled(int dtype, int64_t out, int64_t in, int group_size, int bits) {
   check_quant_args(dtype, out, in, group_size, bits);
-  if (!tiled_supported(bits, kModeAffine, out, in, group_size))
+  if (!tiled_supported(bits, kModeAffine, out))
     fail("the tiled layout takes affine 4- or 8-bit codes and a multiple of " + std::to_string(kTileRows) +
          " rows, not " + std::to_string(bits) + "-bit codes and " + std::to_string(out) + " rows");
-}
-
-int task_threads(int threads, double work) {
-  const int max_threads = threads > 0 ? threads : detail::hardware_threads();
-  return int(std::max<int64_t>(1, std::min<int64_t>(max_threads, int64_t(work / 65536.0))));
 }
 
 // Codes as one byte each, (16, in), from a tile and into one.
@@ -110,7 +105,7 @@ void retile(uint32_t* wq, void* scales, void* biases, int dtype, int64_t out, in
   if (!wq || !scales || !biases) fail("null pointer");
   const int64_t tiles = out / kTileRows, tile_bytes = kTileRows * in * bits / 8, groups = in / group_size;
   const int size = dtype == kFloat32 ? 4 : 2;
-  const int n = task_threads(threads, double(out) * double(in));
+  const int n = detail::threads_for(threads, double(out) * double(in));
   detail::parallel_for(n, n, [&](int t) {
     std::vector<uint8_t> copy(static_cast<size_t>(tile_bytes)), codes(static_cast<size_t>(kTileRows * in)), tmp;
     for (int64_t tile = tiles * t / n; tile < tiles * (t + 1) / n; ++tile) {
@@ -167,7 +162,7 @@ LLMCTL_AVX512 bool prepare_avx512(TiledX& p, const float* x, int64_t batch, int6
       int8_t* high = p.high.data() + r * stride + g * group_size;
       int8_t* low = p.low.data() + r * stride + g * group_size;
       for (int i = 0; i < group_size; i += 16) {
-        // rounded to nearest even, as round_even does (the default rounding mode)
+        // as x_int16, low_byte and high_byte (cvtps rounds to nearest even, the default rounding mode)
         const __m512i q = _mm512_cvtps_epi32(_mm512_min_ps(hi, _mm512_max_ps(lo, _mm512_mul_ps(_mm512_loadu_ps(v + i), inv))));
         const __m512i l = _mm512_srai_epi32(_mm512_slli_epi32(q, 24), 24);  // the low byte, signed
         _mm_storeu_si128(reinterpret_cast<__m128i*>(low + i), _mm512_cvtepi32_epi8(l));
@@ -186,23 +181,9 @@ bool prepare(TiledX& p, const void* x, int x_dtype, int64_t batch, int64_t in, i
 #endif
   p.xf.resize(size_t(batch * in));
   for (int64_t i = 0; i < batch * in; ++i) p.xf[size_t(i)] = load_float(x, x_dtype, i);
-  p.sx.assign(size_t(batch * groups), 0.0f);
-  p.xsum.assign(size_t(batch * groups), 0.0f);
-  bool finite = true;
-  for (int64_t r = 0; r < batch; ++r)
-    for (int64_t g = 0; g < groups; ++g) {
-      const float* v = p.xf.data() + r * in + g * group_size;
-      float sum[8] = {}, amax[8] = {};
-      for (int i = 0; i < group_size; i += 8)
-        for (int j = 0; j < 8; ++j) {
-          sum[j] += v[i + j];
-          amax[j] = std::max(amax[j], std::fabs(v[i + j]));
-        }
-      for (int j = 1; j < 8; ++j) sum[0] += sum[j], amax[0] = std::max(amax[0], amax[j]);
-      finite = finite && std::isfinite(sum[0]) && std::isfinite(amax[0]);
-      p.xsum[size_t(r * groups + g)] = sum[0];
-      p.sx[size_t(r * groups + g)] = amax[0] / detail::kXMax;
-    }
+  p.sx.resize(size_t(batch * groups));
+  p.xsum.resize(size_t(batch * groups));
+  const bool finite = detail::group_steps(p.xf.data(), batch, in, group_size, p.xsum.data(), p.sx.data(), groups);
   if (!finite || !bytes) return finite;
   p.high.assign(size_t(batch * stride), 0);
   p.low.assign(size_t(batch * stride), 0);
@@ -211,12 +192,9 @@ bool prepare(TiledX& p, const void* x, int x_dtype, int64_t batch, int64_t in, i
       const float amax = p.sx[size_t(r * groups + g)] * detail::kXMax;
       const float inv = amax > 0.0f ? detail::kXMax / amax : 0.0f;
       for (int i = 0; i < group_size; ++i) {
-        const int64_t at = r * in + g * group_size + i;
-        const float v = std::min(detail::kXMax, std::max(-detail::kXMax, p.xf[size_t(at)] * inv));
-        const int32_t q = int32_t(round_even(v));
-        const int8_t low = int8_t(uint8_t(uint32_t(q) & 0xFFu));
-        p.low[size_t(r * stride + g * group_size + i)] = low;
-        p.high[size_t(r * stride + g * group_size + i)] = int8_t((q - low) / 256);
+        const int32_t q = detail::x_int16(p.xf[size_t(r * in + g * group_size + i)], inv);
+        p.low[size_t(r * stride + g * group_size + i)] = detail::low_byte(q);
+        p.high[size_t(r * stride + g * group_size + i)] = detail::high_byte(q);
       }
     }
   return true;
@@ -249,6 +227,7 @@ void dequantize_tile(const uint8_t* w, const void* scales, const void* biases, i
   codes.resize(size_t(kTileRows * in));
   codes_of_tile(w + tile * tile_bytes, in, bits, codes.data());
   const int size = out_dtype == kFloat32 ? 4 : 2;
+  const bool avx512 = best_isa() == kIsaAvx512;
   for (int j = 0; j < kTileRows; ++j)
     for (int64_t g = 0; g < groups; ++g) {
       const int64_t at = (tile * groups + g) * kTileRows + j;
@@ -256,10 +235,12 @@ void dequantize_tile(const uint8_t* w, const void* scales, const void* biases, i
       const uint8_t* c = codes.data() + j * in + g * group_size;
       const int64_t o = j * in + g * group_size;
 #ifdef LLMCTL_TILED_X86
-      if (best_isa() == kIsaAvx512) {
+      if (avx512) {
         codes_to_values_avx512(c, s, b, group_size, static_cast<char*>(out) + o * size, out_dtype);
         continue;
       }
+#else
+      (void)avx512;
 #endif
       for (int i = 0; i < group_size; ++i) store_float(out, out_dtype, o + i, float(c[i]) * s + b);
     }
@@ -393,8 +374,7 @@ void tiles_avx512_dtype(const TiledJob& job, int64_t t0, int64_t t1) {
 
 }  // namespace
 
-bool tiled_supported(int bits, int mode, int64_t out, int64_t in, int group_size) {
-  (void)in, (void)group_size;
+bool tiled_supported(int bits, int mode, int64_t out) {
   return mode == kModeAffine && (bits == 4 || bits == 8) && out % kTileRows == 0;
 }
 
@@ -421,7 +401,7 @@ void dequantize_tiled(const uint32_t* wq, const void* scales, const void* biases
   if (row0 == row1 || in == 0) return;
   if (!wq || !scales || !biases || !dst) fail("null pointer");
   const int64_t t0 = row0 / kTileRows, tiles = (row1 - row0) / kTileRows;
-  const int n = int(std::min<int64_t>(tiles, task_threads(threads, double(row1 - row0) * double(in))));
+  const int n = int(std::min<int64_t>(tiles, detail::threads_for(threads, double(row1 - row0) * double(in))));
   detail::parallel_for(n, n, [&](int k) {
     std::vector<uint8_t> codes;
     for (int64_t t = tiles * k / n; t < tiles * (k + 1) / n; ++t)
@@ -434,9 +414,8 @@ void qmatmul_tiled(const void* x, int x_dtype, int64_t batch, int64_t in, const 
                    const void* biases, int w_dtype, int64_t out, int group_size, int bits, void* y, int y_dtype,
                    int threads, int isa) {
   check_tiled(w_dtype, out, in, group_size, bits);
-  for (auto [dtype, what] : {std::pair<int, const char*>{x_dtype, "x"}, {y_dtype, "y"}})
-    if (dtype != kFloat32 && dtype != kFloat16 && dtype != kBFloat16)
-      fail(std::string(what) + " dtype code " + std::to_string(dtype) + " is not 0, 1 or 2");
+  check_dtype(x_dtype, "x");
+  check_dtype(y_dtype, "y");
   if (batch < 0) fail("batch " + std::to_string(batch) + " is negative");
   if (threads < 0) fail("threads must be >= 0 (0: all hardware threads)");
   if (isa == kIsaAuto) isa = best_isa();
@@ -458,12 +437,11 @@ void qmatmul_tiled(const void* x, int x_dtype, int64_t batch, int64_t in, const 
   if (simd && finite) tiles = bits == 4 ? tiles_avx512_dtype<4> : tiles_avx512_dtype<8>;
 #endif
   const int64_t n_tiles = out / kTileRows;
-  const int n = int(std::min<int64_t>(n_tiles, task_threads(threads, double(out) * double(in) * (bits / 8.0 + double(batch)))));
+  const int n = int(std::min<int64_t>(n_tiles, detail::threads_for(threads, double(out) * double(in) * (bits / 8.0 + double(batch)))));
   // One contiguous range of tiles a thread (a thread that has not started yet still leaves its range to the others:
   // tasks are claimed). Four ranges a thread, as qmatmul makes, measured 10-35% slower over calls of 150-600 KB of
   // codes (the 110M model's matrices): every range restarts the streams the prefetchers follow.
-  const int tasks = n;
-  detail::parallel_for(tasks, n, [&](int k) { tiles(job, n_tiles * k / tasks, n_tiles * (k + 1) / tasks); });
+  detail::parallel_for(n, n, [&](int k) { tiles(job, n_tiles * k / n, n_tiles * (k + 1) / n); });
 }
 
 }  // namespace llmctl

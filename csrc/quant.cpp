@@ -178,17 +178,17 @@ struct DequantizeFn {
   static void run(Args&&... args) { dequantize_groups<DT, BITS>(args...); }
 };
 
-void check_dtype(int dtype, const char* what) {
-  if (dtype != kFloat32 && dtype != kFloat16 && dtype != kBFloat16)
-    fail(std::string(what) + " dtype code " + std::to_string(dtype) +
-         " is not 0 (float32), 1 (float16) or 2 (bfloat16)");
-}
-
 void check_pointer(const void* p, const char* what) {
   if (p == nullptr) fail(std::string(what) + " is a null pointer");
 }
 
 }  // namespace
+
+void check_dtype(int dtype, const char* what) {
+  if (dtype != kFloat32 && dtype != kFloat16 && dtype != kBFloat16)
+    fail(std::string(what) + " dtype code " + std::to_string(dtype) +
+         " is not 0 (float32), 1 (float16) or 2 (bfloat16)");
+}
 
 void check_quant_args(int dtype, int64_t rows, int64_t cols, int group_size, int bits) {
   check_dtype(dtype, "input");

@@ -54,6 +54,8 @@ void dequantize_cuda(const uint32_t* wq, const void* scales, const void* biases,
 
 // Checks shared by the CPU and CUDA entry points.
 void check_quant_args(int dtype, int64_t rows, int64_t cols, int group_size, int bits);
+// That dtype is a DType code (float32, float16 or bfloat16); `what` names the argument in the message.
+void check_dtype(int dtype, const char* what);
 
 LLMCTL_HD uint32_t float_bits(float f) {
 #ifdef __CUDA_ARCH__

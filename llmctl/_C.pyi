@@ -71,7 +71,7 @@ def qmatmul(
 def cpu_has_bf16() -> bool:
     """Whether this CPU multiplies bfloat16 natively (AVX512_BF16 or AMX): then bfloat16 products run ~2x float32's."""
 
-def tiled_supported(bits: int, mode: int, out_features: int, in_features: int, group_size: int) -> bool:
+def tiled_supported(bits: int, mode: int, out_features: int) -> bool:
     """Whether weights of this format can take the tiled layout (affine 4-/8-bit, rows a multiple of 16)."""
 
 def tiled_fast() -> bool:

@@ -31,7 +31,7 @@ def _lib() -> Any:
 @functools.cache
 def _bf16_products() -> bool:
     """Whether bfloat16 matrix products run natively here (oneDNN on AVX512_BF16 or AMX)."""
-    return torch.backends.mkldnn.is_available() and bool(getattr(_lib(), "cpu_has_bf16", lambda: False)())
+    return torch.backends.mkldnn.is_available() and _lib().cpu_has_bf16()
 
 
 # Products with at least this many rows of x (prompts) dequantize blocks of DEQUANTIZED_BLOCK weights and multiply
@@ -108,8 +108,8 @@ class QuantizedLinear(nn.Module):
         return (
             self.mode == "affine" and weight.device.type == "cpu" and self.isa == 0 and scales.dtype in _DTYPE_CODES
             and all(t.is_contiguous() for t in (weight, scales, self.biases))
-            and hasattr(_lib(), "qmatmul_tiled") and _lib().tiled_fast()
-            and _lib().tiled_supported(self.bits, 0, self.out_features, self.in_features, self.group_size)
+            and _lib().tiled_fast()
+            and _lib().tiled_supported(self.bits, _MODES[self.mode], self.out_features)
         )  # fmt: skip
 
     def tile(self) -> bool:
