@@ -41,3 +41,7 @@ class TokenizerError(LlmctlError):
 
 class BackendUnavailable(LlmctlError):
     """The requested backend is not installed or cannot run on this machine."""
+
+
+class OutputError(LlmctlError):
+    """An output that cannot be written (full disk, read-only file system, missing folder); names the file."""

@@ -255,22 +255,36 @@ def open_model(name: str | None, backend: str, dtype: str | None) -> tuple[Any, 
     from llmctl.io.hub import resolve_model
     from llmctl.run import last_model
 
+    latest_used = name is None
     if name is None:
         latest = last_model()
         if latest is None:
             raise LlmctlError(
-                "No model given, and no model made by `llmctl train` was found.",
+                "No model given, and no model made by `llmctl train` or `llmctl quantize` was found.",
                 hint="Pass --model DIR (a model folder or a Hugging Face id), or run `llmctl train` to make one.",
             )
         name = str(latest)
-        ui.info(f"[dim]--model not given: using the latest trained model {latest}[/]")
     from llmctl.tokenizer import load_tokenizer
 
     folder = resolve_model(name)  # a folder, a cached Hugging Face id, or a .gguf file
     tokenizer = load_tokenizer(folder)
     model = get_backend(backend).load(folder, dtype=dtype)
-    ui.info(f"[dim]model {folder} ({model.spec.family}, {model.spec.param_count() / 1e6:.3g}M parameters) on {resolve_name(backend)}[/]")
+    what = "the latest model (--model not given)" if latest_used else "model"
+    ui.info(
+        f"[dim]{what} {folder} ({model.spec.family}, {model.spec.param_count() / 1e6:.3g}M parameters, "
+        f"{describe_quantization(model.spec.extra)}) on {resolve_name(backend)}[/]"
+    )
     return model, tokenizer
+
+
+def describe_quantization(config: dict[str, Any]) -> str:
+    """ "4-bit, group 64", "nf4, group 64" or "float", from config.json's quantization entry."""
+    entry = config.get("quantization") or config.get("quantization_config")
+    if not isinstance(entry, dict) or "bits" not in entry:
+        return "float"
+    if entry.get("mode") == "nf4":
+        return f"nf4, group {entry.get('group_size')}"
+    return f"{entry['bits']}-bit, group {entry.get('group_size')}"
 
 
 def stop_ids(model: Any, tokenizer: Tokenizer) -> frozenset[int]:

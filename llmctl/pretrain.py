@@ -112,7 +112,29 @@ def prepare(cfg: Any, force: bool, resume: bool) -> Prepared:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len}: must be at least 2.")
     if cfg.train.steps < 1:
         raise ConfigError(f"train.steps={cfg.train.steps}: must be at least 1.")
-    run = RunFolder(cfg.out, force=force, resume=resume)
+    inputs = [*_paths(cfg.data.train), *_paths(cfg.data.val), cfg.data.tokenizer, cfg.model.from_]
+    run = RunFolder(cfg.out, force=force, resume=resume, inputs=inputs)
+    try:
+        prepared = _prepare(cfg, run, resume)
+    except BaseException:
+        run.restore()  # a refused command changes nothing: the old run folder (--force) is back as it was
+        raise
+    run.settle()
+    return prepared
+
+
+def _paths(sources: Any) -> list[str]:
+    """The files and folders named by data.train / data.val (globs stand for the folder they search)."""
+    if not sources:
+        return []
+    out = []
+    for source in [sources] if isinstance(sources, (str, Path)) else list(sources):
+        text = str(source)
+        out.append(text.split("*")[0].rsplit("/", 1)[0] or "." if "*" in text else text)
+    return out
+
+
+def _prepare(cfg: Any, run: RunFolder, resume: bool) -> Prepared:
     files = expand_sources(cfg.data.train) if cfg.data.train else default_corpus()
     if not cfg.data.train:
         ui.info(f"data.train not set: training on the Python standard library's sources ({len(files)} files)")
