@@ -45,3 +45,8 @@ class BackendUnavailable(LlmctlError):
 
 class OutputError(LlmctlError):
     """An output that cannot be written (full disk, read-only file system, missing folder); names the file."""
+
+    def __init__(self, message: str, hint: str | None = None, reason: str = "", path: str = "") -> None:
+        super().__init__(message, hint)
+        self.reason = reason or message  # "the disk is full"
+        self.path = path                 # the file being written when it failed

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import struct
 from collections.abc import Iterable, Sequence
@@ -334,10 +333,10 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    # A crash mid-write leaves the old file, never half a new one
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    # A crash mid-write leaves the old file, never half a new one (and a temporary name a later run cleans up)
+    from llmctl.io.safetensors import atomic_write_text
+
+    atomic_write_text(path, text)
 
 
 def _token_content(value: Any) -> str | None:

@@ -79,7 +79,10 @@ def quantize(
 ) -> None:
     """Quantize a float model's weights; writes a model folder in mlx-lm's layout (or a .gguf file) to --out."""
     from llmctl.config import load_recipe
+    from llmctl.io.outputs import check_output
 
+    if out is not None:
+        check_output(out, [])  # `--out .` (the current folder) reads like "no --out" once it is a Path: refuse it here
     flags = {
         "model": model, "out": out, "quant.bits": bits, "quant.group_size": group_size, "quant.method": method.value if method else None,
         "calib.data": calib, "quant.keep": keep, "quant.double_quant": double_quant,
@@ -125,6 +128,12 @@ def run(cfg: QuantizeConfig, backend: Backend | str = Backend.auto, force: bool 
         ui.warn(f"{path} is left in float: its width is not a multiple of group size {cfg.quant.group_size}.")
     if kept:
         ui.info(f"kept in float: {', '.join(kept)}")
+    from llmctl.io.safetensors import is_finite
+
+    broken = [n for n in sorted(folder.tensors) if not is_finite(folder.tensors[n])]
+    if broken:
+        more = f" and {len(broken) - 3} more" if len(broken) > 3 else ""
+        ui.warn(f"{cfg.model} has NaN or infinite weights in {', '.join(broken[:3])}{more}; the quantized model will too.")
     name = resolve_name(backend)
     if cfg.quant.method in (Method.awq, Method.gptq):
         tensors = _calibrated(cfg, folder, layers, kept + misfits)

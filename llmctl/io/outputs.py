@@ -107,11 +107,33 @@ def temporary_sibling(path: Path, kind: str = "tmp") -> Path:
     return path.with_name(f".{path.name}.{kind}-{os.getpid()}")
 
 
+def _file_in_the_way(path: Path) -> Path | None:
+    """The nearest existing ancestor of `path` that is a file, not a folder (so nothing can be created under it)."""
+    for parent in path.parents:
+        if parent.exists() or parent.is_symlink():
+            return parent if not parent.is_dir() else None
+    return None
+
+
+def _public_name(path: str | Path) -> str:
+    """A file name as the user knows it: `.model.safetensors.tmp-123` -> `model.safetensors`."""
+    match = _STALE.fullmatch(Path(path).name)
+    return match["name"] + (match["suffix"] or "") if match else Path(path).name
+
+
 def write_error(error: OSError, out: str | Path) -> OutputError | None:
     """An OutputError naming the file that could not be written, or None when `error` is not about writing."""
     if error.errno not in _WRITE_ERRNOS:
         return None
     where = error.filename or out
+    blocker = _file_in_the_way(Path(out))
+    if blocker is not None:
+        return OutputError(
+            f"cannot write {out}: {blocker} is a file, not a folder.",
+            hint="Pick an output path inside a folder.",
+            reason=f"{blocker} is a file, not a folder",
+            path=str(where),
+        )
     if error.errno in (errno.ENOSPC, errno.EDQUOT):
         reason = "the disk is full"
     elif error.errno == errno.EROFS:
@@ -122,10 +144,12 @@ def write_error(error: OSError, out: str | Path) -> OutputError | None:
         reason = "its folder does not exist"
     else:
         reason = error.strerror or str(error)
-    detail = "" if str(where) == str(out) else f" ({where})"
+    detail = "" if _public_name(where) == Path(out).name else f" (writing {_public_name(where)})"
     return OutputError(
         f"cannot write {out}: {reason}{detail}.",
         hint="Nothing was replaced: free some space or pick another output path, then run the command again.",
+        reason=reason,
+        path=str(where),
     )
 
 
@@ -159,7 +183,7 @@ def replacing(out: str | Path, parents: bool = True) -> Iterator[Path]:
         if parents:
             out.parent.mkdir(parents=True, exist_ok=True)
         elif not out.parent.is_dir():
-            raise FileNotFoundError(errno.ENOENT, "No such folder", str(out.parent))
+            raise FileNotFoundError(errno.ENOENT, "No such folder", str(out))
     except OSError as e:
         raise (write_error(e, out) or e) from None
     clean_stale(out.parent)
@@ -168,6 +192,12 @@ def replacing(out: str | Path, parents: bool = True) -> Iterator[Path]:
     try:
         yield staged
         swap(staged, out)
+    except OutputError as e:  # from a writer inside the staged output: name the output the user asked for
+        _remove(staged)
+        inner = Path(e.path) if e.path else staged
+        raise OutputError(
+            f"cannot write {out}: {e.reason} (writing {_public_name(inner)}).", hint=e.hint, reason=e.reason, path=str(inner)
+        ) from e
     except OSError as e:
         _remove(staged)
         error = write_error(e, out)

@@ -284,6 +284,15 @@ def load_folder_tensors(folder: str | Path) -> dict[str, RawTensor]:
     return tensors
 
 
+def is_finite(raw: RawTensor) -> bool:
+    """No NaN or infinity in a float tensor (BF16/F16/F32/F64 read from their bits); other dtypes are finite."""
+    if raw.dtype in ("F16", "F32", "F64"):
+        return bool(np.isfinite(raw.data).all())
+    if raw.dtype == "BF16":
+        return not bool(((raw.data & 0x7F80) == 0x7F80).any())  # all exponent bits set: inf or NaN
+    return True
+
+
 # ---- writing
 
 
