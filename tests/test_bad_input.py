@@ -350,3 +350,49 @@ def test_bad_input(case: Case, base: Path, tmp_path: Path, monkeypatch: pytest.M
 
 def test_the_corpus_is_large() -> None:
     assert len(CASES) >= 60 and len({c.id for c in CASES}) == len(CASES)
+
+
+def _refuse_nan(name: str) -> None:
+    raise ValueError(f"bare {name} is not JSON")
+
+
+def test_nan_weights_warn_and_eval_json_stays_json(base: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from llmctl.io.model_folder import read_model, write_model
+    from llmctl.io.safetensors import RawTensor
+
+    root = tmp_path / "home"
+    shutil.copytree(base, root, symlinks=True)
+    monkeypatch.chdir(root)
+    folder = read_model(root / "zoo" / "llama")
+    tensors = dict(folder.tensors)
+    bad = tensors["model.layers.0.mlp.up_proj.weight"].data.copy()
+    bad[0, 0] = np.nan
+    tensors["model.layers.0.mlp.up_proj.weight"] = RawTensor.from_numpy(bad)
+    write_model(root / "nan", folder.spec, tensors, source=root / "zoo" / "llama")
+
+    result = CliRunner().invoke(app, ["eval", "--model", "nan", "--data", "corpus/shk.txt", "--json", "--max-tokens", "64"])
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout, parse_constant=_refuse_nan)
+    assert record["perplexity"] is None
+    assert "non-finite scores" in " ".join(result.stderr.split())
+
+    result = CliRunner().invoke(app, ["quantize", "--model", "nan", "--out", "nan-q4"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    said = " ".join(result.output.split())
+    assert "nan has NaN or infinite weights in model.layers.0.mlp.up_proj.weight; such weights cannot be quantized" in said
+    assert not (root / "nan-q4").exists()
+
+
+@pytest.mark.parametrize("how", ["--debug", "LLMCTL_DEBUG=1"])
+def test_debug_shows_the_traceback(how: str, base: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from llmctl.errors import CheckpointError
+
+    monkeypatch.chdir(base)
+    argv = ["info", "nothere"]
+    if how == "--debug":
+        result = CliRunner().invoke(app, ["--debug", *argv])
+    else:
+        result = CliRunner().invoke(app, argv, env={"LLMCTL_DEBUG": "1"})
+    assert isinstance(result.exception, CheckpointError)  # raised through, so the traceback is printed
+    plain = CliRunner().invoke(app, argv, env={"LLMCTL_DEBUG": ""})
+    assert plain.exit_code == 1 and isinstance(plain.exception, SystemExit)

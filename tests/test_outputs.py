@@ -106,6 +106,7 @@ KILL_WHILE_WRITING = """
 """
 
 
+@pytest.mark.slow
 def test_sigkill_during_quantize_force_keeps_the_old_output(tmp_path):
     pytest.importorskip("transformers")
     from conftest import make_hf_model
@@ -126,6 +127,7 @@ def test_sigkill_during_quantize_force_keeps_the_old_output(tmp_path):
     assert '"bits": 8' in (tmp_path / "q" / "config.json").read_text()
 
 
+@pytest.mark.slow
 def test_sigkill_during_a_checkpoint_keeps_the_newest_complete_one(small_corpus, tmp_path, monkeypatch):
     args = [*TINY, f"data.train={small_corpus / 'textwrap.txt'}", "train.steps=3", "train.save_every=1", "train.keep_last=1",
             "--out", "run", "--backend", "torch"]  # fmt: skip
@@ -144,6 +146,7 @@ def test_sigkill_during_a_checkpoint_keeps_the_newest_complete_one(small_corpus,
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step-00000003"]  # stale temporaries cleaned
 
 
+@pytest.mark.slow
 def test_keep_last_zero_never_deletes_the_newest_checkpoint(small_corpus, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     args = [*TINY, f"data.train={small_corpus / 'textwrap.txt'}", "train.steps=2", "train.save_every=1", "train.keep_last=0", "--out", "run"]
@@ -152,6 +155,7 @@ def test_keep_last_zero_never_deletes_the_newest_checkpoint(small_corpus, tmp_pa
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-00000002"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_train_quantize_chat_chain_with_no_arguments(backend, small_corpus, tmp_path, monkeypatch):
     """`llmctl train`, `llmctl quantize --bits 4`, `llmctl chat` in a fresh folder, each finding what the last wrote."""

@@ -132,8 +132,13 @@ def run(cfg: QuantizeConfig, backend: Backend | str = Backend.auto, force: bool 
 
     broken = [n for n in sorted(folder.tensors) if not is_finite(folder.tensors[n])]
     if broken:
+        from llmctl.errors import CheckpointError
+
         more = f" and {len(broken) - 3} more" if len(broken) > 3 else ""
-        ui.warn(f"{cfg.model} has NaN or infinite weights in {', '.join(broken[:3])}{more}; the quantized model will too.")
+        message = f"{cfg.model} has NaN or infinite weights in {', '.join(broken[:3])}{more}"
+        if any(n.removesuffix(".weight") in layers for n in broken):
+            raise CheckpointError(message + "; such weights cannot be quantized.", hint="Quantize a healthy checkpoint (an earlier one of the run).")
+        ui.warn(message + "; they stay in float as they are.")
     name = resolve_name(backend)
     if cfg.quant.method in (Method.awq, Method.gptq):
         tensors = _calibrated(cfg, folder, layers, kept + misfits)
