@@ -178,3 +178,18 @@ def test_train_quantize_chat_chain_with_no_arguments(backend, small_corpus, tmp_
     first = chat.stderr.strip().splitlines()[0]
     assert "model-q4" in first and "4-bit, group 64" in first, first
     assert "context:" in chat.output
+
+
+@pytest.mark.parametrize(
+    "errno_name, words",
+    [("ENOSPC", "the disk is full"), ("EROFS", "the file system is read-only"), ("EDQUOT", "the disk is full")],
+)
+def test_write_errors_say_what_went_wrong_and_where(errno_name, words, tmp_path):
+    import errno
+
+    code = getattr(errno, errno_name)
+    with pytest.raises(OutputError, match=f"cannot write .*q4: {words} \\(writing model.safetensors\\)"):
+        with replacing(tmp_path / "q4") as staged:
+            staged.mkdir()
+            raise OSError(code, os.strerror(code), str(staged / f".model.safetensors.tmp-{os.getpid()}"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

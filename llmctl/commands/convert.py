@@ -176,10 +176,13 @@ def convert(
 
     source = read_source(model)
     if to_gguf:
-        report = write_gguf(
-            out, source.spec, source.tensors, quantization=source.quantization, tokenizer=source.tokenizer,
-            target=type_.value if type_ else None, name=source.path.stem, general=source.general,
-        )  # fmt: skip
+        from llmctl.io.outputs import replacing
+
+        with replacing(out) as staged:  # disk full or a kill mid-write keeps an older file whole
+            report = write_gguf(
+                staged, source.spec, source.tensors, quantization=source.quantization, tokenizer=source.tokenizer,
+                target=type_.value if type_ else None, name=source.path.stem, general=source.general,
+            )  # fmt: skip
         types = ", ".join(f"{n} {t}" for t, n in sorted(report.types.items()))
         ui.info(f"wrote {out} ({types})")
     else:

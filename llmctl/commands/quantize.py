@@ -166,7 +166,8 @@ def _defaults(cfg: QuantizeConfig) -> None:
     from llmctl.errors import ConfigError
     from llmctl.run import last_model
 
-    if not cfg.model:
+    defaulted = not cfg.model
+    if defaulted:
         latest = last_model()
         if latest is None:
             raise ConfigError(
@@ -174,18 +175,20 @@ def _defaults(cfg: QuantizeConfig) -> None:
                 hint="Pass --model DIR (a model folder or a Hugging Face id), or run `llmctl train` to make one.",
             )
         cfg.model = str(latest)
-        if not str(cfg.out) or str(cfg.out) == ".":
+        if str(cfg.out) and str(cfg.out) != ".":  # else the one line below names both
             ui.info(f"[dim]--model not given: quantizing the latest model {latest}[/]")
     if not str(cfg.out) or str(cfg.out) == ".":
         source = Path(cfg.model)
         if not source.exists():  # a Hugging Face id: the output goes in the current folder, named after it
             source = Path(cfg.model.split("@")[0].rsplit("/", 1)[-1])
         suffix = "nf4" if cfg.quant.method == Method.nf4 else f"q{cfg.quant.bits}"
+        stem = source.stem if source.suffix.lower() == ".gguf" else source.name
         if cfg.format == Format.gguf:
-            cfg.out = source.with_name(f"{source.name}-{cfg.gguf_type.value}.gguf")
+            cfg.out = source.with_name(f"{stem}-{cfg.gguf_type.value}.gguf")
         else:
-            cfg.out = source.with_name(f"{source.name}-{suffix}")
-        ui.info(f"[dim]quantizing {cfg.model} -> {cfg.out}[/]")
+            cfg.out = source.with_name(f"{stem}-{suffix}")
+        latest_note = " (the latest model; --model not given)" if defaulted else ""
+        ui.info(f"[dim]quantizing {cfg.model}{latest_note} -> {cfg.out}[/]")
 
 
 def _params(q: QuantConfig) -> Any:
@@ -312,10 +315,13 @@ def _write_gguf(cfg: QuantizeConfig) -> Path:
     source = read_source(cfg.model)
     if source.quantization:
         raise _already_quantized(cfg.model)
-    report = write_gguf(
-        cfg.out, source.spec, source.tensors, tokenizer=source.tokenizer, target=cfg.gguf_type.value,
-        name=Path(cfg.model).name, general=source.general,
-    )  # fmt: skip
+    from llmctl.io.outputs import replacing
+
+    with replacing(cfg.out) as staged:  # disk full or a kill mid-write keeps an older file whole
+        report = write_gguf(
+            staged, source.spec, source.tensors, tokenizer=source.tokenizer, target=cfg.gguf_type.value,
+            name=Path(cfg.model).name, general=source.general,
+        )  # fmt: skip
     types = ", ".join(f"{n} {t}" for t, n in sorted(report.types.items()))
     ui.info(f"wrote {cfg.out} ({types}); {report.summary()}")
     return Path(cfg.out)
