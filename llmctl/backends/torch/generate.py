@@ -97,9 +97,9 @@ class NativeStep:
         for block in inner.layers:
             attn, mlp = block.self_attn, block.mlp
             self.impl.add_layer(
-                self._keep(block.input_layernorm.weight), self._projection([attn.q_proj, attn.k_proj, attn.v_proj], attn.fused),
+                self._keep(block.input_layernorm.weight), self._projection([attn.q_proj, attn.k_proj, attn.v_proj], attn.fused_qkv),
                 self._projection([attn.o_proj]), self._keep(block.post_attention_layernorm.weight),
-                self._projection([mlp.gate_proj, mlp.up_proj], mlp.fused), self._projection([mlp.down_proj]),
+                self._projection([mlp.gate_proj, mlp.up_proj], mlp.fused_gate_up), self._projection([mlp.down_proj]),
             )  # fmt: skip
         self.empty = torch.empty(1, spec.n_kv_heads, 1, spec.head_dim)  # what the cache's storage is made like
 

@@ -141,9 +141,9 @@ def prepare_inference(model: Transformer) -> None:
             module.tile()
     for block in model.model.layers:
         attn = block.self_attn
-        attn.fused = fuse_layers([attn.q_proj, attn.k_proj, attn.v_proj])
+        attn.fused_qkv = fuse_layers([attn.q_proj, attn.k_proj, attn.v_proj])
         if hasattr(block, "mlp"):
-            block.mlp.fused = fuse_layers([block.mlp.gate_proj, block.mlp.up_proj])
+            block.mlp.fused_gate_up = fuse_layers([block.mlp.gate_proj, block.mlp.up_proj])
 
 
 @functools.cache
@@ -410,7 +410,7 @@ def grouped_causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 
 
 class Attention(nn.Module):
-    fused: Fused | None = None  # q/k/v as one product, made at load (`prepare_inference`)
+    fused_qkv: Fused | None = None  # q/k/v as one product, made at load (`prepare_inference`)
 
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
@@ -425,7 +425,7 @@ class Attention(nn.Module):
         position's keys and values): a prompt's last layer then attends for one query, not T."""
         B, T, _ = x.shape
         offset = cache.offset if cache is not None else 0
-        q, k, v = project([self.q_proj, self.k_proj, self.v_proj], x, self.fused)
+        q, k, v = project([self.q_proj, self.k_proj, self.v_proj], x, self.fused_qkv)
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)     # (B, H, T, D)
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -450,7 +450,7 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
 
-    fused: Fused | None = None  # gate/up as one product, made at load (`prepare_inference`)
+    fused_gate_up: Fused | None = None  # gate/up as one product, made at load (`prepare_inference`)
 
     def __init__(self, dim: int, ffn_dim: int) -> None:
         super().__init__()
@@ -459,7 +459,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(ffn_dim, dim, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        gate, up = project([self.gate_proj, self.up_proj], x, self.fused)
+        gate, up = project([self.gate_proj, self.up_proj], x, self.fused_gate_up)
         return project([self.down_proj], F.silu(gate) * up)[0]
 
 
