@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 
 import mlx.core as mx
@@ -53,10 +54,22 @@ class _Keys:
 class Generator:
     """Generation with one model: the model's forward for prompts, batches and tokens, with nothing kept on the model
     and nothing process-wide changed, so models generate side by side in one process; one Generator serves one
-    generation at a time. The model runs as laid out at load (`model.prepare_inference`)."""
+    generation at a time. The model runs as laid out at load (`model.prepare_inference`).
+
+    Its work goes to a stream of its own for each thread that generates (MLX's default stream belongs to the thread
+    that made it; another thread has none), entered around each piece of work and never held across a `yield`.
+    """
 
     def __init__(self, model: Transformer) -> None:
         self.model, self.spec = model, model.spec
+        self._streams = threading.local()
+
+    def stream(self) -> mx.Stream:
+        """This generator's stream for the calling thread (made on its first use there)."""
+        stream = getattr(self._streams, "stream", None)
+        if stream is None:
+            stream = self._streams.stream = mx.new_stream(mx.default_device())
+        return stream
 
     def new_cache(self) -> PromptCache:
         return PromptCache(make_cache(self.spec))
@@ -80,18 +93,20 @@ class Generator:
         """Yield new ids one by one; a stop id, when sampled, is yielded last. `cache` keeps what it can of an earlier prompt."""
         budget = self._budget(len(prompt), params)
         cache = cache if cache is not None else self.new_cache()
+        stream = self.stream()
         start = cache.reuse(prompt)
-        for i in range(start, len(prompt), PREFILL_CHUNK):
-            chunk = prompt[i : i + PREFILL_CHUNK]
-            logits = self.forward(mx.array([chunk]), cache.layers, last_only=True)[:, -1]   # (1, V)
-            if i + PREFILL_CHUNK < len(prompt):
-                mx.eval([(c.keys, c.values) for c in cache.layers])  # keep each chunk's graph small
-            cache.tokens.extend(chunk)
-        keys = _Keys(params)
-        seen = None
-        if params.repetition_penalty != 1.0:
-            seen = mx.zeros((1, self.spec.vocab_size), dtype=mx.bool_)
-            seen[0, mx.array(prompt)] = True
+        with mx.stream(stream):
+            for i in range(start, len(prompt), PREFILL_CHUNK):
+                chunk = prompt[i : i + PREFILL_CHUNK]
+                logits = self.forward(mx.array([chunk]), cache.layers, last_only=True)[:, -1]   # (1, V)
+                if i + PREFILL_CHUNK < len(prompt):
+                    mx.eval([(c.keys, c.values) for c in cache.layers])  # keep each chunk's graph small
+                cache.tokens.extend(chunk)
+            keys = _Keys(params)
+            seen = None
+            if params.repetition_penalty != 1.0:
+                seen = mx.zeros((1, self.spec.vocab_size), dtype=mx.bool_)
+                seen[0, mx.array(prompt)] = True
 
         def next_token(logits: mx.array) -> mx.array:
             logits = logits.astype(mx.float32)
@@ -102,14 +117,16 @@ class Generator:
                 seen[0, token] = True
             return token
 
-        token = next_token(logits)
-        mx.async_eval(token)
+        with mx.stream(stream):
+            token = next_token(logits)
+            mx.async_eval(token)
         for n in range(budget):
             # Queue the next step before reading this token, so the model computes while Python streams text.
             last = n == budget - 1
             if not last:
-                following = next_token(self.forward(token[:, None], cache.layers)[:, -1])
-                mx.async_eval(following)
+                with mx.stream(stream):
+                    following = next_token(self.forward(token[:, None], cache.layers)[:, -1])
+                    mx.async_eval(following)
             token_id = token.item()
             if not last:
                 cache.tokens.append(token_id)
@@ -123,6 +140,10 @@ class Generator:
 
         A row ends at its first stop id (kept at its end) or after `max_tokens`; greedy rows equal one-by-one decoding.
         """
+        with mx.stream(self.stream()):
+            return self._generate_batch(prompts, params)
+
+    def _generate_batch(self, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
         budget = self._budget(max(len(p) for p in prompts), params)
         B, T = len(prompts), max(len(p) for p in prompts)
         tokens = mx.array([[0] * (T - len(p)) + p for p in prompts])                          # (B, T)

@@ -155,6 +155,8 @@ def prepare_inference(model: Transformer) -> None:
     head = embed if model.spec.tie_embeddings else model.lm_head
     if not model.spec.tie_embeddings or hasattr(embed, "matmul"):  # a plain tied embedding is read as it is
         model.fused_head = fuse_layers([head], input_major)
+    # what is still lazy, evaluated now: a thread other than this one has no stream to compute it on
+    mx.eval(model.rope._freqs, model.parameters())
     mx.clear_cache()  # the unfused copies just freed
 
 
