@@ -95,8 +95,12 @@ class Fused:
     def _arrays(self) -> list[mx.array]:
         return [linear[name] for linear in self.linears for name in ("weight", "scales", "biases", "bias") if name in linear]
 
-    def valid(self) -> bool:
-        return all(a is b for a, b in zip(self._arrays(), self.arrays, strict=True))
+    def valid(self, linears: list[nn.Module]) -> bool:
+        """Whether it still computes `linears` (the module's layers now: an adapter may have replaced one)."""
+        if not all(a is b for a, b in zip(linears, self.linears, strict=True)):
+            return False
+        arrays = self._arrays()
+        return len(arrays) == len(self.arrays) and all(a is b for a, b in zip(arrays, self.arrays))
 
     def __call__(self, x: mx.array) -> list[mx.array]:
         return self.fn(x)
@@ -163,7 +167,7 @@ def prepare_inference(model: Transformer) -> None:
 def project(linears: list[nn.Module], x: mx.array, fused: Fused | None, training: bool) -> list[mx.array]:
     """The outputs of layers that read the same `x`: their `fused` form when one was made at load and still holds
     (never in training: gradients go to the layers' own arrays), else each layer called on its own."""
-    if fused is not None and not training and fused.valid():
+    if fused is not None and not training and fused.valid(linears):
         return fused(x)
     return [linear(x) for linear in linears]
 
@@ -386,10 +390,11 @@ class Transformer(nn.Module):
             if r is not None:
                 router_logits.append(r)
         h = self.model.norm(h)
-        if self.fused_head is not None and not self.training and self.fused_head.valid():
+        head = self.model.embed_tokens if self.spec.tie_embeddings else self.lm_head
+        if self.fused_head is not None and not self.training and self.fused_head.valid([head]):
             logits = self.fused_head(h)[0]
         else:
-            logits = self.model.embed_tokens.as_linear(h) if self.spec.tie_embeddings else self.lm_head(h)
+            logits = head.as_linear(h) if self.spec.tie_embeddings else head(h)
         if not return_aux:
             return logits
         aux = None

@@ -144,7 +144,7 @@ class NativeStep:
 
     def _projection(self, linears: list[nn.Module], fused: Fused | None = None) -> list[tuple]:
         """One matrix for layers fused at load (still laid out so), else one each: the step changes nothing."""
-        if fused is not None and fused.valid():
+        if fused is not None and fused.valid(linears):
             return [self._dense(*fused.layer) if isinstance(fused.layer, tuple) else self._quantized(fused.layer)]
         return [self._matrix(linear) for linear in linears]
 

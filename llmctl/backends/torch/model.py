@@ -109,8 +109,9 @@ class Fused:
         return tuple((p.data_ptr(), p.dtype, getattr(linear, "tiled", False))
                      for linear in self.linears for p in (linear.weight, getattr(linear, "scales", None)) if p is not None)
 
-    def valid(self) -> bool:
-        return self._signature() == self.signature
+    def valid(self, linears: list[nn.Module]) -> bool:
+        """Whether it still computes `linears` (the module's layers now: an adapter may have replaced one)."""
+        return all(a is b for a, b in zip(linears, self.linears, strict=True)) and self._signature() == self.signature
 
     def __call__(self, x: Tensor) -> list[Tensor]:
         if isinstance(self.layer, tuple):
@@ -171,7 +172,7 @@ def project(linears: list[nn.Module], x: Tensor, fused: Fused | None = None) -> 
     """
     plain = all(type(linear) is nn.Linear for linear in linears)
     if not torch.is_grad_enabled():
-        if fused is not None and fused.valid():
+        if fused is not None and fused.valid(linears):
             return fused(x)
         if plain:
             return [dense_linear(x, linear.weight, linear.bias) for linear in linears]
