@@ -93,8 +93,14 @@ class Rope(nn.Module):
         # mx.fast.rope takes wavelengths per pair (1 / inverse frequency).
         self._freqs = 1.0 / mx.array(llama3_inv_freq(spec), dtype=mx.float32)
 
-    def __call__(self, x: mx.array, offset: int) -> mx.array:
-        return mx.fast.rope(x, self.dims, traditional=False, base=None, scale=1.0, offset=offset, freqs=self._freqs)
+    def __call__(self, x: mx.array, offset: int, positions: mx.array | None = None) -> mx.array:
+        if positions is None:
+            return mx.fast.rope(x, self.dims, traditional=False, base=None, scale=1.0, offset=offset, freqs=self._freqs)
+        # each token's own position (packed examples restart at 0), (B, T)
+        angles = positions[:, None, :, None].astype(mx.float32) / self._freqs           # (B, 1, T, D/2)
+        cos, sin = mx.cos(angles).astype(x.dtype), mx.sin(angles).astype(x.dtype)
+        x1, x2 = x[..., : self.dims // 2], x[..., self.dims // 2 :]
+        return mx.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
 def attention_mask(T: int, offset: int, window: int | None) -> mx.array | str | None:
@@ -109,6 +115,17 @@ def attention_mask(T: int, offset: int, window: int | None) -> mx.array | str | 
     if window is not None:
         mask = mask & (k > q - window)
     return mask
+
+
+def segment_mask(segment_ids: mx.array, window: int | None) -> mx.array:
+    """(B, 1, T, T) mask of packed rows: causal, and only within a token's own segment (example)."""
+    T = segment_ids.shape[1]
+    q = mx.arange(T)[:, None]
+    k = mx.arange(T)[None, :]
+    mask = (k <= q) & (segment_ids[:, :, None] == segment_ids[:, None, :])
+    if window is not None:
+        mask = mask & (k > q - window)
+    return mask[:, None]
 
 
 def padded_mask(key_mask: mx.array, T: int, offset: int, window: int | None) -> mx.array:
@@ -134,13 +151,14 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(spec.dim, spec.kv_dim, bias=spec.attn_bias)
         self.o_proj = nn.Linear(spec.q_dim, spec.dim, bias=False)
 
-    def __call__(self, x: mx.array, rope: Rope, mask: mx.array | str | None, cache: KVCache | None) -> mx.array:
+    def __call__(self, x: mx.array, rope: Rope, mask: mx.array | str | None, cache: KVCache | None,
+                 positions: mx.array | None = None) -> mx.array:
         B, T, _ = x.shape
         offset = cache.offset if cache is not None else 0
         q = self.q_proj(x).reshape(B, T, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)     # (B, H, T, D)
         k = self.k_proj(x).reshape(B, T, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)  # (B, KV, T, D)
         v = self.v_proj(x).reshape(B, T, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
-        q, k = rope(q, offset), rope(k, offset)
+        q, k = rope(q, offset, positions), rope(k, offset, positions)
         if cache is not None:
             k, v = cache.update(k, v)    # keys/values of all previous tokens, (B, KV, S, D)
         y = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
@@ -219,8 +237,9 @@ class Block(nn.Module):
         else:
             self.mlp = MLP(spec.dim, spec.ffn_dim)
 
-    def __call__(self, x: mx.array, rope: Rope, mask: mx.array | str | None, cache: KVCache | None) -> tuple[mx.array, mx.array | None]:
-        h = x + self.self_attn(self.input_layernorm(x), rope, mask, cache)
+    def __call__(self, x: mx.array, rope: Rope, mask: mx.array | str | None, cache: KVCache | None,
+                 positions: mx.array | None = None) -> tuple[mx.array, mx.array | None]:
+        h = x + self.self_attn(self.input_layernorm(x), rope, mask, cache, positions)
         if "mlp" in self:
             return h + self.mlp(self.post_attention_layernorm(h)), None
         out, router_logits = self.block_sparse_moe(self.post_attention_layernorm(h))
@@ -248,32 +267,56 @@ class Transformer(nn.Module):
 
     def __call__(
         self, tokens: mx.array, cache: list[KVCache] | None = None, return_aux: bool = False,
-        key_mask: mx.array | None = None, last_only: bool = False,
+        key_mask: mx.array | None = None, last_only: bool = False, segment_ids: mx.array | None = None,
+        positions: mx.array | None = None, head: bool = True,
     ) -> mx.array | tuple[mx.array, mx.array | None]:
         """Logits (B, T, V); with `return_aux`, also the MoE load-balancing loss (weighted by its coefficient).
 
         Generation: `key_mask` (B, >=S) is False at left padding of batched prompts; `last_only` gives (B, 1, V).
+        Training: `segment_ids`/`positions` pack examples (see `hidden`); `head=False` gives the hidden states
+        (B, T, D) instead of logits (objectives that apply the head in chunks).
+        """
+        h, aux = self.hidden(tokens, cache, key_mask, last_only, segment_ids, positions)
+        out = self.logits(h) if head else h
+        return (out, aux) if return_aux else out
+
+    def hidden(
+        self, tokens: mx.array, cache: list[KVCache] | None = None, key_mask: mx.array | None = None,
+        last_only: bool = False, segment_ids: mx.array | None = None, positions: mx.array | None = None,
+    ) -> tuple[mx.array, mx.array | None]:
+        """The final norm's output (B, T, D) and the MoE load-balancing loss (weighted by its coefficient; None: dense).
+
+        `segment_ids` (B, T) packs several examples in a row: attention stays inside each, and `positions` (B, T)
+        restart at each example's first token.
         """
         B, T = tokens.shape
         offset = cache[0].offset if cache else 0
-        if key_mask is None:
+        if segment_ids is not None:
+            mask = segment_mask(segment_ids, self.spec.sliding_window)
+        elif key_mask is None:
             mask = attention_mask(T, offset, self.spec.sliding_window)
         else:
             mask = padded_mask(key_mask, T, offset, self.spec.sliding_window)
         h = self.model.embed_tokens(tokens)                           # (B, T, D)
         router_logits = []
         for i, layer in enumerate(self.model.layers):
-            h, r = layer(h, self.rope, mask, cache[i] if cache else None)
+            h, r = layer(h, self.rope, mask, cache[i] if cache else None, positions)
             if r is not None:
                 router_logits.append(r)
         h = self.model.norm(h[:, -1:] if last_only else h)
-        logits = self.model.embed_tokens.as_linear(h) if self.spec.tie_embeddings else self.lm_head(h)
-        if not return_aux:
-            return logits
         aux = None
         if router_logits:
             aux = self.spec.router_aux_loss_coef * load_balancing_loss(router_logits, self.spec.n_experts, self.spec.experts_per_token)
-        return logits, aux
+        return h, aux
+
+    def logits(self, h: mx.array) -> mx.array:
+        """(B, T, V) from the final norm's output."""
+        return self.model.embed_tokens.as_linear(h) if self.spec.tie_embeddings else self.lm_head(h)
+
+    def head_weight(self) -> mx.array:
+        """The output head as a float (V, D) matrix (a quantized head dequantized: it is frozen)."""
+        head = self.model.embed_tokens if self.spec.tie_embeddings else self.lm_head
+        return head.dequantized(mx.float32) if hasattr(head, "dequantized") else head.weight
 
     def init_weights(self, seed: int) -> None:
         """Normal(0, init_std) matrices, ones for norms, zeros for biases, from a fixed seed."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import mlx.core as mx
 import numpy as np
@@ -59,11 +58,6 @@ class Model:
 
 class Runtime:
     name = "mlx"
-
-    def train(self, cfg: Any, force: bool = False, resume: bool = False) -> Path | None:
-        from llmctl.backends.mlx.train import train
-
-        return train(cfg, force=force, resume=resume)
 
     def init(self, spec: ModelSpec, seed: int = 0, dtype: str = "float32") -> Model:
         module = Transformer(spec)

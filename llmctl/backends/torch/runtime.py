@@ -68,11 +68,6 @@ class Model:
 class Runtime:
     name = "torch"
 
-    def train(self, cfg: Any, force: bool = False, resume: bool = False) -> Path | None:
-        from llmctl.backends.torch.train import train
-
-        return train(cfg, force=force, resume=resume)
-
     def init(self, spec: ModelSpec, seed: int = 0, dtype: str = "float32") -> Model:
         module = Transformer(spec)
         module.init_weights(seed)
