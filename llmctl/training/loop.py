@@ -150,13 +150,7 @@ def run(engine: Engine, job: Job) -> bool:
             t0 = time.perf_counter()
             lr = lr_at(step, optim.lr, optim.warmup_steps, cfg.steps, optim.min_lr_ratio)
             batches = [job.source.batch(step, micro * engine.world + engine.rank, parts) for micro in range(cfg.grad_accum)]
-            units = engine.all_sum({"units": sum(job.objective.units(b) for b in batches)})["units"]
-            sums: dict[str, Any] = {}
-            for micro, batch in enumerate(batches):
-                metrics = engine.micro_step(job.objective, batch, 1.0 / max(units, 1), micro == cfg.grad_accum - 1)
-                for name, value in metrics.items():
-                    sums[name] = sums[name] + value if name in sums else value
-            totals = {k: v / max(units, 1) for k, v in engine.all_sum(sums).items()}
+            totals = accumulate(engine, job.objective, batches)
             loss = totals["loss"]
             if not math.isfinite(loss):
                 engine.zero_grad()
@@ -195,6 +189,21 @@ def run(engine: Engine, job: Job) -> bool:
             job.save_extras(job.run.model_dir)
         plot_losses(job.run.path)
     return True
+
+
+def accumulate(engine: Engine, objective: Objective, batches: list[Batch]) -> dict[str, float]:
+    """Forward and backward of this process's micro-batches of one step, the gradients summed; the step's metrics.
+
+    The loss is normalized by the units (target tokens) of the whole step, over every micro-batch and process,
+    counted before the first backward: so how a batch is split (accumulation, processes) leaves the gradient as it is.
+    """
+    units = max(engine.all_sum({"units": sum(objective.units(b) for b in batches)})["units"], 1)
+    sums: dict[str, Any] = {}
+    for micro, batch in enumerate(batches):
+        metrics = engine.micro_step(objective, batch, 1.0 / units, micro == len(batches) - 1)
+        for name, value in metrics.items():
+            sums[name] = sums[name] + value if name in sums else value
+    return {k: v / units for k, v in engine.all_sum(sums).items()}
 
 
 def _rows(batches: list[Batch]) -> int:

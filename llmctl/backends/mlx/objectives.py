@@ -78,7 +78,7 @@ def linear_cross_entropy(h: mx.array, weight: mx.array, targets: mx.array, weigh
 def _logprobs_chunk(h: mx.array, weight: mx.array, targets: mx.array) -> mx.array:
     logits = (h @ weight.T).astype(mx.float32)
     logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-    return mx.take_along_axis(logp, targets[:, None], axis=-1)[:, 0]
+    return mx.take_along_axis(logp, mx.stop_gradient(targets)[:, None], axis=-1)[:, 0]  # ids carry no gradient
 
 
 def token_logprobs(h: mx.array, weight: mx.array, targets: mx.array, mask: mx.array | None = None) -> mx.array:
