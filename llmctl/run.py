@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from llmctl import ui
 from llmctl.errors import ConfigError, LlmctlError
 from llmctl.io.safetensors import atomic_write_text
 from llmctl.ui import is_main_process
@@ -53,7 +54,21 @@ class RunFolder:
         path = self.path / "metrics.jsonl"
         if not is_main_process() or not path.is_file():
             return
-        kept = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= after_step]
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+        kept = []
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                if number == len(lines):  # a line torn by a kill mid-write: the step it logged is redone
+                    ui.warn(f"{path}:{number}: dropping a torn last line")
+                    continue
+                raise LlmctlError(f"{path}:{number}: not a JSON line; the run's metrics are damaged.",
+                                  hint="Delete or fix that line, then --resume again.") from None
+            if isinstance(record, dict) and record.get("step", 0) <= after_step:
+                kept.append(line)
         atomic_write_text(path, "".join(line + "\n" for line in kept))
 
     def latest_checkpoint(self) -> Path | None:
