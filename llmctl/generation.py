@@ -58,20 +58,40 @@ class SamplingParams:
 
 
 def generation_defaults(folder: Path) -> dict[str, Any]:
-    """Sampling settings a model ships in generation_config.json, as SamplingParams fields."""
-    path = Path(folder) / "generation_config.json"
+    """Sampling settings a model ships in generation_config.json, as SamplingParams fields (checked, naming the file)."""
+    from llmctl.io.paths import inside
+
+    path = inside(folder, "generation_config.json") if Path(folder).is_dir() else Path(folder) / "generation_config.json"
     try:
-        config = json.loads(path.read_text()) if path.is_file() else {}
-    except (OSError, json.JSONDecodeError):
-        return {}
+        config = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path} is not valid JSON: {e}", hint="Fix or delete generation_config.json.") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path} holds a JSON {type(config).__name__}; expected an object.", hint="Fix or delete it.")
+    checks = {
+        "temperature": (float, lambda v: v >= 0, ">= 0"),
+        "top_k": (int, lambda v: v >= 0, ">= 0"),
+        "top_p": (float, lambda v: 0 < v <= 1, "in (0, 1]"),
+        "min_p": (float, lambda v: 0 <= v < 1, "in [0, 1)"),
+        "repetition_penalty": (float, lambda v: v > 0, "> 0"),
+    }
+    values: dict[str, Any] = {}
+    for key, (cast, ok, rule) in checks.items():
+        value = config.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (cast is int and value != int(value)) or not ok(value):
+            raise ConfigError(
+                f"{path}: {key} is {json.dumps(value)}; it must be a number {rule}.",
+                hint=f"Fix {key} in generation_config.json, or override it with --{key.replace('_', '-')}.",
+            )
+        values[key] = cast(value)
     out: dict[str, Any] = {}
-    if config.get("do_sample") and config.get("temperature", 1.0) > 0:
-        out["temperature"] = float(config.get("temperature", 1.0))
-        for key, cast in (("top_k", int), ("top_p", float), ("min_p", float)):
-            if config.get(key) is not None:
-                out[key] = cast(config[key])
-    if config.get("repetition_penalty") is not None:
-        out["repetition_penalty"] = float(config["repetition_penalty"])
+    if config.get("do_sample") and values.get("temperature", 1.0) > 0:
+        out["temperature"] = values.get("temperature", 1.0)
+        out |= {key: values[key] for key in ("top_k", "top_p", "min_p") if key in values}
+    if "repetition_penalty" in values:
+        out["repetition_penalty"] = values["repetition_penalty"]
     return out
 
 
@@ -255,22 +275,60 @@ def open_model(name: str | None, backend: str, dtype: str | None) -> tuple[Any, 
     from llmctl.io.hub import resolve_model
     from llmctl.run import last_model
 
+    latest_used = name is None
     if name is None:
         latest = last_model()
         if latest is None:
             raise LlmctlError(
-                "No model given, and no model made by `llmctl train` was found.",
+                "No model given, and no model made by `llmctl train` or `llmctl quantize` was found.",
                 hint="Pass --model DIR (a model folder or a Hugging Face id), or run `llmctl train` to make one.",
             )
         name = str(latest)
-        ui.info(f"[dim]--model not given: using the latest trained model {latest}[/]")
     from llmctl.tokenizer import load_tokenizer
 
     folder = resolve_model(name)  # a folder, a cached Hugging Face id, or a .gguf file
+    _check_memory(folder, dtype)
     tokenizer = load_tokenizer(folder)
     model = get_backend(backend).load(folder, dtype=dtype)
-    ui.info(f"[dim]model {folder} ({model.spec.family}, {model.spec.param_count() / 1e6:.3g}M parameters) on {resolve_name(backend)}[/]")
+    check_vocab(tokenizer, model.spec, folder)
+    what = "the latest model (--model not given)" if latest_used else "model"
+    ui.info(
+        f"[dim]{what} {folder} ({model.spec.family}, {model.spec.param_count() / 1e6:.3g}M parameters, "
+        f"{describe_quantization(model.spec.extra)}) on {resolve_name(backend)}[/]"
+    )
     return model, tokenizer
+
+
+def check_vocab(tokenizer: Tokenizer, spec: Any, folder: Path) -> None:
+    """A tokenizer with more ids than the model has embeddings would index past the embedding table."""
+    if tokenizer.vocab_size > spec.vocab_size:
+        from llmctl.errors import TokenizerError
+
+        raise TokenizerError(
+            f"{folder}: the tokenizer has {tokenizer.vocab_size} tokens but config.json's vocab_size is "
+            f"{spec.vocab_size}; ids past {spec.vocab_size - 1} have no embedding.",
+            hint="The tokenizer files belong to another model: copy the model's own tokenizer into the folder.",
+        )
+
+
+def _check_memory(folder: Path, dtype: str | None) -> None:
+    """The weights as stored (x2 when bf16/fp16 files are widened to fp32), against the memory available."""
+    from llmctl.io.safetensors import weight_files
+    from llmctl.memory import check_fits
+
+    files = [folder] if folder.is_file() else weight_files(folder)
+    size = sum(f.stat().st_size for f in files)
+    check_fits(size * (2 if dtype in ("fp32", "float32") else 1), f"loading {folder}", hint="Pick a smaller or quantized model.")
+
+
+def describe_quantization(config: dict[str, Any]) -> str:
+    """ "4-bit, group 64", "nf4, group 64" or "float", from config.json's quantization entry."""
+    entry = config.get("quantization") or config.get("quantization_config")
+    if not isinstance(entry, dict) or "bits" not in entry:
+        return "float"
+    if entry.get("mode") == "nf4":
+        return f"nf4, group {entry.get('group_size')}"
+    return f"{entry['bits']}-bit, group {entry.get('group_size')}"
 
 
 def stop_ids(model: Any, tokenizer: Tokenizer) -> frozenset[int]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import shutil
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +12,7 @@ from typing import Any
 from llmctl import ui
 from llmctl.config import to_dict, to_yaml
 from llmctl.data.text import TokenData, default_corpus, expand_sources, read_documents, split, tokenize_files
-from llmctl.errors import ConfigError, LlmctlError
+from llmctl.errors import ConfigError, LlmctlError, SpecError
 from llmctl.io.safetensors import atomic_write_text
 from llmctl.run import RunFolder, remember_model
 from llmctl.spec import ModelSpec
@@ -52,11 +52,12 @@ def _ffn_dim(dim: int) -> int:
 def _spec(cfg: Any, tokenizer: Tokenizer) -> tuple[ModelSpec, Path | None]:
     m = cfg.model
     if m.from_:
-        from llmctl.io.hf import load_spec
         from llmctl.io.hub import resolve_model
 
+        from llmctl.io.model_folder import read_model
+
         folder = resolve_model(m.from_)
-        spec = load_spec(folder)
+        spec = read_model(folder).spec  # config.json checked against the tensor headers before anything is built
         if tokenizer.vocab_size > spec.vocab_size:
             raise ConfigError(
                 f"the tokenizer has {tokenizer.vocab_size} tokens but model.from={m.from_} has vocab_size {spec.vocab_size}.",
@@ -66,7 +67,20 @@ def _spec(cfg: Any, tokenizer: Tokenizer) -> tuple[ModelSpec, Path | None]:
     vocab = m.vocab_size or tokenizer.vocab_size
     if vocab < tokenizer.vocab_size:
         raise ConfigError(f"model.vocab_size={vocab} is smaller than the tokenizer's {tokenizer.vocab_size} tokens.")
-    spec = ModelSpec(
+    try:
+        return _new_spec(cfg, tokenizer, vocab), None
+    except SpecError as e:
+        # the spec's words (dim, n_heads, head_dim) as the keys `train` takes
+        message = e.message.replace("; set head_dim", "").replace("head_dim", "the head width (model.dim / model.n_heads)")
+        for word in ("vocab_size", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len", "n_experts",
+                     "experts_per_token", "sliding_window", "dim"):  # fmt: skip
+            message = re.sub(rf"(?<![\w.]){word}\b", f"model.{word}", message)
+        raise ConfigError(message, hint="model.dim must be a multiple of model.n_heads, and model.n_heads of model.n_kv_heads.") from None
+
+
+def _new_spec(cfg: Any, tokenizer: Tokenizer, vocab: int) -> ModelSpec:
+    m = cfg.model
+    return ModelSpec(
         vocab_size=vocab,
         dim=m.dim,
         n_layers=m.n_layers,
@@ -87,7 +101,6 @@ def _spec(cfg: Any, tokenizer: Tokenizer) -> tuple[ModelSpec, Path | None]:
         pad_token_id=tokenizer.pad_id,
         init_std=m.init_std,
     )
-    return spec, None
 
 
 def _tokenizer(cfg: Any, run: RunFolder, files: list[Path], resume: bool) -> Tokenizer:
@@ -113,9 +126,33 @@ def _tokenizer(cfg: Any, run: RunFolder, files: list[Path], resume: bool) -> Tok
 
 
 def prepare(cfg: Any, force: bool, resume: bool) -> Prepared:
-    """Set up runs/NAME/, get a tokenizer and token files, build the spec (the config is written by the loop,
-    once a resumed run's settings are checked)."""
-    run = RunFolder(cfg.out, force=force, resume=resume)
+    """Set up runs/NAME/, get a tokenizer and token files, build the spec (the recipe was checked before, and the
+    config is written by the loop once a resumed run's settings are checked).
+
+    The run folder is not settled here: a run that fails before its first step puts back what --force set aside
+    (or removes the folder it made), so a refused or failed command changes nothing and blocks no retry.
+    """
+    inputs = [*_paths(cfg.data.train), *_paths(cfg.data.val), cfg.data.tokenizer, cfg.model.from_]
+    run = RunFolder(cfg.out, force=force, resume=resume, inputs=inputs)
+    try:
+        return _prepare(cfg, run, resume)
+    except BaseException:
+        run.restore()  # a refused command changes nothing: the old run folder (--force) is back as it was
+        raise
+
+
+def _paths(sources: Any) -> list[str]:
+    """The files and folders named by data.train / data.val (globs stand for the folder they search)."""
+    if not sources:
+        return []
+    out = []
+    for source in [sources] if isinstance(sources, (str, Path)) else list(sources):
+        text = str(source)
+        out.append(text.split("*")[0].rsplit("/", 1)[0] or "." if "*" in text else text)
+    return out
+
+
+def _prepare(cfg: Any, run: RunFolder, resume: bool) -> Prepared:
     files = expand_sources(cfg.data.train) if cfg.data.train else default_corpus()
     if not cfg.data.train:
         ui.info(f"data.train not set: training on the Python standard library's sources ({len(files)} files)")
@@ -126,6 +163,14 @@ def prepare(cfg: Any, force: bool, resume: bool) -> Prepared:
             f"data.seq_len={cfg.data.seq_len} does not fit the model's context of {spec.max_seq_len} tokens.",
             hint=f"Set data.seq_len={spec.max_seq_len} or less.",
         )
+    from llmctl.memory import check_fits, training_bytes
+
+    batch_tokens = cfg.data.batch_size * cfg.data.seq_len // max(1, cfg.train.grad_accum)
+    check_fits(
+        training_bytes(spec.param_count(), batch_tokens, spec.dim, spec.n_layers),
+        f"training this {spec.param_count() / 1e6:,.1f}M-parameter model (batch of {batch_tokens:,} tokens)",
+        hint="Make the model smaller (model.dim, model.n_layers) or the batch (data.batch_size, train.grad_accum).",
+    )
     tokens = tokenize_files(files, tokenizer)
     if cfg.data.val:
         data = TokenData(tokens, tokenize_files(expand_sources(cfg.data.val, "data.val"), tokenizer, "data.val"), cfg.data.seq_len)
@@ -141,8 +186,8 @@ def prepare(cfg: Any, force: bool, resume: bool) -> Prepared:
 class TextBatches:
     """Pretraining batches: random windows of the token stream, one segment per row (documents run together)."""
 
-    def __init__(self, data: TokenData, batch_size: int, seed: int) -> None:
-        self.data, self.batch_size, self.seed = data, batch_size, seed
+    def __init__(self, data: TokenData, batch_size: int, seed: int, eval_batches: int) -> None:
+        self.data, self.batch_size, self.seed, self.eval_batches = data, batch_size, seed, eval_batches
 
     def batch(self, step: int, part: int, parts: int) -> Batch:
         rows = self.batch_size // parts
@@ -151,8 +196,6 @@ class TextBatches:
     def val_batches(self, rows: int) -> Iterator[Batch]:
         for windows in self.data.val_batches(rows, self.eval_batches):
             yield Batch.from_windows(windows)
-
-    eval_batches = 8
 
 
 def check_config(cfg: Any) -> None:
@@ -165,7 +208,7 @@ def train(cfg: Any, backend: str, force: bool = False, resume: bool = False) -> 
     check_config(cfg)
     engine = _engine(backend, cfg)
     try:
-        return _train(engine, backend, cfg, force, resume)
+        return _run(engine, backend, cfg, force, resume)
     finally:
         engine.close()
 
@@ -186,20 +229,8 @@ def _objective(backend: str) -> Any:
     return NextToken()
 
 
-def _train(engine: Any, backend: str, cfg: Any, force: bool, resume: bool) -> Path | None:
-    micro_batch(cfg, engine.world)  # the batch must split before anything is written
-    out = Path(cfg.out)
-    fresh = not out.exists() or not any(out.iterdir())
-    try:
-        return _run(engine, backend, cfg, force, resume)
-    except BaseException:
-        # A run that failed before its first step leaves no folder to block the retry (unless it was there before).
-        if fresh and not resume and engine.rank == 0 and out.is_dir() and not (out / "metrics.jsonl").exists():
-            shutil.rmtree(out, ignore_errors=True)
-        raise
-
-
 def _run(engine: Any, backend: str, cfg: Any, force: bool, resume: bool) -> Path | None:
+    micro_batch(cfg, engine.world)  # the batch must split before anything is written
     # Process 0 creates the run folder, tokenizer and token cache first; the others then find them.
     if engine.rank != 0 and engine.barrier():
         raise LlmctlError("process 0 failed while preparing the run; its own error message says why.")
@@ -211,16 +242,22 @@ def _run(engine: Any, backend: str, cfg: Any, force: bool, resume: bool) -> Path
         raise
     if engine.rank == 0:
         engine.barrier()
-    source = TextBatches(prep.data, cfg.data.batch_size, cfg.train.seed)
-    source.eval_batches = cfg.train.eval_batches
+    source = TextBatches(prep.data, cfg.data.batch_size, cfg.train.seed, cfg.train.eval_batches)
     job = Job(
         loop=cfg.train, optim=cfg.optim, run=prep.run, source=source, objective=_objective(backend),
         resume_key=prep.resume_key(cfg, engine.world), config_text=to_yaml(cfg), resume=resume,
         flops_per_unit=prep.spec.flops_per_token(cfg.data.seq_len, training=True),
         tokens_per_step=cfg.data.batch_size * cfg.data.seq_len, save_extras=prep.tokenizer.save,
+        started=prep.run.settle,
     )
-    engine.build(prep.spec, prep.init_from)
-    if not loop.run(engine, job):
+    try:
+        engine.build(prep.spec, prep.init_from)
+        finished = loop.run(engine, job)
+    except BaseException:
+        prep.run.restore()  # no-op once the first step settled the folder
+        raise
+    prep.run.settle()
+    if not finished:
         return None
     remember_model(prep.run.model_dir)
     ui.info(f"model written to {prep.run.model_dir}")

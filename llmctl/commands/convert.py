@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -80,6 +78,11 @@ def read_source(name: str | Path) -> Source:
     folder = resolve_model(name)
     config = read_config(folder)
     quantization = config.get("quantization") or config.get("quantization_config")
+    if quantization is not None and not isinstance(quantization, dict):
+        raise CheckpointError(
+            f"{folder / 'config.json'}: quantization is {quantization!r}; expected an object with group_size and bits.",
+            hint="llmctl reads MLX's affine layout and its own NF4 (`llmctl quantize` writes both).",
+        )
     if quantization is not None and not {"group_size", "bits"} <= quantization.keys():
         method = quantization.get("quant_method", "unknown")
         raise UnsupportedModel(
@@ -98,20 +101,6 @@ def read_source(name: str | Path) -> Source:
     return Source(folder, spec, tensors, quantization, str(dtype), tokenizer, folder)
 
 
-def _replace(staged: Path, out: Path) -> None:
-    """Move a finished file or folder into place; an existing OUT (--force) is removed only after that."""
-    if not out.exists():
-        os.replace(staged, out)
-        return
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    os.replace(out, old)
-    os.replace(staged, out)
-    if old.is_dir():
-        shutil.rmtree(old)
-    else:
-        old.unlink()
-
-
 def to_folder(source: Source, out: Path, dtype: str | None) -> ConversionReport:
     """Write `source` as a model folder: quantized as it is (GGUF -> affine), or every tensor as float `dtype`."""
     import numpy as np
@@ -120,6 +109,7 @@ def to_folder(source: Source, out: Path, dtype: str | None) -> ConversionReport:
         QUANT_KEYS, ConversionReport, affine_float32, dequantize_tensors, error_stats, float32_of, layer_quantization,
     )  # fmt: skip
     from llmctl.io.model_folder import write_model
+    from llmctl.io.outputs import replacing
 
     report = ConversionReport(notices=list(source.notices))
     tensors, quantization = source.tensors, source.quantization
@@ -142,9 +132,7 @@ def to_folder(source: Source, out: Path, dtype: str | None) -> ConversionReport:
         quantization = None
     else:
         report.exact.extend(name for name in source.tensors if not name.endswith((".scales", ".biases")))
-    staged = out.with_name(f".{out.name}.convert-{os.getpid()}")
-    shutil.rmtree(staged, ignore_errors=True)
-    try:
+    with replacing(out) as staged:  # an existing OUT (--force) is removed only once the new one is complete
         # mlx-lm reads RoPE's theta only from the older top-level key, not from rope_parameters
         extra = {"rope_theta": source.spec.rope_theta} | (
             {key: quantization for key in QUANT_KEYS} if quantization else {}
@@ -152,10 +140,6 @@ def to_folder(source: Source, out: Path, dtype: str | None) -> ConversionReport:
         write_model(staged, source.spec, tensors, source=source.folder, dtype=dtype or source.dtype, extra_config=extra)
         if source.folder is None and source.tokenizer is not None:
             source.tokenizer.save(staged)
-        _replace(staged, out)
-    except BaseException:
-        shutil.rmtree(staged, ignore_errors=True)
-        raise
     return report
 
 
@@ -173,6 +157,7 @@ def convert(
     """Convert a model between a folder and GGUF (by OUT's extension), or dequantize it; writes OUT."""
     from llmctl import ui
     from llmctl.io.gguf import is_gguf, write_gguf
+    from llmctl.io.outputs import check_output
 
     to_gguf = is_gguf(out)
     if to_gguf and dtype is not None:
@@ -183,8 +168,7 @@ def convert(
         raise typer.BadParameter(
             f"{model} is a model folder already: pass --dtype to write it as floats, or name OUT *.gguf."
         )
-    if Path(model).exists() and Path(model).resolve() == out.resolve():
-        raise CheckpointError(f"--out {out} is the model being converted.", hint="Write to another name.")
+    check_output(out, [model])
     if out.exists() and not force:
         raise CheckpointError(f"{out} already exists.", hint="Pass --force to replace it, or choose another --out.")
     if out.is_dir() and to_gguf:
@@ -192,10 +176,13 @@ def convert(
 
     source = read_source(model)
     if to_gguf:
-        report = write_gguf(
-            out, source.spec, source.tensors, quantization=source.quantization, tokenizer=source.tokenizer,
-            target=type_.value if type_ else None, name=source.path.stem, general=source.general,
-        )  # fmt: skip
+        from llmctl.io.outputs import replacing
+
+        with replacing(out) as staged:  # disk full or a kill mid-write keeps an older file whole
+            report = write_gguf(
+                staged, source.spec, source.tensors, quantization=source.quantization, tokenizer=source.tokenizer,
+                target=type_.value if type_ else None, name=source.path.stem, general=source.general,
+            )  # fmt: skip
         types = ", ".join(f"{n} {t}" for t, n in sorted(report.types.items()))
         ui.info(f"wrote {out} ({types})")
     else:

@@ -65,7 +65,7 @@ def info(
     from llmctl.io.hub import resolve_model
 
     folder = resolve_model(model)
-    if folder.suffix.lower() == ".gguf":
+    if folder.suffix.lower() == ".gguf" and folder.is_file():
         from llmctl.io.gguf import read_gguf
 
         spec = read_gguf(folder).spec

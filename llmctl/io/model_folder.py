@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -12,6 +11,8 @@ from pathlib import Path
 
 from llmctl.io.hf import check_tensors, config_from_spec, load_spec
 from llmctl.io.hub import resolve_model
+from llmctl.io.outputs import replacing
+from llmctl.io.paths import inside
 from llmctl.io.safetensors import RawTensor, atomic_write_text, load_folder_tensors, save_tensors
 from llmctl.spec import ModelSpec
 
@@ -68,21 +69,11 @@ def generation_config(spec: ModelSpec) -> dict:
 
 @contextmanager
 def staged_folder(out: Path) -> Iterator[Path]:
-    """Write a new folder under a temporary name and rename it into place only when complete."""
-    out = Path(out)
-    if out.exists():
-        out.mkdir(parents=True, exist_ok=True)
-        yield out  # files inside are each written atomically
-        return
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    """A new folder filled under a temporary name; it replaces `out` (an older model there included) only when
+    complete, so a failed or killed write leaves the old model whole."""
+    with replacing(out) as tmp:
+        tmp.mkdir()
         yield tmp
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def write_model(
@@ -100,9 +91,9 @@ def write_model(
         save_tensors(folder, tensors, max_shard_bytes=max_shard_bytes)
         atomic_write_text(folder / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
         carried = set()
-        if source is not None and Path(source).resolve() != Path(out).resolve():
+        if source is not None:  # the source may be `out` itself: it stays in place until the swap
             for name in CARRIED_FILES:
-                if (Path(source) / name).is_file():
+                if inside(source, name).is_file():  # a symlink out of the source folder is refused, not copied
                     shutil.copyfile(Path(source) / name, folder / name)
                     carried.add(name)
         if "generation_config.json" not in carried and not (folder / "generation_config.json").exists():

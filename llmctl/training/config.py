@@ -38,7 +38,8 @@ class DataConfig:
     def problems(self) -> list[str]:
         out = _at_least(self, "data", seq_len=2, batch_size=1, vocab_size=1)
         if not 0 < self.val_fraction < 1 and not self.val:
-            out.append(f"data.val_fraction={self.val_fraction}: must be between 0 and 1 (exclusive), a share of the training tokens.")
+            out.append(f"data.val_fraction={self.val_fraction}: must be between 0 and 1 (the share of tokens held out); "
+                       "or give validation files with data.val.")
         return out
 
 

@@ -94,6 +94,7 @@ class Job:
     flops_per_unit: float = 0.0                # training FLOPs per unit, for MFU (0: no MFU)
     tokens_per_step: int = 0                   # for tokens/s
     save_extras: Callable[[Path], None] | None = None   # e.g. the tokenizer, beside each saved model
+    started: Callable[[], None] | None = None   # called once the first step is logged (the run folder then stays)
     resume: bool = False
     state: dict[str, Any] = field(default_factory=dict)
 
@@ -144,6 +145,12 @@ def run(engine: Engine, job: Job) -> bool:
                 job.save_extras(folder / "model")
             atomic_write_text(folder / STATE_FILE, json.dumps(state, indent=1))
 
+    def log(record: dict[str, Any]) -> None:
+        job.run.log(record)
+        if job.started is not None:
+            job.started()  # a step ran: the run folder is the user's now
+            job.started = None
+
     engine.set_train(True)
     with ui.progress(cfg.steps, "train", start=start, log_every=cfg.log_every) as bar:
         for step in range(start, end):
@@ -155,7 +162,7 @@ def run(engine: Engine, job: Job) -> bool:
             if not math.isfinite(loss):
                 engine.zero_grad()
                 bad_steps += 1
-                job.run.log({"step": step + 1, "skipped": True, "loss": None})
+                log({"step": step + 1, "skipped": True, "loss": None})
                 ui.warn(f"step {step + 1}: loss is {loss}; step skipped ({bad_steps} in a row)")
                 if bad_steps >= cfg.max_bad_steps:
                     raise LlmctlError(
@@ -176,7 +183,7 @@ def run(engine: Engine, job: Job) -> bool:
                 val = engine.evaluate(job.objective, job.source.val_batches(max(1, _rows(batches))))
                 engine.set_train(True)
                 record |= {"val_loss": val["loss"], "val_ppl": math.exp(min(val["loss"], 50))}
-            job.run.log(record)
+            log(record)
             bar.update(1, loss=loss, tok_s=round(tok_s), **({"val": record["val_loss"]} if "val_loss" in record else {}))
             if (cfg.save_every and done % cfg.save_every == 0) or done == end:
                 save(done)
