@@ -16,7 +16,8 @@ from torch import Tensor, nn
 from llmctl.backends.torch.model import (
     KVCache, Transformer, _joint, attention_mask, dense_linear, fuse, make_cache, padded_mask,
 )
-from llmctl.backends.torch.quant import _DTYPE_CODES, _MODES, QuantizedEmbedding, QuantizedLinear
+from llmctl.backends.torch.quant import _DTYPE_CODES, QuantizedEmbedding, QuantizedLinear
+from llmctl import kernels
 from llmctl.errors import LlmctlError
 from llmctl.generation import PREFILL_CHUNK, PromptCache, SamplingParams
 
@@ -131,15 +132,15 @@ def _attend_one(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
 
 
 def _native_lib():
-    """llmctl._C when it has the C++ decode step and it is not turned off (LLMCTL_NATIVE_DECODE=0, or LLMCTL_ISA
-    set to pin qmatmul's kernels for a reference run, which the step would not follow); else None."""
-    if os.environ.get("LLMCTL_NATIVE_DECODE", "1") == "0" or os.environ.get("LLMCTL_ISA"):
+    """llmctl.kernels when the C++ extension is built and the decode step is not turned off
+    (LLMCTL_NATIVE_DECODE=0); else None. LLMCTL_ISA picks the step's kernels as it does qmatmul's."""
+    if os.environ.get("LLMCTL_NATIVE_DECODE", "1") == "0":
         return None
     try:
-        from llmctl import _C
+        from llmctl import _C  # noqa: F401
     except ImportError:
         return None
-    return _C if hasattr(_C, "NativeDecoder") else None
+    return kernels
 
 
 class NativeStep:
@@ -154,15 +155,15 @@ class NativeStep:
 
     def __init__(self, lib, model: Transformer) -> None:
         spec = model.spec
-        self.spec, self.model, self.keep = spec, model, []
+        self.spec, self.model = spec, model
+        self.isa = kernels.isa_code(None)  # $LLMCTL_ISA as it was when the step was built
         inner = model.model
-        norm_dtype = inner.norm.weight.dtype
         embed = inner.embed_tokens
         embedding = self._matrix(embed) if isinstance(embed, QuantizedEmbedding) else self._dense(embed.weight, None)
         head = embedding if spec.tie_embeddings else self._projection([model.lm_head])[0]
         self.impl = lib.NativeDecoder(
             spec.dim, spec.n_heads, spec.n_kv_heads, spec.head_dim, spec.ffn_dim, spec.vocab_size,
-            spec.sliding_window or 0, spec.norm_eps, _DTYPE_CODES[norm_dtype], embedding, self._keep(inner.norm.weight), head,
+            spec.sliding_window or 0, spec.norm_eps, embedding, self._keep(inner.norm.weight), head,
         )  # fmt: skip
         for block in inner.layers:
             attn, mlp = block.self_attn, block.mlp
@@ -181,34 +182,27 @@ class NativeStep:
             return None
         try:
             return cls(lib, model)
-        except _Unsupported:
+        except (_Unsupported, kernels.KernelArgumentError):
             return None
 
-    def _keep(self, t: Tensor, codes: bool = False) -> int:
-        """t's address, t kept alive; float tensors (or uint32 codes), contiguous, on the CPU."""
-        if (t.dtype != torch.uint32 if codes else t.dtype not in _DTYPE_CODES) or not t.is_contiguous() or t.device.type != "cpu":
+    def _keep(self, t: Tensor) -> Tensor:
+        """t, if the step can read it: a float tensor, contiguous, on the CPU."""
+        if t.dtype not in _DTYPE_CODES or not t.is_contiguous() or t.device.type != "cpu":
             raise _Unsupported
-        self.keep.append(t)
-        return t.data_ptr()
+        return t
 
-    def _bias(self, bias: Tensor | None) -> tuple[int, int]:
-        return (0, 0) if bias is None else (self._keep(bias), _DTYPE_CODES[bias.dtype])
+    def _dense(self, weight: Tensor, bias: Tensor | None) -> kernels.DecodeMatrix:
+        return kernels.DecodeMatrix(weight, bias)
 
-    def _dense(self, weight: Tensor, bias: Tensor | None) -> tuple:
-        return (*weight.shape, self._keep(weight), _DTYPE_CODES[weight.dtype], 0, 0, 0, 0, 0, 0, 0, *self._bias(bias), False)
-
-    def _quantized(self, layer: QuantizedLinear, rows: int, weight: Tensor, scales: Tensor, biases: Tensor | None, bias: Tensor | None) -> tuple:
-        """`rows` outputs of `layer`'s format (its own tensors, or those of layers fused with it)."""
-        return (
-            rows, layer.in_features, 0, 0, self._keep(weight, codes=True), self._keep(scales),
-            0 if biases is None else self._keep(biases), _DTYPE_CODES[scales.dtype], layer.group_size, layer.bits,
-            _MODES[layer.mode], *self._bias(bias), layer.tiled,
-        )  # fmt: skip
+    def _quantized(self, layer: QuantizedLinear, weight: Tensor, scales: Tensor, biases: Tensor | None, bias: Tensor | None) -> kernels.DecodeMatrix:
+        """Outputs of `layer`'s format (its own tensors, or those of layers fused with it)."""
+        return kernels.DecodeMatrix(bias=bias, wq=weight, scales=scales, biases=biases, group_size=layer.group_size,
+                                    bits=layer.bits, mode=layer.mode)  # fmt: skip
 
     def _matrix(self, layer: nn.Module) -> tuple:
         if isinstance(layer, QuantizedLinear):
             layer.tile()
-            return self._quantized(layer, layer.out_features, layer.weight, layer.scales, layer.biases, layer.bias)
+            return self._quantized(layer, layer.weight, layer.scales, layer.biases, layer.bias)
         if type(layer) is not nn.Linear:
             raise _Unsupported
         return self._dense(layer.weight, layer.bias)
@@ -222,7 +216,7 @@ class NativeStep:
             for linear in linears:
                 linear.tile() if tile else linear.untile()
             joint = (_joint_buffer(linears, name) for name in ("weight", "scales", "biases", "bias"))
-            return [self._quantized(linears[0], sum(linear.out_features for linear in linears), *joint)]
+            return [self._quantized(linears[0], *joint)]
         return [self._matrix(linear) for linear in linears]
 
     def __call__(self, token: int, cache: list[KVCache]) -> Tensor:
@@ -233,10 +227,9 @@ class NativeStep:
                 layer.reserve(pos + 1, self.empty)
         cos, sin = self.model.rope.table(pos + 1, self.empty)                 # (N, D) float32
         logits = torch.empty(1, 1, self.spec.vocab_size)
-        row = pos * self.spec.head_dim * 4
         self.impl.step(
-            token, pos, [layer.keys.data_ptr() for layer in cache], [layer.values.data_ptr() for layer in cache],
-            cache[0].keys.shape[2], cos.data_ptr() + row, sin.data_ptr() + row, logits.data_ptr(), torch.get_num_threads(),
+            token, pos, [layer.keys for layer in cache], [layer.values for layer in cache], cos[pos], sin[pos], logits,
+            threads=torch.get_num_threads(), isa=self.isa,
         )  # fmt: skip
         for layer in cache:
             layer.offset = pos + 1
