@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +23,7 @@ class KernelArgumentError(LlmctlError, ValueError):
     """An array handed to llmctl.kernels with the wrong shape, dtype, device or parameters."""
 
 
+@functools.cache
 def _lib() -> Any:
     try:
         from llmctl import _C
@@ -626,47 +628,63 @@ def _torch_code(dtype: Any) -> int | None:
 
 
 def _nbytes(t: Any) -> tuple[int, int]:
-    return t.data_ptr(), t.numel() * t.element_size()
+    return t.data_ptr(), t.nbytes
 
 
-def torch_qmatmul(
-    x: Any, wq: Any, scales: Any, biases: Any, group_size: int, bits: int, mode: str = "affine", *, threads: int = 0,
-    isa: int = 0,
-) -> Any:
-    """qmatmul (or qmatmul_tiled, for wq in the tiled layout) of torch CPU tensors, with checks that cost O(1).
+class QuantizedWeights:
+    """Quantized weights of one layer (torch CPU tensors, MLX's layout or the tiled one), checked once for the many
+    small products of decoding (~100 a token): `matmul` then checks only x, in O(1), and the C++ side every byte
+    count again. Holds the tensors; build a new one when they are replaced."""
 
-    The same contract as `qmatmul`; isa is an ISA code (`isa_code`). Anything it does not take (CUDA, other dtypes,
-    non-contiguous weights) goes through `qmatmul`, whose errors say what is wrong.
-    """
-    import torch
-
-    tiled = wq.dim() == 3
-    code, w_code = _torch_code(x.dtype), _torch_code(scales.dtype)
-    rows = scales.shape[0] * (TILE_ROWS if tiled else 1)
-    k = x.shape[-1] if x.dim() else -1
-    expected = (rows // TILE_ROWS, k * bits // 32, TILE_ROWS) if tiled else (rows, k * bits // 32)
-    if (
-        code is None or w_code is None or x.is_cuda or wq.is_cuda or wq.dtype != torch.uint32
-        or tuple(wq.shape) != expected or scales.shape[-2 if tiled else 1] * group_size != k
-        or not (wq.is_contiguous() and scales.is_contiguous())
-        or (biases is None) != (mode == "nf4") or mode not in MODES
-        or (biases is not None and (biases.shape != scales.shape or biases.dtype != scales.dtype or not biases.is_contiguous()))
-    ):  # fmt: skip
-        if tiled:
-            return qmatmul_tiled(x, wq, scales, biases, group_size, bits, threads=threads, isa=ISAS[isa])
-        return qmatmul(x, wq, scales, biases, group_size, bits, mode=mode, threads=threads, isa=ISAS[isa])
-    x = x.contiguous()
-    y = torch.empty(*x.shape[:-1], rows, dtype=x.dtype)
-    args = (_nbytes(x), code, x.numel() // k if k else 0, k, _nbytes(wq), _nbytes(scales),
-            (0, 0) if biases is None else _nbytes(biases), w_code, rows, group_size, bits)  # fmt: skip
-    try:
-        if tiled:
-            _lib().qmatmul_tiled(*args, _nbytes(y), code, threads, isa)
+    def __init__(self, wq: Any, scales: Any, biases: Any, group_size: int, bits: int, mode: str = "affine") -> None:
+        if mode not in MODES or (mode == "nf4") != (biases is None):
+            raise KernelArgumentError(f"mode={mode!r} with biases {'None' if biases is None else 'given'}: affine "
+                                      "weights have biases, nf4 ones none.")
+        self.tiled = is_tiled(wq)
+        if self.tiled:
+            _tiled_arrays(wq, scales, biases, group_size, bits, tiled=True)
         else:
-            _lib().qmatmul(*args, MODES.index(mode), _nbytes(y), code, threads, isa)
-    except ValueError as error:
-        raise KernelArgumentError(f"{error}.") from None
-    return y
+            _check_params(group_size, bits, 0)
+            arrays = {"wq": _wrap(wq, "wq"), "scales": _wrap(scales, "scales")}
+            if biases is not None:
+                arrays["biases"] = _wrap(biases, "biases")
+            q, s, b = arrays["wq"], arrays["scales"], arrays.get("biases")
+            if any(a.framework != "torch" or a.on_cuda or a.data is not t for a, t in zip(arrays.values(), (wq, scales, biases))):
+                raise KernelArgumentError("QuantizedWeights holds contiguous torch CPU tensors.")
+            if (q.dtype != "uint32" or s.dtype not in FLOAT_DTYPES or (b is not None and (b.dtype, b.shape) != (s.dtype, s.shape))
+                    or len(q.shape) != 2 or len(s.shape) != 2 or q.shape[0] != s.shape[0]
+                    or q.shape[1] * 32 != s.shape[1] * group_size * bits):  # fmt: skip
+                raise KernelArgumentError(f"wq {q.dtype} {q.shape}, scales {s.dtype} {s.shape} are not {bits}-bit codes "
+                                          f"and their scales at group_size {group_size}.")
+        self.wq, self.scales, self.biases = wq, scales, biases
+        self.group_size, self.bits, self.mode = group_size, bits, mode
+        self.out_features = scales.shape[0] * (TILE_ROWS if self.tiled else 1)
+        self.in_features = scales.shape[-2 if self.tiled else 1] * group_size
+        # the call's arguments after x's (buffer, dtype, batch, in_features), up to y's buffer; then after it
+        self._weights = (_nbytes(wq), _nbytes(scales), (0, 0) if biases is None else _nbytes(biases),
+                         _torch_code(scales.dtype), self.out_features, group_size, bits)  # fmt: skip
+        if not self.tiled:
+            self._weights += (MODES.index(mode),)
+        self._kernel = _lib().qmatmul_tiled if self.tiled else _lib().qmatmul
+
+    def matmul(self, x: Any, *, threads: int = 0, isa: int = 0) -> Any:
+        """x (..., in_features) float32/float16/bfloat16 @ W^T, in x's dtype; isa: an ISA code (`isa_code`)."""
+        code = _TORCH_CODES.get(x.dtype)
+        k = self.in_features
+        if code is None or x.is_cuda or not x.ndim or x.shape[-1] != k:
+            if self.tiled:
+                return qmatmul_tiled(x, self.wq, self.scales, self.biases, self.group_size, self.bits, threads=threads,
+                                     isa=ISAS[isa])  # fmt: skip
+            return qmatmul(x, self.wq, self.scales, self.biases, self.group_size, self.bits, mode=self.mode,
+                           threads=threads, isa=ISAS[isa])  # its error, in the user's words
+        x = x.contiguous()
+        y = x.new_empty((*x.shape[:-1], self.out_features))
+        try:
+            self._kernel((x.data_ptr(), x.nbytes), code, x.numel() // k if k else 0, k, *self._weights,
+                         (y.data_ptr(), y.nbytes), code, threads, isa)  # fmt: skip
+        except ValueError as error:
+            raise KernelArgumentError(f"{error}.") from None
+        return y
 
 
 class DecodeMatrix:

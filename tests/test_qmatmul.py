@@ -291,4 +291,5 @@ def test_tiled_weights_are_refused_where_mlx_s_layout_is_read():
         kernels.qmatmul_tiled(x, *mlx, 64, 4)
     with pytest.raises(KernelArgumentError, match="not in MLX's layout"):
         kernels.to_tiled(*tiled, 64, 4)
-    assert torch.equal(kernels.torch_qmatmul(x, *tiled, 64, 4), kernels.qmatmul_tiled(x, *tiled, 64, 4))
+    assert torch.equal(kernels.QuantizedWeights(*tiled, 64, 4).matmul(x), kernels.qmatmul_tiled(x, *tiled, 64, 4))
+    assert torch.equal(kernels.QuantizedWeights(*mlx, 64, 4).matmul(x), kernels.qmatmul(x, *mlx, 64, 4))

@@ -76,10 +76,15 @@ class QuantizedLinear(nn.Module):
             return self._dequantized_matmul(x)
         if weight.dim() == 3 and _DTYPE_CODES.get(x.dtype) is None and x.shape[-1] == self.in_features:
             return self.matmul(x.float(), threads).to(x.dtype)  # the tiled kernels take float activations only
-        # The decode path: a hundred small products per token, checks that cost O(1) (kernels.torch_qmatmul)
-        threads = torch.get_num_threads() if threads is None else threads
-        return kernels.torch_qmatmul(x, weight, scales, biases, self.group_size, self.bits, self.mode,
-                                     threads=threads, isa=self.isa)  # fmt: skip
+        if weight.is_cuda:
+            return kernels.qmatmul(x, weight, scales, biases, self.group_size, self.bits, mode=self.mode)
+        # The decode path: a hundred small products per token, so the weights are checked once (kernels.QuantizedWeights,
+        # made again when they are replaced) and each call checks x only
+        checked = self.__dict__.get("_checked")
+        if checked is None or checked.wq is not weight or checked.scales is not scales or checked.biases is not biases:
+            checked = self.__dict__["_checked"] = kernels.QuantizedWeights(weight, scales, biases, self.group_size,
+                                                                           self.bits, self.mode)  # fmt: skip
+        return checked.matmul(x, threads=torch.get_num_threads() if threads is None else threads, isa=self.isa)
 
     def can_tile(self) -> bool:
         """Whether `tile` would rearrange this layer: affine 4-/8-bit codes of a multiple of 16 rows on a CPU that
