@@ -8,7 +8,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from llmctl.errors import ConfigError
 from llmctl.tokenizer import StreamDecoder, Tokenizer
@@ -116,12 +116,6 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
         if a[i] != b[i]:
             return i
     return n
-
-
-class LayerCache(Protocol):
-    offset: int
-
-    def trim(self, n: int) -> None: ...
 
 
 class PromptCache:
@@ -245,32 +239,6 @@ def peak_memory_bytes() -> int:
 
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss if sys.platform == "darwin" else rss * 1024  # bytes on macOS, KiB on Linux
-
-
-def open_model(name: str | None, backend: str, dtype: str | None) -> tuple[Any, Tokenizer]:
-    """Load a model and its tokenizer for generation; no name means the latest model `llmctl train` wrote."""
-    from llmctl import ui
-    from llmctl.backends import get_backend, resolve_name
-    from llmctl.errors import LlmctlError
-    from llmctl.io.hub import resolve_model
-    from llmctl.run import last_model
-
-    if name is None:
-        latest = last_model()
-        if latest is None:
-            raise LlmctlError(
-                "No model given, and no model made by `llmctl train` was found.",
-                hint="Pass --model DIR (a model folder or a Hugging Face id), or run `llmctl train` to make one.",
-            )
-        name = str(latest)
-        ui.info(f"[dim]--model not given: using the latest trained model {latest}[/]")
-    from llmctl.tokenizer import load_tokenizer
-
-    folder = resolve_model(name)  # a folder, a cached Hugging Face id, or a .gguf file
-    tokenizer = load_tokenizer(folder)
-    model = get_backend(backend).load(folder, dtype=dtype)
-    ui.info(f"[dim]model {folder} ({model.spec.family}, {model.spec.param_count() / 1e6:.3g}M parameters) on {resolve_name(backend)}[/]")
-    return model, tokenizer
 
 
 def stop_ids(model: Any, tokenizer: Tokenizer) -> frozenset[int]:

@@ -6,11 +6,12 @@ import importlib.util
 import platform
 import sys
 from enum import Enum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llmctl.errors import BackendUnavailable
 
-NAMES = ("torch", "mlx")
+if TYPE_CHECKING:
+    from llmctl.tokenizer import Tokenizer
 
 
 class Backend(str, Enum):
@@ -54,3 +55,27 @@ def get_backend(name: str | Backend = "auto") -> Any:
             )
         from llmctl.backends.mlx.runtime import Runtime
     return Runtime()
+
+
+def open_model(name: str | None, backend: str, dtype: str | None) -> tuple[Any, Tokenizer]:
+    """Load a model and its tokenizer for generation; no name means the latest model `llmctl train` wrote."""
+    from llmctl import ui
+    from llmctl.errors import LlmctlError
+    from llmctl.io.hub import resolve_model
+    from llmctl.io.model_folder import load_tokenizer
+    from llmctl.run import last_model
+
+    if name is None:
+        latest = last_model()
+        if latest is None:
+            raise LlmctlError(
+                "No model given, and no model made by `llmctl train` was found.",
+                hint="Pass --model DIR (a model folder or a Hugging Face id), or run `llmctl train` to make one.",
+            )
+        name = str(latest)
+        ui.info(f"[dim]--model not given: using the latest trained model {latest}[/]")
+    folder = resolve_model(name)  # a folder, a cached Hugging Face id, or a .gguf file
+    tokenizer = load_tokenizer(folder)
+    model = get_backend(backend).load(folder, dtype=dtype)
+    ui.info(f"[dim]model {folder} ({model.spec.family}, {model.spec.param_count() / 1e6:.3g}M parameters) on {resolve_name(backend)}[/]")
+    return model, tokenizer

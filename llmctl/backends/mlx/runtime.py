@@ -11,7 +11,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from llmctl.backends.mlx import generate as engine
-from llmctl.backends.mlx.model import Transformer
+from llmctl.backends.mlx.model import DTYPE_NAMES, Transformer
 from llmctl.backends.mlx.quant import prepare_quantized
 from llmctl.generation import PromptCache, SamplingParams
 from llmctl.io.model_folder import read_model, write_model
@@ -20,17 +20,17 @@ from llmctl.spec import ModelSpec
 
 DTYPES = {"float32": mx.float32, "fp32": mx.float32, "bfloat16": mx.bfloat16, "bf16": mx.bfloat16,
           "float16": mx.float16, "fp16": mx.float16}
-DTYPE_NAMES = {mx.float32: "float32", mx.bfloat16: "bfloat16", mx.float16: "float16"}
 
 
 class Model:
     """A Transformer in eval mode plus where it came from."""
 
-    def __init__(self, module: Transformer, source: Path | None = None) -> None:
+    def __init__(self, module: Transformer, source: Path | None = None, quantization: dict | None = None) -> None:
         self.module = module
         self.module.eval()
         self.spec = module.spec
         self.source = source
+        self.quantization = quantization  # config.json's entry for the quantized layers, None: float
 
     def logits(self, tokens: list[list[int]]) -> np.ndarray:
         """Float32 logits (B, T, V) of equal-length token rows."""
@@ -54,7 +54,8 @@ class Model:
         params = dict(tree_flatten(self.module.parameters()))
         tensors = {k: from_mlx(v) for k, v in params.items()}
         dtype = DTYPE_NAMES.get(params["model.embed_tokens.weight"].dtype, "float32")
-        return write_model(out, self.spec, tensors, self.source, dtype, max_shard_bytes)
+        return write_model(out, self.spec, tensors, self.source, dtype, max_shard_bytes,
+                           quantization=self.quantization)
 
 
 class Runtime:
@@ -80,4 +81,4 @@ class Runtime:
             weights = [(k, v if k in stored else v.astype(DTYPES[dtype])) for k, v in weights]
         module.load_weights(weights, strict=True)
         mx.eval(module.parameters())
-        return Model(module, folder.path)
+        return Model(module, folder.path, folder.quantization)

@@ -10,9 +10,9 @@ from torch import Tensor, nn
 
 from llmctl import kernels
 from llmctl.backends.torch.model import dense_linear
-from llmctl.io.model_folder import ModelFolder
+from llmctl.io.model import ModelFolder
 from llmctl.io.safetensors import RawTensor, from_torch, to_torch
-from llmctl.quant import AUX_SUFFIXES, QuantParams, expand_double_quant, quantization_of, quantized_layers
+from llmctl.quant import AUX_SUFFIXES, QuantParams, expand_double_quant, quantized_layers
 
 
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # csrc/quant.h's DType
@@ -254,7 +254,7 @@ def prepare_quantized(module: nn.Module, folder: ModelFolder, dtype: torch.dtype
     Returns the tensor names to load as stored (codes, scales, biases), not cast to the model's dtype `dtype`
     (None: as stored), which quantized embeddings still produce.
     """
-    layers = quantized_layers(quantization_of(folder.spec.extra), folder.tensors)
+    layers = quantized_layers(folder.quantization, folder.tensors)
     expand_double_quant(folder.tensors, layers)
     apply_quantized_layers(module, layers, dtype)
     return {path + suffix for path in layers for suffix in (".weight", *AUX_SUFFIXES)}

@@ -36,10 +36,11 @@ class _SkipInit(TorchFunctionMode):
 class Model:
     """A Transformer in eval mode plus where it came from."""
 
-    def __init__(self, module: Transformer, source: Path | None = None) -> None:
+    def __init__(self, module: Transformer, source: Path | None = None, quantization: dict | None = None) -> None:
         self.module = module.eval()
         self.spec = module.spec
         self.source = source
+        self.quantization = quantization  # config.json's entry for the quantized layers, None: float
 
     @torch.no_grad()
     def logits(self, tokens: list[list[int]]) -> np.ndarray:
@@ -62,7 +63,8 @@ class Model:
     def save(self, out: Path, max_shard_bytes: int | None = None) -> Path:
         dtype = next(self.module.parameters()).dtype
         tensors = {k: from_torch(v) for k, v in self.module.state_dict().items() if k != "lm_head.weight" or not self.spec.tie_embeddings}
-        return write_model(out, self.spec, tensors, self.source, str(dtype).removeprefix("torch."), max_shard_bytes)
+        return write_model(out, self.spec, tensors, self.source, str(dtype).removeprefix("torch."), max_shard_bytes,
+                           quantization=self.quantization)
 
 
 class Runtime:
@@ -95,4 +97,4 @@ class Runtime:
         for tensor in (*module.parameters(), *module.buffers()):
             if tensor.data_ptr() in mapped:
                 tensor.data = tensor.data.clone()
-        return Model(module, folder.path)
+        return Model(module, folder.path, folder.quantization)
