@@ -162,7 +162,13 @@ class ChatSession:
         if name == "/save":
             if not arg:
                 return "Usage: /save FILE"
-            Path(arg).expanduser().write_text(json.dumps(self.messages, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+            from llmctl.io.outputs import replacing
+
+            target = Path(arg).expanduser()
+            if target.is_dir():
+                raise DataError(f"/save {arg}: that is a folder.", hint="Give a file name, e.g. /save chat.json.")
+            with replacing(target, parents=False) as staged:  # an unwritable path is an error message; the chat goes on
+                staged.write_text(json.dumps(self.messages, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
             return f"Saved {len(self.messages)} messages to {arg}."
         if name == "/load":
             if not arg:

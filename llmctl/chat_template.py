@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from functools import lru_cache
 from typing import Any
@@ -22,6 +27,70 @@ DEFAULT_CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+
+
+MAX_RENDERED_CHARS = 1_000_000  # a rendered conversation longer than this is a template gone wrong
+MAX_SECONDS = 5.0               # and so is one that takes longer to render
+
+
+class _TemplateLimit(Exception):
+    """The template's output or running time passed a limit; carries the message."""
+
+
+class _BoundedSandbox(ImmutableSandboxedEnvironment):
+    """The sandbox, with `*`, `**` and `+` refused where their result would pass the size limit."""
+
+    intercepted_binops = frozenset(["*", "**", "+"])
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        if operator == "**" and isinstance(right, int) and isinstance(left, (int, float)) and abs(right) > 1024:
+            raise _TemplateLimit(f"it computes {left!r} ** {right}, a number too large to print")
+        if operator == "*":
+            for seq, n in ((left, right), (right, left)):
+                if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > MAX_RENDERED_CHARS:
+                    raise _TemplateLimit(
+                        f"it repeats a {len(seq)}-item text or list {n} times, past the limit of "
+                        f"{MAX_RENDERED_CHARS:,} characters"
+                    )
+        if operator == "+" and isinstance(left, (str, list)) and isinstance(right, (str, list)):
+            if len(left) + len(right) > MAX_RENDERED_CHARS:
+                raise _TemplateLimit(f"it builds a text longer than {MAX_RENDERED_CHARS:,} characters")
+        return super().call_binop(context, operator, left, right)
+
+
+@contextmanager
+def _time_limit(seconds: float) -> Iterator[None]:
+    """Interrupt a template that runs longer than `seconds` (main thread on POSIX; elsewhere `_render` checks time)."""
+    if not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expired(signum: int, frame: Any) -> None:
+        raise _TemplateLimit(f"it ran for more than {seconds:g} s")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    old_delay, _ = signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        if old_delay:
+            signal.setitimer(signal.ITIMER_REAL, old_delay)
+
+
+def _render(template: jinja2.Template, variables: dict[str, Any]) -> str:
+    """Render piece by piece, stopping at MAX_RENDERED_CHARS or MAX_SECONDS."""
+    start, size, pieces = time.monotonic(), 0, []
+    with _time_limit(MAX_SECONDS):
+        for piece in template.generate(**variables):
+            size += len(piece)
+            pieces.append(piece)
+            if size > MAX_RENDERED_CHARS:
+                raise _TemplateLimit(f"its output passed the limit of {MAX_RENDERED_CHARS:,} characters")
+            if time.monotonic() - start > MAX_SECONDS:
+                raise _TemplateLimit(f"it ran for more than {MAX_SECONDS:g} s")
+    return "".join(pieces)
 
 
 class _TemplateRefused(Exception):
@@ -56,6 +125,8 @@ class _Namespace(jinja2.utils.Namespace):
 
     def __setitem__(self, name: str, value: Any) -> None:
         _Namespace._check(name)
+        if isinstance(value, (str, list)) and len(value) > MAX_RENDERED_CHARS:  # `ns.s = ns.s ~ ns.s` doubling
+            raise _TemplateLimit(f"it builds a value of {len(value):,} items in namespace().{name}, past the limit")
         jinja2.utils.Namespace.__setitem__(self, name, value)
 
     @staticmethod
@@ -66,7 +137,7 @@ class _Namespace(jinja2.utils.Namespace):
 
 @lru_cache(maxsize=32)
 def _compile(template: str) -> jinja2.Template:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env = _BoundedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
@@ -102,19 +173,26 @@ def render_chat(
     messages = [{key: value for key, value in message.items() if value is not None} for message in messages]
     variables = {"tools": None, "documents": None, **kwargs}
     try:
-        return _compile(template).render(
-            messages=messages,
-            add_generation_prompt=add_generation_prompt,
-            bos_token=bos_token,
-            eos_token=eos_token,
-            **variables,
+        return _render(
+            _compile(template),
+            dict(messages=messages, add_generation_prompt=add_generation_prompt, bos_token=bos_token, eos_token=eos_token, **variables),
         )
+    except _TemplateLimit as e:
+        raise TokenizerError(
+            f"The chat template was stopped: {e.args[0]}.",
+            hint="The model's chat template loops or grows without bound; fix chat_template.jinja or use another model.",
+        ) from None
+    except RecursionError:
+        raise TokenizerError(
+            "The chat template was stopped: it calls itself without end (a recursive macro).",
+            hint="Fix the recursion in chat_template.jinja, or use another model.",
+        ) from None
     except _TemplateRefused as e:
         raise TokenizerError(
             str(e.args[0]) if e.args else "The chat template refused this conversation.",
             hint="The model's chat template refused this conversation; change the messages to the form it accepts.",
         ) from e
-    except (jinja2.TemplateError, TypeError, ValueError, LookupError, AttributeError) as e:
+    except (jinja2.TemplateError, TypeError, ValueError, LookupError, AttributeError, OverflowError) as e:
         # Template code is foreign: `'a' + None`, a missing key or a bad index all mean messages it did not expect
         raise TokenizerError(
             f"The chat template failed on this conversation: {e}",

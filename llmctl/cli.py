@@ -52,7 +52,7 @@ def _version(value: bool) -> None:
 @app.callback()
 def main(
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")] = False,
-    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", envvar="LLMCTL_DEBUG", help="Show tracebacks for errors (also LLMCTL_DEBUG=1).")] = False,
 ) -> None:
     _state["debug"] = debug
 

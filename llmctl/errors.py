@@ -41,3 +41,12 @@ class TokenizerError(LlmctlError):
 
 class BackendUnavailable(LlmctlError):
     """The requested backend is not installed or cannot run on this machine."""
+
+
+class OutputError(LlmctlError):
+    """An output that cannot be written (full disk, read-only file system, missing folder); names the file."""
+
+    def __init__(self, message: str, hint: str | None = None, reason: str = "", path: str = "") -> None:
+        super().__init__(message, hint)
+        self.reason = reason or message  # "the disk is full"
+        self.path = path                 # the file being written when it failed

@@ -58,20 +58,40 @@ class SamplingParams:
 
 
 def generation_defaults(folder: Path) -> dict[str, Any]:
-    """Sampling settings a model ships in generation_config.json, as SamplingParams fields."""
-    path = Path(folder) / "generation_config.json"
+    """Sampling settings a model ships in generation_config.json, as SamplingParams fields (checked, naming the file)."""
+    from llmctl.io.paths import inside
+
+    path = inside(folder, "generation_config.json") if Path(folder).is_dir() else Path(folder) / "generation_config.json"
     try:
-        config = json.loads(path.read_text()) if path.is_file() else {}
-    except (OSError, json.JSONDecodeError):
-        return {}
+        config = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path} is not valid JSON: {e}", hint="Fix or delete generation_config.json.") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path} holds a JSON {type(config).__name__}; expected an object.", hint="Fix or delete it.")
+    checks = {
+        "temperature": (float, lambda v: v >= 0, ">= 0"),
+        "top_k": (int, lambda v: v >= 0, ">= 0"),
+        "top_p": (float, lambda v: 0 < v <= 1, "in (0, 1]"),
+        "min_p": (float, lambda v: 0 <= v < 1, "in [0, 1)"),
+        "repetition_penalty": (float, lambda v: v > 0, "> 0"),
+    }
+    values: dict[str, Any] = {}
+    for key, (cast, ok, rule) in checks.items():
+        value = config.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (cast is int and value != int(value)) or not ok(value):
+            raise ConfigError(
+                f"{path}: {key} is {json.dumps(value)}; it must be a number {rule}.",
+                hint=f"Fix {key} in generation_config.json, or override it with --{key.replace('_', '-')}.",
+            )
+        values[key] = cast(value)
     out: dict[str, Any] = {}
-    if config.get("do_sample") and config.get("temperature", 1.0) > 0:
-        out["temperature"] = float(config.get("temperature", 1.0))
-        for key, cast in (("top_k", int), ("top_p", float), ("min_p", float)):
-            if config.get(key) is not None:
-                out[key] = cast(config[key])
-    if config.get("repetition_penalty") is not None:
-        out["repetition_penalty"] = float(config["repetition_penalty"])
+    if config.get("do_sample") and values.get("temperature", 1.0) > 0:
+        out["temperature"] = values.get("temperature", 1.0)
+        out |= {key: values[key] for key in ("top_k", "top_p", "min_p") if key in values}
+    if "repetition_penalty" in values:
+        out["repetition_penalty"] = values["repetition_penalty"]
     return out
 
 
@@ -239,6 +259,18 @@ def peak_memory_bytes() -> int:
 
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss if sys.platform == "darwin" else rss * 1024  # bytes on macOS, KiB on Linux
+
+
+def check_vocab(tokenizer: Tokenizer, spec: Any, folder: Path) -> None:
+    """A tokenizer with more ids than the model has embeddings would index past the embedding table."""
+    if tokenizer.vocab_size > spec.vocab_size:
+        from llmctl.errors import TokenizerError
+
+        raise TokenizerError(
+            f"{folder}: the tokenizer has {tokenizer.vocab_size} tokens but config.json's vocab_size is "
+            f"{spec.vocab_size}; ids past {spec.vocab_size - 1} have no embedding.",
+            hint="The tokenizer files belong to another model: copy the model's own tokenizer into the folder.",
+        )
 
 
 def stop_ids(model: Any, tokenizer: Tokenizer) -> frozenset[int]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,7 @@ from typing import Any
 from llmctl import ui
 from llmctl.config import to_dict, to_yaml
 from llmctl.data.text import TokenData, default_corpus, expand_sources, read_documents, split, tokenize_files
-from llmctl.errors import ConfigError
+from llmctl.errors import ConfigError, SpecError
 from llmctl.io.safetensors import atomic_write_text
 from llmctl.run import RunFolder
 from llmctl.spec import ModelSpec
@@ -46,11 +47,12 @@ def _ffn_dim(dim: int) -> int:
 def _spec(cfg: Any, tokenizer: Tokenizer) -> tuple[ModelSpec, Path | None]:
     m = cfg.model
     if m.from_:
-        from llmctl.io.hf import load_spec
         from llmctl.io.hub import resolve_model
 
+        from llmctl.io.model_folder import read_model
+
         folder = resolve_model(m.from_)
-        spec = load_spec(folder)
+        spec = read_model(folder).spec  # config.json checked against the tensor headers before anything is built
         if tokenizer.vocab_size > spec.vocab_size:
             raise ConfigError(
                 f"the tokenizer has {tokenizer.vocab_size} tokens but model.from={m.from_} has vocab_size {spec.vocab_size}.",
@@ -60,7 +62,20 @@ def _spec(cfg: Any, tokenizer: Tokenizer) -> tuple[ModelSpec, Path | None]:
     vocab = m.vocab_size or tokenizer.vocab_size
     if vocab < tokenizer.vocab_size:
         raise ConfigError(f"model.vocab_size={vocab} is smaller than the tokenizer's {tokenizer.vocab_size} tokens.")
-    spec = ModelSpec(
+    try:
+        return _new_spec(cfg, tokenizer, vocab), None
+    except SpecError as e:
+        # the spec's words (dim, n_heads, head_dim) as the keys `train` takes
+        message = e.message.replace("; set head_dim", "").replace("head_dim", "the head width (model.dim / model.n_heads)")
+        for word in ("vocab_size", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len", "n_experts",
+                     "experts_per_token", "sliding_window", "dim"):  # fmt: skip
+            message = re.sub(rf"(?<![\w.]){word}\b", f"model.{word}", message)
+        raise ConfigError(message, hint="model.dim must be a multiple of model.n_heads, and model.n_heads of model.n_kv_heads.") from None
+
+
+def _new_spec(cfg: Any, tokenizer: Tokenizer, vocab: int) -> ModelSpec:
+    m = cfg.model
+    return ModelSpec(
         vocab_size=vocab,
         dim=m.dim,
         n_layers=m.n_layers,
@@ -81,7 +96,6 @@ def _spec(cfg: Any, tokenizer: Tokenizer) -> tuple[ModelSpec, Path | None]:
         pad_token_id=tokenizer.pad_id,
         init_std=m.init_std,
     )
-    return spec, None
 
 
 def _tokenizer(cfg: Any, run: RunFolder, files: list[Path], resume: bool) -> Tokenizer:
@@ -112,7 +126,34 @@ def prepare(cfg: Any, force: bool, resume: bool) -> Prepared:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len}: must be at least 2.")
     if cfg.train.steps < 1:
         raise ConfigError(f"train.steps={cfg.train.steps}: must be at least 1.")
-    run = RunFolder(cfg.out, force=force, resume=resume)
+    if not cfg.data.val and not 0 < cfg.data.val_fraction < 1:
+        raise ConfigError(
+            f"data.val_fraction={cfg.data.val_fraction}: must be between 0 and 1 (the share of tokens held out).",
+            hint="The default 0.05 holds out 5%; or give validation files with data.val.",
+        )
+    inputs = [*_paths(cfg.data.train), *_paths(cfg.data.val), cfg.data.tokenizer, cfg.model.from_]
+    run = RunFolder(cfg.out, force=force, resume=resume, inputs=inputs)
+    try:
+        prepared = _prepare(cfg, run, resume)
+    except BaseException:
+        run.restore()  # a refused command changes nothing: the old run folder (--force) is back as it was
+        raise
+    run.settle()
+    return prepared
+
+
+def _paths(sources: Any) -> list[str]:
+    """The files and folders named by data.train / data.val (globs stand for the folder they search)."""
+    if not sources:
+        return []
+    out = []
+    for source in [sources] if isinstance(sources, (str, Path)) else list(sources):
+        text = str(source)
+        out.append(text.split("*")[0].rsplit("/", 1)[0] or "." if "*" in text else text)
+    return out
+
+
+def _prepare(cfg: Any, run: RunFolder, resume: bool) -> Prepared:
     files = expand_sources(cfg.data.train) if cfg.data.train else default_corpus()
     if not cfg.data.train:
         ui.info(f"data.train not set: training on the Python standard library's sources ({len(files)} files)")
@@ -123,6 +164,14 @@ def prepare(cfg: Any, force: bool, resume: bool) -> Prepared:
             f"data.seq_len={cfg.data.seq_len} does not fit the model's context of {spec.max_seq_len} tokens.",
             hint=f"Set data.seq_len={spec.max_seq_len} or less.",
         )
+    from llmctl.memory import check_fits, training_bytes
+
+    batch_tokens = cfg.data.batch_size * cfg.data.seq_len // max(1, cfg.train.grad_accum)
+    check_fits(
+        training_bytes(spec.param_count(), batch_tokens, spec.dim, spec.n_layers),
+        f"training this {spec.param_count() / 1e6:,.1f}M-parameter model (batch of {batch_tokens:,} tokens)",
+        hint="Make the model smaller (model.dim, model.n_layers) or the batch (data.batch_size, train.grad_accum).",
+    )
     tokens = tokenize_files(files, tokenizer)
     if cfg.data.val:
         data = TokenData(tokens, tokenize_files(expand_sources(cfg.data.val, "data.val"), tokenizer, "data.val"), cfg.data.seq_len)

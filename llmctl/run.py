@@ -5,24 +5,37 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from llmctl.errors import ConfigError, LlmctlError
+from llmctl.io.outputs import check_output, clean_stale, swap, temporary_sibling, write_error
 from llmctl.io.safetensors import atomic_write_text
 from llmctl.ui import is_main_process
 
 STATE_FILE = "state.json"
+RUN_MARKERS = ("config.yaml", "metrics.jsonl", "checkpoints", "model", "tokenizer")  # what a run folder holds
 
 
 class RunFolder:
-    def __init__(self, path: Path, force: bool = False, resume: bool = False) -> None:
+    """`inputs` (data files, tokenizer, model.from) are never inside the run folder, which --force replaces.
+
+    --force deletes nothing at first: the old folder is set aside (`.NAME.old-PID`) and removed by `settle()` once
+    the new run is set up, or put back by `restore()` when the setup fails, so a refused command changes nothing.
+    """
+
+    def __init__(self, path: Path, force: bool = False, resume: bool = False, inputs: Sequence[str | Path | None] = ()) -> None:
         self.path = Path(path)
         self.checkpoints = self.path / "checkpoints"
+        self._aside: Path | None = None
+        self._created = False  # the folder is new: a failed setup removes it again, so the retry is not blocked
         if not is_main_process():
             return  # rank 0 checked and created the folder before the others got here
+        check_output(self.path, inputs, flag="--out")
+        if self.path.exists() and not self.path.is_dir():
+            raise LlmctlError(f"--out {self.path} is a file; a run is a folder.", hint="Pick another --out.")
         if self.path.exists() and any(self.path.iterdir()) and not (force or resume):
             raise LlmctlError(
                 f"{self.path} already exists.",
@@ -30,9 +43,39 @@ class RunFolder:
             )
         if resume and self.latest_checkpoint() is None:
             raise LlmctlError(f"--resume: {self.path} holds no checkpoint to resume from.", hint="Drop --resume to start afresh.")
-        if force and not resume and self.path.exists():
-            shutil.rmtree(self.path)
-        self.checkpoints.mkdir(parents=True, exist_ok=True)
+        if force and not resume and self.path.exists() and any(self.path.iterdir()):
+            if not any((self.path / name).exists() for name in RUN_MARKERS):
+                raise LlmctlError(
+                    f"--force: {self.path} holds files but is not a run folder (no {', '.join(RUN_MARKERS)}); "
+                    "llmctl replaces only folders it wrote.",
+                    hint="Pick a new folder for --out, or empty this one yourself.",
+                )
+            clean_stale(self.path.parent)
+            self._aside = temporary_sibling(self.path, "old")
+            os.replace(self.path, self._aside)
+        self._created = not resume and (self._aside is not None or not self.path.exists() or not any(self.path.iterdir()))
+        try:
+            self.checkpoints.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            self.restore()
+            raise (write_error(e, self.path) or e) from None
+        clean_stale(self.checkpoints)
+
+    def settle(self) -> None:
+        """The new run is set up: the old folder that --force replaced goes."""
+        if self._aside is not None:
+            shutil.rmtree(self._aside, ignore_errors=True)
+            self._aside = None
+        self._created = False
+
+    def restore(self) -> None:
+        """Setting up the new run failed: put the old folder back as it was (or remove the one just made)."""
+        if self._created:
+            shutil.rmtree(self.path, ignore_errors=True)
+            self._created = False
+        if self._aside is not None:
+            os.replace(self._aside, self.path)
+            self._aside = None
 
     @property
     def model_dir(self) -> Path:
@@ -72,11 +115,9 @@ class RunFolder:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        swap(tmp, final)
         done = sorted(p for p in self.checkpoints.glob("step-*") if (p / STATE_FILE).is_file())
-        for old in done[: max(0, len(done) - keep_last)]:
+        for old in done[: max(0, len(done) - max(1, keep_last))]:  # the newest checkpoint is never deleted
             shutil.rmtree(old, ignore_errors=True)
 
 

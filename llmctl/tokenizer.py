@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import struct
 from collections.abc import Iterable, Sequence
@@ -91,6 +90,11 @@ class Tokenizer:
                 f"{path} is not a folder; a tokenizer is loaded from a model folder.",
                 hint="Pass the folder that holds tokenizer.json and tokenizer_config.json.",
             )
+        from llmctl.io.paths import inside
+
+        for name in ("tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer.model",
+                     "generation_config.json", "chat_template.jinja"):  # fmt: skip
+            inside(path, name)  # a symlink leaving the folder is refused before anything is read
         config = _read_json(path / "tokenizer_config.json")
         special_map = _read_json(path / "special_tokens_map.json")
         if (path / "tokenizer.json").is_file():
@@ -123,7 +127,13 @@ class Tokenizer:
 
         generation = _read_json(path / "generation_config.json")
         eos_ids = generation.get("eos_token_id")
-        eos_ids = [] if eos_ids is None else [eos_ids] if isinstance(eos_ids, int) else list(eos_ids)
+        eos_ids = [] if eos_ids is None else [eos_ids] if isinstance(eos_ids, int) else eos_ids
+        if not isinstance(eos_ids, list) or not all(type(i) is int and i >= 0 for i in eos_ids):
+            raise TokenizerError(
+                f"{path / 'generation_config.json'}: eos_token_id is {generation.get('eos_token_id')!r}; "
+                "expected a token id or a list of token ids.",
+                hint="Write the id(s) of the end-of-text token, e.g. \"eos_token_id\": 2.",
+            )
 
         max_length = config.get("model_max_length")
         return cls(
@@ -313,10 +323,10 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    # A crash mid-write leaves the old file, never half a new one
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    # A crash mid-write leaves the old file, never half a new one (and a temporary name a later run cleans up)
+    from llmctl.io.safetensors import atomic_write_text
+
+    atomic_write_text(path, text)
 
 
 def _token_content(value: Any) -> str | None:
@@ -327,8 +337,15 @@ def _token_content(value: Any) -> str | None:
 
 
 def _read_chat_template(path: Path, config: dict[str, Any]) -> str | None:
-    if (path / "chat_template.jinja").is_file():
-        return (path / "chat_template.jinja").read_text(encoding="utf-8")
+    file = path / "chat_template.jinja"
+    if file.is_file():
+        try:
+            return file.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise TokenizerError(
+                f"{file} is not UTF-8 text (byte {e.start} is {e.object[e.start]:#04x}).",
+                hint="Save the chat template as UTF-8, or delete the file to use the default template.",
+            ) from None
     template = config.get("chat_template")
     if isinstance(template, list):
         # Named templates ([{"name", "template"}]): "default" is the chat one ("tool_use", "rag" are variants)

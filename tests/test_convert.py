@@ -202,7 +202,7 @@ def test_clear_errors_for_bad_sources(float_folder, tmp_path):
     assert result.exit_code == 1 and "missing.gguf does not exist" in result.output
 
     result = convert(float_folder, "--out", float_folder, "--dtype", "fp32", "--force")
-    assert result.exit_code == 1 and "is the model being converted" in result.output
+    assert result.exit_code == 1 and "is the input" in result.output
 
     gptq = tmp_path / "gptq"
     shutil.copytree(float_folder, gptq)

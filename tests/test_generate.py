@@ -271,7 +271,7 @@ def test_generate_defaults_to_the_latest_trained_model(chat_folder, tmp_path, mo
     remember_model(chat_folder)
     result = run_cli("generate", "--prompt", "Once", "--max-tokens", "5")
     assert result.exit_code == 0, result.output
-    assert "latest trained model" in result.stderr and str(chat_folder.resolve()) in " ".join(result.stderr.split())
+    assert "the latest model" in result.stderr and str(chat_folder.resolve()) in " ".join(result.stderr.split())
 
 
 @needs_shared

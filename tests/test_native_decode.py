@@ -14,8 +14,8 @@ import torch
 
 from conftest import FAMILY_CONFIGS, make_hf_model
 from llmctl.backends import get_backend
-from llmctl.backends.torch.generate import NativeStep, decoder_for
-from llmctl.backends.torch.model import CACHE_CHUNK, make_cache
+from llmctl.backends.torch.generate import Generator, NativeStep
+from llmctl.backends.torch.model import CACHE_CHUNK, make_cache, prepare_inference
 
 PROMPT = [1, 17, 42, 7, 99, 3, 250, 12, 31]
 STEPS = [5, 200, 64, 9, 77, 130]
@@ -27,18 +27,16 @@ def model_of(folder: Path, dtype: str = "float32"):
 
 
 @torch.inference_mode()
-def step_logits(model, native: bool, prompt=PROMPT, steps=STEPS) -> torch.Tensor:
-    """Float32 logits of each token in `steps`, decoded one by one after `prompt` went through the torch prefill."""
-    decoder = decoder_for(model)
-    kept = decoder.native
-    assert kept is not None, "this model should run the C++ step"
-    decoder.native = kept if native else None
-    try:
-        cache = make_cache(model.spec)
-        decoder(torch.tensor([prompt]), cache, last_only=True)
-        return torch.stack([decoder(torch.tensor([[t]]), cache)[0, -1].float() for t in steps])
-    finally:
-        decoder.native = kept
+def step_logits(model, native: bool, prompt=PROMPT, steps=STEPS, threads: int = 1) -> torch.Tensor:
+    """Float32 logits of each token in `steps`, decoded one by one after `prompt` went through the model's forward:
+    by the C++ step on `threads` threads, or (`native` False) by the model's forward too."""
+    generator = Generator(model)
+    assert generator.native is not None, "this model should run the C++ step"
+    if not native:
+        generator.native = None
+    cache = generator.new_cache().layers
+    generator.forward(torch.tensor([prompt]), cache, last_only=True)
+    return torch.stack([generator.forward(torch.tensor([[t]]), cache, threads=threads)[0, -1].float() for t in steps])
 
 
 def assert_close(got: torch.Tensor, want: torch.Tensor, rel: float, what: str) -> None:
@@ -69,7 +67,6 @@ def test_half_weights_are_read_as_stored(family_folder, dtype):
     with torch.no_grad():
         for p in reference.parameters():
             p.data = p.data.float()
-    reference._decoder = None
     # every token through the step (a torch prefill would fill the cache from half-precision activations)
     got = step_logits(half, True, PROMPT[:1], PROMPT[1:] + STEPS)
     want = step_logits(reference, False, PROMPT[:1], PROMPT[1:] + STEPS)
@@ -114,15 +111,10 @@ def test_the_cache_grows_past_its_first_chunk(tmp_path):
 def test_threads_do_not_change_the_result(family_folder):
     _, folder = family_folder
     model = model_of(folder)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = step_logits(model, True)
-        torch.set_num_threads(2)
-        two = step_logits(model, True)
-    finally:
-        torch.set_num_threads(threads)
-    assert torch.equal(one, two)  # each output row is summed by one thread, in the same order
+    before = torch.get_num_threads()
+    one, two = step_logits(model, True, threads=1), step_logits(model, True, threads=2)
+    assert torch.equal(one, two)
+    assert torch.get_num_threads() == before  # the count reaches the kernels per call, torch's is left alone  # each output row is summed by one thread, in the same order
 
 
 @pytest.mark.parametrize("bits", [None, 4, 8], ids=["float32", "4bit", "8bit"])
@@ -137,7 +129,7 @@ def test_each_isa_this_cpu_runs_gives_the_torch_path_s_logits(bits, tmp_path, mo
     for isa in kernels.cpu_isas():
         monkeypatch.setenv("LLMCTL_ISA", isa)
         model = model_of(folder)
-        assert decoder_for(model).native.isa == kernels.ISAS.index(isa)
+        assert Generator(model).native.isa == kernels.ISAS.index(isa)
         results[isa] = step_logits(model, True)
         assert_close(results[isa], step_logits(model, False), 1e-5 if bits is None else 1e-3, f"{isa} bits={bits}")
     assert len(results) >= 2  # scalar and this CPU's SIMD
@@ -156,18 +148,18 @@ def test_what_it_does_not_cover_runs_on_torch(tmp_path, monkeypatch):
 def test_bad_arguments_raise_instead_of_crashing(tmp_path):
     make_hf_model("llama", tmp_path, seed=0)
     model = model_of(tmp_path)
-    step = decoder_for(model).native
-    cache = make_cache(model.spec)
+    step = Generator(model).native
+    cache = make_cache(model.spec, torch.float32)
     with pytest.raises(ValueError, match="outside the vocabulary"):
-        step(model.spec.vocab_size, cache)
+        step(model.spec.vocab_size, cache, 1)
     with pytest.raises(ValueError, match="one key and one value cache per layer"):
-        step(3, cache[:1])
+        step(3, cache[:1], 1)
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-def test_tiled_layers_give_the_logits_of_mlx_s_layout(family_folder, bits, tmp_path, monkeypatch):
-    """Building the step rearranges affine 4-/8-bit layers into the tiled layout in place; the logits are those of a
-    model loaded from the same folder that never was tiled, and the state dict still holds the folder's tensors."""
+def test_tiled_layers_give_the_logits_of_mlx_s_layout(family_folder, bits, tmp_path):
+    """Loading rearranges affine 4-/8-bit layers into the tiled layout in place (`prepare_inference`); the logits are
+    those of the same model put back in MLX's layout, and the state dict still holds the folder's tensors."""
     from safetensors.torch import load_file
 
     from llmctl import _C
@@ -182,15 +174,12 @@ def test_tiled_layers_give_the_logits_of_mlx_s_layout(family_folder, bits, tmp_p
     layers = [m for m in tiled.modules() if type(m) is QuantizedLinear]
     assert layers and all(m.tiled for m in layers), f"{name}: {[m.tiled for m in layers]}"
 
-    monkeypatch.setenv("LLMCTL_NATIVE_DECODE", "0")  # no C++ step, so nothing is tiled: the torch path on MLX's layout
     plain = model_of(quantized)
-    with torch.inference_mode():
-        decoder = decoder_for(plain)
-        assert decoder.native is None
-        cache = make_cache(plain.spec)
-        decoder(torch.tensor([PROMPT]), cache, last_only=True)
-        want = torch.stack([decoder(torch.tensor([[t]]), cache)[0, -1].float() for t in STEPS])
+    for layer in plain.modules():
+        if isinstance(layer, QuantizedLinear):
+            layer.untile()  # the fused products made at load no longer hold: each layer runs on its own
     assert not any(getattr(m, "tiled", False) for m in plain.modules())
+    want = step_logits(plain, False)
     assert_close(got, want, 1e-3, f"{name} {bits}-bit tiled")
 
     stored = {}
@@ -201,9 +190,11 @@ def test_tiled_layers_give_the_logits_of_mlx_s_layout(family_folder, bits, tmp_p
     assert len(compared) >= 3 * len(layers)
     for key in compared:
         assert torch.equal(state[key], stored[key]), key
-    monkeypatch.delenv("LLMCTL_NATIVE_DECODE")
-    tiled.float()  # a move or cast gives MLX's layout back; the next step notices and tiles again
+    tiled.float()  # a move or cast gives MLX's layout back, which the step reads as it is
     assert not any(m.tiled for m in layers)
+    assert_close(step_logits(tiled, True), want, 1e-3, f"{name} {bits}-bit untiled by a cast")
+    prepare_inference(tiled)  # and tiles again
+    assert all(m.tiled for m in layers)
     assert_close(step_logits(tiled, True), want, 1e-3, f"{name} {bits}-bit tiled again")
     assert all(m.tiled for m in layers)
     plain.load_state_dict(state)  # and it loads back as it should

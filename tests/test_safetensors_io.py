@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from llmctl.errors import CheckpointError
+from llmctl.errors import CheckpointError, OutputError
 from llmctl.io import safetensors as st
 from llmctl.io.safetensors import (
     RawTensor,
@@ -295,7 +295,7 @@ def test_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(st, "_write_data", disk_full)
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(OutputError, match="model.safetensors: the disk is full"):
         save_tensors(tmp_path, {"w": random_tensor("F32", (64, 64), seed=1)})
     assert (tmp_path / "model.safetensors").read_bytes() == before
     assert files_in(tmp_path) == ["model.safetensors"]

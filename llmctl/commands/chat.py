@@ -57,9 +57,15 @@ def _start_readline() -> Any:
 def _read_message(interactive: bool) -> str:
     """One message: a line; at a terminal also a line ending in \\ continued, or a block between \"\"\" lines."""
     if not interactive:
-        line = sys.stdin.readline()
-        if not line:
+        raw = sys.stdin.buffer.readline() if hasattr(sys.stdin, "buffer") else sys.stdin.readline().encode("utf-8", "surrogateescape")
+        if not raw:
             raise EOFError
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            from llmctl.errors import DataError
+
+            raise DataError(f"stdin: byte {e.start} of this line ({raw[e.start]:#04x}) is not UTF-8 text; the line is skipped.") from None
         return line.rstrip("\r\n")
     line = input(PROMPT)
     if line.strip() == '"""':
@@ -149,6 +155,9 @@ def chat(
         while True:
             try:
                 text = _read_message(interactive)
+            except LlmctlError as e:  # a line that is not UTF-8: skipped, the chat goes on
+                ui.error(e.message, e.hint)
+                continue
             except KeyboardInterrupt:
                 _note("\n(Ctrl-D or /exit leaves)")
                 continue

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -17,20 +15,6 @@ if TYPE_CHECKING:
     from llmctl.io.model import ModelFolder
 
 
-def _replace(staged: Path, out: Path) -> None:
-    """Move a finished file or folder into place; an existing OUT (--force) is removed only after that."""
-    if not out.exists():
-        os.replace(staged, out)
-        return
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    os.replace(out, old)
-    os.replace(staged, out)
-    if old.is_dir():
-        shutil.rmtree(old)
-    else:
-        old.unlink()
-
-
 def to_folder(source: ModelFolder, out: Path, dtype: str | None) -> ConversionReport:
     """Write `source` as a model folder: quantized as it is (GGUF -> affine), or every tensor as float `dtype`."""
     import numpy as np
@@ -39,6 +23,7 @@ def to_folder(source: ModelFolder, out: Path, dtype: str | None) -> ConversionRe
         ConversionReport, affine_float32, dequantize_tensors, error_stats, float32_of, layer_quantization,
     )  # fmt: skip
     from llmctl.io.model_folder import write_model
+    from llmctl.io.outputs import replacing
 
     report = ConversionReport(notices=list(source.notices))
     tensors, quantization = source.tensors, source.quantization
@@ -61,9 +46,7 @@ def to_folder(source: ModelFolder, out: Path, dtype: str | None) -> ConversionRe
         quantization = None
     else:
         report.exact.extend(name for name in source.tensors if not name.endswith((".scales", ".biases")))
-    staged = out.with_name(f".{out.name}.convert-{os.getpid()}")
-    shutil.rmtree(staged, ignore_errors=True)
-    try:
+    with replacing(out) as staged:  # an existing OUT (--force) is removed only once the new one is complete
         # mlx-lm reads RoPE's theta only from the older top-level key, not from rope_parameters
         extra = {"rope_theta": source.spec.rope_theta}
         write_model(staged, source.spec, tensors, source=source.folder, dtype=dtype or source.dtype, extra_config=extra,
@@ -71,10 +54,6 @@ def to_folder(source: ModelFolder, out: Path, dtype: str | None) -> ConversionRe
         tokenizer = source.tokenizer() if source.folder is None else None  # a folder's files are copied as they are
         if tokenizer is not None:
             tokenizer.save(staged)
-        _replace(staged, out)
-    except BaseException:
-        shutil.rmtree(staged, ignore_errors=True)
-        raise
     return report
 
 
@@ -95,6 +74,7 @@ def convert(
     from llmctl import ui
     from llmctl.io.gguf import is_gguf, write_gguf
     from llmctl.io.model_folder import read_model
+    from llmctl.io.outputs import check_output
 
     to_gguf = is_gguf(out)
     if to_gguf and dtype is not None:
@@ -105,8 +85,7 @@ def convert(
         raise typer.BadParameter(
             f"{model} is a model folder already: pass --dtype to write it as floats, or name OUT *.gguf."
         )
-    if Path(model).exists() and Path(model).resolve() == out.resolve():
-        raise CheckpointError(f"--out {out} is the model being converted.", hint="Write to another name.")
+    check_output(out, [model])
     if out.exists() and not force:
         raise CheckpointError(f"{out} already exists.", hint="Pass --force to replace it, or choose another --out.")
     if out.is_dir() and to_gguf:
@@ -114,10 +93,13 @@ def convert(
 
     source = read_model(model)
     if to_gguf:
-        report = write_gguf(
-            out, source.spec, source.tensors, quantization=source.quantization, tokenizer=source.tokenizer(),
-            target=type_.value if type_ else None, name=source.path.stem, general=source.general,
-        )  # fmt: skip
+        from llmctl.io.outputs import replacing
+
+        with replacing(out) as staged:  # disk full or a kill mid-write keeps an older file whole
+            report = write_gguf(
+                staged, source.spec, source.tensors, quantization=source.quantization, tokenizer=source.tokenizer(),
+                target=type_.value if type_ else None, name=source.path.stem, general=source.general,
+            )  # fmt: skip
         types = ", ".join(f"{n} {t}" for t, n in sorted(report.types.items()))
         ui.info(f"wrote {out} ({types})")
     else:

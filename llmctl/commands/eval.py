@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -109,7 +110,11 @@ def eval_command(
     if seq_len > scored.spec.max_seq_len:
         ui.warn(f"--seq-len {seq_len} is longer than the model's context of {scored.spec.max_seq_len} tokens.")
     stride = min(stride or seq_len, seq_len)
-    ids, n_bytes = tokens_and_bytes(load_tokenizer(Path(scored.source or model)), text, max_tokens)
+    from llmctl.generation import check_vocab
+
+    tokenizer = load_tokenizer(Path(scored.source or model))
+    check_vocab(tokenizer, scored.spec, Path(scored.source or model))
+    ids, n_bytes = tokens_and_bytes(tokenizer, text, max_tokens)
     if len(ids) < 2:
         raise DataError(f"{data}: {len(ids)} token(s); scoring needs at least 2.", hint="Pass a longer text.")
     start = time.perf_counter()
@@ -122,8 +127,15 @@ def eval_command(
                               "seconds": time.perf_counter() - start}
     if base is not None:
         result["base"] = str(base)
+    broken = sorted(k for k, v in result.items() if isinstance(v, float) and not math.isfinite(v))
+    if broken:
+        ui.warn(
+            f"{model} gives non-finite scores ({', '.join(broken)}): its weights or logits hold NaN or infinity; "
+            "--json writes them as null."
+        )
     if as_json:
-        typer.echo(json.dumps(result, indent=2))
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in result.items()}
+        typer.echo(json.dumps(clean, indent=2))  # bare NaN is not JSON
     else:
         from rich.console import Console
 

@@ -58,8 +58,13 @@ def _read_prompt_file(path: Path) -> list[str]:
 
     if not path.is_file():
         raise DataError(f"{path} does not exist.", hint='Give a .jsonl file with one {"prompt": "..."} per line.')
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte {e.object[e.start]:#04x}).", hint="Save the file as UTF-8.") from None
     prompts = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -69,7 +74,31 @@ def _read_prompt_file(path: Path) -> list[str]:
         if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
             raise DataError(f'{path}:{number}: "prompt" is missing or not a string.', hint='Each line is an object such as {"prompt": "Once upon a time"}.')
         prompts.append(record["prompt"])
+    if not prompts:
+        raise DataError(f"{path} holds no prompts.", hint='Give a .jsonl file with one {"prompt": "..."} per line.')
     return prompts
+
+
+def read_stdin_text(what: str) -> str:
+    """All of stdin as UTF-8 text; bytes that are not UTF-8 are an error naming where they are."""
+    from llmctl.errors import DataError
+
+    data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode("utf-8", "surrogateescape")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{what}: byte {e.start} ({data[e.start]:#04x}) is not UTF-8 text.", hint="Send UTF-8 text.") from None
+
+
+def check_text(text: str, what: str) -> str:
+    """Text from the command line arrives with undecodable bytes as surrogates; refuse them with a message."""
+    from llmctl.errors import DataError
+
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataError(f"{what} is not UTF-8 text (character {e.start}).", hint="Pass UTF-8 text.") from None
+    return text
 
 
 def generate(
@@ -102,7 +131,14 @@ def generate(
 
     flags = dict(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed)
     check_flags(max_tokens, stop, flags)
-    texts = [sys.stdin.read() if prompt == "-" else prompt] if prompt is not None else _read_prompt_file(prompt_file)
+    if prompt == "-":
+        texts = [read_stdin_text("--prompt - (stdin)")]
+    elif prompt is not None:
+        texts = [check_text(prompt, "--prompt")]
+    else:
+        texts = _read_prompt_file(prompt_file)
+    if system is not None:
+        check_text(system, "--system")
     loaded, tokenizer = open_model(model, backend.value, None if dtype is DType.auto else dtype.value)
     params = sampling_params(loaded, tokenizer, {}, max_tokens, stop, **flags)
     if chat:

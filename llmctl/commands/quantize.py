@@ -72,7 +72,10 @@ def quantize(
 ) -> None:
     """Quantize a float model's weights; writes a model folder in mlx-lm's layout (or a .gguf file) to --out."""
     from llmctl.config import load_recipe
+    from llmctl.io.outputs import check_output
 
+    if out is not None:
+        check_output(out, [])  # `--out .` (the current folder) reads like "no --out" once it is a Path: refuse it here
     flags = {
         "model": model, "out": out, "quant.bits": bits, "quant.group_size": group_size, "quant.method": method.value if method else None,
         "calib.data": calib, "quant.keep": keep, "quant.double_quant": double_quant,
@@ -90,10 +93,13 @@ def run(cfg: QuantizeConfig, backend: Backend | str = Backend.auto, force: bool 
     from llmctl.backends import resolve_name
     from llmctl.config import to_yaml
     from llmctl.io.model_folder import read_model, write_model
+    from llmctl.io.outputs import replacing
     from llmctl.io.safetensors import atomic_write_text
     from llmctl.quant import config_entry
+    from llmctl.run import remember_model
 
     start = time.perf_counter()
+    _defaults(cfg)
     _check(cfg, force)
     folder = read_model(cfg.model)
     if folder.quantization:
@@ -101,10 +107,29 @@ def run(cfg: QuantizeConfig, backend: Backend | str = Backend.auto, force: bool 
     if cfg.format == Format.gguf:
         return _write_gguf(cfg, folder)
     layers, kept, misfits = plan_layers(folder.tensors, cfg.quant)
+    if not layers:
+        from llmctl.errors import ConfigError
+
+        raise ConfigError(
+            f"no layer of {cfg.model} would be quantized: --keep {' '.join(cfg.quant.keep)} keeps "
+            f"{len(kept)} and {len(misfits)} do not fit group size {cfg.quant.group_size}.",
+            hint="Keep fewer modules in float (the default keeps model.embed_tokens and lm_head).",
+        )
     for path in misfits:
         ui.warn(f"{path} is left in float: its width is not a multiple of group size {cfg.quant.group_size}.")
     if kept:
         ui.info(f"kept in float: {', '.join(kept)}")
+    from llmctl.io.safetensors import is_finite
+
+    broken = [n for n in sorted(folder.tensors) if not is_finite(folder.tensors[n])]
+    if broken:
+        from llmctl.errors import CheckpointError
+
+        more = f" and {len(broken) - 3} more" if len(broken) > 3 else ""
+        message = f"{cfg.model} has NaN or infinite weights in {', '.join(broken[:3])}{more}"
+        if any(n.removesuffix(".weight") in layers for n in broken):
+            raise CheckpointError(message + "; such weights cannot be quantized.", hint="Quantize a healthy checkpoint (an earlier one of the run).")
+        ui.warn(message + "; they stay in float as they are.")
     name = resolve_name(backend)
     if cfg.quant.method in (Method.awq, Method.gptq):
         tensors = _calibrated(cfg, folder, layers, kept + misfits)
@@ -116,10 +141,43 @@ def run(cfg: QuantizeConfig, backend: Backend | str = Backend.auto, force: bool 
             tensors = quant.quantize_tensors(folder.tensors, layers, on_layer=lambda path: bar.update(layer=path))
     default = _params(cfg.quant)
     entry = config_entry(default, layers)
-    write_model(cfg.out, folder.spec, tensors, folder.folder, folder.dtype, quantization=entry)
-    atomic_write_text(Path(cfg.out) / "llmctl_quantize.yaml", to_yaml(cfg))
+    with replacing(cfg.out) as staged:  # the old output (--force) stays until the new one is complete
+        write_model(staged, folder.spec, tensors, folder.folder, folder.dtype, quantization=entry)
+        atomic_write_text(staged / "llmctl_quantize.yaml", to_yaml(cfg))
+    remember_model(cfg.out)
     _summary(folder.tensors, tensors, layers, time.perf_counter() - start, cfg.out)
     return Path(cfg.out)
+
+
+def _defaults(cfg: QuantizeConfig) -> None:
+    """No --model: the latest model llmctl wrote; no --out: a sibling `<model>-q<bits>` (one line says so)."""
+    from llmctl import ui
+    from llmctl.errors import ConfigError
+    from llmctl.run import last_model
+
+    defaulted = not cfg.model
+    if defaulted:
+        latest = last_model()
+        if latest is None:
+            raise ConfigError(
+                "Cannot quantize: no --model given, and no model made by llmctl was found.",
+                hint="Pass --model DIR (a model folder or a Hugging Face id), or run `llmctl train` to make one.",
+            )
+        cfg.model = str(latest)
+        if str(cfg.out) and str(cfg.out) != ".":  # else the one line below names both
+            ui.info(f"[dim]--model not given: quantizing the latest model {latest}[/]")
+    if not str(cfg.out) or str(cfg.out) == ".":
+        source = Path(cfg.model)
+        if not source.exists():  # a Hugging Face id: the output goes in the current folder, named after it
+            source = Path(cfg.model.split("@")[0].rsplit("/", 1)[-1])
+        suffix = "nf4" if cfg.quant.method == Method.nf4 else f"q{cfg.quant.bits}"
+        stem = source.stem if source.suffix.lower() == ".gguf" else source.name
+        if cfg.format == Format.gguf:
+            cfg.out = source.with_name(f"{stem}-{cfg.gguf_type.value}.gguf")
+        else:
+            cfg.out = source.with_name(f"{stem}-{suffix}")
+        latest_note = " (the latest model; --model not given)" if defaulted else ""
+        ui.info(f"[dim]quantizing {cfg.model}{latest_note} -> {cfg.out}[/]")
 
 
 def _params(q: QuantConfig) -> Any:
@@ -145,10 +203,6 @@ def _check(cfg: QuantizeConfig, force: bool) -> None:
 
     q = cfg.quant
     problems = []
-    if not cfg.model:
-        problems.append("no model given: pass --model DIR")
-    if not str(cfg.out) or str(cfg.out) == ".":
-        problems.append("no output given: pass --out DIR (or FILE.gguf with --format gguf)")
     if q.method == Method.nf4 and q.bits != 4:
         problems.append(f"--method nf4 stores 4 bits per weight, not --bits {q.bits}")
     elif q.bits not in BITS:
@@ -164,15 +218,14 @@ def _check(cfg: QuantizeConfig, force: bool) -> None:
             f"calibration data {cfg.calib.data}: no such file or folder.",
             hint="Pass a text file (.txt, .jsonl with \"text\") or leave --calib out to use the built-in default.",
         )
-    out, source = Path(cfg.out), Path(cfg.model)
-    if source.exists() and out.resolve() == source.resolve():
-        raise ConfigError(f"--out {out} is the model being quantized; the source is never modified.", hint="Choose another --out.")
-    if out.exists():
-        if not force:
-            raise ConfigError(f"{out} already exists.", hint="Pass --force to replace it, or choose another --out.")
-        import shutil
+    from llmctl.io.outputs import check_output
 
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
+    out = Path(cfg.out)
+    check_output(out, [cfg.model, cfg.calib.data])
+    if out.exists() and not force:
+        raise ConfigError(f"{out} already exists.", hint="Pass --force to replace it, or choose another --out.")
+    if out.is_dir() and cfg.format == Format.gguf:
+        raise ConfigError(f"--out {out} is a folder; a GGUF output is a file.", hint="Choose another --out, ending in .gguf.")
 
 
 def plan_layers(tensors: dict[str, Any], q: QuantConfig) -> tuple[dict[str, Any], list[str], list[str]]:
@@ -235,11 +288,13 @@ def _all_matrices(tensors: dict[str, Any]) -> list[str]:
 def _write_gguf(cfg: QuantizeConfig, source: Any) -> Path:
     from llmctl import ui
     from llmctl.io.gguf import write_gguf
+    from llmctl.io.outputs import replacing
 
-    report = write_gguf(
-        cfg.out, source.spec, source.tensors, tokenizer=source.tokenizer(), target=cfg.gguf_type.value,
-        name=Path(cfg.model).name, general=source.general,
-    )  # fmt: skip
+    with replacing(cfg.out) as staged:  # disk full or a kill mid-write keeps an older file whole
+        report = write_gguf(
+            staged, source.spec, source.tensors, tokenizer=source.tokenizer(), target=cfg.gguf_type.value,
+            name=Path(cfg.model).name, general=source.general,
+        )  # fmt: skip
     types = ", ".join(f"{n} {t}" for t, n in sorted(report.types.items()))
     ui.info(f"wrote {cfg.out} ({types}); {report.summary()}")
     return Path(cfg.out)

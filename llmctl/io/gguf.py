@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from llmctl import ui
-from llmctl.errors import CheckpointError, UnsupportedModel
-from llmctl.io.hf import check_tensors
+from llmctl.errors import CheckpointError, SpecError, UnsupportedModel
+from llmctl.io.hf import check_size, check_tensors
 from llmctl.io.model import ModelFolder
 from llmctl.io.safetensors import RawTensor
 from llmctl.spec import ModelSpec, RopeScaling
@@ -80,6 +80,12 @@ def _gguf() -> Any:
 
 
 # ---- names and the query/key row order ----------------------------------------------------------------------------
+
+
+def _hf_name(gguf_name: str) -> str | None:
+    stem, _, kind = gguf_name.rpartition(".")
+    module = hf_module(stem)
+    return f"{module}.{kind}" if module else None
 
 
 def hf_module(name: str) -> str | None:
@@ -403,6 +409,13 @@ def _spec(
         raise CheckpointError(f"{path} lacks the metadata {', '.join(missing)}.", hint="The file is incomplete.")
     if meta.get("llama.expert_count", 0):
         raise UnsupportedModel(f"{path} is a mixture of experts (llama.expert_count); llmctl reads dense Llama GGUFs.")
+    for key in (*need, "llama.attention.head_count_kv", "llama.context_length", "llama.vocab_size"):
+        value = meta.get(key, 1)
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+            raise CheckpointError(
+                f"{path}: the metadata {key} is {value!r}; it must be a positive whole number.",
+                hint="The file is damaged or was edited; download or convert it again.",
+            )
     dim, n_heads = int(meta["llama.embedding_length"]), int(meta["llama.attention.head_count"])
     head_dim = int(meta.get("llama.attention.key_length", meta.get("llama.rope.dimension_count", dim // n_heads)))
     theta = _float(meta.get("llama.rope.freq_base", 10_000.0))
@@ -480,7 +493,11 @@ def read_gguf(path: str | Path) -> ModelFolder:
     shapes = {t.name: tuple(int(n) for n in reversed(t.shape.tolist())) for t in reader.tensors}  # innermost last
     by_name = {t.name: t for t in reader.tensors}
     rope_freqs = np.asarray(by_name["rope_freqs.weight"].data, np.float32) if "rope_freqs.weight" in by_name else None
-    spec = _spec(meta, shapes, rope_freqs, path)
+    try:
+        spec = _spec(meta, shapes, rope_freqs, path)
+    except SpecError as e:
+        raise CheckpointError(f"{path}: the metadata describes no valid model: {e.message}") from None
+    check_size(spec, {hf: shapes[g] for g in shapes if (hf := _hf_name(g)) is not None}, path)
 
     tensors: dict[str, RawTensor] = {}
     bits_of: dict[str, int] = {}  # quantized module -> bits

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,7 @@ ARCHITECTURES = {
 }
 SUPPORTED = ", ".join(f"{arch} ({mt})" for mt, arch in ARCHITECTURES.items())
 TRANSFORMERS_VERSION = "5.23.0"  # the writer whose layout we follow
+_LAYER = re.compile(r"model\.layers\.(\d+)\.")
 
 
 def _unsupported(path: Path, what: str) -> UnsupportedModel:
@@ -29,35 +32,89 @@ def _unsupported(path: Path, what: str) -> UnsupportedModel:
 
 def read_config(folder: Path) -> dict[str, Any]:
     """The raw config.json of a model folder, with a clear error when it is missing or malformed."""
-    path = folder / "config.json"
+    from llmctl.io.paths import inside
+
+    path = inside(folder, "config.json")
     if not path.is_file():
         raise CheckpointError(f"{path} is missing: a model folder needs a Hugging Face config.json.")
     try:
-        config = json.loads(path.read_text())
+        config = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}:{e.lineno}: malformed JSON ({e.msg}).") from None
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path} is not UTF-8 text (byte {e.start}).") from None
     if not isinstance(config, dict):
         raise CheckpointError(f"{path} must hold a JSON object, found {type(config).__name__}.")
     return config
 
 
+def _bad_value(path: Path, key: str, value: Any, expected: str) -> CheckpointError:
+    return CheckpointError(
+        f"{path}: {key} is {json.dumps(value)[:80]}; expected {expected}.",
+        hint="Fix config.json (it may have been edited by hand), or download the model again.",
+    )
+
+
+_REQUIRED = object()
+
+
+def _int(config: dict[str, Any], key: str, path: Path, default: Any = None, where: str = "") -> Any:
+    """config[key] as an int; a whole-number float (288.0) is accepted, 288.9, "abc" or a required null are refused."""
+    value = config.get(key)
+    if value is None:
+        if default is _REQUIRED:
+            raise _bad_value(path, where + key, value, "a whole number")
+        return default
+    if type(value) is float and value.is_integer() and abs(value) < 2**63:
+        return int(value)
+    if type(value) is not int:
+        raise _bad_value(path, where + key, value, "a whole number")
+    return value
+
+
+def _float(config: dict[str, Any], key: str, path: Path, default: float, where: str = "") -> float:
+    value = config.get(key)
+    if value is None:
+        return default
+    if type(value) not in (int, float) or not math.isfinite(value):
+        raise _bad_value(path, where + key, value, "a number")
+    return float(value)
+
+
 def _rope(config: dict[str, Any], path: Path) -> tuple[float, RopeScaling | None]:
     """RoPE theta and scaling from `rope_parameters` (transformers 5) or `rope_theta`/`rope_scaling` (older)."""
-    params = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
-    theta = float(params.get("rope_theta", config.get("rope_theta", 10_000.0)))
+    key = "rope_parameters" if config.get("rope_parameters") is not None else "rope_scaling"
+    params = config.get(key) or {}
+    if not isinstance(params, dict):
+        raise _bad_value(path, key, params, "an object such as {\"rope_type\": \"default\", \"rope_theta\": 10000.0}")
+    theta = _float(params, "rope_theta", path, _float(config, "rope_theta", path, 10_000.0), f"{key}.")
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type == "default":
         return theta, None
     if rope_type not in ("linear", "llama3"):
-        raise _unsupported(path, f"rope type {rope_type!r} (llmctl implements default, linear and llama3)")
-    keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-    return theta, RopeScaling(rope_type=rope_type, **{k: params[k] for k in keys if k in params})
+        raise UnsupportedModel(
+            f"{path} has rope type {rope_type!r}; llmctl implements default, linear and llama3.",
+            hint="Pick a model whose RoPE is one of those (most Llama, Mistral and Qwen2 models).",
+        )
+    floats = {k: _float(params, k, path, 0.0, f"{key}.") for k in ("factor", "low_freq_factor", "high_freq_factor") if k in params}
+    ints = {k: _int(params, k, path, None, f"{key}.") for k in ("original_max_position_embeddings",) if k in params}
+    return theta, RopeScaling(rope_type=rope_type, **floats, **ints)
 
 
-def _eos_ids(value: Any) -> tuple[int, ...]:
+def _eos_ids(value: Any, path: Path) -> tuple[int, ...]:
     if value is None:
         return ()
-    return tuple(value) if isinstance(value, list) else (int(value),)
+    ids = value if isinstance(value, list) else [value]
+    if not all(type(i) is int and i >= 0 for i in ids):
+        raise _bad_value(path, "eos_token_id", value, "a token id or a list of token ids")
+    return tuple(ids)
+
+
+def _token_id(config: dict[str, Any], key: str, path: Path) -> int | None:
+    value = config.get(key)
+    if value is not None and (type(value) is not int or value < 0):
+        raise _bad_value(path, key, value, "a token id (a whole number) or null")
+    return value
 
 
 def spec_from_config(config: dict[str, Any], path: Path = Path("config.json")) -> ModelSpec:
@@ -77,8 +134,9 @@ def spec_from_config(config: dict[str, Any], path: Path = Path("config.json")) -
     if missing:
         raise CheckpointError(f"{path} lacks {', '.join(missing)}.")
     theta, scaling = _rope(config, path)
-    n_heads = int(config["num_attention_heads"])
-    window = config.get("sliding_window") if model_type in ("mistral", "mixtral") else None
+    n_heads = _int(config, "num_attention_heads", path, _REQUIRED)
+    window = _int(config, "sliding_window", path) if model_type in ("mistral", "mixtral") else None
+    head_dim = _int(config, "head_dim", path)
     known = {
         "architectures", "model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
         "num_key_value_heads", "intermediate_size", "head_dim", "rms_norm_eps", "rope_theta", "rope_scaling",
@@ -90,28 +148,28 @@ def spec_from_config(config: dict[str, Any], path: Path = Path("config.json")) -
     }
     try:
         return ModelSpec(
-            vocab_size=int(config["vocab_size"]),
-            dim=int(config["hidden_size"]),
-            n_layers=int(config["num_hidden_layers"]),
+            vocab_size=_int(config, "vocab_size", path, _REQUIRED),
+            dim=_int(config, "hidden_size", path, _REQUIRED),
+            n_layers=_int(config, "num_hidden_layers", path, _REQUIRED),
             n_heads=n_heads,
-            n_kv_heads=int(config.get("num_key_value_heads") or n_heads),
-            ffn_dim=int(config["intermediate_size"]),
-            head_dim=config.get("head_dim"),
-            norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+            n_kv_heads=_int(config, "num_key_value_heads", path) or n_heads,
+            ffn_dim=_int(config, "intermediate_size", path, _REQUIRED),
+            head_dim=head_dim,
+            norm_eps=_float(config, "rms_norm_eps", path, 1e-6),
             rope_theta=theta,
             rope_scaling=scaling,
-            max_seq_len=int(config.get("max_position_embeddings", 2048)),
+            max_seq_len=_int(config, "max_position_embeddings", path, 2048),
             attn_bias=model_type == "qwen2",
             tie_embeddings=bool(config.get("tie_word_embeddings", False)),
-            sliding_window=int(window) if window else None,
-            n_experts=int(config.get("num_local_experts", 0)) if model_type == "mixtral" else 0,
-            experts_per_token=int(config.get("num_experts_per_tok", 2)),
-            router_aux_loss_coef=float(config.get("router_aux_loss_coef", 0.0)) if model_type == "mixtral" else 0.0,
+            sliding_window=window or None,
+            n_experts=_int(config, "num_local_experts", path, 0) if model_type == "mixtral" else 0,
+            experts_per_token=_int(config, "num_experts_per_tok", path, 2),
+            router_aux_loss_coef=_float(config, "router_aux_loss_coef", path, 0.0) if model_type == "mixtral" else 0.0,
             family=model_type,
-            bos_token_id=config.get("bos_token_id"),
-            eos_token_ids=_eos_ids(config.get("eos_token_id")),
-            pad_token_id=config.get("pad_token_id"),
-            init_std=float(config.get("initializer_range", 0.02)),
+            bos_token_id=_token_id(config, "bos_token_id", path),
+            eos_token_ids=_eos_ids(config.get("eos_token_id"), path),
+            pad_token_id=_token_id(config, "pad_token_id", path),
+            init_std=_float(config, "initializer_range", path, 0.02),
             extra={k: v for k, v in config.items() if k not in known},
         )
     except SpecError as e:
@@ -216,6 +274,26 @@ def _ignorable(name: str, spec: ModelSpec) -> bool:
     return name.endswith("rotary_emb.inv_freq") or (spec.tie_embeddings and name == "lm_head.weight")
 
 
+def check_size(spec: ModelSpec, shapes: dict[str, tuple[int, ...]], folder: Path) -> None:
+    """Depth and width from config.json against the tensor headers, before listing every expected tensor (which a
+    config.json claiming millions of layers would make huge)."""
+    layers = {int(m.group(1)) for name in shapes if (m := _LAYER.match(name))}
+    embed = shapes.get("model.embed_tokens.weight")
+    problems = []
+    if len(layers) != spec.n_layers:
+        problems.append(f"config.json says num_hidden_layers={spec.n_layers}, the weights hold {len(layers)} layers")
+    if embed is not None and tuple(embed) != (spec.vocab_size, spec.dim):
+        problems.append(
+            f"config.json says vocab_size={spec.vocab_size}, hidden_size={spec.dim}; "
+            f"tensor model.embed_tokens.weight has shape {list(embed)}"
+        )
+    if problems:
+        raise CheckpointError(
+            f"{folder} does not match its config.json:\n  " + "\n  ".join(problems),
+            hint="The weights may belong to a different model, or config.json was edited.",
+        )
+
+
 def check_tensors(
     spec: ModelSpec, shapes: dict[str, tuple[int, ...]], folder: Path, where: dict[str, str],
     quantization: dict[str, Any] | None = None,
@@ -228,6 +306,7 @@ def check_tensors(
     from llmctl.quant import float_shapes
 
     shapes = float_shapes(quantization, shapes, folder)
+    check_size(spec, shapes, folder)
     expected = parameter_shapes(spec)
     problems = []
     for name, shape in expected.items():

@@ -31,7 +31,7 @@ class ModelFolder:
     @property
     def folder(self) -> Path | None:
         """The model folder (whose tokenizer and generation files travel with the weights), or None for a GGUF file."""
-        return None if self.metadata or self.path.suffix.lower() == ".gguf" else self.path
+        return None if self.path.is_file() else self.path
 
     @property
     def general(self) -> dict[str, Any]:

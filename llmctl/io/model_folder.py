@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -13,6 +12,8 @@ from typing import TYPE_CHECKING
 from llmctl.io.hf import check_tensors, config_from_spec, read_config, spec_from_config
 from llmctl.io.hub import resolve_model
 from llmctl.io.model import ModelFolder
+from llmctl.io.outputs import replacing
+from llmctl.io.paths import inside
 from llmctl.io.safetensors import RawTensor, atomic_write_text, load_folder_tensors, save_tensors
 from llmctl.quant import AUX_SUFFIXES, QUANT_KEYS, quantization_of
 from llmctl.spec import ModelSpec
@@ -43,7 +44,7 @@ def read_model(name: str | Path) -> ModelFolder:
     it. Its spec and tensors are checked against each other; quantization metadata sits beside the spec."""
     from llmctl.io.gguf import is_gguf, read_gguf
 
-    if is_gguf(name):
+    if is_gguf(name) and not Path(name).is_dir():  # a folder may be named *.gguf too
         return read_gguf(name)
     folder = resolve_model(name)
     config = read_config(folder)
@@ -63,7 +64,7 @@ def load_tokenizer(name: str | Path) -> Tokenizer:
     """A model's tokenizer, without its weights: a folder's (Tokenizer.from_dir), or rebuilt from a .gguf file's
     metadata."""
     path = Path(name)
-    if path.suffix.lower() == ".gguf":
+    if path.suffix.lower() == ".gguf" and not path.is_dir():
         from llmctl.io.gguf import read_tokenizer
 
         return read_tokenizer(path)
@@ -83,21 +84,11 @@ def generation_config(spec: ModelSpec) -> dict:
 
 @contextmanager
 def staged_folder(out: Path) -> Iterator[Path]:
-    """Write a new folder under a temporary name and rename it into place only when complete."""
-    out = Path(out)
-    if out.exists():
-        out.mkdir(parents=True, exist_ok=True)
-        yield out  # files inside are each written atomically
-        return
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    """A new folder filled under a temporary name; it replaces `out` (an older model there included) only when
+    complete, so a failed or killed write leaves the old model whole."""
+    with replacing(out) as tmp:
+        tmp.mkdir()
         yield tmp
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def write_model(
@@ -119,9 +110,9 @@ def write_model(
         save_tensors(folder, tensors, max_shard_bytes=max_shard_bytes)
         atomic_write_text(folder / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
         carried = set()
-        if source is not None and Path(source).resolve() != Path(out).resolve():
+        if source is not None:  # the source may be `out` itself: it stays in place until the swap
             for name in CARRIED_FILES:
-                if (Path(source) / name).is_file():
+                if inside(source, name).is_file():  # a symlink out of the source folder is refused, not copied
                     shutil.copyfile(Path(source) / name, folder / name)
                     carried.add(name)
         if "generation_config.json" not in carried and not (folder / "generation_config.json").exists():

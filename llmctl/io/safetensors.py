@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import mmap
 import os
 import re
@@ -17,6 +18,7 @@ from typing import IO, TYPE_CHECKING, Any
 import numpy as np
 
 from llmctl.errors import CheckpointError
+from llmctl.io.paths import inside
 
 if TYPE_CHECKING:
     import mlx.core as mx
@@ -93,6 +95,20 @@ class RawTensor:
 # ---- reading
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json.loads keeps the last of repeated keys; the safetensors library refuses them, and so do we."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
 def _read_header(path: Path, f: IO[bytes], size: int) -> tuple[dict[str, Any], int]:
     """Parse the JSON header; returns it and the byte offset where the data buffer starts."""
     if size < 8:
@@ -105,7 +121,9 @@ def _read_header(path: Path, f: IO[bytes], size: int) -> tuple[dict[str, Any], i
             hint=_DAMAGED,
         )
     try:
-        header = json.loads(f.read(length))
+        header = json.loads(f.read(length), object_pairs_hook=_unique_keys)
+    except _DuplicateKey as e:
+        raise CheckpointError(f"{path}: the header names tensor {e.args[0]!r} twice.", hint=_DAMAGED) from None
     except ValueError as e:  # bad UTF-8 or bad JSON
         raise CheckpointError(f"{path}: the header is not valid JSON ({e}).", hint=_DAMAGED) from None
     if not isinstance(header, dict):
@@ -140,12 +158,23 @@ def _check_entry(path: Path, name: str, entry: Any, buffer_size: int) -> tuple[s
             "the file is truncated or corrupt.",
             hint=_DAMAGED,
         )
-    expected = int(np.prod(shape, dtype=np.int64)) * _NUMPY[dtype].itemsize
+    expected = math.prod(shape) * _NUMPY[dtype].itemsize  # Python ints: a crafted [2**64, 4] cannot wrap around
     if end - begin != expected:
         raise CheckpointError(
             f"{where}: {dtype} {shape} needs {expected} bytes but data_offsets span {end - begin}.", hint=_DAMAGED
         )
     return dtype, tuple(shape), begin, end
+
+
+def _check_overlaps(path: Path, entries: dict[str, tuple[str, tuple[int, ...], int, int]]) -> None:
+    """Two tensors may not share bytes (the safetensors library refuses such files too)."""
+    spans = sorted((begin, end, name) for name, (_, _, begin, end) in entries.items() if end > begin)
+    for (_, end, first), (begin, _, second) in zip(spans, spans[1:]):
+        if begin < end:
+            raise CheckpointError(
+                f"{path}: tensors {first!r} and {second!r} overlap in the data buffer (bytes {begin}..{end}).",
+                hint=_DAMAGED,
+            )
 
 
 def _open(path: Path) -> IO[bytes]:
@@ -173,10 +202,9 @@ def read_safetensors(path: str | Path) -> dict[str, RawTensor]:
         # and a later os.replace of the file leaves this mapping on the old contents
         buffer = np.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY), dtype=np.uint8)
     tensors = {}
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        dtype, shape, begin, end = _check_entry(path, name, entry, size - start)
+    entries = {name: _check_entry(path, name, entry, size - start) for name, entry in header.items() if name != "__metadata__"}
+    _check_overlaps(path, entries)
+    for name, (dtype, shape, begin, end) in entries.items():
         data = buffer[start + begin : start + end].view(_NUMPY[dtype]).reshape(shape)
         if not data.flags.aligned:  # files from other writers may not align; torch refuses unaligned memory
             data = data.copy()
@@ -206,6 +234,7 @@ def weight_files(folder: str | Path) -> list[Path]:
     if index.is_file():
         shards = sorted(set(_read_index(index).values()))
         for shard in shards:
+            inside(folder, shard, index)
             if not (folder / shard).is_file():
                 raise CheckpointError(
                     f"{index} names the shard {shard}, which is missing from {folder}.",
@@ -213,11 +242,11 @@ def weight_files(folder: str | Path) -> list[Path]:
                 )
         return [folder / shard for shard in shards]
     if (folder / SINGLE_FILE).is_file():
-        return [folder / SINGLE_FILE]
+        return [inside(folder, SINGLE_FILE)]
     # temporary files start with "."; an adapter beside a model is not part of its weights
     found = sorted(p for p in folder.glob("*.safetensors") if not p.name.startswith((".", "adapter_")))
     if found:
-        return found
+        return [inside(folder, p.name) for p in found]
     pickles = sorted({p.name for pattern in _PICKLES for p in folder.glob(pattern)})
     if pickles:
         raise CheckpointError(
@@ -255,6 +284,15 @@ def load_folder_tensors(folder: str | Path) -> dict[str, RawTensor]:
     return tensors
 
 
+def is_finite(raw: RawTensor) -> bool:
+    """No NaN or infinity in a float tensor (BF16/F16/F32/F64 read from their bits); other dtypes are finite."""
+    if raw.dtype in ("F16", "F32", "F64"):
+        return bool(np.isfinite(raw.data).all())
+    if raw.dtype == "BF16":
+        return not bool(((raw.data & 0x7F80) == 0x7F80).any())  # all exponent bits set: inf or NaN
+    return True
+
+
 # ---- writing
 
 
@@ -270,22 +308,23 @@ def _fsync_folder(folder: Path) -> None:
             os.close(fd)
 
 
-def _temporary(path: Path) -> Path:
-    # same folder, so os.replace is a rename; the leading "." keeps it out of globs such as *.safetensors
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
 @contextlib.contextmanager
 def _staged(paths: list[Path]) -> Iterator[list[Path]]:
     """Temporary names for `paths`; when the block completes they all replace their targets, else all vanish."""
-    temporaries = [_temporary(path) for path in paths]
+    from llmctl.io.outputs import temporary_sibling, write_error
+
+    temporaries = [temporary_sibling(path) for path in paths]
     try:
         yield temporaries
         for temporary, path in zip(temporaries, paths):
             os.replace(temporary, path)
-    except BaseException:
+    except BaseException as e:
         for temporary in temporaries:
-            temporary.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                temporary.unlink(missing_ok=True)
+        error = write_error(e, paths[0]) if isinstance(e, OSError) else None
+        if error is not None:
+            raise error from e
         raise
     _fsync_folder(paths[0].parent)
 

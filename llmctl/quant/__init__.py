@@ -69,8 +69,13 @@ def quantization_of(config: Mapping[str, Any], where: Any = "config.json") -> di
     q = config.get("quantization") or config.get("quantization_config")
     if not q:
         return None
-    if not isinstance(q, dict) or "bits" not in q or "group_size" not in q:
-        method = q.get("quant_method", "unknown") if isinstance(q, dict) else repr(q)
+    if not isinstance(q, dict):
+        raise CheckpointError(
+            f"{where}: quantization is {q!r}; expected an object with group_size and bits.",
+            hint="llmctl reads MLX's affine layout and its own NF4 (`llmctl quantize` writes both).",
+        )
+    if "bits" not in q or "group_size" not in q:
+        method = q.get("quant_method", "unknown")
         raise UnsupportedModel(
             f"{where} records quantization method {method!r}; llmctl reads the affine layout (MLX, mlx-lm, "
             "llmctl quantize) and its own NF4.",

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Callable
+
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
@@ -14,14 +17,20 @@ CACHE_CHUNK = 256  # the key/value cache grows by this many positions at a time
 
 
 class KVCache:
-    """Keys and values of past tokens for one layer, grown in chunks: (B, KV, S, D)."""
+    """Keys and values of past tokens for one layer, grown in chunks: (B, KV, S, D).
 
-    def __init__(self) -> None:
+    `dtype` is what they are stored and attended in (None: the activations').
+    """
+
+    def __init__(self, dtype: mx.Dtype | None = None) -> None:
         self.keys: mx.array | None = None
         self.values: mx.array | None = None
         self.offset = 0  # positions already stored
+        self.dtype = dtype
 
     def update(self, k: mx.array, v: mx.array) -> tuple[mx.array, mx.array]:
+        if self.dtype is not None:
+            k, v = k.astype(self.dtype), v.astype(self.dtype)
         B, KV, T, D = k.shape
         end = self.offset + T
         if self.keys is None or end > self.keys.shape[2]:
@@ -41,8 +50,8 @@ class KVCache:
         self.offset = min(self.offset, n)
 
 
-def make_cache(spec: ModelSpec) -> list[KVCache]:
-    return [KVCache() for _ in range(spec.n_layers)]
+def make_cache(spec: ModelSpec, dtype: mx.Dtype | None = None) -> list[KVCache]:
+    return [KVCache(dtype) for _ in range(spec.n_layers)]
 
 
 def fuse(linears: list[nn.Module], input_major: bool) -> tuple[mx.array, mx.array | None] | None:
@@ -73,6 +82,96 @@ def fuse(linears: list[nn.Module], input_major: bool) -> tuple[mx.array, mx.arra
         start += n
     mx.eval(joint, bias, [linear.parameters() for linear in linears])
     return joint, bias
+
+
+class Fused:
+    """Layers that read the same x, run by `fn` (x -> their outputs) in a faster form made at load
+    (`prepare_inference`): one product over a joint weight, float32 scales for MLX's CPU kernels. The layers keep their
+    own tensors under their Hugging Face names (saving writes them unchanged); `valid` notices when a layer's arrays
+    were replaced since (trained, cast, reloaded): the module then calls its layers one by one again."""
+
+    def __init__(self, linears: list[nn.Module], fn: Callable[[mx.array], list[mx.array]]) -> None:
+        self.linears, self.fn = linears, fn
+        self.arrays = self._arrays()
+
+    def _arrays(self) -> list[mx.array]:
+        return [linear[name] for linear in self.linears for name in ("weight", "scales", "biases", "bias") if name in linear]
+
+    def valid(self, linears: list[nn.Module]) -> bool:
+        """Whether it still computes `linears` (the module's layers now: an adapter may have replaced one)."""
+        if not all(a is b for a, b in zip(linears, self.linears, strict=True)):
+            return False
+        arrays = self._arrays()
+        return len(arrays) == len(self.arrays) and all(a is b for a, b in zip(arrays, self.arrays))
+
+    def __call__(self, x: mx.array) -> list[mx.array]:
+        return self.fn(x)
+
+
+def _quantized_on_cpu(layer: nn.Module) -> Callable[[mx.array], mx.array] | None:
+    """An affine quantized layer run with float32 scales, biases and x: MLX's CPU quantized_matmul is ~8x slower with
+    bfloat16 ones and ~35x with float16 (measured with MLX 0.32 on a 4096 x 768 4-bit matrix: 25 / 104 / 2.9 ms).
+    The float32 copies cost 0.5 bit a weight at group size 64. None elsewhere (Metal), for float32 scales and NF4."""
+    if (
+        not hasattr(layer, "matmul") or layer.mode != "affine" or layer.scales.dtype == mx.float32
+        or mx.default_device() != mx.cpu
+    ):  # fmt: skip
+        return None
+    weight, group_size, bits = layer.weight, layer.group_size, layer.bits
+    scales, biases = layer.scales.astype(mx.float32), layer.biases.astype(mx.float32)
+    mx.eval(scales, biases)
+    bias = layer.bias if "bias" in layer else None
+
+    def matmul(x: mx.array) -> mx.array:
+        y = mx.quantized_matmul(x.astype(mx.float32), weight, scales, biases, transpose=True, group_size=group_size, bits=bits)
+        return y.astype(x.dtype) if bias is None else (y + bias).astype(x.dtype)
+
+    return matmul
+
+
+def fuse_layers(linears: list[nn.Module], input_major: bool) -> Fused | None:
+    """`linears` in their fastest form for inference (see Fused), or None when there is none faster than calling them."""
+    joint = fuse(linears, input_major)
+    if joint is not None:
+        weight, bias = joint
+        splits = list(itertools.accumulate(linear.weight.shape[0] for linear in linears))[:-1]
+        if bias is None:
+            return Fused(linears, lambda x: mx.split(x @ weight, splits, axis=-1) if splits else [x @ weight])
+        return Fused(linears, lambda x: mx.split(mx.addmm(bias, x, weight), splits, axis=-1) if splits else [mx.addmm(bias, x, weight)])
+    fast = [_quantized_on_cpu(linear) for linear in linears]
+    if any(f is None for f in fast):
+        return None
+    return Fused(linears, lambda x: [f(x) for f in fast])
+
+
+def prepare_inference(model: Transformer) -> None:
+    """Lay the model out for fast inference, once, at load: each layer's q/k/v and gate/up projections as one product
+    where they can be (float32 on the CPU: weights input-major, which MLX's CPU BLAS reads twice as fast), quantized
+    layers with float32 scales on the CPU. Saving still writes each layer's own tensors in the Hugging Face layout;
+    training (`model.train()`) runs the layers themselves."""
+    input_major = model.model.embed_tokens.weight.dtype == mx.float32 and mx.default_device() == mx.cpu
+    for block in model.model.layers:
+        attn = block.self_attn
+        attn.fused_qkv = fuse_layers([attn.q_proj, attn.k_proj, attn.v_proj], input_major)
+        attn.fused_o = fuse_layers([attn.o_proj], input_major)
+        if "mlp" in block:
+            block.mlp.fused_gate_up = fuse_layers([block.mlp.gate_proj, block.mlp.up_proj], input_major)
+            block.mlp.fused_down = fuse_layers([block.mlp.down_proj], input_major)
+    embed = model.model.embed_tokens
+    head = embed if model.spec.tie_embeddings else model.lm_head
+    if not model.spec.tie_embeddings or hasattr(embed, "matmul"):  # a plain tied embedding is read as it is
+        model.fused_head = fuse_layers([head], input_major)
+    # what is still lazy, evaluated now: a thread other than this one has no stream to compute it on
+    mx.eval(model.rope._freqs, model.parameters())
+    mx.clear_cache()  # the unfused copies just freed
+
+
+def project(linears: list[nn.Module], x: mx.array, fused: Fused | None, training: bool) -> list[mx.array]:
+    """The outputs of layers that read the same `x`: their `fused` form when one was made at load and still holds
+    (never in training: gradients go to the layers' own arrays), else each layer called on its own."""
+    if fused is not None and not training and fused.valid(linears):
+        return fused(x)
+    return [linear(x) for linear in linears]
 
 
 class RMSNorm(nn.Module):
@@ -127,6 +226,9 @@ def padded_mask(key_mask: mx.array, T: int, offset: int, window: int | None) -> 
 
 
 class Attention(nn.Module):
+    fused_qkv: Fused | None = None  # made at load (`prepare_inference`)
+    fused_o: Fused | None = None
+
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = spec.n_heads, spec.n_kv_heads, spec.head_dim
@@ -136,21 +238,33 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(spec.dim, spec.kv_dim, bias=spec.attn_bias)
         self.o_proj = nn.Linear(spec.q_dim, spec.dim, bias=False)
 
-    def __call__(self, x: mx.array, rope: Rope, mask: mx.array | str | None, cache: KVCache | None) -> mx.array:
+    def __call__(
+        self, x: mx.array, rope: Rope, mask: mx.array | str | None, cache: KVCache | None, last_only: bool = False,
+    ) -> mx.array:
+        """(B, T, dim), or (B, 1, dim) for the last position only with `last_only` (the cache still gets every
+        position's keys and values): a prompt's last layer then attends for one query, not T."""
         B, T, _ = x.shape
         offset = cache.offset if cache is not None else 0
-        q = self.q_proj(x).reshape(B, T, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)     # (B, H, T, D)
-        k = self.k_proj(x).reshape(B, T, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)  # (B, KV, T, D)
-        v = self.v_proj(x).reshape(B, T, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
+        q, k, v = project([self.q_proj, self.k_proj, self.v_proj], x, self.fused_qkv, self.training)
+        q = q.reshape(B, T, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)     # (B, H, T, D)
+        k = k.reshape(B, T, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)  # (B, KV, T, D)
+        v = v.reshape(B, T, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
         q, k = rope(q, offset), rope(k, offset)
         if cache is not None:
             k, v = cache.update(k, v)    # keys/values of all previous tokens, (B, KV, S, D)
+            q = q.astype(k.dtype)
+        if last_only and T > 1:
+            q, T = q[:, :, -1:], 1
+            mask = None if isinstance(mask, str) or mask is None else mask[..., -1:, :]  # causal: the last query sees all
         y = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
-        return self.o_proj(y.transpose(0, 2, 1, 3).reshape(B, T, -1))
+        return project([self.o_proj], y.transpose(0, 2, 1, 3).reshape(B, T, -1).astype(x.dtype), self.fused_o, self.training)[0]
 
 
 class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    fused_gate_up: Fused | None = None  # made at load (`prepare_inference`)
+    fused_down: Fused | None = None
 
     def __init__(self, dim: int, ffn_dim: int) -> None:
         super().__init__()
@@ -159,7 +273,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(ffn_dim, dim, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = project([self.gate_proj, self.up_proj], x, self.fused_gate_up, self.training)
+        return project([self.down_proj], nn.silu(gate) * up, self.fused_down, self.training)[0]
 
 
 class Expert(nn.Module):
@@ -221,8 +336,11 @@ class Block(nn.Module):
         else:
             self.mlp = MLP(spec.dim, spec.ffn_dim)
 
-    def __call__(self, x: mx.array, rope: Rope, mask: mx.array | str | None, cache: KVCache | None) -> tuple[mx.array, mx.array | None]:
-        h = x + self.self_attn(self.input_layernorm(x), rope, mask, cache)
+    def __call__(
+        self, x: mx.array, rope: Rope, mask: mx.array | str | None, cache: KVCache | None, last_only: bool = False,
+    ) -> tuple[mx.array, mx.array | None]:
+        """(B, T, dim) and the router's logits (MoE) or None; (B, 1, dim) with `last_only` (see Attention)."""
+        h = (x[:, -1:] if last_only else x) + self.self_attn(self.input_layernorm(x), rope, mask, cache, last_only)
         if "mlp" in self:
             return h + self.mlp(self.post_attention_layernorm(h)), None
         out, router_logits = self.block_sparse_moe(self.post_attention_layernorm(h))
@@ -240,6 +358,8 @@ class Body(nn.Module):
 
 
 class Transformer(nn.Module):
+    fused_head: Fused | None = None  # made at load (`prepare_inference`)
+
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
         self.spec = spec
@@ -264,12 +384,19 @@ class Transformer(nn.Module):
             mask = padded_mask(key_mask, T, offset, self.spec.sliding_window)
         h = self.model.embed_tokens(tokens)                           # (B, T, D)
         router_logits = []
+        last = len(self.model.layers) - 1
         for i, layer in enumerate(self.model.layers):
-            h, r = layer(h, self.rope, mask, cache[i] if cache else None)
+            # with last_only, the last layer computes the keys and values of every position (the cache needs them)
+            # but the rest for the last position only: a twelfth less work for a 12-layer model's prompt
+            h, r = layer(h, self.rope, mask, cache[i] if cache else None, last_only=last_only and i == last)
             if r is not None:
                 router_logits.append(r)
-        h = self.model.norm(h[:, -1:] if last_only else h)
-        logits = self.model.embed_tokens.as_linear(h) if self.spec.tie_embeddings else self.lm_head(h)
+        h = self.model.norm(h)
+        head = self.model.embed_tokens if self.spec.tie_embeddings else self.lm_head
+        if self.fused_head is not None and not self.training and self.fused_head.valid([head]):
+            logits = self.fused_head(h)[0]
+        else:
+            logits = head.as_linear(h) if self.spec.tie_embeddings else head(h)
         if not return_aux:
             return logits
         aux = None

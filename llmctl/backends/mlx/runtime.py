@@ -10,8 +10,8 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from llmctl.backends.mlx import generate as engine
-from llmctl.backends.mlx.model import DTYPE_NAMES, Transformer
+from llmctl.backends.mlx.generate import Generator
+from llmctl.backends.mlx.model import DTYPE_NAMES, Transformer, prepare_inference
 from llmctl.backends.mlx.quant import prepare_quantized
 from llmctl.generation import PromptCache, SamplingParams
 from llmctl.io.model_folder import read_model, write_model
@@ -23,7 +23,8 @@ DTYPES = {"float32": mx.float32, "fp32": mx.float32, "bfloat16": mx.bfloat16, "b
 
 
 class Model:
-    """A Transformer in eval mode plus where it came from."""
+    """A Transformer in eval mode plus where it came from, and the Generator that runs it (its own, so that models
+    side by side share nothing)."""
 
     def __init__(self, module: Transformer, source: Path | None = None, quantization: dict | None = None) -> None:
         self.module = module
@@ -31,6 +32,7 @@ class Model:
         self.spec = module.spec
         self.source = source
         self.quantization = quantization  # config.json's entry for the quantized layers, None: float
+        self.generator = Generator(module)
 
     def logits(self, tokens: list[list[int]]) -> np.ndarray:
         """Float32 logits (B, T, V) of equal-length token rows."""
@@ -38,17 +40,17 @@ class Model:
         return np.array(out)
 
     def greedy(self, prompt: list[int], max_new_tokens: int, stop_ids: tuple[int, ...] = ()) -> list[int]:
-        return engine.greedy(self.module, prompt, max_new_tokens, stop_ids)
+        return self.generator.greedy(prompt, max_new_tokens, stop_ids)
 
     def generate(self, prompt: list[int], params: SamplingParams, cache: PromptCache | None = None) -> Iterator[int]:
-        """New ids one by one (see generate.generate_step); `cache` from `new_cache()` reuses a shared prefix."""
-        return engine.generate_step(self.module, prompt, params, cache)
+        """New ids one by one (see Generator.generate_step); `cache` from `new_cache()` reuses a shared prefix."""
+        return self.generator.generate_step(prompt, params, cache)
 
     def generate_batch(self, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
-        return engine.generate_batch(self.module, prompts, params)
+        return self.generator.generate_batch(prompts, params)
 
     def new_cache(self) -> PromptCache:
-        return engine.new_cache(self.module)
+        return self.generator.new_cache()
 
     def save(self, out: Path, max_shard_bytes: int | None = None) -> Path:
         params = dict(tree_flatten(self.module.parameters()))
@@ -70,6 +72,7 @@ class Runtime:
         module = Transformer(spec)
         module.init_weights(seed)
         module.set_dtype(DTYPES[dtype])
+        prepare_inference(module)
         return Model(module)
 
     def load(self, name: str | Path, dtype: str | None = "float32") -> Model:
@@ -81,4 +84,5 @@ class Runtime:
             weights = [(k, v if k in stored else v.astype(DTYPES[dtype])) for k, v in weights]
         module.load_weights(weights, strict=True)
         mx.eval(module.parameters())
+        prepare_inference(module)
         return Model(module, folder.path, folder.quantization)

@@ -10,32 +10,16 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from llmctl.backends.torch.model import (
-    KVCache, Transformer, _joint, attention_mask, dense_linear, fuse, make_cache, padded_mask,
-)
-from llmctl.backends.torch.quant import _DTYPE_CODES, QuantizedEmbedding, QuantizedLinear
 from llmctl import kernels
+from llmctl.backends.torch.model import Fused, KVCache, Transformer, make_cache
+from llmctl.backends.torch.quant import _DTYPE_CODES, QuantizedEmbedding, QuantizedLinear
 from llmctl.errors import LlmctlError
 from llmctl.generation import PREFILL_CHUNK, PromptCache, SamplingParams
 
 
 SMALL_MODEL = 8_000_000  # matmul parameters below which decoding runs on one thread
-
-
-@contextmanager
-def _threads_for(model: Transformer) -> Iterator[None]:
-    """One thread for small models (per token their math takes microseconds, less than waking other threads costs);
-    the count torch had is restored afterwards, whatever DecodeThreads chose on the way."""
-    threads = torch.get_num_threads()
-    if model.spec.matmul_params() < SMALL_MODEL:
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 class DecodeThreads:
@@ -45,7 +29,8 @@ class DecodeThreads:
     each product waits for its second thread to be scheduled, and one thread alone can be several times faster.
     So each count's time per token is kept as a moving average, now and then `PROBE` tokens run with the count not
     in use, and the faster count on average is used; the longer it stays the same, the rarer the probes.
-    Used as `with threads.step(): ...` around each token's forward.
+    Used as `with threads.step() as n: ...` around each token's forward, which runs on n threads. Each generation
+    object has its own: nothing is set process-wide (torch's thread count stays as it is).
     """
 
     PROBE = 2                  # tokens run with the other count at each probe
@@ -60,22 +45,12 @@ class DecodeThreads:
         self.probe_at = self.FIRST  # token at which the next probe starts
         self.every = self.FIRST
 
-    @classmethod
-    def now(cls) -> DecodeThreads:
-        """The one for torch's current thread count, kept across calls so that what it learnt is not lost."""
-        threads = torch.get_num_threads()
-        if threads not in _decode_threads:
-            _decode_threads[threads] = cls(threads)
-        return _decode_threads[threads]
-
     @contextmanager
-    def step(self) -> Iterator[None]:
+    def step(self) -> Iterator[int]:
         probing = len(self.counts) > 1 and 0 <= self.n - self.probe_at < self.PROBE
         threads = self.counts[self.best == self.counts[0]] if probing else self.best
-        if torch.get_num_threads() != threads:
-            torch.set_num_threads(threads)
         start = time.perf_counter()
-        yield
+        yield threads
         seconds = time.perf_counter() - start
         old = self.average[threads]
         self.average[threads] = seconds if old == 0.0 else (1 - self.WEIGHT) * old + self.WEIGHT * seconds
@@ -84,51 +59,6 @@ class DecodeThreads:
             best = min(self.counts, key=lambda count: self.average[count])
             self.every = min(2 * self.every, self.LONGEST) if best == self.best else self.FIRST
             self.best, self.probe_at = best, self.n + self.every
-
-
-_decode_threads: dict[int, DecodeThreads] = {}
-
-
-def _linear(weight: Tensor, bias: Tensor | None) -> Callable[[Tensor], Tensor]:
-    """x -> x @ weight.T + bias (float32 on the CPU in oneDNN: MKL runs a one-row product on one thread)."""
-    return functools.partial(dense_linear, weight=weight, bias=bias)
-
-
-def _projection(linears: list[nn.Module]) -> Callable[[Tensor], Tensor]:
-    """x -> the outputs of `linears` side by side: one matmul for plain Linears, one call each for quantized ones."""
-    fused = fuse(linears)
-    if fused is not None:
-        return _linear(*fused)
-    if len(linears) == 1:
-        return linears[0]
-    return lambda x: torch.cat([linear(x) for linear in linears], -1)
-
-
-def _mlp(block: nn.Module) -> Callable[[Tensor], Tensor]:
-    if not hasattr(block, "mlp"):
-        return lambda x: block.block_sparse_moe(x)[0]
-    gate_up, down = _projection([block.mlp.gate_proj, block.mlp.up_proj]), _projection([block.mlp.down_proj])
-
-    def swiglu(x: Tensor) -> Tensor:
-        gate, up = gate_up(x).chunk(2, -1)
-        return down(F.silu(gate) * up)
-
-    return swiglu
-
-
-def _attend_one(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
-    """Attention of one query per row, (B, H, 1, D) over keys (B, KV, S, D), as two small batched products.
-
-    SDPA's kernel spreads these few microseconds of work over all threads; on a busy machine waiting for the
-    other thread to be scheduled costs milliseconds, a batched product stays on one.
-    """
-    B, H, _, D = q.shape
-    KV = k.shape[1]
-    scores = (q * D**-0.5).view(B, KV, H // KV, D) @ k.transpose(2, 3)   # (B, KV, G, S): query heads grouped by KV head
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))                   # mask: (1, S) or (B, 1, 1, S)
-    probs = scores.softmax(-1, dtype=torch.float32).to(q.dtype)
-    return (probs @ v).view(B, H, 1, D)
 
 
 def _native_lib():
@@ -144,23 +74,24 @@ def _native_lib():
 
 
 class NativeStep:
-    """One token of batch 1 through the whole model in one C++ call (llmctl._C.NativeDecoder).
+    """One token of batch 1 through the whole model in one C++ call (kernels.NativeDecoder, llmctl._C's step).
 
     A token of a ~100M-parameter model is ~100 matrix-vector products plus norms, RoPE and attention. As torch ops
     each costs a dispatch and a thread-pool wake-up; in C++ the products split over a persistent pool and the rest
     runs on this thread, with float32 activations and the weights read as stored (float or quantized codes). It
     reads and writes the same float32 KV cache as the torch path, so prefill (compute-bound: torch's matmuls) and
     decoding mix freely. `build` returns None for what it does not cover (MoE, other devices, odd layouts).
+    LLMCTL_ISA (as it was when the step was built) picks its kernels, as it picks qmatmul's.
     """
 
     def __init__(self, lib, model: Transformer) -> None:
         spec = model.spec
         self.spec, self.model = spec, model
-        self.isa = kernels.isa_code(None)  # $LLMCTL_ISA as it was when the step was built
+        self.isa = kernels.isa_code(None)
         inner = model.model
         embed = inner.embed_tokens
         embedding = self._matrix(embed) if isinstance(embed, QuantizedEmbedding) else self._dense(embed.weight, None)
-        head = embedding if spec.tie_embeddings else self._projection([model.lm_head])[0]
+        head = embedding if spec.tie_embeddings else self._matrix(model.lm_head)
         self.impl = lib.NativeDecoder(
             spec.dim, spec.n_heads, spec.n_kv_heads, spec.head_dim, spec.ffn_dim, spec.vocab_size,
             spec.sliding_window or 0, spec.norm_eps, embedding, self._keep(inner.norm.weight), head,
@@ -168,9 +99,9 @@ class NativeStep:
         for block in inner.layers:
             attn, mlp = block.self_attn, block.mlp
             self.impl.add_layer(
-                self._keep(block.input_layernorm.weight), self._projection([attn.q_proj, attn.k_proj, attn.v_proj]),
+                self._keep(block.input_layernorm.weight), self._projection([attn.q_proj, attn.k_proj, attn.v_proj], attn.fused_qkv),
                 self._projection([attn.o_proj]), self._keep(block.post_attention_layernorm.weight),
-                self._projection([mlp.gate_proj, mlp.up_proj]), self._projection([mlp.down_proj]),
+                self._projection([mlp.gate_proj, mlp.up_proj], mlp.fused_gate_up), self._projection([mlp.down_proj]),
             )  # fmt: skip
         self.empty = torch.empty(1, spec.n_kv_heads, 1, spec.head_dim)  # what the cache's storage is made like
 
@@ -186,7 +117,7 @@ class NativeStep:
             return None
 
     def _keep(self, t: Tensor) -> Tensor:
-        """t, if the step can read it: a float tensor, contiguous, on the CPU."""
+        """t, if the step can read it: a float tensor, contiguous, on the CPU (kernels.NativeDecoder keeps it alive)."""
         if t.dtype not in _DTYPE_CODES or not t.is_contiguous() or t.device.type != "cpu":
             raise _Unsupported
         return t
@@ -194,33 +125,26 @@ class NativeStep:
     def _dense(self, weight: Tensor, bias: Tensor | None) -> kernels.DecodeMatrix:
         return kernels.DecodeMatrix(weight, bias)
 
-    def _quantized(self, layer: QuantizedLinear, weight: Tensor, scales: Tensor, biases: Tensor | None, bias: Tensor | None) -> kernels.DecodeMatrix:
-        """Outputs of `layer`'s format (its own tensors, or those of layers fused with it)."""
-        return kernels.DecodeMatrix(bias=bias, wq=weight, scales=scales, biases=biases, group_size=layer.group_size,
-                                    bits=layer.bits, mode=layer.mode)  # fmt: skip
+    def _quantized(self, layer: QuantizedLinear) -> kernels.DecodeMatrix:
+        """The layer's tensors in the layout they have (tiled or MLX's, as `prepare_inference` left them)."""
+        return kernels.DecodeMatrix(bias=layer.bias, wq=layer.weight, scales=layer.scales, biases=layer.biases,
+                                    group_size=layer.group_size, bits=layer.bits, mode=layer.mode)  # fmt: skip
 
-    def _matrix(self, layer: nn.Module) -> tuple:
+    def _matrix(self, layer: nn.Module) -> kernels.DecodeMatrix:
         if isinstance(layer, QuantizedLinear):
-            layer.tile()
-            return self._quantized(layer, layer.weight, layer.scales, layer.biases, layer.bias)
+            return self._quantized(layer)
         if type(layer) is not nn.Linear:
             raise _Unsupported
         return self._dense(layer.weight, layer.bias)
 
-    def _projection(self, linears: list[nn.Module]) -> list[tuple]:
-        fused = fuse(linears)
-        if fused is not None:
-            return [self._dense(*fused)]
-        if len(linears) > 1 and _fuse_quantized(linears):
-            tile = all(linear.can_tile() or linear.tiled for linear in linears)  # each part in place: the joint is too
-            for linear in linears:
-                linear.tile() if tile else linear.untile()
-            joint = (_joint_buffer(linears, name) for name in ("weight", "scales", "biases", "bias"))
-            return [self._quantized(linears[0], *joint)]
+    def _projection(self, linears: list[nn.Module], fused: Fused | None = None) -> list[kernels.DecodeMatrix]:
+        """One matrix for layers fused at load (still laid out so), else one each: the step changes nothing."""
+        if fused is not None and fused.valid(linears):
+            return [self._dense(*fused.layer) if isinstance(fused.layer, tuple) else self._quantized(fused.layer)]
         return [self._matrix(linear) for linear in linears]
 
-    def __call__(self, token: int, cache: list[KVCache]) -> Tensor:
-        """Logits (1, 1, V) float32 of `token` at the cache's next position; the cache grows by one."""
+    def __call__(self, token: int, cache: list[KVCache], threads: int) -> Tensor:
+        """Logits (1, 1, V) float32 of `token` at the cache's next position, on `threads` threads; the cache grows by one."""
         pos = cache[0].offset
         if not cache[0].has_room(pos + 1):  # layers grow in step: one check for all
             for layer in cache:
@@ -229,163 +153,15 @@ class NativeStep:
         logits = torch.empty(1, 1, self.spec.vocab_size)
         self.impl.step(
             token, pos, [layer.keys for layer in cache], [layer.values for layer in cache], cos[pos], sin[pos], logits,
-            threads=torch.get_num_threads(), isa=self.isa,
+            threads=threads, isa=self.isa,
         )  # fmt: skip
         for layer in cache:
             layer.offset = pos + 1
         return logits
 
 
-def _fuse_quantized(linears: list[nn.Module]) -> bool:
-    """Whether quantized layers that read the same x can run as one product (same format, all with a bias or none);
-    if so their codes, scales, biases and bias become row views of joint tensors (`_joint_buffer` finds them)."""
-    if not all(type(linear) is QuantizedLinear for linear in linears):
-        return False
-    first = linears[0]
-    formats = {
-        (l.in_features, l.group_size, l.bits, l.mode, l.scales.dtype, l.weight.device, l.biases is None, l.bias is None)
-        for l in linears
-    }  # fmt: skip
-    if len(formats) > 1 or first.weight.device.type != "cpu":
-        return False
-    for name in ("weight", "scales", "biases", "bias"):
-        if getattr(first, name) is not None and _joint_buffer(linears, name) is None:
-            parts = [getattr(linear, name).detach() for linear in linears]
-            with torch.inference_mode(False), torch.no_grad():  # tensors made under inference_mode could not be trained
-                if parts[0].dtype == torch.uint32:  # cat has no uint32 kernel: the same bits as int32
-                    joint = torch.cat([p.view(torch.int32) for p in parts]).view(torch.uint32)
-                else:
-                    joint = torch.cat(parts)
-            for linear, view in zip(linears, joint.split([len(p) for p in parts])):
-                if name == "bias":
-                    linear.bias.data = view
-                else:
-                    linear._buffers[name] = view
-    return True
-
-
-def _joint_buffer(linears: list[nn.Module], name: str) -> Tensor | None:
-    parts = [getattr(linear, name) for linear in linears]
-    return None if parts[0] is None else _joint(parts)
-
-
 class _Unsupported(Exception):
     """A layer NativeStep does not cover: the torch path runs the model."""
-
-
-class Decoder:
-    """The Transformer's forward for inference: fused projections and no module calls, so a token costs its matmuls.
-
-    It computes what `Transformer.forward` does (that one is the reference, and what training runs); the greedy
-    parity tests hold the two together. Build it with `decoder_for`, which notices when the weights change.
-    """
-
-    def __init__(self, model: Transformer) -> None:
-        spec = model.spec
-        self.spec, self.model = spec, model
-        norm = model.model.norm.weight  # in the activations' dtype, quantized models included
-        self.low_precision = norm.dtype in (torch.bfloat16, torch.float16)
-        # Attention and its cache in float32 on the CPU: its bf16/fp16 products of a few rows are 3x slower there.
-        self.attention_dtype = torch.float32 if norm.device.type == "cpu" else norm.dtype
-        self.layers = []
-        for block in model.model.layers:
-            attn = block.self_attn
-            self.layers.append((
-                block.input_layernorm.weight, _projection([attn.q_proj, attn.k_proj, attn.v_proj]), _projection([attn.o_proj]),
-                block.post_attention_layernorm.weight, _mlp(block),
-            ))  # fmt: skip
-        self.embed = embed = model.model.embed_tokens
-        self.final_norm = model.model.norm.weight
-        if not spec.tie_embeddings:
-            self.head = _projection([model.lm_head])
-        else:  # a quantized embedding runs the tied head through its own kernel
-            self.head = embed.as_linear if hasattr(embed, "as_linear") else _linear(embed.weight, None)
-        self.cos = self.sin = torch.empty(0)
-        # the C++ step for one token of batch 1 on the CPU, where per-op overhead would dominate
-        self.native = NativeStep.build(model) if self.attention_dtype == torch.float32 else None
-        self.signature = self._signature()
-
-    def _signature(self) -> tuple:
-        tensors = tuple((t.data_ptr(), t.dtype) for t in (*self.model.parameters(), *self.model.buffers()))
-        return tensors, tuple(m for m in self.model.modules() if getattr(m, "tiled", False))
-
-    def stale(self) -> bool:
-        """Whether the model's weights were replaced since (cast, reloaded, quantized, ...)."""
-        return self.signature != self._signature()
-
-    def rope(self, offset: int, T: int, like: Tensor) -> tuple[Tensor, Tensor]:
-        """cos and sin of positions offset.., (T, 1, D); sin's first half negated, so that rotating half is a roll."""
-        if len(self.cos) < offset + T or self.cos.dtype != like.dtype:
-            cos, sin = self.model.rope.table(max(offset + T, 2 * len(self.cos)), like)   # (N, D)
-            half = sin.shape[-1] // 2
-            self.cos, self.sin = cos[:, None], torch.cat([-sin[:, :half], sin[:, half:]], -1)[:, None]
-        return self.cos[offset : offset + T], self.sin[offset : offset + T]
-
-    def __call__(self, tokens: Tensor, cache: list[KVCache], key_mask: Tensor | None = None, last_only: bool = False) -> Tensor:
-        """Logits (B, T, V), or (B, 1, V) with `last_only`; `cache` is extended, `key_mask` as in the model."""
-        B, T = tokens.shape
-        if self.native is not None and B * T == 1 and key_mask is None and cache[0].offset < self.spec.max_seq_len:
-            return self.native(int(tokens), cache)
-        with self.matmuls(B * T):
-            x = self.forward(tokens, cache, key_mask, last_only)
-        with self.matmuls(x.shape[0] * x.shape[1]):
-            return self.head(F.rms_norm(x, (self.spec.dim,), self.final_norm, self.spec.norm_eps))
-
-    @contextmanager
-    def matmuls(self, rows: int) -> Iterator[None]:
-        """bf16/fp16 products of one row skip oneDNN: it reorders the weight first (a 49 MB copy for a 32000-word
-        head) and is slow on a single row, where torch's own kernel streams the weights several times faster."""
-        if rows > 1 or not self.low_precision:
-            yield
-            return
-        onednn = torch.backends.mkldnn.enabled
-        torch.backends.mkldnn.enabled = False
-        try:
-            yield
-        finally:
-            torch.backends.mkldnn.enabled = onednn
-
-    def forward(self, tokens: Tensor, cache: list[KVCache], key_mask: Tensor | None, last_only: bool = False) -> Tensor:
-        """The last layer's output (B, T, dim), or (B, 1, dim) with `last_only`: then the last layer computes the
-        keys and values of every position (the cache needs them) but attention, its output projection and the MLP
-        for the last position only, a twelfth less work for a 12-layer model's prompt."""
-        spec = self.spec
-        B, T = tokens.shape
-        H, KV, D = spec.n_heads, spec.n_kv_heads, spec.head_dim
-        offset = cache[0].offset
-        if key_mask is None:
-            mask = attention_mask(T, offset, spec.sliding_window, tokens.device)
-        else:
-            mask = padded_mask(key_mask, T, offset, spec.sliding_window)
-        x = self.embed(tokens)                                                  # (B, T, dim)
-        dtype = self.attention_dtype
-        cos, sin = self.rope(offset, T, x.to(dtype))
-        norm = (spec.dim,)
-        last = len(self.layers) - 1
-        for i, ((ln1, qkv, o, ln2, mlp), layer_cache) in enumerate(zip(self.layers, cache)):
-            y = qkv(F.rms_norm(x, norm, ln1, spec.norm_eps)).view(B, T, H + 2 * KV, D)
-            qk = y[:, :, : H + KV].to(dtype)
-            qk = torch.addcmul(qk * cos, qk.roll(D // 2, -1), sin)            # RoPE on q and k at once, (B, T, H+KV, D)
-            k, v = layer_cache.update(qk[:, :, H:].transpose(1, 2), y[:, :, H + KV :].transpose(1, 2).to(dtype))  # (B, KV, S, D)
-            q = qk[:, :, :H].transpose(1, 2)                                   # (B, H, T, D)
-            if last_only and i == last and T > 1:                              # the last position only from here on
-                q, x, T = q[:, :, -1:], x[:, -1:], 1
-                mask = None if mask is None else mask[..., -1:, :]             # None: causal, the last query sees all
-            if T == 1:
-                y = _attend_one(q, k, v, mask)
-            else:
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
-            x = x + o(y.transpose(1, 2).reshape(B, T, H * D).to(x.dtype))
-            x = x + mlp(F.rms_norm(x, norm, ln2, spec.norm_eps))
-        return x
-
-
-def decoder_for(model: Transformer) -> Decoder:
-    """The model's Decoder, built once (kept on the model) and again whenever its weights were replaced."""
-    decoder = getattr(model, "_decoder", None)
-    if decoder is None or decoder.stale():
-        decoder = model._decoder = Decoder(model)
-    return decoder
 
 
 @functools.cache
@@ -402,10 +178,6 @@ def _release_prompt_memory() -> None:
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
-
-
-def new_cache(model: Transformer) -> PromptCache:
-    return PromptCache(make_cache(model.spec))
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
@@ -435,45 +207,80 @@ def penalize(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.
     return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
 
 
-def _budget(model: Transformer, longest_prompt: int, params: SamplingParams) -> int:
-    if longest_prompt == 0:
-        raise LlmctlError("The prompt is empty and the tokenizer adds no BOS token: there is nothing to continue.", hint="Give some text.")
-    room = model.spec.max_seq_len - longest_prompt
-    if room <= 0:
-        raise LlmctlError(
-            f"The prompt has {longest_prompt} tokens; the model's context holds {model.spec.max_seq_len}.",
-            hint="Shorten the prompt.",
-        )
-    return min(params.max_tokens, room)
+class Generator:
+    """Generation with one model: the model's forward for prompts and batches, its C++ decode step for one token of
+    batch 1 on the CPU (with its own scratch buffers), and the thread count each token runs on.
 
+    Nothing is kept on the model and nothing process-wide is changed, so models generate side by side in one process
+    (a policy and its reference, a teacher and its student, a server's requests); one Generator serves one
+    generation at a time. Built again by `Model` when the model's weights are replaced (`stale`).
+    """
 
-def _generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
-    if params.greedy or params.seed is None:
-        return None
-    return torch.Generator(device).manual_seed(params.seed)
+    def __init__(self, model: Transformer, threads: int | None = None) -> None:
+        self.model, self.spec = model, model.spec
+        weight = model.model.norm.weight  # in the activations' dtype, quantized models included
+        # Attention and its cache in float32 on the CPU: its bf16/fp16 products of a few rows are 3x slower there.
+        self.cache_dtype = torch.float32 if weight.device.type == "cpu" else weight.dtype
+        self.device = weight.device
+        # one thread for small models: per token their math takes microseconds, less than waking other threads costs
+        threads = threads or torch.get_num_threads()
+        self.threads = DecodeThreads(1 if self.spec.matmul_params() < SMALL_MODEL else threads)
+        # the C++ step for one token of batch 1 on the CPU, where per-op overhead would dominate
+        self.native = NativeStep.build(model) if self.cache_dtype == torch.float32 else None
+        self.signature = self._signature()
 
+    def _signature(self) -> tuple:
+        tensors = tuple((t.data_ptr(), t.dtype) for t in (*self.model.parameters(), *self.model.buffers()))
+        return tensors, tuple(m for m in self.model.modules() if getattr(m, "tiled", False))
 
-@torch.inference_mode()
-def generate_step(model: Transformer, prompt: list[int], params: SamplingParams, cache: PromptCache | None = None) -> Iterator[int]:
-    """Yield new ids one by one; a stop id, when sampled, is yielded last. `cache` keeps what it can of an earlier prompt."""
-    with _threads_for(model):
-        budget = _budget(model, len(prompt), params)
-        cache = cache if cache is not None else new_cache(model)
-        device = model.model.embed_tokens.weight.device
-        decoder = decoder_for(model)
+    def stale(self) -> bool:
+        """Whether the model's weights were replaced since (cast, reloaded, quantized, ...)."""
+        return self.signature != self._signature()
+
+    def new_cache(self) -> PromptCache:
+        return PromptCache(make_cache(self.spec, self.cache_dtype))
+
+    def forward(self, tokens: Tensor, cache: list[KVCache], key_mask: Tensor | None = None, last_only: bool = False,
+                threads: int | None = None) -> Tensor:  # fmt: skip
+        """Logits (B, T, V), or (B, 1, V) with `last_only`; `cache` is extended, `key_mask` as in the model."""
+        B, T = tokens.shape
+        if self.native is not None and B * T == 1 and key_mask is None and cache[0].offset < self.spec.max_seq_len:
+            return self.native(int(tokens), cache, threads or self.threads.best)
+        return self.model(tokens, cache, key_mask=key_mask, last_only=last_only)
+
+    def _budget(self, longest_prompt: int, params: SamplingParams) -> int:
+        if longest_prompt == 0:
+            raise LlmctlError("The prompt is empty and the tokenizer adds no BOS token: there is nothing to continue.", hint="Give some text.")
+        room = self.spec.max_seq_len - longest_prompt
+        if room <= 0:
+            raise LlmctlError(
+                f"The prompt has {longest_prompt} tokens; the model's context holds {self.spec.max_seq_len}.",
+                hint="Shorten the prompt.",
+            )
+        return min(params.max_tokens, room)
+
+    def _random(self, params: SamplingParams) -> torch.Generator | None:
+        if params.greedy or params.seed is None:
+            return None
+        return torch.Generator(self.device).manual_seed(params.seed)
+
+    @torch.inference_mode()
+    def generate_step(self, prompt: list[int], params: SamplingParams, cache: PromptCache | None = None) -> Iterator[int]:
+        """Yield new ids one by one; a stop id, when sampled, is yielded last. `cache` keeps what it can of an earlier prompt."""
+        budget = self._budget(len(prompt), params)
+        cache = cache if cache is not None else self.new_cache()
         start = cache.reuse(prompt)
         for i in range(start, len(prompt), PREFILL_CHUNK):
             chunk = prompt[i : i + PREFILL_CHUNK]
-            logits = decoder(torch.tensor([chunk], device=device), cache.layers, last_only=True)[:, -1]   # (1, V)
+            logits = self.forward(torch.tensor([chunk], device=self.device), cache.layers, last_only=True)[:, -1]   # (1, V)
             cache.tokens.extend(chunk)
         if len(prompt) - start > 1:
             _release_prompt_memory()
-        generator = _generator(params, device)
+        generator = self._random(params)
         seen = None
         if params.repetition_penalty != 1.0:
-            seen = torch.zeros(1, model.spec.vocab_size, dtype=torch.bool, device=device)
+            seen = torch.zeros(1, self.spec.vocab_size, dtype=torch.bool, device=self.device)
             seen[0, prompt] = True
-        threads = DecodeThreads.now()
         for n in range(budget):
             logits = logits.float()
             if seen is not None:
@@ -485,40 +292,36 @@ def generate_step(model: Transformer, prompt: list[int], params: SamplingParams,
                 return
             if seen is not None:
                 seen[0, token_id] = True
-            with threads.step():
-                logits = decoder(token.view(1, 1), cache.layers)[:, -1]
+            with self.threads.step() as threads:
+                logits = self.forward(token.view(1, 1), cache.layers, threads=threads)[:, -1]
             cache.tokens.append(token_id)
 
+    @torch.inference_mode()
+    def generate_batch(self, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
+        """New ids for each prompt, decoded together: rows are left-padded and the padding masked out.
 
-@torch.inference_mode()
-def generate_batch(model: Transformer, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
-    """New ids for each prompt, decoded together: rows are left-padded and the padding masked out.
-
-    A row ends at its first stop id (kept at its end) or after `max_tokens`; greedy rows equal one-by-one decoding.
-    """
-    with _threads_for(model):
-        budget = _budget(model, max(len(p) for p in prompts), params)
-        device = model.model.embed_tokens.weight.device
+        A row ends at its first stop id (kept at its end) or after `max_tokens`; greedy rows equal one-by-one decoding.
+        """
+        budget = self._budget(max(len(p) for p in prompts), params)
+        device = self.device
         B, T = len(prompts), max(len(p) for p in prompts)
         tokens = torch.zeros(B, T, dtype=torch.long, device=device)
         key_mask = torch.ones(B, T + budget, dtype=torch.bool, device=device)   # False at padding; new tokens fill the tail
         for row, prompt in enumerate(prompts):
             tokens[row, T - len(prompt) :] = torch.tensor(prompt)
             key_mask[row, : T - len(prompt)] = False
-        cache = make_cache(model.spec)
-        decoder = decoder_for(model)
+        cache = make_cache(self.spec, self.cache_dtype)
         for i in range(0, T, PREFILL_CHUNK):
-            logits = decoder(tokens[:, i : i + PREFILL_CHUNK], cache, key_mask=key_mask, last_only=True)[:, -1]  # (B, V)
+            logits = self.forward(tokens[:, i : i + PREFILL_CHUNK], cache, key_mask=key_mask, last_only=True)[:, -1]  # (B, V)
         _release_prompt_memory()
-        generator = _generator(params, device)
+        generator = self._random(params)
         seen = None
         if params.repetition_penalty != 1.0:
-            seen = torch.zeros(B, model.spec.vocab_size, dtype=torch.bool, device=device)
+            seen = torch.zeros(B, self.spec.vocab_size, dtype=torch.bool, device=device)
             rows = torch.arange(B, device=device)[:, None].expand(B, T)
             seen[rows[key_mask[:, :T]], tokens[key_mask[:, :T]]] = True
         out: list[list[int]] = [[] for _ in prompts]
         done = [False] * B
-        threads = DecodeThreads.now()
         for n in range(budget):
             logits = logits.float()
             if seen is not None:
@@ -532,11 +335,9 @@ def generate_batch(model: Transformer, prompts: list[list[int]], params: Samplin
                 break
             if seen is not None:
                 seen[torch.arange(B), token] = True
-            with threads.step():
-                logits = decoder(token.view(B, 1), cache, key_mask=key_mask)[:, -1]
+            logits = self.forward(token.view(B, 1), cache, key_mask=key_mask)[:, -1]
         return out
 
-
-def greedy(model: Transformer, prompt: list[int], max_new_tokens: int, stop_ids: tuple[int, ...] = ()) -> list[int]:
-    """Argmax decoding; returns the new ids (a stop id, when hit, is included and ends the run)."""
-    return list(generate_step(model, prompt, SamplingParams(max_tokens=max_new_tokens, stop_ids=frozenset(stop_ids))))
+    def greedy(self, prompt: list[int], max_new_tokens: int, stop_ids: tuple[int, ...] = ()) -> list[int]:
+        """Argmax decoding; returns the new ids (a stop id, when hit, is included and ends the run)."""
+        return list(self.generate_step(prompt, SamplingParams(max_tokens=max_new_tokens, stop_ids=frozenset(stop_ids))))

@@ -15,14 +15,21 @@ CACHE_CHUNK = 256  # the key/value cache grows by this many positions at a time
 
 
 class KVCache:
-    """Keys and values of past tokens for one layer, grown in chunks: (B, KV, S, D)."""
+    """Keys and values of past tokens for one layer, grown in chunks: (B, KV, S, D).
 
-    def __init__(self) -> None:
+    `dtype` is what they are stored and attended in (None: the activations'); generation on the CPU keeps float32,
+    which the C++ decode step reads and writes, and where products of a few bfloat16 rows would be 3x slower.
+    """
+
+    def __init__(self, dtype: torch.dtype | None = None) -> None:
         self.keys: Tensor | None = None
         self.values: Tensor | None = None
         self.offset = 0  # positions already stored
+        self.dtype = dtype
 
     def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        if self.dtype is not None:
+            k, v = k.to(self.dtype), v.to(self.dtype)
         B, KV, T, D = k.shape
         end = self.offset + T
         self.reserve(end, k)
@@ -53,8 +60,8 @@ class KVCache:
         self.offset = min(self.offset, n)
 
 
-def make_cache(spec: ModelSpec) -> list[KVCache]:
-    return [KVCache() for _ in range(spec.n_layers)]
+def make_cache(spec: ModelSpec, dtype: torch.dtype | None = None) -> list[KVCache]:
+    return [KVCache(dtype) for _ in range(spec.n_layers)]
 
 
 def fuse(linears: list[nn.Module]) -> tuple[Tensor, Tensor | None] | None:
@@ -62,7 +69,7 @@ def fuse(linears: list[nn.Module]) -> tuple[Tensor, Tensor | None] | None:
 
     Inference then runs one matmul where there were several, at no extra memory, while saving, loading and
     training still see each Linear's tensors under its Hugging Face name. Fusing again gives back the same tensors.
-    None when they cannot share a tensor: quantized layers (they keep their own kernels), mixed dtypes or biases.
+    None when they cannot share a tensor: quantized layers (`QuantizedLinear.fuse`), mixed dtypes or biases.
     """
     if not all(type(linear) is nn.Linear for linear in linears):
         return None
@@ -85,14 +92,59 @@ def fuse(linears: list[nn.Module]) -> tuple[Tensor, Tensor | None] | None:
     return out[0], out[1]
 
 
-def fuse_projections(model: Transformer) -> None:
-    """Fuse each layer's q/k/v and gate/up projections where they can be (see `fuse`)."""
+class Fused:
+    """Layers that read the same x run as one product `layer` over joint tensors whose row blocks are their own.
+
+    Made at load (`prepare_inference`); saving, loading and training still see each layer's tensors under its Hugging
+    Face name. `valid` notices when a part was replaced or re-laid since (cast, moved, reloaded, untiled): the
+    module then calls its layers one by one again.
+    """
+
+    def __init__(self, linears: list[nn.Module], layer: nn.Module | tuple[Tensor, Tensor | None]) -> None:
+        self.linears, self.layer = linears, layer
+        self.sizes = [linear.out_features for linear in linears]
+        self.signature = self._signature()
+
+    def _signature(self) -> tuple:
+        return tuple((p.data_ptr(), p.dtype, getattr(linear, "tiled", False))
+                     for linear in self.linears for p in (linear.weight, getattr(linear, "scales", None)) if p is not None)
+
+    def valid(self, linears: list[nn.Module]) -> bool:
+        """Whether it still computes `linears` (the module's layers now: an adapter may have replaced one)."""
+        return all(a is b for a, b in zip(linears, self.linears, strict=True)) and self._signature() == self.signature
+
+    def __call__(self, x: Tensor) -> list[Tensor]:
+        if isinstance(self.layer, tuple):
+            y = dense_linear(x, *self.layer)
+        else:
+            y = self.layer(x)
+        return list(y.split(self.sizes, -1))
+
+
+def fuse_layers(linears: list[nn.Module]) -> Fused | None:
+    """`linears` as one product (plain Linears: `fuse`; quantized ones: their class's `fuse`), or None."""
+    kind = type(linears[0])
+    if any(type(linear) is not kind for linear in linears):
+        return None
+    if kind is nn.Linear:
+        joint = fuse(linears)
+        return None if joint is None else Fused(linears, joint)
+    joint = kind.fuse(linears) if hasattr(kind, "fuse") else None
+    return None if joint is None else Fused(linears, joint)
+
+
+def prepare_inference(model: Transformer) -> None:
+    """Lay the model out for fast inference, in place and once, at load: each layer's q/k/v and gate/up projections
+    fused into one product where they can be, quantized layers in the kernels' fastest layout (`tile`). The state
+    dict keeps the Hugging Face / MLX layout; training after this sees the same parameters."""
+    for module in model.modules():
+        if hasattr(module, "tile"):
+            module.tile()
     for block in model.model.layers:
-        groups = [[block.self_attn.q_proj, block.self_attn.k_proj, block.self_attn.v_proj]]
+        attn = block.self_attn
+        attn.fused_qkv = fuse_layers([attn.q_proj, attn.k_proj, attn.v_proj])
         if hasattr(block, "mlp"):
-            groups.append([block.mlp.gate_proj, block.mlp.up_proj])
-        for linears in groups:
-            fuse(linears)
+            block.mlp.fused_gate_up = fuse_layers([block.mlp.gate_proj, block.mlp.up_proj])
 
 
 @functools.cache
@@ -108,16 +160,22 @@ def dense_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tenso
     return F.linear(x, weight, bias)
 
 
-def project(linears: list[nn.Module], x: Tensor) -> list[Tensor]:
+def project(linears: list[nn.Module], x: Tensor, fused: Fused | None = None) -> list[Tensor]:
     """The outputs of Linears that read the same `x`.
 
-    In training, plain Linears of one dtype run as one matmul over their concatenated weights (`_ConcatLinear`):
+    In inference, their `fused` product where one was made at load (`prepare_inference`), and plain Linears through
+    `dense_linear`. In training, plain Linears of one dtype run as one matmul over their concatenated weights (`_ConcatLinear`):
     forward and backward then make one larger product each, on a CPU 5-10% faster per step than three small ones
     (and float32 products run in oneDNN, `dense_linear`).
     Elsewhere (inference, where concatenating would copy the weights on every call, or LoRA/quantized layers)
     each Linear is called on its own.
     """
     plain = all(type(linear) is nn.Linear for linear in linears)
+    if not torch.is_grad_enabled():
+        if fused is not None and fused.valid(linears):
+            return fused(x)
+        if plain:
+            return [dense_linear(x, linear.weight, linear.bias) for linear in linears]
     if not (plain and torch.is_grad_enabled() and len({(l.weight.dtype, l.bias is None) for l in linears}) == 1):
         return [linear(x) for linear in linears]
     if len(linears) == 1 and not (x.device.type == "cpu" and linears[0].weight.dtype == torch.float32):
@@ -325,6 +383,21 @@ def eager_attention_pays(q: Tensor, k: Tensor) -> bool:
             and B * H * T * T <= EAGER_ATTENTION_MAX)
 
 
+def attend_one(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+    """Attention of one query per row, (B, H, 1, D) over keys (B, KV, S, D), as two small batched products.
+
+    SDPA's kernel spreads these few microseconds of work over all threads; on a busy machine waiting for the
+    other thread to be scheduled costs milliseconds, a batched product stays on one.
+    """
+    B, H, _, D = q.shape
+    KV = k.shape[1]
+    scores = (q * D**-0.5).view(B, KV, H // KV, D) @ k.transpose(2, 3)   # (B, KV, G, S): query heads grouped by KV head
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))                   # mask: (1, S) or (B, 1, 1, S)
+    probs = scores.softmax(-1, dtype=torch.float32).to(q.dtype)
+    return (probs @ v).view(B, H, 1, D)
+
+
 def grouped_causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """softmax(q k^T / sqrt(D) + causal) v with q (B, H, T, D), k/v (B, KV, T, D): each key/value head serves its
     H / KV query heads as one batched matmul (keys and values are never repeated); softmax in float32 internally."""
@@ -338,6 +411,8 @@ def grouped_causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 
 
 class Attention(nn.Module):
+    fused_qkv: Fused | None = None  # q/k/v as one product, made at load (`prepare_inference`)
+
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = spec.n_heads, spec.n_kv_heads, spec.head_dim
@@ -346,26 +421,37 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(spec.dim, spec.kv_dim, bias=spec.attn_bias)
         self.o_proj = nn.Linear(spec.q_dim, spec.dim, bias=False)
 
-    def forward(self, x: Tensor, rope: Rope, mask: Tensor | None, cache: KVCache | None) -> Tensor:
+    def forward(self, x: Tensor, rope: Rope, mask: Tensor | None, cache: KVCache | None, last_only: bool = False) -> Tensor:
+        """(B, T, dim), or (B, 1, dim) for the last position only with `last_only` (the cache still gets every
+        position's keys and values): a prompt's last layer then attends for one query, not T."""
         B, T, _ = x.shape
         offset = cache.offset if cache is not None else 0
-        q, k, v = project([self.q_proj, self.k_proj, self.v_proj], x)
+        q, k, v = project([self.q_proj, self.k_proj, self.v_proj], x, self.fused_qkv)
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)     # (B, H, T, D)
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if cache is not None and cache.dtype is not None:  # attention in the cache's dtype, RoPE included
+            q, k = q.to(cache.dtype), k.to(cache.dtype)
         q, k = rope(q, offset), rope(k, offset)
         if cache is not None:
             k, v = cache.update(k, v)    # keys/values of all previous tokens, (B, KV, S, D)
+        if last_only and T > 1:
+            q, T = q[:, :, -1:], 1
+            mask = None if mask is None else mask[..., -1:, :]    # None: causal, and the last query sees every key
         causal = mask is None and T > 1
-        if causal and eager_attention_pays(q, k):
+        if T == 1:
+            y = attend_one(q, k, v, mask)
+        elif causal and eager_attention_pays(q, k):
             y = grouped_causal_attention(q, k, v)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
-        return project([self.o_proj], y.transpose(1, 2).reshape(B, T, -1))[0]
+        return project([self.o_proj], y.transpose(1, 2).reshape(B, T, -1).to(x.dtype))[0]
 
 
 class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    fused_gate_up: Fused | None = None  # gate/up as one product, made at load (`prepare_inference`)
 
     def __init__(self, dim: int, ffn_dim: int) -> None:
         super().__init__()
@@ -374,7 +460,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(ffn_dim, dim, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        gate, up = project([self.gate_proj, self.up_proj], x)
+        gate, up = project([self.gate_proj, self.up_proj], x, self.fused_gate_up)
         return project([self.down_proj], F.silu(gate) * up)[0]
 
 
@@ -435,8 +521,11 @@ class Block(nn.Module):
         else:
             self.mlp = MLP(spec.dim, spec.ffn_dim)
 
-    def forward(self, x: Tensor, rope: Rope, mask: Tensor | None, cache: KVCache | None) -> tuple[Tensor, Tensor | None]:
-        h = x + self.self_attn(self.input_layernorm(x), rope, mask, cache)
+    def forward(
+        self, x: Tensor, rope: Rope, mask: Tensor | None, cache: KVCache | None, last_only: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        """(B, T, dim) and the router's logits (MoE) or None; (B, 1, dim) with `last_only` (see Attention)."""
+        h = (x[:, -1:] if last_only else x) + self.self_attn(self.input_layernorm(x), rope, mask, cache, last_only)
         if hasattr(self, "mlp"):
             return h + self.mlp(self.post_attention_layernorm(h)), None
         out, router_logits = self.block_sparse_moe(self.post_attention_layernorm(h))
@@ -480,11 +569,14 @@ class Transformer(nn.Module):
             mask = padded_mask(key_mask, T, offset, self.spec.sliding_window)
         h = self.model.embed_tokens(tokens)                           # (B, T, D)
         router_logits = []
+        last = len(self.model.layers) - 1
         for i, layer in enumerate(self.model.layers):
-            h, r = layer(h, self.rope, mask, cache[i] if cache else None)
+            # with last_only, the last layer computes the keys and values of every position (the cache needs them)
+            # but the rest for the last position only: a twelfth less work for a 12-layer model's prompt
+            h, r = layer(h, self.rope, mask, cache[i] if cache else None, last_only=last_only and i == last)
             if r is not None:
                 router_logits.append(r)
-        h = self.model.norm(h[:, -1:] if last_only else h)
+        h = self.model.norm(h)
         out = self.logits(h) if targets is None else self.loss(h, targets)
         if not return_aux:
             return out
@@ -497,7 +589,11 @@ class Transformer(nn.Module):
         """(B, T, V) from the final norm's output."""
         if self.spec.tie_embeddings:  # a quantized embedding runs the tied head through its own kernel
             embed = self.model.embed_tokens
-            return embed.as_linear(h) if hasattr(embed, "as_linear") else F.linear(h, embed.weight)
+            if hasattr(embed, "as_linear"):
+                return embed.as_linear(h)
+            return dense_linear(h, embed.weight) if not torch.is_grad_enabled() else F.linear(h, embed.weight)
+        if type(self.lm_head) is nn.Linear and not torch.is_grad_enabled():
+            return dense_linear(h, self.lm_head.weight)
         return self.lm_head(h)
 
     def loss(self, h: Tensor, targets: Tensor) -> Tensor:

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from llmctl import kernels
-from llmctl.backends.torch.model import dense_linear
+from llmctl.backends.torch.model import _joint, dense_linear
 from llmctl.io.model import ModelFolder
 from llmctl.io.safetensors import RawTensor, from_torch, to_torch
 from llmctl.quant import AUX_SUFFIXES, QuantParams, expand_double_quant, quantized_layers
@@ -85,6 +85,41 @@ class QuantizedLinear(nn.Module):
             checked = self.__dict__["_checked"] = kernels.QuantizedWeights(weight, scales, biases, self.group_size,
                                                                            self.bits, self.mode)  # fmt: skip
         return checked.matmul(x, threads=torch.get_num_threads() if threads is None else threads, isa=self.isa)
+
+    @classmethod
+    def fuse(cls, linears: list[QuantizedLinear]) -> QuantizedLinear | None:
+        """One layer whose codes, scales, biases and bias are joint tensors with `linears`' own as row blocks (theirs
+        become views of them, as `model.fuse` does for plain Linears), so layers that read the same x run as one
+        product; None when they differ in format, layout or device, or are not on the CPU."""
+        first = linears[0]
+        formats = {
+            (l.in_features, l.group_size, l.bits, l.mode, l.scales.dtype, l.weight.device, l.biases is None, l.bias is None, l.tiled)
+            for l in linears
+        }  # fmt: skip
+        if len(formats) > 1 or first.weight.device.type != "cpu":
+            return None
+        joint = nn.Module.__new__(cls)
+        nn.Module.__init__(joint)
+        joint.dtype, joint.isa = first.dtype, first.isa  # tiled or not as its parts: the shapes say
+        joint.in_features, joint.out_features = first.in_features, sum(linear.out_features for linear in linears)
+        joint.group_size, joint.bits, joint.mode = first.group_size, first.bits, first.mode
+        for name in ("weight", "scales", "biases", "bias"):
+            parts = [getattr(linear, name) for linear in linears]
+            tensor = None if parts[0] is None else _joint(parts)
+            if parts[0] is not None and tensor is None:
+                parts = [part.detach() for part in parts]
+                with torch.inference_mode(False), torch.no_grad():  # tensors made under inference_mode could not be trained
+                    if parts[0].dtype == torch.uint32:  # cat has no uint32 kernel: the same bits as int32
+                        tensor = torch.cat([part.view(torch.int32) for part in parts]).view(torch.uint32)
+                    else:
+                        tensor = torch.cat(parts)
+                for linear, view in zip(linears, tensor.split([len(part) for part in parts])):
+                    if name == "bias":
+                        linear.bias.data = view
+                    else:
+                        linear._buffers[name] = view
+            joint.register_buffer(name, tensor)
+        return joint
 
     def can_tile(self) -> bool:
         """Whether `tile` would rearrange this layer: affine 4-/8-bit codes of a multiple of 16 rows on a CPU that

@@ -10,8 +10,8 @@ import numpy as np
 import torch
 from torch.overrides import TorchFunctionMode
 
-from llmctl.backends.torch import generate as engine
-from llmctl.backends.torch.model import Rope, Transformer, fuse_projections
+from llmctl.backends.torch.generate import Generator
+from llmctl.backends.torch.model import Rope, Transformer, prepare_inference
 from llmctl.backends.torch.quant import prepare_quantized
 from llmctl.generation import PromptCache, SamplingParams
 from llmctl.io.model_folder import read_model, write_model
@@ -34,13 +34,22 @@ class _SkipInit(TorchFunctionMode):
 
 
 class Model:
-    """A Transformer in eval mode plus where it came from."""
+    """A Transformer in eval mode plus where it came from, and the Generator that runs it (its own, so that models
+    side by side share nothing)."""
 
     def __init__(self, module: Transformer, source: Path | None = None, quantization: dict | None = None) -> None:
         self.module = module.eval()
         self.spec = module.spec
         self.source = source
         self.quantization = quantization  # config.json's entry for the quantized layers, None: float
+        self._generator: Generator | None = None
+
+    @property
+    def generator(self) -> Generator:
+        """Built on first use, and again whenever the module's weights were replaced (cast, reloaded, quantized)."""
+        if self._generator is None or self._generator.stale():
+            self._generator = Generator(self.module)
+        return self._generator
 
     @torch.no_grad()
     def logits(self, tokens: list[list[int]]) -> np.ndarray:
@@ -48,17 +57,17 @@ class Model:
         return self.module(torch.tensor(tokens, dtype=torch.long)).float().numpy()
 
     def greedy(self, prompt: list[int], max_new_tokens: int, stop_ids: tuple[int, ...] = ()) -> list[int]:
-        return engine.greedy(self.module, prompt, max_new_tokens, stop_ids)
+        return self.generator.greedy(prompt, max_new_tokens, stop_ids)
 
     def generate(self, prompt: list[int], params: SamplingParams, cache: PromptCache | None = None) -> Iterator[int]:
-        """New ids one by one (see generate.generate_step); `cache` from `new_cache()` reuses a shared prefix."""
-        return engine.generate_step(self.module, prompt, params, cache)
+        """New ids one by one (see Generator.generate_step); `cache` from `new_cache()` reuses a shared prefix."""
+        return self.generator.generate_step(prompt, params, cache)
 
     def generate_batch(self, prompts: list[list[int]], params: SamplingParams) -> list[list[int]]:
-        return engine.generate_batch(self.module, prompts, params)
+        return self.generator.generate_batch(prompts, params)
 
     def new_cache(self) -> PromptCache:
-        return engine.new_cache(self.module)
+        return self.generator.new_cache()
 
     def save(self, out: Path, max_shard_bytes: int | None = None) -> Path:
         dtype = next(self.module.parameters()).dtype
@@ -78,7 +87,9 @@ class Runtime:
     def init(self, spec: ModelSpec, seed: int = 0, dtype: str = "float32") -> Model:
         module = Transformer(spec)
         module.init_weights(seed)
-        return Model(module.to(DTYPES[dtype]))
+        module = module.to(DTYPES[dtype])
+        prepare_inference(module)
+        return Model(module)
 
     def load(self, name: str | Path, dtype: str | None = "float32") -> Model:
         folder = read_model(name)
@@ -90,11 +101,11 @@ class Runtime:
             state = {k: v if k in stored else v.to(DTYPES[dtype]) for k, v in state.items()}
         module.load_state_dict(state, strict=True, assign=True)
         module.rope = Rope(folder.spec)  # buffers built on the meta device hold no data
-        fuse_projections(module)  # built straight from the file, before the copies below
         # Tensors still backed by the file's mapping are copied out, so the model is not changed by a later write
         # to the file and the mapping closes: its pages, read once for fused tensors, no longer count as resident.
         mapped = {raw.data.ctypes.data for raw in folder.tensors.values()}
         for tensor in (*module.parameters(), *module.buffers()):
             if tensor.data_ptr() in mapped:
                 tensor.data = tensor.data.clone()
+        prepare_inference(module)  # after the copies: tiling rearranges tensors in place
         return Model(module, folder.path, folder.quantization)
