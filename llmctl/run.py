@@ -32,6 +32,7 @@ class RunFolder:
         self.checkpoints = self.path / "checkpoints"
         self._aside: Path | None = None
         self._created = False  # the folder is new: a failed setup removes it again, so the retry is not blocked
+        self._was_empty = False
         if not is_main_process():
             return  # rank 0 checked and created the folder before the others got here
         check_output(self.path, inputs, flag="--out")
@@ -54,7 +55,8 @@ class RunFolder:
             clean_stale(self.path.parent)
             self._aside = temporary_sibling(self.path, "old")
             os.replace(self.path, self._aside)
-        self._created = not resume and (self._aside is not None or not self.path.exists() or not any(self.path.iterdir()))
+        self._was_empty = not resume and self._aside is None and self.path.is_dir() and not any(self.path.iterdir())
+        self._created = not resume and (self._aside is not None or not self.path.exists() or self._was_empty)
         try:
             self.checkpoints.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -73,6 +75,8 @@ class RunFolder:
         """Setting up the new run failed: put the old folder back as it was (or remove the one just made)."""
         if self._created:
             shutil.rmtree(self.path, ignore_errors=True)
+            if self._was_empty:  # the user's own empty folder stays, empty
+                self.path.mkdir(parents=True, exist_ok=True)
             self._created = False
         if self._aside is not None:
             os.replace(self._aside, self.path)

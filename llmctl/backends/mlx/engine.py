@@ -16,9 +16,8 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 
 from llmctl import ui
-from llmctl.backends.mlx.model import Transformer
+from llmctl.backends.mlx.model import DTYPE_NAMES, Transformer
 from llmctl.backends.mlx.objectives import DeviceBatch
-from llmctl.backends.mlx.runtime import DTYPE_NAMES
 from llmctl.errors import ConfigError
 from llmctl.io.model_folder import write_model
 from llmctl.io.safetensors import from_mlx, load_folder_tensors, read_safetensors, to_mlx, write_safetensors
