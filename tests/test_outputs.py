@@ -179,6 +179,11 @@ def test_train_quantize_chat_chain_with_no_arguments(backend, small_corpus, tmp_
     assert "model-q4" in first and "4-bit, group 64" in first, first
     assert "context:" in chat.output
 
+    # the latest model is now the 4-bit one: quantizing again starts from the float model it was made from
+    again = runner.invoke(app, ["quantize", "--bits", "8", "--backend", backend])
+    assert again.exit_code == 0, again.output
+    assert '"bits": 8' in (tmp_path / "runs" / "train" / "model-q8" / "config.json").read_text()
+
 
 @pytest.mark.parametrize(
     "errno_name, words",
