@@ -12,18 +12,12 @@ from typing import Annotated
 import typer
 
 from llmctl.backends import Backend
+from llmctl.commands.options import DType
 
 
 class Optimizer(str, enum.Enum):
     adamw = "adamw"
     lion = "lion"
-
-
-class DType(str, enum.Enum):
-    auto = "auto"  # bf16 where the hardware runs it fast, else fp32
-    fp32 = "fp32"
-    bf16 = "bf16"
-    fp16 = "fp16"
 
 
 class Strategy(str, enum.Enum):
@@ -80,7 +74,7 @@ class OptimConfig:
 class LoopConfig:
     steps: int = 300
     seed: int = 0
-    dtype: DType = DType.auto
+    dtype: DType = DType.auto  # bf16 where the hardware runs it fast, else fp32
     grad_accum: int = 1            # micro-batches per optimizer step
     eval_every: int = 100          # validation loss every N steps (and at the end)
     eval_batches: int = 8

@@ -11,6 +11,8 @@ from mlx.utils import tree_flatten
 
 from llmctl.spec import ModelSpec, llama3_inv_freq
 
+DTYPE_NAMES = {mx.float32: "float32", mx.bfloat16: "bfloat16", mx.float16: "float16"}  # as config.json names them
+
 CACHE_CHUNK = 256  # the key/value cache grows by this many positions at a time
 
 

@@ -15,8 +15,7 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 
 from llmctl import ui
-from llmctl.backends.mlx.model import Transformer
-from llmctl.backends.mlx.runtime import DTYPE_NAMES
+from llmctl.backends.mlx.model import DTYPE_NAMES, Transformer
 from llmctl.errors import ConfigError, LlmctlError
 from llmctl.io.model_folder import write_model
 from llmctl.io.safetensors import atomic_write_text, from_mlx, read_safetensors, to_mlx, write_safetensors
