@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from llmctl import ui
-from llmctl.errors import ConfigError, LlmctlError
+from llmctl.errors import ConfigError, LlmctlError, OutputError
 from llmctl.io.outputs import check_output, clean_stale, swap, temporary_sibling, write_error
 from llmctl.io.safetensors import atomic_write_text
 from llmctl.ui import is_main_process
@@ -93,8 +93,12 @@ class RunFolder:
     def log(self, record: dict[str, Any]) -> None:
         """Append one JSON line to metrics.jsonl (rank 0 only)."""
         if is_main_process():
-            with (self.path / "metrics.jsonl").open("a") as f:
-                f.write(json.dumps(record) + "\n")
+            path = self.path / "metrics.jsonl"
+            try:
+                with path.open("a") as f:
+                    f.write(json.dumps(record) + "\n")
+            except OSError as e:
+                raise (write_error(e, path) or e) from e
 
     def truncate_metrics(self, after_step: int) -> None:
         """On resume, drop lines logged after the checkpoint, so metrics.jsonl reads as one clean run."""
@@ -126,11 +130,23 @@ class RunFolder:
     def new_checkpoint(self, step: int, keep_last: int) -> Iterator[Path]:
         """A folder to fill, renamed into place when complete; older checkpoints beyond `keep_last` are removed."""
         final = self.checkpoints / f"step-{step:08d}"
-        tmp = self.checkpoints / f".step-{step:08d}.tmp-{os.getpid()}"
+        tmp = temporary_sibling(final)
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
         try:
+            tmp.mkdir(parents=True)
             yield tmp
+        except (OSError, OutputError) as e:  # a full disk: name the checkpoint; the older ones are whole
+            shutil.rmtree(tmp, ignore_errors=True)
+            error = e if isinstance(e, OutputError) else write_error(e, final)
+            if error is None:
+                raise
+            raise OutputError(
+                f"cannot write the checkpoint {final}: {error.reason}.",
+                hint="The earlier checkpoints are whole: free some space, then `llmctl train --resume` continues "
+                "from the newest.",
+                reason=error.reason,
+                path=error.path,
+            ) from e
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -163,7 +163,7 @@ def _defaults(cfg: QuantizeConfig) -> None:
                 "Cannot quantize: no --model given, and no model made by llmctl was found.",
                 hint="Pass --model DIR (a model folder or a Hugging Face id), or run `llmctl train` to make one.",
             )
-        cfg.model = str(latest)
+        cfg.model = str(_float_source(latest))
         if str(cfg.out) and str(cfg.out) != ".":  # else the one line below names both
             ui.info(f"[dim]--model not given: quantizing the latest model {latest}[/]")
     if not str(cfg.out) or str(cfg.out) == ".":
@@ -178,6 +178,18 @@ def _defaults(cfg: QuantizeConfig) -> None:
             cfg.out = source.with_name(f"{stem}-{suffix}")
         latest_note = " (the latest model; --model not given)" if defaulted else ""
         ui.info(f"[dim]quantizing {cfg.model}{latest_note} -> {cfg.out}[/]")
+
+
+def _float_source(model: Path) -> Path:
+    """The latest model may be one `llmctl quantize` wrote: quantize the float model it was made from instead."""
+    import yaml
+
+    record = model / "llmctl_quantize.yaml"
+    try:
+        source = Path(yaml.safe_load(record.read_text(encoding="utf-8"))["model"]) if record.is_file() else None
+    except (OSError, ValueError, TypeError, KeyError, yaml.YAMLError):
+        source = None
+    return source if source is not None and source.is_dir() else model
 
 
 def _params(q: QuantConfig) -> Any:
