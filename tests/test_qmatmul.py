@@ -293,3 +293,20 @@ def test_tiled_weights_are_refused_where_mlx_s_layout_is_read():
         kernels.to_tiled(*tiled, 64, 4)
     assert torch.equal(kernels.QuantizedWeights(*tiled, 64, 4).matmul(x), kernels.qmatmul_tiled(x, *tiled, 64, 4))
     assert torch.equal(kernels.QuantizedWeights(*mlx, 64, 4).matmul(x), kernels.qmatmul(x, *mlx, 64, 4))
+
+
+def test_checked_weights_refuse_what_they_cannot_hold_and_check_x_on_each_call():
+    """kernels.QuantizedWeights (the decode path's products): the weights checked once, x on every call."""
+    torch = pytest.importorskip("torch")
+    wq, scales, biases = kernels.quantize(torch.randn(32, 128), 64, 4)
+    checked = kernels.QuantizedWeights(wq, scales, biases, 64, 4)
+    x = torch.randn(3, 128)
+    assert torch.equal(checked.matmul(x, isa=1), kernels.qmatmul(x, wq, scales, biases, 64, 4, isa="scalar"))
+    with pytest.raises(KernelArgumentError, match="x has 96 features"):
+        checked.matmul(torch.randn(3, 96))
+    with pytest.raises(KernelArgumentError, match="are not 4-bit codes and their scales at group_size 32"):
+        kernels.QuantizedWeights(wq, scales, biases, 32, 4)
+    with pytest.raises(KernelArgumentError, match="affine weights have biases"):
+        kernels.QuantizedWeights(wq, scales, None, 64, 4)
+    with pytest.raises(KernelArgumentError, match="contiguous torch CPU tensors"):
+        kernels.QuantizedWeights(wq.t().contiguous().t(), scales, biases, 64, 4)

@@ -80,11 +80,16 @@ class QuantizedLinear(nn.Module):
             return kernels.qmatmul(x, weight, scales, biases, self.group_size, self.bits, mode=self.mode)
         # The decode path: a hundred small products per token, so the weights are checked once (kernels.QuantizedWeights,
         # made again when they are replaced) and each call checks x only
+        threads = torch.get_num_threads() if threads is None else threads
         checked = self.__dict__.get("_checked")
         if checked is None or checked.wq is not weight or checked.scales is not scales or checked.biases is not biases:
-            checked = self.__dict__["_checked"] = kernels.QuantizedWeights(weight, scales, biases, self.group_size,
-                                                                           self.bits, self.mode)  # fmt: skip
-        return checked.matmul(x, threads=torch.get_num_threads() if threads is None else threads, isa=self.isa)
+            try:
+                checked = self.__dict__["_checked"] = kernels.QuantizedWeights(weight, scales, biases, self.group_size,
+                                                                               self.bits, self.mode)  # fmt: skip
+            except kernels.KernelArgumentError:  # e.g. non-contiguous views: the general path copies, or says why not
+                return kernels.qmatmul(x, weight, scales, biases, self.group_size, self.bits, mode=self.mode,
+                                       threads=threads, isa=kernels.ISAS[self.isa])  # fmt: skip
+        return checked.matmul(x, threads=threads, isa=self.isa)
 
     @classmethod
     def fuse(cls, linears: list[QuantizedLinear]) -> QuantizedLinear | None:
