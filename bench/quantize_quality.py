@@ -179,7 +179,7 @@ def llama_cpp_eval(gguf: Path, full: Path, text: Path, max_tokens: int) -> dict:
     from llmctl import scoring
     from llmctl.backends import get_backend
     from llmctl.commands.eval import DEFAULT_SEQ_LEN, read_text, tokens_and_bytes
-    from llmctl.tokenizer import load_tokenizer
+    from llmctl.io.model_folder import load_tokenizer
 
     torch.set_num_threads(THREADS)
     base = get_backend("torch").load(full)

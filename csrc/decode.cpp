@@ -278,8 +278,7 @@ void axpy(float p, const float* v, float* out, int64_t n, int isa) {
   for (int64_t i = 0; i < n; ++i) out[i] += p * v[i];
 }
 
-void dense_matvec(const Matrix& m, const float* x, float* y, int threads) {
-  const int isa = best_isa();
+void dense_matvec(const Matrix& m, const float* x, float* y, int threads, int isa) {
   const int64_t out = m.out, in = m.in;
   // bfloat16 on AVX-512 reads x de-interleaved per 32 values (see above)
   static thread_local std::vector<float> xp;
@@ -328,24 +327,24 @@ void rope(float* x, const float* cos, const float* sin, int64_t d) {
   }
 }
 
-void project(const Projection& p, const float* x, float* y, int threads) {
+void project(const Projection& p, const float* x, float* y, int threads, int isa) {
   for (const Matrix& m : p) {
-    matvec(m, x, y, threads);
+    matvec(m, x, y, threads, isa);
     y += m.out;
   }
 }
 
 }  // namespace
 
-void matvec(const Matrix& m, const float* x, float* y, int threads) {
+void matvec(const Matrix& m, const float* x, float* y, int threads, int isa) {
   if (m.tiled) {
     qmatmul_tiled(x, kFloat32, 1, m.in, m.wq, m.scales, m.biases, m.q_dtype, m.out, m.group_size, m.bits, y, kFloat32,
-                  threads, kIsaAuto);
+                  threads, isa);
   } else if (m.wq != nullptr) {
     qmatmul(x, kFloat32, 1, m.in, m.wq, m.scales, m.biases, m.q_dtype, m.out, m.group_size, m.bits, m.mode, y,
-            kFloat32, threads, kIsaAuto);
+            kFloat32, threads, isa);
   } else {
-    dense_matvec(m, x, y, threads);
+    dense_matvec(m, x, y, threads, isa);
   }
   if (m.bias != nullptr)
     for (int64_t i = 0; i < m.out; ++i) y[i] += load_float(m.bias, m.bias_dtype, i);
@@ -389,12 +388,13 @@ void NativeDecoder::add_layer(const DecoderLayer& layer) {
 
 void NativeDecoder::step(int64_t token, int64_t pos, const std::vector<uintptr_t>& keys,
                          const std::vector<uintptr_t>& values, int64_t capacity, const float* cos,
-                         const float* sin, float* logits, int threads) {
+                         const float* sin, float* logits, int threads, int isa) {
   const DecoderShape& s = shape_;
   const int64_t H = s.n_heads, KV = s.n_kv_heads, D = s.head_dim, dim = s.dim;
   if (token < 0 || token >= s.vocab) fail("token id " + std::to_string(token) + " is outside the vocabulary");
   if (pos < 0 || pos >= capacity) fail("position " + std::to_string(pos) + " is outside the cache");
   if (keys.size() != layers_.size() || values.size() != layers_.size()) fail("one key and one value cache per layer");
+  isa = resolve_isa(isa);
   float* x = x_.data();
   float* h = h_.data();
 
@@ -414,14 +414,13 @@ void NativeDecoder::step(int64_t token, int64_t pos, const std::vector<uintptr_t
   }
 
   const float scale = 1.0f / std::sqrt(float(D));
-  const int isa = best_isa();
   const int64_t first = s.window > 0 ? std::max<int64_t>(0, pos - s.window + 1) : 0;
   const int64_t span = pos + 1 - first;
   if (int64_t(scores_.size()) < H * span) scores_.resize(size_t(H * span));
   for (size_t l = 0; l < layers_.size(); ++l) {
     const DecoderLayer& layer = layers_[l];
     rms_norm(x, layer.attn_norm, s.norm_dtype, dim, s.norm_eps, h);
-    project(layer.qkv, h, qkv_.data(), threads);
+    project(layer.qkv, h, qkv_.data(), threads, isa);
     float* q = qkv_.data();
     float* k = q + H * D;
     float* v = k + KV * D;
@@ -459,11 +458,11 @@ void NativeDecoder::step(int64_t token, int64_t pos, const std::vector<uintptr_t
     } else {
       detail::parallel_for(int(H), attention_threads, attend);
     }
-    project(layer.o, attn_.data(), h, threads);
+    project(layer.o, attn_.data(), h, threads, isa);
     for (int64_t i = 0; i < dim; ++i) x[i] += h[i];
 
     rms_norm(x, layer.mlp_norm, s.norm_dtype, dim, s.norm_eps, h);
-    project(layer.gate_up, h, gate_up_.data(), threads);
+    project(layer.gate_up, h, gate_up_.data(), threads, isa);
     const float* gate = gate_up_.data();
     const float* up = gate + s.hidden;
     int64_t i = 0;
@@ -471,11 +470,11 @@ void NativeDecoder::step(int64_t token, int64_t pos, const std::vector<uintptr_t
     if (isa == kIsaAvx512) swiglu_avx512(gate, up, act_.data(), i = s.hidden / 16 * 16);
 #endif
     for (; i < s.hidden; ++i) act_[size_t(i)] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
-    project(layer.down, act_.data(), h, threads);
+    project(layer.down, act_.data(), h, threads, isa);
     for (int64_t i = 0; i < dim; ++i) x[i] += h[i];
   }
   rms_norm(x, final_norm_, s.norm_dtype, dim, s.norm_eps, h);
-  matvec(head_, h, logits, threads);
+  matvec(head_, h, logits, threads, isa);
 }
 
 }  // namespace llmctl

@@ -53,11 +53,13 @@ class NativeDecoder {
 
   // The token at position pos: keys[l] and values[l] are layer l's float32 cache, (n_kv_heads,
   // capacity, head_dim), holding positions < pos; position pos is written. cos and sin are the RoPE
-  // rows of position pos (head_dim float32 each, halves duplicated). logits: vocab float32.
+  // rows of position pos (head_dim float32 each, halves duplicated). logits: vocab float32. isa picks every kernel
+  // the step runs (products, attention, activations): kIsaAuto the best this CPU has, else that one (or an error).
   void step(int64_t token, int64_t pos, const std::vector<uintptr_t>& keys, const std::vector<uintptr_t>& values,
-            int64_t capacity, const float* cos, const float* sin, float* logits, int threads);
+            int64_t capacity, const float* cos, const float* sin, float* logits, int threads, int isa = 0);
 
   int64_t n_layers() const { return int64_t(layers_.size()); }
+  const DecoderShape& shape() const { return shape_; }
 
  private:
   DecoderShape shape_;
@@ -67,7 +69,7 @@ class NativeDecoder {
   std::vector<float> x_, h_, qkv_, attn_, gate_up_, act_, scores_;
 };
 
-// y (out) = W x (+ bias) for float32 x (in); products of more than ~64 KiB of weights use threads.
-void matvec(const Matrix& m, const float* x, float* y, int threads);
+// y (out) = W x (+ bias) for float32 x (in); products of more than ~64 KiB of weights use threads; isa as qmatmul's.
+void matvec(const Matrix& m, const float* x, float* y, int threads, int isa);
 
 }  // namespace llmctl

@@ -371,6 +371,15 @@ void qmatmul_rows_neon(const QJob&, int64_t, int64_t) { fail("NEON kernels exist
 
 }  // namespace detail
 
+bool cpu_runs(int isa) { return isa == kIsaAuto || isa_available(isa); }
+
+int resolve_isa(int isa) {
+  if (isa < kIsaAuto || isa > kIsaNeon) fail("isa code " + std::to_string(isa) + " is not 0..4");
+  if (isa == kIsaAuto) return best_isa();
+  if (!isa_available(isa)) fail(std::string("this CPU cannot run the ") + isa_name(isa) + " kernels");
+  return isa;
+}
+
 int best_isa() {  // asked once: the decode step and qmatmul ask on every product
   static const int best = [] {
     for (int isa : {kIsaAvx512, kIsaAvx2, kIsaNeon})
@@ -400,9 +409,7 @@ void qmatmul(const void* x, int x_dtype, int64_t batch, int64_t in, const uint32
   if (mode == kModeNF4 && bits != 4) fail("nf4 codes are 4 bits, not " + std::to_string(bits));
   if (batch < 0) fail("batch " + std::to_string(batch) + " is negative");
   if (threads < 0) fail("threads must be >= 0 (0: all hardware threads)");
-  if (isa < kIsaAuto || isa > kIsaNeon) fail("isa code " + std::to_string(isa) + " is not 0..4");
-  if (isa == kIsaAuto) isa = best_isa();
-  if (!isa_available(isa)) fail(std::string("this CPU cannot run the ") + isa_name(isa) + " kernels");
+  isa = resolve_isa(isa);
   if (batch * out == 0) return;
   for (auto [p, what] : {std::pair<const void*, const char*>{x, "x"}, {wq, "wq"}, {scales, "scales"}, {y, "y"}})
     if (p == nullptr) fail(std::string(what) + " is a null pointer");

@@ -51,9 +51,10 @@ void to_tiled(uint32_t* wq, void* scales, void* biases, int dtype, int64_t out, 
 void from_tiled(uint32_t* wq, void* scales, void* biases, int dtype, int64_t out, int64_t in, int group_size, int bits,
                 int threads);
 // Rows [row0, row1) (whole tiles) into dst (row1 - row0, in) of dst_dtype (float32 or bfloat16): code * scale + bias
-// in float32, rounded to dst_dtype.
+// in float32, rounded to dst_dtype; isa picks the kernels (scalar, or AVX-512 where the CPU has it).
 void dequantize_tiled(const uint32_t* wq, const void* scales, const void* biases, int dtype, int64_t out, int64_t in,
-                      int group_size, int bits, int64_t row0, int64_t row1, void* dst, int dst_dtype, int threads);
+                      int group_size, int bits, int64_t row0, int64_t row1, void* dst, int dst_dtype, int threads,
+                      int isa);
 // qmatmul for tiled weights, with the same int16 x and the same error bound.
 void qmatmul_tiled(const void* x, int x_dtype, int64_t batch, int64_t in, const uint32_t* wq, const void* scales,
                    const void* biases, int w_dtype, int64_t out, int group_size, int bits, void* y, int y_dtype,
@@ -61,6 +62,10 @@ void qmatmul_tiled(const void* x, int x_dtype, int64_t batch, int64_t in, const 
 
 int best_isa();
 const char* isa_name(int isa);
+// Whether this CPU runs the kernels of `isa` (kIsaAuto: always).
+bool cpu_runs(int isa);
+// The isa a kernel runs: kIsaAuto gives best_isa(); a code out of range, or an isa this CPU lacks, throws.
+int resolve_isa(int isa);
 
 #ifdef LLMCTL_CUDA
 // qmatmul on device pointers (float32 accumulation, no int16 step), queued on `stream`.

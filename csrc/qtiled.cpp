@@ -222,12 +222,11 @@ LLMCTL_AVX512 void codes_to_values_avx512(const uint8_t* c, float s, float b, in
 // The tile's 16 rows (16, in) of out_dtype (float32 or bfloat16): code * scale + bias in float32, as the kernels
 // compute, then rounded to out_dtype.
 void dequantize_tile(const uint8_t* w, const void* scales, const void* biases, int dtype, int64_t in, int group_size,
-                     int bits, int64_t tile, void* out, int out_dtype, std::vector<uint8_t>& codes) {
+                     int bits, int64_t tile, void* out, int out_dtype, std::vector<uint8_t>& codes, bool avx512) {
   const int64_t groups = in / group_size, tile_bytes = kTileRows * in * bits / 8;
   codes.resize(size_t(kTileRows * in));
   codes_of_tile(w + tile * tile_bytes, in, bits, codes.data());
   const int size = out_dtype == kFloat32 ? 4 : 2;
-  const bool avx512 = best_isa() == kIsaAvx512;
   for (int j = 0; j < kTileRows; ++j)
     for (int64_t g = 0; g < groups; ++g) {
       const int64_t at = (tile * groups + g) * kTileRows + j;
@@ -266,7 +265,7 @@ void tiles_scalar(const TiledJob& job, int64_t t0, int64_t t1) {
   float acc[kTileRows];
   for (int64_t t = t0; t < t1; ++t) {
     dequantize_tile(job.w, job.scales, job.biases, job.dtype, job.in, job.group_size, job.bits, t, wf.data(), kFloat32,
-                    codes);
+                    codes, false);
     for (int64_t r = 0; r < job.batch; ++r) {
       const float* x = job.x->xf.data() + r * job.in;
       for (int j = 0; j < kTileRows; ++j) {
@@ -391,8 +390,10 @@ void from_tiled(uint32_t* wq, void* scales, void* biases, int dtype, int64_t out
 }
 
 void dequantize_tiled(const uint32_t* wq, const void* scales, const void* biases, int dtype, int64_t out, int64_t in,
-                      int group_size, int bits, int64_t row0, int64_t row1, void* dst, int dst_dtype, int threads) {
+                      int group_size, int bits, int64_t row0, int64_t row1, void* dst, int dst_dtype, int threads,
+                      int isa) {
   check_tiled(dtype, out, in, group_size, bits);
+  const bool avx512 = resolve_isa(isa) == kIsaAvx512;
   if (dst_dtype != kFloat32 && dst_dtype != kBFloat16)
     fail("dst dtype code " + std::to_string(dst_dtype) + " is not 0 (float32) or 2 (bfloat16)");
   if (row0 < 0 || row1 > out || row0 > row1 || row0 % kTileRows || row1 % kTileRows)
@@ -406,7 +407,8 @@ void dequantize_tiled(const uint32_t* wq, const void* scales, const void* biases
     std::vector<uint8_t> codes;
     for (int64_t t = tiles * k / n; t < tiles * (k + 1) / n; ++t)
       dequantize_tile(reinterpret_cast<const uint8_t*>(wq), scales, biases, dtype, in, group_size, bits, t0 + t,
-                      static_cast<char*>(dst) + t * kTileRows * in * (dst_dtype == kFloat32 ? 4 : 2), dst_dtype, codes);
+                      static_cast<char*>(dst) + t * kTileRows * in * (dst_dtype == kFloat32 ? 4 : 2), dst_dtype, codes,
+                      avx512);
   });
 }
 
@@ -418,9 +420,7 @@ void qmatmul_tiled(const void* x, int x_dtype, int64_t batch, int64_t in, const 
   check_dtype(y_dtype, "y");
   if (batch < 0) fail("batch " + std::to_string(batch) + " is negative");
   if (threads < 0) fail("threads must be >= 0 (0: all hardware threads)");
-  if (isa == kIsaAuto) isa = best_isa();
-  const bool runs = isa == kIsaScalar || isa == best_isa() || (isa == kIsaAvx2 && best_isa() == kIsaAvx512);
-  if (!runs) fail(std::string("this CPU cannot run the ") + isa_name(isa) + " kernels");
+  isa = resolve_isa(isa);  // AVX-512 has tiled kernels; any other isa runs the portable loop
   if (batch * out == 0) return;
   if (!x || !wq || !scales || !biases || !y) fail("null pointer");
   if (in == 0) {

@@ -15,7 +15,7 @@ from llmctl.commands import eval as evaluate
 
 app = typer.Typer(
     name="llmctl",
-    help="Pretrain, fine-tune, align, compress and chat with language models, on PyTorch or MLX.",
+    help="Pretrain, quantize, convert, evaluate and chat with language models, on PyTorch or MLX.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,

@@ -8,7 +8,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from llmctl.errors import ConfigError
 from llmctl.tokenizer import StreamDecoder, Tokenizer
@@ -138,12 +138,6 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
-class LayerCache(Protocol):
-    offset: int
-
-    def trim(self, n: int) -> None: ...
-
-
 class PromptCache:
     """A model's key/value cache plus the token ids it holds, so a new prompt computes only what is new.
 
@@ -267,38 +261,6 @@ def peak_memory_bytes() -> int:
     return rss if sys.platform == "darwin" else rss * 1024  # bytes on macOS, KiB on Linux
 
 
-def open_model(name: str | None, backend: str, dtype: str | None) -> tuple[Any, Tokenizer]:
-    """Load a model and its tokenizer for generation; no name means the latest model `llmctl train` wrote."""
-    from llmctl import ui
-    from llmctl.backends import get_backend, resolve_name
-    from llmctl.errors import LlmctlError
-    from llmctl.io.hub import resolve_model
-    from llmctl.run import last_model
-
-    latest_used = name is None
-    if name is None:
-        latest = last_model()
-        if latest is None:
-            raise LlmctlError(
-                "No model given, and no model made by `llmctl train` or `llmctl quantize` was found.",
-                hint="Pass --model DIR (a model folder or a Hugging Face id), or run `llmctl train` to make one.",
-            )
-        name = str(latest)
-    from llmctl.tokenizer import load_tokenizer
-
-    folder = resolve_model(name)  # a folder, a cached Hugging Face id, or a .gguf file
-    _check_memory(folder, dtype)
-    tokenizer = load_tokenizer(folder)
-    model = get_backend(backend).load(folder, dtype=dtype)
-    check_vocab(tokenizer, model.spec, folder)
-    what = "the latest model (--model not given)" if latest_used else "model"
-    ui.info(
-        f"[dim]{what} {folder} ({model.spec.family}, {model.spec.param_count() / 1e6:.3g}M parameters, "
-        f"{describe_quantization(model.spec.extra)}) on {resolve_name(backend)}[/]"
-    )
-    return model, tokenizer
-
-
 def check_vocab(tokenizer: Tokenizer, spec: Any, folder: Path) -> None:
     """A tokenizer with more ids than the model has embeddings would index past the embedding table."""
     if tokenizer.vocab_size > spec.vocab_size:
@@ -309,26 +271,6 @@ def check_vocab(tokenizer: Tokenizer, spec: Any, folder: Path) -> None:
             f"{spec.vocab_size}; ids past {spec.vocab_size - 1} have no embedding.",
             hint="The tokenizer files belong to another model: copy the model's own tokenizer into the folder.",
         )
-
-
-def _check_memory(folder: Path, dtype: str | None) -> None:
-    """The weights as stored (x2 when bf16/fp16 files are widened to fp32), against the memory available."""
-    from llmctl.io.safetensors import weight_files
-    from llmctl.memory import check_fits
-
-    files = [folder] if folder.is_file() else weight_files(folder)
-    size = sum(f.stat().st_size for f in files)
-    check_fits(size * (2 if dtype in ("fp32", "float32") else 1), f"loading {folder}", hint="Pick a smaller or quantized model.")
-
-
-def describe_quantization(config: dict[str, Any]) -> str:
-    """ "4-bit, group 64", "nf4, group 64" or "float", from config.json's quantization entry."""
-    entry = config.get("quantization") or config.get("quantization_config")
-    if not isinstance(entry, dict) or "bits" not in entry:
-        return "float"
-    if entry.get("mode") == "nf4":
-        return f"nf4, group {entry.get('group_size')}"
-    return f"{entry['bits']}-bit, group {entry.get('group_size')}"
 
 
 def stop_ids(model: Any, tokenizer: Tokenizer) -> frozenset[int]:

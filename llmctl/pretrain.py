@@ -1,9 +1,10 @@
-"""What `llmctl train` does before the first step, on any backend: run folder, tokenizer, tokens, spec."""
+"""`llmctl train` on the shared loop: run folder, tokenizer, token batches, spec, then the loop on a backend's engine."""
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,11 +12,15 @@ from typing import Any
 from llmctl import ui
 from llmctl.config import to_dict, to_yaml
 from llmctl.data.text import TokenData, default_corpus, expand_sources, read_documents, split, tokenize_files
-from llmctl.errors import ConfigError, SpecError
+from llmctl.errors import ConfigError, LlmctlError, SpecError
 from llmctl.io.safetensors import atomic_write_text
-from llmctl.run import RunFolder
+from llmctl.run import RunFolder, remember_model
 from llmctl.spec import ModelSpec
 from llmctl.tokenizer import Tokenizer
+from llmctl.training import loop
+from llmctl.training.batch import Batch
+from llmctl.training.config import check
+from llmctl.training.loop import Job
 
 
 @dataclass
@@ -121,25 +126,19 @@ def _tokenizer(cfg: Any, run: RunFolder, files: list[Path], resume: bool) -> Tok
 
 
 def prepare(cfg: Any, force: bool, resume: bool) -> Prepared:
-    """Check the recipe, set up runs/NAME/, get a tokenizer and token files, build the spec."""
-    if cfg.data.seq_len < 2:
-        raise ConfigError(f"data.seq_len={cfg.data.seq_len}: must be at least 2.")
-    if cfg.train.steps < 1:
-        raise ConfigError(f"train.steps={cfg.train.steps}: must be at least 1.")
-    if not cfg.data.val and not 0 < cfg.data.val_fraction < 1:
-        raise ConfigError(
-            f"data.val_fraction={cfg.data.val_fraction}: must be between 0 and 1 (the share of tokens held out).",
-            hint="The default 0.05 holds out 5%; or give validation files with data.val.",
-        )
+    """Set up runs/NAME/, get a tokenizer and token files, build the spec (the recipe was checked before, and the
+    config is written by the loop once a resumed run's settings are checked).
+
+    The run folder is not settled here: a run that fails before its first step puts back what --force set aside
+    (or removes the folder it made), so a refused or failed command changes nothing and blocks no retry.
+    """
     inputs = [*_paths(cfg.data.train), *_paths(cfg.data.val), cfg.data.tokenizer, cfg.model.from_]
     run = RunFolder(cfg.out, force=force, resume=resume, inputs=inputs)
     try:
-        prepared = _prepare(cfg, run, resume)
+        return _prepare(cfg, run, resume)
     except BaseException:
         run.restore()  # a refused command changes nothing: the old run folder (--force) is back as it was
         raise
-    run.settle()
-    return prepared
 
 
 def _paths(sources: Any) -> list[str]:
@@ -177,12 +176,92 @@ def _prepare(cfg: Any, run: RunFolder, resume: bool) -> Prepared:
         data = TokenData(tokens, tokenize_files(expand_sources(cfg.data.val, "data.val"), tokenizer, "data.val"), cfg.data.seq_len)
     else:
         data = split(tokens, cfg.data.val_fraction, cfg.data.seq_len)
-    run.write_config(to_yaml(cfg))
     ui.info(
         f"{spec.param_count() / 1e6:.2f}M parameters, {len(data.train):,} training tokens, "
         f"{len(data.val):,} validation tokens -> {run.path}"
     )
     return Prepared(run, tokenizer, data, spec, init_from)
+
+
+class TextBatches:
+    """Pretraining batches: random windows of the token stream, one segment per row (documents run together)."""
+
+    def __init__(self, data: TokenData, batch_size: int, seed: int, eval_batches: int) -> None:
+        self.data, self.batch_size, self.seed, self.eval_batches = data, batch_size, seed, eval_batches
+
+    def batch(self, step: int, part: int, parts: int) -> Batch:
+        rows = self.batch_size // parts
+        return Batch.from_windows(self.data.batch(step, self.batch_size, self.seed, part * rows, rows))
+
+    def val_batches(self, rows: int) -> Iterator[Batch]:
+        for windows in self.data.val_batches(rows, self.eval_batches):
+            yield Batch.from_windows(windows)
+
+
+def check_config(cfg: Any) -> None:
+    """Every nonsense value of the recipe at once, before anything is written."""
+    check(cfg.data, cfg.optim, cfg.train)
+
+
+def train(cfg: Any, backend: str, force: bool = False, resume: bool = False) -> Path | None:
+    """Pretrain on `backend` ("torch" or "mlx"): the model folder, or None when stopped early (train.stop_at)."""
+    check_config(cfg)
+    engine = _engine(backend, cfg)
+    try:
+        return _run(engine, backend, cfg, force, resume)
+    finally:
+        engine.close()
+
+
+def _engine(backend: str, cfg: Any) -> Any:
+    if backend == "torch":
+        from llmctl.backends.torch.engine import Engine
+    else:
+        from llmctl.backends.mlx.engine import Engine
+    return Engine(cfg.train, cfg.optim, cfg.strategy.value)
+
+
+def _objective(backend: str) -> Any:
+    if backend == "torch":
+        from llmctl.backends.torch.objectives import NextToken
+    else:
+        from llmctl.backends.mlx.objectives import NextToken
+    return NextToken()
+
+
+def _run(engine: Any, backend: str, cfg: Any, force: bool, resume: bool) -> Path | None:
+    micro_batch(cfg, engine.world)  # the batch must split before anything is written
+    # Process 0 creates the run folder, tokenizer and token cache first; the others then find them.
+    if engine.rank != 0 and engine.barrier():
+        raise LlmctlError("process 0 failed while preparing the run; its own error message says why.")
+    try:
+        prep = prepare(cfg, force, resume)
+    except BaseException:
+        if engine.rank == 0:
+            engine.barrier(failed=True)
+        raise
+    if engine.rank == 0:
+        engine.barrier()
+    source = TextBatches(prep.data, cfg.data.batch_size, cfg.train.seed, cfg.train.eval_batches)
+    job = Job(
+        loop=cfg.train, optim=cfg.optim, run=prep.run, source=source, objective=_objective(backend),
+        resume_key=prep.resume_key(cfg, engine.world), config_text=to_yaml(cfg), resume=resume,
+        flops_per_unit=prep.spec.flops_per_token(cfg.data.seq_len, training=True),
+        tokens_per_step=cfg.data.batch_size * cfg.data.seq_len, save_extras=prep.tokenizer.save,
+        started=prep.run.settle,
+    )
+    try:
+        engine.build(prep.spec, prep.init_from)
+        finished = loop.run(engine, job)
+    except BaseException:
+        prep.run.restore()  # no-op once the first step settled the folder
+        raise
+    prep.run.settle()
+    if not finished:
+        return None
+    remember_model(prep.run.model_dir)
+    ui.info(f"model written to {prep.run.model_dir}")
+    return prep.run.model_dir
 
 
 def micro_batch(cfg: Any, world: int) -> int:

@@ -10,7 +10,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from llmctl.errors import ConfigError, LlmctlError
+from llmctl import ui
+from llmctl.errors import ConfigError, LlmctlError, OutputError
 from llmctl.io.outputs import check_output, clean_stale, swap, temporary_sibling, write_error
 from llmctl.io.safetensors import atomic_write_text
 from llmctl.ui import is_main_process
@@ -31,6 +32,7 @@ class RunFolder:
         self.checkpoints = self.path / "checkpoints"
         self._aside: Path | None = None
         self._created = False  # the folder is new: a failed setup removes it again, so the retry is not blocked
+        self._was_empty = False
         if not is_main_process():
             return  # rank 0 checked and created the folder before the others got here
         check_output(self.path, inputs, flag="--out")
@@ -53,7 +55,8 @@ class RunFolder:
             clean_stale(self.path.parent)
             self._aside = temporary_sibling(self.path, "old")
             os.replace(self.path, self._aside)
-        self._created = not resume and (self._aside is not None or not self.path.exists() or not any(self.path.iterdir()))
+        self._was_empty = not resume and self._aside is None and self.path.is_dir() and not any(self.path.iterdir())
+        self._created = not resume and (self._aside is not None or not self.path.exists() or self._was_empty)
         try:
             self.checkpoints.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -72,6 +75,8 @@ class RunFolder:
         """Setting up the new run failed: put the old folder back as it was (or remove the one just made)."""
         if self._created:
             shutil.rmtree(self.path, ignore_errors=True)
+            if self._was_empty:  # the user's own empty folder stays, empty
+                self.path.mkdir(parents=True, exist_ok=True)
             self._created = False
         if self._aside is not None:
             os.replace(self._aside, self.path)
@@ -88,15 +93,33 @@ class RunFolder:
     def log(self, record: dict[str, Any]) -> None:
         """Append one JSON line to metrics.jsonl (rank 0 only)."""
         if is_main_process():
-            with (self.path / "metrics.jsonl").open("a") as f:
-                f.write(json.dumps(record) + "\n")
+            path = self.path / "metrics.jsonl"
+            try:
+                with path.open("a") as f:
+                    f.write(json.dumps(record) + "\n")
+            except OSError as e:
+                raise (write_error(e, path) or e) from e
 
     def truncate_metrics(self, after_step: int) -> None:
         """On resume, drop lines logged after the checkpoint, so metrics.jsonl reads as one clean run."""
         path = self.path / "metrics.jsonl"
         if not is_main_process() or not path.is_file():
             return
-        kept = [line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= after_step]
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+        kept = []
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                if number == len(lines):  # a line torn by a kill mid-write: the step it logged is redone
+                    ui.warn(f"{path}:{number}: dropping a torn last line")
+                    continue
+                raise LlmctlError(f"{path}:{number}: not a JSON line; the run's metrics are damaged.",
+                                  hint="Delete or fix that line, then --resume again.") from None
+            if isinstance(record, dict) and record.get("step", 0) <= after_step:
+                kept.append(line)
         atomic_write_text(path, "".join(line + "\n" for line in kept))
 
     def latest_checkpoint(self) -> Path | None:
@@ -107,11 +130,23 @@ class RunFolder:
     def new_checkpoint(self, step: int, keep_last: int) -> Iterator[Path]:
         """A folder to fill, renamed into place when complete; older checkpoints beyond `keep_last` are removed."""
         final = self.checkpoints / f"step-{step:08d}"
-        tmp = self.checkpoints / f".step-{step:08d}.tmp-{os.getpid()}"
+        tmp = temporary_sibling(final)
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
         try:
+            tmp.mkdir(parents=True)
             yield tmp
+        except (OSError, OutputError) as e:  # a full disk: name the checkpoint; the older ones are whole
+            shutil.rmtree(tmp, ignore_errors=True)
+            error = e if isinstance(e, OutputError) else write_error(e, final)
+            if error is None:
+                raise
+            raise OutputError(
+                f"cannot write the checkpoint {final}: {error.reason}.",
+                hint="The earlier checkpoints are whole: free some space, then `llmctl train --resume` continues "
+                "from the newest.",
+                reason=error.reason,
+                path=error.path,
+            ) from e
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from llmctl.errors import SpecError
@@ -148,19 +148,6 @@ class ModelSpec:
         out = asdict(self)
         out.pop("extra")
         return out
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise SpecError(f"Unknown model spec keys: {', '.join(unknown)}; known: {', '.join(sorted(known))}.")
-        data = dict(data)
-        if isinstance(data.get("rope_scaling"), dict):
-            data["rope_scaling"] = RopeScaling(**data["rope_scaling"])
-        if "eos_token_ids" in data:
-            data["eos_token_ids"] = tuple(data["eos_token_ids"] or ())
-        return cls(**data)
 
 
 def llama3_inv_freq(spec: ModelSpec) -> list[float]:

@@ -271,16 +271,6 @@ class Tokenizer:
         )
 
 
-def load_tokenizer(path: Path | str) -> Tokenizer:
-    """A model's tokenizer: from a folder (Tokenizer.from_dir), or rebuilt from a .gguf file's metadata."""
-    path = Path(path)
-    if path.suffix.lower() == ".gguf":
-        from llmctl.io.gguf import read_tokenizer
-
-        return read_tokenizer(path)
-    return Tokenizer.from_dir(path)
-
-
 class StreamDecoder:
     """Turns ids arriving one by one into text pieces: only complete characters, nothing printed twice."""
 

@@ -233,6 +233,7 @@ CASES = [
     Case("train-force-not-a-run", ["train", "-o", "zoo", "--force", "data.train=corpus/shk.txt"], ["not a run folder"]),
     Case("train-force-missing-data", [*TRAIN, "-o", "runs/old", "--force", "data.train=nonexistent.txt"], ["nonexistent.txt"]),
     Case("train-force-bad-heads", [*TRAIN, "-o", "runs/old", "--force", "model.n_heads=3"], ["model.n_heads"], never=["set head_dim"]),
+    Case("train-empty-out-missing-data", [*TRAIN, "-o", "empty", "data.train=nonexistent.txt"], ["nonexistent.txt"], setup=[lambda root: (root / "empty").mkdir()]),
     Case("train-out-exists", [*TRAIN, "-o", "runs/old"], ["runs/old already exists", "--force"]),
     Case("train-resume-nothing", [*TRAIN, "-o", "runs/old", "--resume"], ["holds no checkpoint"]),
     Case("train-out-is-file", [*TRAIN, "-o", "zoo/notes.txt", "--force"], ["zoo/notes.txt is a file"]),

@@ -49,3 +49,22 @@ def test_info_missing_folder_is_one_clear_error(tmp_path):
 def test_unknown_command_is_a_usage_error():
     result = CliRunner().invoke(app, ["frobnicate"])
     assert result.exit_code == 2
+
+
+def test_top_help_names_only_commands_that_exist():
+    """The commands DESIGN.md plans appear in `llmctl --help` (summary or list) only once they are registered."""
+    from typer.testing import CliRunner
+
+    from llmctl.cli import app
+
+    registered = {command.name for command in app.registered_commands}
+    result = CliRunner().invoke(app, ["--help"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    text = result.output.lower()
+    for name in registered:
+        assert name in text, name
+    planned = {"finetune-lora": ("finetune", "fine-tune"), "align": ("align",), "distill": ("distill",),
+               "prune": ("prune",), "serve": ("serve",), "merge": ("merge",)}  # fmt: skip
+    for command, words in planned.items():
+        if command not in registered:
+            assert not any(word in text for word in words), f"--help mentions {command}, which does not exist yet"

@@ -113,10 +113,8 @@ def tiny_llama(tmp_path):
 
 
 def test_affine_q4_group32_folder_written_as_q4_1_reads_back_bit_identical(tiny_llama, tmp_path):
-    from llmctl.commands.convert import read_source
-
     quantize_folder(tiny_llama[0], tmp_path / "q4")
-    source = read_source(tmp_path / "q4")
+    source = read_model(tmp_path / "q4")
     report = G.write_gguf(
         tmp_path / "q4.gguf", source.spec, source.tensors, quantization=source.quantization, target="q4_1"
     )
@@ -212,19 +210,17 @@ def test_lossy_types_report_the_error_they_add(tiny_llama, tmp_path, target):
 
 
 def test_quantized_folder_to_gguf_without_type_keeps_exact_types(tiny_llama, tmp_path):
-    from llmctl.commands.convert import read_source
-
     quantize_folder(tiny_llama[0], tmp_path / "q8", bits=8)
-    source = read_source(tmp_path / "q8")
+    source = read_model(tmp_path / "q8")
     report = G.write_gguf(tmp_path / "q8.gguf", source.spec, source.tensors, quantization=source.quantization)
     # mx.quantize's 8-bit groups are asymmetric: ggml has no such type, so they become Q8_0 with an error
     assert not report.is_exact and report.types["Q8_0"] == 16 and report.max_abs() > 0
     quantize_folder(tiny_llama[0], tmp_path / "q3", bits=3)
-    source = read_source(tmp_path / "q3")
+    source = read_model(tmp_path / "q3")
     report = G.write_gguf(tmp_path / "q3.gguf", source.spec, source.tensors, quantization=source.quantization)
     assert report.is_exact and report.types["Q4_1"] == 16  # 3-bit codes fit 4-bit blocks exactly
     back = G.read_gguf(tmp_path / "q3.gguf")
-    for module in G.quantized_modules(source.tensors):
+    for module in _quantized_modules(source.tensors):
         np.testing.assert_array_equal(
             G.affine_float32(back.tensors, module, 32, 4),
             G.affine_float32(source.tensors, module, 32, 3),
@@ -236,7 +232,8 @@ def test_quantized_folder_to_gguf_without_type_keeps_exact_types(tiny_llama, tmp
 
 
 def test_byte_level_tokenizer_round_trips_through_gguf(tiny_llama, tmp_path, small_corpus):
-    from llmctl.tokenizer import Tokenizer, load_tokenizer
+    from llmctl.io.model_folder import load_tokenizer
+    from llmctl.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.train_bpe(sorted(small_corpus.glob("*.txt")), vocab_size=256 + 40)
     spec = read_model(tiny_llama[0]).spec.with_updates(vocab_size=320)
@@ -263,7 +260,8 @@ def test_byte_level_tokenizer_round_trips_through_gguf(tiny_llama, tmp_path, sma
 
 @needs_shared
 def test_sentencepiece_tokenizer_round_trips_through_gguf(tmp_path):
-    from llmctl.tokenizer import Tokenizer, load_tokenizer
+    from llmctl.io.model_folder import load_tokenizer
+    from llmctl.tokenizer import Tokenizer
 
     folder = SHARED / "models" / "stories260K-hf"
     model = read_model(folder)
@@ -459,7 +457,8 @@ def test_smollm2_spec_quantization_and_tokenizer(smollm2, smollm2_model):
 
 @needs_shared
 def test_smollm2_tokenizer_equals_the_shared_one(smollm2):
-    from llmctl.tokenizer import Tokenizer, load_tokenizer
+    from llmctl.io.model_folder import load_tokenizer
+    from llmctl.tokenizer import Tokenizer
 
     shared = SHARED / "tokenizers" / "smollm2-135m-instruct"
     if not shared.is_dir():
@@ -618,3 +617,7 @@ def test_smollm2_written_by_llmctl_runs_in_llama_cpp(smollm2, smollm2_fp32, smol
     original = _llama_cpp_greedy(llama_cpp, smollm2, prompt, 16)
     assert _llama_cpp_greedy(llama_cpp, tmp_path / "q.gguf", prompt, 16) == original
     assert _llama_cpp_greedy(llama_cpp, tmp_path / "f32.gguf", prompt, 32) == reference
+
+
+def _quantized_modules(tensors: dict) -> list[str]:
+    return [name.removesuffix(".scales") for name in tensors if name.endswith(".scales")]

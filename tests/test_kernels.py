@@ -278,19 +278,154 @@ def test_tensors_off_cpu_and_cuda_are_refused():
         kernels.quantize(torch.empty(4, 64, device="meta"), 64, 4)
 
 
+def _buffer(a: np.ndarray) -> tuple[int, int]:
+    return a.ctypes.data, a.nbytes
+
+
 def test_extension_checks_its_own_arguments():
     from llmctl import _C
 
+    w, wq, s = np.zeros((1, 64), np.float32), np.zeros((1, 8), np.uint32), np.zeros((1, 1), np.float32)
     with pytest.raises(ValueError, match="bits 7 is not one of 2, 3, 4, 5, 6, 8"):
-        _C.quantize(1, 0, 1, 64, 64, 7, 1, 1, 1)
+        _C.quantize(_buffer(w), 0, 1, 64, 64, 7, _buffer(wq), _buffer(s), _buffer(s))
     with pytest.raises(ValueError, match="last dimension 100 is not a multiple of group_size 64"):
-        _C.dequantize(1, 1, 1, 0, 1, 100, 64, 4, 1, 0)
+        _C.dequantize(_buffer(wq), _buffer(s), _buffer(s), 0, 1, 100, 64, 4, _buffer(w), 0)
     with pytest.raises(ValueError, match="w is a null pointer"):
-        _C.quantize(0, 0, 1, 64, 64, 4, 1, 1, 1)
+        _C.quantize((0, 256), 0, 1, 64, 64, 4, _buffer(wq), _buffer(s), _buffer(s))
     with pytest.raises(ValueError, match="dtype code 5"):
-        _C.quantize(1, 5, 1, 64, 64, 4, 1, 1, 1)
+        _C.quantize(_buffer(w), 5, 1, 64, 64, 4, _buffer(wq), _buffer(s), _buffer(s))
     with pytest.raises(ValueError, match="threads must be >= 0"):
-        _C.pack(1, 1, 8, 4, 1, -1)
+        _C.pack(_buffer(np.zeros(8, np.uint8)), 1, 8, 4, _buffer(np.zeros(1, np.uint32)), -1)
+    with pytest.raises(ValueError, match="size overflows 64 bits"):
+        _C.quantize(_buffer(w), 0, 1 << 40, 1 << 30, 64, 4, _buffer(wq), _buffer(s), _buffer(s))
+
+
+def _valid_calls() -> dict:
+    """Each entry point of llmctl._C with buffers of exactly the bytes its kernel touches: (function, arguments)."""
+    from llmctl import _C
+
+    rows, cols, gs, bits, batch = 32, 128, 64, 4, 2
+    w, out = np.zeros((rows, cols), np.float32), np.zeros((rows, cols), np.float32)
+    wq, nf4 = np.zeros((rows, cols * bits // 32), np.uint32), np.zeros((rows, cols // 8), np.uint32)
+    scales, biases = np.ones((rows, cols // gs), np.float32), np.zeros((rows, cols // gs), np.float32)
+    codes, words = np.zeros((rows, cols), np.uint8), np.zeros((rows, cols * 3 // 32), np.uint32)
+    x, y, tile_rows = np.ones((batch, cols), np.float16), np.zeros((batch, rows), np.float16), np.zeros((16, cols), np.float32)
+    B = _buffer
+    quant = [B(wq), B(scales), B(biases), 0, rows, cols, gs, bits]
+    calls = {
+        "quantize": (_C.quantize, [B(w), 0, rows, cols, gs, bits, B(wq), B(scales), B(biases)]),
+        "dequantize": (_C.dequantize, [B(wq), B(scales), B(biases), 0, rows, cols, gs, bits, B(out), 0]),
+        "pack": (_C.pack, [B(codes), rows, cols, 3, B(words)]),
+        "unpack": (_C.unpack, [B(words), rows, cols, 3, B(codes)]),
+        "qmatmul": (_C.qmatmul, [B(x), 1, batch, cols, B(wq), B(scales), B(biases), 0, rows, gs, bits, 0, B(y), 1]),
+        "quantize_nf4": (_C.quantize_nf4, [B(w), 0, rows, cols, gs, B(nf4), B(scales)]),
+        "dequantize_nf4": (_C.dequantize_nf4, [B(nf4), B(scales), 0, rows, cols, gs, B(out), 0]),
+        "to_tiled": (_C.to_tiled, quant),
+        "from_tiled": (_C.from_tiled, quant),
+        "dequantize_tiled": (_C.dequantize_tiled, [*quant, 16, 32, B(tile_rows), 0]),
+        "qmatmul_tiled": (_C.qmatmul_tiled, [B(x), 1, batch, cols, B(wq), B(scales), B(biases), 0, rows, gs, bits, B(y), 1]),
+        # the CUDA ones check the same counts before anything runs (or, built without CUDA, before they refuse)
+        "quantize_cuda": (_C.quantize_cuda, [B(w), 0, rows, cols, gs, bits, B(wq), B(scales), B(biases)]),
+        "dequantize_cuda": (_C.dequantize_cuda, [B(wq), B(scales), B(biases), 0, rows, cols, gs, bits, B(out), 0]),
+        "qmatmul_cuda": (_C.qmatmul_cuda, [B(x), 1, batch, cols, B(wq), B(scales), B(biases), 0, rows, gs, bits, 0, B(y), 1]),
+    }
+    # the decode step of a 1-layer model: dim 64, 2 query heads and 1 KV head of 32, hidden 64, vocab 32
+    dim, vocab, hidden, D, capacity = 64, 32, 64, 32, 4
+
+    def dense(o: int, i: int) -> tuple:
+        m = np.full((o, i), 0.01, np.float32)
+        keep.append(m)
+        return (o, i, B(m), 0, (0, 0), (0, 0), (0, 0), 0, 0, 0, 0, (0, 0), 0, False)
+
+    keep: list = [w, wq, scales, biases]
+    norm = np.ones(dim, np.float32)
+    qwq, qs, qb = np.zeros((vocab, dim // 8), np.uint32), np.ones((vocab, 1), np.float32), np.zeros((vocab, 1), np.float32)
+    embedding = (vocab, dim, (0, 0), 0, B(qwq), B(qs), B(qb), 0, 64, 4, 0, (0, 0), 0, False)
+    head = (vocab, dim, B(np.zeros((vocab, dim), np.float32)), 0, (0, 0), (0, 0), (0, 0), 0, 0, 0, 0, B(np.zeros(vocab, np.float32)), 0, False)
+    shape = [dim, 2, 1, D, hidden, vocab, 0, 1e-5, 0]
+    calls["NativeDecoder"] = (_C.NativeDecoder, [*shape, embedding, B(norm), head])
+    decoder = _C.NativeDecoder(*shape, embedding, B(norm), head)
+    layer = [B(norm), [dense(4 * D, dim)], [dense(dim, 2 * D)], B(norm), [dense(2 * hidden, dim)], [dense(dim, hidden)]]
+    calls["NativeDecoder.add_layer"] = (decoder.add_layer, layer)
+    stepping = _C.NativeDecoder(*shape, embedding, B(norm), head)
+    stepping.add_layer(*layer)
+    cache = [np.zeros((1, capacity, D), np.float32) for _ in range(2)]
+    rope = [np.ones(D, np.float32), np.zeros(D, np.float32)]
+    logits = np.zeros(vocab, np.float32)
+    calls["NativeDecoder.step"] = (stepping.step, [3, 1, [B(cache[0])], [B(cache[1])], capacity, B(rope[0]), B(rope[1]), B(logits)])
+    calls["_keep"] = (None, [keep, head, embedding, cache, rope, logits, qwq, qs, qb, x, y, codes, words, nf4, out, tile_rows])
+    return calls
+
+
+def _buffers(args: list) -> list[tuple[str, list]]:
+    """(where, path) of every (address, byte count) pair in args, in tuples (matrices) and lists (projections, caches)."""
+    found = []
+
+    def walk(value, path):
+        if isinstance(value, tuple) and len(value) == 2 and all(type(v) is int for v in value) and value[1] > 0:
+            found.append(path)
+        elif isinstance(value, (tuple, list)):
+            for i, v in enumerate(value):
+                walk(v, [*path, i])
+
+    for i, a in enumerate(args):
+        walk(a, [i])
+    return found
+
+
+def _with_count(args: list, path: list, change: int) -> list:
+    def rebuild(value, rest):
+        if not rest:
+            return (value[0], value[1] + change)
+        items = list(value)
+        items[rest[0]] = rebuild(items[rest[0]], rest[1:])
+        return type(value)(items)
+
+    return rebuild(args, path)
+
+
+CALLS = [name for name in _valid_calls() if name != "_keep"]
+
+
+@pytest.mark.parametrize("name", CALLS)
+def test_each_buffer_one_byte_short_is_refused(name):
+    """Every buffer of every entry point, one byte smaller than what its kernel touches: a ValueError naming it (and
+    no read or write out of bounds); with the exact counts the call runs (the CUDA ones then say they are not built)."""
+    from llmctl import _C
+
+    calls = _valid_calls()
+    fn, args = calls[name]
+    paths = _buffers(args)
+    assert paths, name
+    for path in paths:
+        short = _with_count(args, path, -1)
+        with pytest.raises(ValueError, match="holds \\d+ bytes but the kernel touches \\d+"):
+            fn(*short)
+    if name.endswith("_cuda"):
+        if not _C.has_cuda():
+            with pytest.raises(RuntimeError, match="built without CUDA"):
+                fn(*args)
+    else:
+        fn(*args)  # the exact counts pass
+
+
+def test_decode_step_refuses_an_isa_this_cpu_lacks_and_runs_every_one_it_has():
+    from llmctl import _C
+
+    calls = _valid_calls()
+    fn, args = calls["NativeDecoder.step"]
+    results = []
+    for code, isa in enumerate(kernels.ISAS):
+        if isa != "auto" and isa not in kernels.cpu_isas():
+            with pytest.raises(ValueError, match=f"this CPU cannot run the {isa} kernels"):
+                fn(*args, 0, code)
+        else:
+            fn(*args, 0, code)
+            results.append(np.array(calls["_keep"][1][5]))
+    assert len(results) == len(kernels.cpu_isas()) + 1
+    with pytest.raises(ValueError, match="isa code 9 is not 0..4"):
+        fn(*args, 0, 9)
+    assert _C.isa_available(0) and _C.isa_available(1)
 
 
 def test_stub_lists_what_the_extension_defines():
@@ -300,8 +435,11 @@ def test_stub_lists_what_the_extension_defines():
     for node in stub.body:
         if isinstance(node, ast.FunctionDef):
             signature = getattr(_C, node.name).__doc__.splitlines()[0]
-            params = signature.split("(", 1)[1].split(")")[0]
-            names = [part.split(":")[0].strip() for part in params.split(",") if part.strip()]
+            params, depth, parts = signature.split("(", 1)[1].rsplit(") ->", 1)[0], 0, [""]
+            for char in params:  # split at the commas outside brackets (a buffer is tuple[int, int])
+                depth += {"[": 1, "]": -1}.get(char, 0)
+                parts[-1:] = [parts[-1], ""] if char == "," and depth == 0 else [parts[-1] + char]
+            names = [part.split(":")[0].strip() for part in parts if part.strip()]
             assert names == [a.arg for a in node.args.args], node.name
         if isinstance(node, ast.ClassDef):  # its methods, by name
             methods = {n.name for n in node.body if isinstance(n, ast.FunctionDef) and not n.name.startswith("_")}

@@ -117,6 +117,26 @@ def test_threads_do_not_change_the_result(family_folder):
     assert torch.get_num_threads() == before  # the count reaches the kernels per call, torch's is left alone  # each output row is summed by one thread, in the same order
 
 
+@pytest.mark.parametrize("bits", [None, 4, 8], ids=["float32", "4bit", "8bit"])
+def test_each_isa_this_cpu_runs_gives_the_torch_path_s_logits(bits, tmp_path, monkeypatch):
+    """LLMCTL_ISA picks the step's kernels (products, attention, activations) as it picks qmatmul's: every path this
+    CPU runs is held to the torch path, on a CPU that has a faster one."""
+    from llmctl import kernels
+
+    make_hf_model("llama", tmp_path / "f", seed=3, scale=2.0)
+    folder = tmp_path / "f" if bits is None else _quantize(tmp_path / "f", tmp_path / "q", f"quant.bits={bits}", "quant.group_size=32")
+    results = {}
+    for isa in kernels.cpu_isas():
+        monkeypatch.setenv("LLMCTL_ISA", isa)
+        model = model_of(folder)
+        assert Generator(model).native.isa == kernels.ISAS.index(isa)
+        results[isa] = step_logits(model, True)
+        assert_close(results[isa], step_logits(model, False), 1e-5 if bits is None else 1e-3, f"{isa} bits={bits}")
+    assert len(results) >= 2  # scalar and this CPU's SIMD
+    # and they are different paths: their sums round differently (the SIMD ones also step x to int16 for codes)
+    assert not torch.equal(results["scalar"], results[kernels.cpu_isas()[-1]])
+
+
 def test_what_it_does_not_cover_runs_on_torch(tmp_path, monkeypatch):
     make_hf_model("mixtral", tmp_path / "moe", seed=0)
     assert NativeStep.build(model_of(tmp_path / "moe")) is None  # mixture of experts

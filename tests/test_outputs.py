@@ -179,6 +179,11 @@ def test_train_quantize_chat_chain_with_no_arguments(backend, small_corpus, tmp_
     assert "model-q4" in first and "4-bit, group 64" in first, first
     assert "context:" in chat.output
 
+    # the latest model is now the 4-bit one: quantizing again starts from the float model it was made from
+    again = runner.invoke(app, ["quantize", "--bits", "8", "--backend", backend])
+    assert again.exit_code == 0, again.output
+    assert '"bits": 8' in (tmp_path / "runs" / "train" / "model-q8" / "config.json").read_text()
+
 
 @pytest.mark.parametrize(
     "errno_name, words",
@@ -193,3 +198,31 @@ def test_write_errors_say_what_went_wrong_and_where(errno_name, words, tmp_path)
             staged.mkdir()
             raise OSError(code, os.strerror(code), str(staged / f".model.safetensors.tmp-{os.getpid()}"))
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_a_full_disk_during_a_checkpoint_is_a_message_and_resume_continues(small_corpus, tmp_path, monkeypatch):
+    import errno
+
+    from llmctl.io import safetensors as st
+
+    monkeypatch.chdir(tmp_path)
+    args = [*TINY, f"data.train={small_corpus / 'textwrap.txt'}", "train.steps=3", "train.save_every=1", "--out", "run"]
+    real = st._write_data
+
+    def full(f, data):
+        if ".step-00000002" in f.name:
+            raise OSError(errno.ENOSPC, "No space left on device", f.name)
+        real(f, data)
+
+    monkeypatch.setattr(st, "_write_data", full)
+    result = CliRunner().invoke(app, ["train", "--backend", "torch", *args])
+    said = " ".join(result.output.split())
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), said
+    assert f"cannot write the checkpoint {Path('run/checkpoints/step-00000002')}: the disk is full" in said
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-00000001"]
+    monkeypatch.setattr(st, "_write_data", real)
+    resumed = CliRunner().invoke(app, ["train", "--backend", "torch", *args, "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-00000002", "step-00000003"]

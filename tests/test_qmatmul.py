@@ -202,15 +202,6 @@ def test_cuda_matches_cpu(bits):
 
 # ---- the tiled layout (csrc/qtiled.cpp): 16 rows interleaved for one-row products, made in place from MLX's
 
-def _lib():
-    from llmctl import _C
-
-    return _C
-
-
-_SCALE_DTYPES = {"float32": 0, "float16": 1, "bfloat16": 2}
-
-
 def _tiled(rows: int, cols: int, group_size: int, bits: int, scale_dtype: str, seed: int = 0):
     """(MLX-layout tensors, tiled copies, the float32 weights code * scale + bias) of random weights."""
     torch = pytest.importorskip("torch")
@@ -218,17 +209,12 @@ def _tiled(rows: int, cols: int, group_size: int, bits: int, scale_dtype: str, s
     w = (torch.randn(rows, cols, generator=g) * 0.05).to(getattr(torch, scale_dtype))
     wq, scales, biases = kernels.quantize(w, group_size, bits)
     want = kernels.dequantize(wq, scales.float(), biases.float(), group_size, bits)  # float32 arithmetic
-    tiled = [t.clone() for t in (wq, scales, biases)]
-    _lib().to_tiled(*(t.data_ptr() for t in tiled), _SCALE_DTYPES[scale_dtype], rows, cols, group_size, bits)
+    tiled = kernels.to_tiled(*(t.clone() for t in (wq, scales, biases)), group_size, bits)
     return (wq, scales, biases), tiled, want
 
 
-def _qmatmul_tiled(x, tiled, rows: int, group_size: int, bits: int, scale_dtype: str, isa: int = 0, threads: int = 0):
-    torch = pytest.importorskip("torch")
-    y = torch.empty(x.shape[0], rows)
-    _lib().qmatmul_tiled(x.data_ptr(), 0, x.shape[0], x.shape[1], *(t.data_ptr() for t in tiled),
-                         _SCALE_DTYPES[scale_dtype], rows, group_size, bits, y.data_ptr(), 0, threads, isa)  # fmt: skip
-    return y
+def _qmatmul_tiled(x, tiled, group_size: int, bits: int, isa: str = "auto", threads: int = 0):
+    return kernels.qmatmul_tiled(x, *tiled, group_size, bits, isa=isa, threads=threads)
 
 
 @pytest.mark.parametrize("scale_dtype", ["float32", "float16", "bfloat16"])
@@ -238,13 +224,14 @@ def test_tiled_kernels_match_dequantize_then_matmul(bits, group_size, scale_dtyp
     torch = pytest.importorskip("torch")
     for rows, cols in ((16, group_size), (48, 3 * group_size), (80, 512)):
         mlx, tiled, w = _tiled(rows, cols, group_size, bits, scale_dtype, seed=rows)
-        assert not torch.equal(tiled[0], mlx[0]), "the codes were not rearranged"
+        assert tiled[0].shape == (rows // 16, cols * bits // 32, 16) and tiled[1].shape == (rows // 16, cols // group_size, 16)
+        assert not torch.equal(tiled[0].reshape(rows, -1), mlx[0]), "the codes were not rearranged"
         for batch in (1, 3, 17):
             x = torch.randn(batch, cols, generator=torch.Generator().manual_seed(batch))
             x[0, 0] = 30.0  # an outlier in one group of x
             want = (x.double() @ w.double().T).numpy()
-            for isa in (0, 1):  # the best this CPU has (AVX-512 VNNI, or the scalar loop), and the scalar loop
-                got = _qmatmul_tiled(x, tiled, rows, group_size, bits, scale_dtype, isa).numpy()
+            for isa in kernels.cpu_isas():  # every path this CPU runs (AVX-512 VNNI has its own, others the loop)
+                got = _qmatmul_tiled(x, tiled, group_size, bits, isa).numpy()
                 close(got, want, f"tiled isa={isa} bits={bits} group={group_size} {scale_dtype} {rows}x{cols} batch={batch}")
 
 
@@ -252,14 +239,12 @@ def test_tiled_kernels_match_dequantize_then_matmul(bits, group_size, scale_dtyp
 def test_tiled_layout_round_trips_and_dequantizes_exactly(bits):
     torch = pytest.importorskip("torch")
     mlx, tiled, w = _tiled(64, 256, 32, bits, "bfloat16")
-    rows = torch.empty(32, 256)  # rows 16..47: whole tiles from the middle
-    _lib().dequantize_tiled(*(t.data_ptr() for t in tiled), 2, 64, 256, 32, bits, 16, 48, rows.data_ptr())
-    assert torch.equal(rows, w[16:48])
-    half = torch.empty(32, 256, dtype=torch.bfloat16)  # rounded to nearest even, as torch rounds float32 to bfloat16
-    _lib().dequantize_tiled(*(t.data_ptr() for t in tiled), 2, 64, 256, 32, bits, 16, 48, half.data_ptr(), 2)
-    assert torch.equal(half, w[16:48].bfloat16())
-    _lib().from_tiled(*(t.data_ptr() for t in tiled), 2, 64, 256, 32, bits)
-    for got, want in zip(tiled, mlx):
+    for isa in kernels.cpu_isas():
+        rows = kernels.dequantize_tiled(*tiled, 32, bits, (16, 48), isa=isa)  # rows 16..47: whole tiles from the middle
+        assert torch.equal(rows, w[16:48])
+        half = kernels.dequantize_tiled(*tiled, 32, bits, (16, 48), torch.bfloat16, isa=isa)
+        assert torch.equal(half, w[16:48].bfloat16())  # rounded to nearest even, as torch rounds float32 to bfloat16
+    for got, want in zip(kernels.from_tiled(*tiled, 32, bits), mlx):
         assert torch.equal(got, want)
 
 
@@ -267,8 +252,8 @@ def test_tiled_threads_do_not_change_the_result():
     torch = pytest.importorskip("torch")
     _, tiled, _ = _tiled(256, 512, 64, 4, "bfloat16")
     x = torch.randn(1, 512)
-    one = _qmatmul_tiled(x, tiled, 256, 64, 4, "bfloat16", threads=1)
-    assert torch.equal(_qmatmul_tiled(x, tiled, 256, 64, 4, "bfloat16", threads=2), one)
+    one = _qmatmul_tiled(x, tiled, 64, 4, threads=1)
+    assert torch.equal(_qmatmul_tiled(x, tiled, 64, 4, threads=2), one)
 
 
 def test_tiled_nonfinite_activations_propagate():
@@ -276,19 +261,52 @@ def test_tiled_nonfinite_activations_propagate():
     _, tiled, _ = _tiled(16, 128, 64, 4, "float32")
     x = torch.ones(2, 128)
     x[1, 5] = float("inf")
-    y = _qmatmul_tiled(x, tiled, 16, 64, 4, "float32")
+    y = _qmatmul_tiled(x, tiled, 64, 4)
     assert torch.isfinite(y[0]).all() and not torch.isfinite(y[1]).any()
 
 
 def test_tiled_layout_refuses_what_it_cannot_hold():
     torch = pytest.importorskip("torch")
     wq, scales, biases = kernels.quantize(torch.randn(24, 128), 64, 4)  # 24 rows: not whole tiles of 16
-    with pytest.raises(ValueError, match="multiple of 16 rows, not 4-bit codes and 24 rows"):
-        _lib().to_tiled(wq.data_ptr(), scales.data_ptr(), biases.data_ptr(), 0, 24, 128, 64, 4)
+    with pytest.raises(KernelArgumentError, match="multiple of 16 rows, not 4-bit codes of 24 rows"):
+        kernels.to_tiled(wq, scales, biases, 64, 4)
     wq, scales, biases = kernels.quantize(torch.randn(32, 128), 64, 3)
-    with pytest.raises(ValueError, match="affine 4- or 8-bit codes"):
-        _lib().to_tiled(wq.data_ptr(), scales.data_ptr(), biases.data_ptr(), 0, 32, 128, 64, 3)
-    out = torch.empty(16, 128)
+    with pytest.raises(KernelArgumentError, match="affine 4- or 8-bit codes"):
+        kernels.to_tiled(wq, scales, biases, 64, 3)
+    tiled = kernels.to_tiled(*kernels.quantize(torch.randn(32, 128), 64, 4), 64, 4)
+    with pytest.raises(KernelArgumentError, match=r"rows \[8, 24\) are not whole tiles of 16 within 32"):
+        kernels.dequantize_tiled(*tiled, 64, 4, (8, 24))
+
+
+def test_tiled_weights_are_refused_where_mlx_s_layout_is_read():
+    """The tiled layout is in the arrays' shapes: qmatmul and dequantize refuse it instead of reading it as MLX's."""
+    torch = pytest.importorskip("torch")
+    mlx, tiled, _ = _tiled(32, 128, 64, 4, "float32")
+    x = torch.randn(2, 128)
+    with pytest.raises(KernelArgumentError, match="tiled layout.*qmatmul reads MLX's"):
+        kernels.qmatmul(x, *tiled, 64, 4)
+    with pytest.raises(KernelArgumentError, match="tiled layout.*dequantize reads MLX's"):
+        kernels.dequantize(*tiled, 64, 4)
+    with pytest.raises(KernelArgumentError, match="not in the tiled layout"):
+        kernels.qmatmul_tiled(x, *mlx, 64, 4)
+    with pytest.raises(KernelArgumentError, match="not in MLX's layout"):
+        kernels.to_tiled(*tiled, 64, 4)
+    assert torch.equal(kernels.QuantizedWeights(*tiled, 64, 4).matmul(x), kernels.qmatmul_tiled(x, *tiled, 64, 4))
+    assert torch.equal(kernels.QuantizedWeights(*mlx, 64, 4).matmul(x), kernels.qmatmul(x, *mlx, 64, 4))
+
+
+def test_checked_weights_refuse_what_they_cannot_hold_and_check_x_on_each_call():
+    """kernels.QuantizedWeights (the decode path's products): the weights checked once, x on every call."""
+    torch = pytest.importorskip("torch")
     wq, scales, biases = kernels.quantize(torch.randn(32, 128), 64, 4)
-    with pytest.raises(ValueError, match=r"rows \[8, 24\) are not whole tiles of 16 within 32"):
-        _lib().dequantize_tiled(wq.data_ptr(), scales.data_ptr(), biases.data_ptr(), 0, 32, 128, 64, 4, 8, 24, out.data_ptr())
+    checked = kernels.QuantizedWeights(wq, scales, biases, 64, 4)
+    x = torch.randn(3, 128)
+    assert torch.equal(checked.matmul(x, isa=1), kernels.qmatmul(x, wq, scales, biases, 64, 4, isa="scalar"))
+    with pytest.raises(KernelArgumentError, match="x has 96 features"):
+        checked.matmul(torch.randn(3, 96))
+    with pytest.raises(KernelArgumentError, match="are not 4-bit codes and their scales at group_size 32"):
+        kernels.QuantizedWeights(wq, scales, biases, 32, 4)
+    with pytest.raises(KernelArgumentError, match="affine weights have biases"):
+        kernels.QuantizedWeights(wq, scales, None, 64, 4)
+    with pytest.raises(KernelArgumentError, match="contiguous torch CPU tensors"):
+        kernels.QuantizedWeights(wq.t().contiguous().t(), scales, biases, 64, 4)

@@ -6,11 +6,13 @@ import importlib.util
 import platform
 import sys
 from enum import Enum
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from llmctl.errors import BackendUnavailable
 
-NAMES = ("torch", "mlx")
+if TYPE_CHECKING:
+    from llmctl.tokenizer import Tokenizer
 
 
 class Backend(str, Enum):
@@ -54,3 +56,53 @@ def get_backend(name: str | Backend = "auto") -> Any:
             )
         from llmctl.backends.mlx.runtime import Runtime
     return Runtime()
+
+
+def open_model(name: str | None, backend: str, dtype: str | None) -> tuple[Any, Tokenizer]:
+    """Load a model and its tokenizer for generation; no name means the latest model `llmctl train` wrote."""
+    from llmctl import ui
+    from llmctl.errors import LlmctlError
+    from llmctl.generation import check_vocab
+    from llmctl.io.hub import resolve_model
+    from llmctl.io.model_folder import load_tokenizer
+    from llmctl.run import last_model
+
+    latest_used = name is None
+    if name is None:
+        latest = last_model()
+        if latest is None:
+            raise LlmctlError(
+                "No model given, and no model made by `llmctl train` or `llmctl quantize` was found.",
+                hint="Pass --model DIR (a model folder or a Hugging Face id), or run `llmctl train` to make one.",
+            )
+        name = str(latest)
+    folder = resolve_model(name)  # a folder, a cached Hugging Face id, or a .gguf file
+    _check_memory(folder, dtype)
+    tokenizer = load_tokenizer(folder)
+    model = get_backend(backend).load(folder, dtype=dtype)
+    check_vocab(tokenizer, model.spec, folder)
+    what = "the latest model (--model not given)" if latest_used else "model"
+    ui.info(
+        f"[dim]{what} {folder} ({model.spec.family}, {model.spec.param_count() / 1e6:.3g}M parameters, "
+        f"{describe_quantization(model.quantization)}) on {resolve_name(backend)}[/]"
+    )
+    return model, tokenizer
+
+
+def _check_memory(folder: Path, dtype: str | None) -> None:
+    """The weights as stored (x2 when bf16/fp16 files are widened to fp32), against the memory available."""
+    from llmctl.io.safetensors import weight_files
+    from llmctl.memory import check_fits
+
+    files = [folder] if folder.is_file() else weight_files(folder)
+    size = sum(f.stat().st_size for f in files)
+    check_fits(size * (2 if dtype in ("fp32", "float32") else 1), f"loading {folder}", hint="Pick a smaller or quantized model.")
+
+
+def describe_quantization(entry: dict[str, Any] | None) -> str:
+    """ "4-bit, group 64", "nf4, group 64" or "float", from config.json's quantization entry."""
+    if not isinstance(entry, dict) or "bits" not in entry:
+        return "float"
+    if entry.get("mode") == "nf4":
+        return f"nf4, group {entry.get('group_size')}"
+    return f"{entry['bits']}-bit, group {entry.get('group_size')}"

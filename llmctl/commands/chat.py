@@ -136,7 +136,7 @@ def chat(
     from llmctl import ui
     from llmctl.chat_session import ChatSession, LeaveChat, turn_end
     from llmctl.errors import LlmctlError
-    from llmctl.generation import open_model
+    from llmctl.backends import open_model
 
     flags = dict(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed)
     check_flags(max_tokens, stop, flags)

@@ -2,111 +2,25 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from llmctl.errors import CheckpointError, UnsupportedModel
+from llmctl.commands.options import DType, GGUFType
+from llmctl.errors import CheckpointError
 
 if TYPE_CHECKING:
     from llmctl.io.gguf import ConversionReport
-    from llmctl.io.safetensors import RawTensor
-    from llmctl.spec import ModelSpec
-    from llmctl.tokenizer import Tokenizer
+    from llmctl.io.model import ModelFolder
 
 
-class GGUFType(str, Enum):
-    f32 = "f32"
-    f16 = "f16"
-    q8_0 = "q8_0"
-    q4_0 = "q4_0"
-    q4_1 = "q4_1"
-    q5_0 = "q5_0"
-    q5_1 = "q5_1"
-
-
-class Dtype(str, Enum):
-    fp32 = "fp32"
-    bf16 = "bf16"
-    fp16 = "fp16"
-
-
-DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
-
-
-@dataclass
-class Source:
-    """A model to convert, from a folder or a GGUF file."""
-
-    path: Path
-    spec: ModelSpec
-    tensors: dict[str, RawTensor]
-    quantization: dict[str, Any] | None  # the affine layout's group_size/bits (and per-layer entries), or None
-    dtype: str  # the float dtype config.json records
-    tokenizer: Tokenizer | None
-    folder: Path | None  # a folder whose tokenizer files are copied as they are
-    notices: list[str] = field(default_factory=list)  # what reading did not keep exactly
-    general: dict[str, Any] = field(default_factory=dict)  # a GGUF's general.* metadata (name, license, ...)
-
-
-def read_source(name: str | Path) -> Source:
-    """A model folder (float or affine-quantized), a Hugging Face id, or a .gguf file, read without changing it."""
-    from llmctl.io.gguf import QUANT_KEYS, is_gguf, logical_shapes, read_gguf
-    from llmctl.io.hf import check_tensors, read_config, spec_from_config
-    from llmctl.io.hub import resolve_model
-    from llmctl.io.safetensors import load_folder_tensors
-    from llmctl.tokenizer import Tokenizer
-
-    if is_gguf(name):
-        model = read_gguf(name)
-        tokenizer = model.tokenizer() if "tokenizer.ggml.tokens" in model.metadata else None
-        return Source(
-            model.path,
-            model.spec.with_updates(extra={}),  # the quantization travels beside the spec, as for folders
-            model.tensors,
-            model.quantization,
-            model.config["dtype"],
-            tokenizer,
-            None,
-            model.notices,
-            {k: v for k, v in model.metadata.items() if k.startswith("general.")},
-        )
-    folder = resolve_model(name)
-    config = read_config(folder)
-    quantization = config.get("quantization") or config.get("quantization_config")
-    if quantization is not None and not isinstance(quantization, dict):
-        raise CheckpointError(
-            f"{folder / 'config.json'}: quantization is {quantization!r}; expected an object with group_size and bits.",
-            hint="llmctl reads MLX's affine layout and its own NF4 (`llmctl quantize` writes both).",
-        )
-    if quantization is not None and not {"group_size", "bits"} <= quantization.keys():
-        method = quantization.get("quant_method", "unknown")
-        raise UnsupportedModel(
-            f"{folder / 'config.json'} records quantization method {method!r}; llmctl converts the affine layout "
-            "(MLX, mlx-lm, llmctl quantize).",
-            hint="Dequantize it with the tool that made it, or start from the float model.",
-        )
-    spec = spec_from_config({k: v for k, v in config.items() if k not in QUANT_KEYS}, folder / "config.json")
-    tensors = load_folder_tensors(folder)
-    for extra in check_tensors(spec, logical_shapes(tensors, quantization), folder, {}):
-        for suffix in ("weight", "scales", "biases"):
-            tensors.pop(f"{extra.rsplit('.', 1)[0]}.{suffix}", None)
-    has_tokenizer = any((folder / file).is_file() for file in TOKENIZER_FILES)
-    tokenizer = Tokenizer.from_dir(folder) if has_tokenizer else None
-    dtype = config.get("dtype") or config.get("torch_dtype") or "float32"
-    return Source(folder, spec, tensors, quantization, str(dtype), tokenizer, folder)
-
-
-def to_folder(source: Source, out: Path, dtype: str | None) -> ConversionReport:
+def to_folder(source: ModelFolder, out: Path, dtype: str | None) -> ConversionReport:
     """Write `source` as a model folder: quantized as it is (GGUF -> affine), or every tensor as float `dtype`."""
     import numpy as np
 
     from llmctl.io.gguf import (
-        QUANT_KEYS, ConversionReport, affine_float32, dequantize_tensors, error_stats, float32_of, layer_quantization,
+        ConversionReport, affine_float32, dequantize_tensors, error_stats, float32_of, layer_quantization,
     )  # fmt: skip
     from llmctl.io.model_folder import write_model
     from llmctl.io.outputs import replacing
@@ -134,12 +48,12 @@ def to_folder(source: Source, out: Path, dtype: str | None) -> ConversionReport:
         report.exact.extend(name for name in source.tensors if not name.endswith((".scales", ".biases")))
     with replacing(out) as staged:  # an existing OUT (--force) is removed only once the new one is complete
         # mlx-lm reads RoPE's theta only from the older top-level key, not from rope_parameters
-        extra = {"rope_theta": source.spec.rope_theta} | (
-            {key: quantization for key in QUANT_KEYS} if quantization else {}
-        )
-        write_model(staged, source.spec, tensors, source=source.folder, dtype=dtype or source.dtype, extra_config=extra)
-        if source.folder is None and source.tokenizer is not None:
-            source.tokenizer.save(staged)
+        extra = {"rope_theta": source.spec.rope_theta}
+        write_model(staged, source.spec, tensors, source=source.folder, dtype=dtype or source.dtype, extra_config=extra,
+                    quantization=quantization)  # fmt: skip
+        tokenizer = source.tokenizer() if source.folder is None else None  # a folder's files are copied as they are
+        if tokenizer is not None:
+            tokenizer.save(staged)
     return report
 
 
@@ -148,7 +62,9 @@ def convert(
     out: Annotated[
         Path, typer.Option("--out", "-o", help="A name ending in .gguf writes GGUF; anything else, a folder.")
     ],
-    dtype: Annotated[Dtype | None, typer.Option(help="Write a float folder, dequantizing a quantized model.")] = None,
+    dtype: Annotated[
+        DType | None, typer.Option(help="Write a float folder (auto: the stored float dtype), dequantizing a quantized model.")
+    ] = None,
     type_: Annotated[
         GGUFType | None, typer.Option("--type", help="GGUF tensor type; by default every tensor is kept exactly.")
     ] = None,
@@ -157,6 +73,7 @@ def convert(
     """Convert a model between a folder and GGUF (by OUT's extension), or dequantize it; writes OUT."""
     from llmctl import ui
     from llmctl.io.gguf import is_gguf, write_gguf
+    from llmctl.io.model_folder import read_model
     from llmctl.io.outputs import check_output
 
     to_gguf = is_gguf(out)
@@ -174,20 +91,21 @@ def convert(
     if out.is_dir() and to_gguf:
         raise CheckpointError(f"{out} is a folder; a GGUF output is a file.", hint="Remove it or choose another --out.")
 
-    source = read_source(model)
+    source = read_model(model)
     if to_gguf:
         from llmctl.io.outputs import replacing
 
         with replacing(out) as staged:  # disk full or a kill mid-write keeps an older file whole
             report = write_gguf(
-                staged, source.spec, source.tensors, quantization=source.quantization, tokenizer=source.tokenizer,
+                staged, source.spec, source.tensors, quantization=source.quantization, tokenizer=source.tokenizer(),
                 target=type_.value if type_ else None, name=source.path.stem, general=source.general,
             )  # fmt: skip
         types = ", ".join(f"{n} {t}" for t, n in sorted(report.types.items()))
         ui.info(f"wrote {out} ({types})")
     else:
-        report = to_folder(source, out, DTYPES[dtype.value] if dtype else None)
-        what = f"float {DTYPES[dtype.value]}" if dtype else ("affine-quantized" if source.quantization else "float")
+        float_dtype = None if dtype is None else dtype.full_name or source.dtype
+        report = to_folder(source, out, float_dtype)
+        what = f"float {float_dtype}" if float_dtype else ("affine-quantized" if source.quantization else "float")
         ui.info(f"wrote {out} ({what} model folder)")
     for notice in report.notices:
         ui.warn(notice)

@@ -89,7 +89,7 @@ def eval_command(
     from llmctl import scoring, ui
     from llmctl.backends import get_backend
     from llmctl.errors import ConfigError, DataError
-    from llmctl.tokenizer import load_tokenizer
+    from llmctl.io.model_folder import load_tokenizer
 
     for name, value in (("--seq-len", seq_len), ("--stride", stride), ("--max-tokens", max_tokens)):
         if value < 0:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import enum
 import json
 import sys
 from pathlib import Path
@@ -11,13 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from llmctl.backends import Backend
-
-
-class DType(str, enum.Enum):
-    auto = "auto"  # as the weights are stored
-    fp32 = "fp32"
-    bf16 = "bf16"
-    fp16 = "fp16"
+from llmctl.commands.options import DType
 
 
 ModelOpt = Annotated[str | None, typer.Option("--model", help="Model folder or Hugging Face id; default: the latest `llmctl train` output.")]
@@ -133,7 +126,8 @@ def generate(
     if batch_size < 1:
         raise typer.BadParameter(f"--batch-size must be at least 1, got {batch_size}")
     from llmctl import ui
-    from llmctl.generation import Completion, TextStream, open_model, peak_memory_bytes
+    from llmctl.backends import open_model
+    from llmctl.generation import Completion, TextStream, peak_memory_bytes
 
     flags = dict(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed)
     check_flags(max_tokens, stop, flags)

@@ -61,16 +61,10 @@ def info(
     from rich.console import Console
     from rich.table import Table
 
-    from llmctl.io.hf import load_spec
-    from llmctl.io.hub import resolve_model
+    from llmctl.io.model_folder import read_model
 
-    folder = resolve_model(model)
-    if folder.suffix.lower() == ".gguf" and folder.is_file():
-        from llmctl.io.gguf import read_gguf
-
-        spec = read_gguf(folder).spec
-    else:
-        spec = load_spec(folder)
+    read = read_model(model)  # the spec checked against the weights, as every command reads it
+    spec, folder = read.spec, read.path
     table = Table(title=str(folder), show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column()

@@ -12,6 +12,7 @@ from typing import Annotated, Any
 import typer
 
 from llmctl.backends import Backend
+from llmctl.commands.options import GGUFType
 
 
 class Method(str, enum.Enum):
@@ -24,14 +25,6 @@ class Method(str, enum.Enum):
 class Format(str, enum.Enum):
     folder = "folder"  # a model folder in mlx-lm's quantized layout
     gguf = "gguf"      # one .gguf file for llama.cpp / ollama
-
-
-class GGUFType(str, enum.Enum):
-    f16 = "f16"
-    q8_0 = "q8_0"
-    q4_0 = "q4_0"
-    q4_1 = "q4_1"
-    q5_1 = "q5_1"
 
 
 @dataclass
@@ -99,22 +92,20 @@ def run(cfg: QuantizeConfig, backend: Backend | str = Backend.auto, force: bool 
     from llmctl import ui
     from llmctl.backends import resolve_name
     from llmctl.config import to_yaml
-    from llmctl.io.hf import read_config
     from llmctl.io.model_folder import read_model, write_model
-    from llmctl.io.safetensors import atomic_write_text
-    from llmctl.quant import config_entry, quantization_of
-
     from llmctl.io.outputs import replacing
+    from llmctl.io.safetensors import atomic_write_text
+    from llmctl.quant import config_entry
     from llmctl.run import remember_model
 
     start = time.perf_counter()
     _defaults(cfg)
     _check(cfg, force)
-    if cfg.format == Format.gguf:
-        return _write_gguf(cfg)
     folder = read_model(cfg.model)
-    if quantization_of(folder.spec.extra):
+    if folder.quantization:
         raise _already_quantized(cfg.model)
+    if cfg.format == Format.gguf:
+        return _write_gguf(cfg, folder)
     layers, kept, misfits = plan_layers(folder.tensors, cfg.quant)
     if not layers:
         from llmctl.errors import ConfigError
@@ -150,10 +141,8 @@ def run(cfg: QuantizeConfig, backend: Backend | str = Backend.auto, force: bool 
             tensors = quant.quantize_tensors(folder.tensors, layers, on_layer=lambda path: bar.update(layer=path))
     default = _params(cfg.quant)
     entry = config_entry(default, layers)
-    config = read_config(folder.path)
-    dtype = config.get("dtype") or config.get("torch_dtype") or "float32"
     with replacing(cfg.out) as staged:  # the old output (--force) stays until the new one is complete
-        write_model(staged, folder.spec, tensors, folder.path, dtype, extra_config={"quantization": entry, "quantization_config": entry})
+        write_model(staged, folder.spec, tensors, folder.folder, folder.dtype, quantization=entry)
         atomic_write_text(staged / "llmctl_quantize.yaml", to_yaml(cfg))
     remember_model(cfg.out)
     _summary(folder.tensors, tensors, layers, time.perf_counter() - start, cfg.out)
@@ -174,7 +163,7 @@ def _defaults(cfg: QuantizeConfig) -> None:
                 "Cannot quantize: no --model given, and no model made by llmctl was found.",
                 hint="Pass --model DIR (a model folder or a Hugging Face id), or run `llmctl train` to make one.",
             )
-        cfg.model = str(latest)
+        cfg.model = str(_float_source(latest))
         if str(cfg.out) and str(cfg.out) != ".":  # else the one line below names both
             ui.info(f"[dim]--model not given: quantizing the latest model {latest}[/]")
     if not str(cfg.out) or str(cfg.out) == ".":
@@ -189,6 +178,18 @@ def _defaults(cfg: QuantizeConfig) -> None:
             cfg.out = source.with_name(f"{stem}-{suffix}")
         latest_note = " (the latest model; --model not given)" if defaulted else ""
         ui.info(f"[dim]quantizing {cfg.model}{latest_note} -> {cfg.out}[/]")
+
+
+def _float_source(model: Path) -> Path:
+    """The latest model may be one `llmctl quantize` wrote: quantize the float model it was made from instead."""
+    import yaml
+
+    record = model / "llmctl_quantize.yaml"
+    try:
+        source = Path(yaml.safe_load(record.read_text(encoding="utf-8"))["model"]) if record.is_file() else None
+    except (OSError, ValueError, TypeError, KeyError, yaml.YAMLError):
+        source = None
+    return source if source is not None and source.is_dir() else model
 
 
 def _params(q: QuantConfig) -> Any:
@@ -260,20 +261,13 @@ def _calibrated(cfg: QuantizeConfig, folder: Any, layers: dict[str, Any], skip: 
     """AWQ or GPTQ on the torch backend: the quantizer returns triples and float parameters it changed."""
     import importlib
 
-    from llmctl.errors import BackendUnavailable
-
-    method = cfg.quant.method.value
-    try:
-        module = importlib.import_module(f"llmctl.quant.{method}")
-        quantizer = getattr(module, f"quantize_{method}")
-    except (ImportError, AttributeError):
-        raise BackendUnavailable(
-            f"--method {method} is not available yet in this llmctl.", hint="Use --method rtn or nf4 for now."
-        ) from None
     from llmctl.backends import get_backend
+    from llmctl.io.model_folder import load_tokenizer
     from llmctl.io.safetensors import from_torch
     from llmctl.quant.calib import calibration_tokens
-    from llmctl.tokenizer import load_tokenizer
+
+    method = cfg.quant.method.value
+    quantizer = getattr(importlib.import_module(f"llmctl.quant.{method}"), f"quantize_{method}")  # awq or gptq
 
     model = get_backend("torch").load(folder.path, dtype="float32").module
     tokens = calibration_tokens(load_tokenizer(folder.path), cfg.calib.data, cfg.calib.samples, cfg.calib.seq_len, cfg.calib.seed)
@@ -303,23 +297,14 @@ def _all_matrices(tensors: dict[str, Any]) -> list[str]:
     return [n.removesuffix(".weight") for n, t in tensors.items() if n.endswith(".weight") and len(t.shape) == 2]
 
 
-def _write_gguf(cfg: QuantizeConfig) -> Path:
+def _write_gguf(cfg: QuantizeConfig, source: Any) -> Path:
     from llmctl import ui
-    from llmctl.commands.convert import read_source
-    from llmctl.errors import BackendUnavailable
-
-    try:
-        from llmctl.io.gguf import write_gguf
-    except ImportError:
-        raise BackendUnavailable("GGUF output is not available in this llmctl (llmctl.io.gguf.write_gguf is missing).") from None
-    source = read_source(cfg.model)
-    if source.quantization:
-        raise _already_quantized(cfg.model)
+    from llmctl.io.gguf import write_gguf
     from llmctl.io.outputs import replacing
 
     with replacing(cfg.out) as staged:  # disk full or a kill mid-write keeps an older file whole
         report = write_gguf(
-            staged, source.spec, source.tensors, tokenizer=source.tokenizer, target=cfg.gguf_type.value,
+            staged, source.spec, source.tensors, tokenizer=source.tokenizer(), target=cfg.gguf_type.value,
             name=Path(cfg.model).name, general=source.general,
         )  # fmt: skip
     types = ", ".join(f"{n} {t}" for t, n in sorted(report.types.items()))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import enum
 import os
 import sys
 from dataclasses import dataclass, field
@@ -12,23 +11,7 @@ from typing import Annotated
 import typer
 
 from llmctl.backends import Backend
-
-
-class Optimizer(str, enum.Enum):
-    adamw = "adamw"
-    lion = "lion"
-
-
-class DType(str, enum.Enum):
-    auto = "auto"  # bf16 where the hardware runs it fast, else fp32
-    fp32 = "fp32"
-    bf16 = "bf16"
-    fp16 = "fp16"
-
-
-class Strategy(str, enum.Enum):
-    ddp = "ddp"    # every process holds the whole model; gradients are averaged
-    fsdp = "fsdp"  # FSDP2 fully_shard: parameters, gradients and optimizer state are sharded
+from llmctl.training.config import DataConfig, DType, LoopConfig, OptimConfig, Optimizer, Strategy  # noqa: F401 (recipes' schema)
 
 
 @dataclass
@@ -50,47 +33,6 @@ class ModelConfig:
     experts_per_token: int = 2
     router_aux_loss_coef: float = 0.01
     init_std: float = 0.02
-
-
-@dataclass
-class DataConfig:
-    train: list[str] = field(default_factory=list)  # files, folders, globs (.txt, .jsonl "text"); empty: Python's stdlib sources
-    val: list[str] = field(default_factory=list)    # empty: hold out data.val_fraction of the training tokens
-    val_fraction: float = 0.05
-    tokenizer: str | None = None   # folder with tokenizer.json; default: model.from's, else a byte-level BPE trained on the corpus
-    vocab_size: int = 4096         # vocabulary of a tokenizer trained here
-    seq_len: int = 256
-    batch_size: int = 16           # sequences per optimizer step, summed over processes and accumulation steps
-
-
-@dataclass
-class OptimConfig:
-    name: Optimizer = Optimizer.adamw
-    lr: float = 1e-3
-    weight_decay: float = 0.1      # decoupled; never applied to norms and biases
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    warmup_steps: int = 30
-    min_lr_ratio: float = 0.1      # cosine decays to lr * min_lr_ratio
-    grad_clip: float = 1.0         # max global gradient norm; 0: off
-
-
-@dataclass
-class LoopConfig:
-    steps: int = 300
-    seed: int = 0
-    dtype: DType = DType.auto
-    grad_accum: int = 1            # micro-batches per optimizer step
-    eval_every: int = 100          # validation loss every N steps (and at the end)
-    eval_batches: int = 8
-    log_every: int = 10            # plain progress lines every N steps when stderr is not a terminal
-    save_every: int = 100          # checkpoint every N steps (and at the end); 0: only at the end
-    keep_last: int = 2             # checkpoints kept
-    stop_at: int = 0               # stop after this step (with a checkpoint) as if interrupted; 0: run to the end
-    compile: bool = False          # torch.compile / mx.compile the step
-    grad_checkpointing: bool = False  # recompute activations in the backward pass to save memory
-    max_bad_steps: int = 5         # non-finite losses in a row before the run stops
 
 
 @dataclass
@@ -116,13 +58,17 @@ def train(
     """Pretrain a causal LM; writes checkpoints, metrics and the final model to runs/NAME/."""
     from llmctl.backends import get_backend, resolve_name
     from llmctl.config import load_recipe
+    from llmctl.pretrain import check_config
+    from llmctl.pretrain import train as pretrain
 
     flags = {"out": out, "strategy": strategy.value if strategy else None}
     cfg = load_recipe(TrainConfig, "train", recipe, overrides or [], flags)
+    check_config(cfg)
     if nproc > 1 and "LOCAL_RANK" not in os.environ:
         _launch_torchrun(nproc, resolve_name(backend))
         return
-    get_backend(backend).train(cfg, force=force, resume=resume)
+    get_backend(backend)  # a clear error when its framework is missing
+    pretrain(cfg, resolve_name(backend), force=force, resume=resume)
 
 
 def _launch_torchrun(nproc: int, backend: str) -> None:

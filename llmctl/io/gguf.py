@@ -14,8 +14,8 @@ import numpy as np
 
 from llmctl import ui
 from llmctl.errors import CheckpointError, SpecError, UnsupportedModel
-from llmctl.io.hf import check_size, check_tensors, config_from_spec
-from llmctl.io.model_folder import ModelFolder
+from llmctl.io.hf import check_size, check_tensors
+from llmctl.io.model import ModelFolder
 from llmctl.io.safetensors import RawTensor
 from llmctl.spec import ModelSpec, RopeScaling
 
@@ -25,7 +25,6 @@ if TYPE_CHECKING:
     from llmctl.tokenizer import Tokenizer
 
 GROUP_SIZE = 32  # every ggml block type with an exact affine equivalent holds 32 values
-QUANT_KEYS = ("quantization", "quantization_config")  # where config.json records the affine layout
 
 # GGUF tensor names <-> Hugging Face module paths (".weight" follows both)
 _GLOBAL = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
@@ -276,10 +275,6 @@ def layer_quantization(quantization: dict[str, Any], module: str) -> tuple[int, 
     return int(entry["group_size"]), int(entry["bits"])
 
 
-def quantized_modules(tensors: dict[str, RawTensor]) -> list[str]:
-    return [name.removesuffix(".scales") for name in tensors if name.endswith(".scales")]
-
-
 def affine_float32(tensors: dict[str, RawTensor], module: str, group_size: int, bits: int) -> np.ndarray:
     """Dequantized weight of one quantized module, computed in float32 (as ggml does): scale * code + bias."""
     from llmctl import kernels
@@ -331,25 +326,6 @@ def dequantize_tensors(
 
 
 # ---- reading -------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class GGUFModel(ModelFolder):
-    """A GGUF file read as a model folder: spec, tensors under Hugging Face names (quantized ones in MLX's layout)."""
-
-    config: dict[str, Any] = field(default_factory=dict)  # the config.json it would have, "quantization" included
-    notices: list[str] = field(default_factory=list)  # what was not kept exactly (dequantized types, ...)
-    metadata: dict[str, Any] = field(default_factory=dict, repr=False)  # the file's key/values, tokenizer included
-
-    def tokenizer(self) -> Tokenizer:
-        """The tokenizer and chat template rebuilt from the file's metadata."""
-        from llmctl.io.gguf_vocab import tokenizer_from_metadata
-
-        return tokenizer_from_metadata(self.metadata, self.path)
-
-    @property
-    def quantization(self) -> dict[str, Any] | None:
-        return self.config.get("quantization")
 
 
 def _open(path: Path) -> gguf.GGUFReader:
@@ -489,23 +465,26 @@ def _read_tensor(t: gguf.ReaderTensor, shape: tuple[int, ...], heads: int | None
     return {"": RawTensor.from_numpy(np.ascontiguousarray(values[order]))}, "dequantized"
 
 
-def _config(spec: ModelSpec, tensors: dict[str, RawTensor], bits_of: dict[str, int]) -> dict[str, Any]:
-    """The config.json of the model: the matrices' float dtype, and the quantization (most common bits, others
-    as per-layer entries) when some matrices are quantized."""
+def _float_dtype(tensors: dict[str, RawTensor]) -> str:
+    """The matrices' most common float dtype, as config.json names it (float16 when every matrix is quantized)."""
     floats = Counter(t.dtype for t in tensors.values() if t.dtype in ("F32", "F16", "BF16") and len(t.shape) == 2)
     names = {kind: name for name, kind in FLOAT_DTYPES.items()}
-    config = config_from_spec(spec, names[floats.most_common(1)[0][0]] if floats else "float16")
-    if bits_of:
-        default_bits = Counter(bits_of.values()).most_common(1)[0][0]
-        quantization: dict[str, Any] = {"group_size": GROUP_SIZE, "bits": default_bits}
-        for module, bits in bits_of.items():
-            if bits != default_bits:
-                quantization[module] = {"group_size": GROUP_SIZE, "bits": bits}
-        config |= {key: quantization for key in QUANT_KEYS}
-    return config
+    return names[floats.most_common(1)[0][0]] if floats else "float16"
 
 
-def read_gguf(path: str | Path) -> GGUFModel:
+def _quantization(bits_of: dict[str, int]) -> dict[str, Any] | None:
+    """config.json's quantization entry for the quantized matrices: the most common bits, others as per-layer entries."""
+    if not bits_of:
+        return None
+    default_bits = Counter(bits_of.values()).most_common(1)[0][0]
+    quantization: dict[str, Any] = {"group_size": GROUP_SIZE, "bits": default_bits}
+    for module, bits in bits_of.items():
+        if bits != default_bits:
+            quantization[module] = {"group_size": GROUP_SIZE, "bits": bits}
+    return quantization
+
+
+def read_gguf(path: str | Path) -> ModelFolder:
     """Read a Llama-family GGUF file: F32/F16/BF16 as they are, Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 exactly into the affine
     layout at group size 32, other types dequantized to float32 (with a notice); q/k rows in transformers' order."""
     path = Path(path)
@@ -567,10 +546,7 @@ def read_gguf(path: str | Path) -> GGUFModel:
             f"{path.name}: {kinds} tensors have no exact affine equivalent; they were dequantized to float32."
         )
         ui.warn(notices[-1])
-    config = _config(spec, tensors, bits_of)
-    # as a folder's spec does, the spec carries the quantization (the backends read it from spec.extra)
-    spec = spec.with_updates(extra={key: config[key] for key in QUANT_KEYS if key in config})
-    return GGUFModel(path, spec, tensors, config=config, notices=notices, metadata=meta)
+    return ModelFolder(path, spec, tensors, _quantization(bits_of), _float_dtype(tensors), notices, meta)
 
 
 def read_gguf_metadata(path: str | Path) -> dict[str, Any]:

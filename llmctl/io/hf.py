@@ -294,15 +294,18 @@ def check_size(spec: ModelSpec, shapes: dict[str, tuple[int, ...]], folder: Path
         )
 
 
-def check_tensors(spec: ModelSpec, shapes: dict[str, tuple[int, ...]], folder: Path, where: dict[str, str]) -> list[str]:
+def check_tensors(
+    spec: ModelSpec, shapes: dict[str, tuple[int, ...]], folder: Path, where: dict[str, str],
+    quantization: dict[str, Any] | None = None,
+) -> list[str]:
     """Raise CheckpointError naming file and tensor when names or shapes disagree; returns names to drop.
 
-    Quantized layers (config.json's "quantization") are checked by the float shapes their packed weights,
-    scales and biases stand for.
+    Quantized layers (config.json's "quantization", passed as `quantization`) are checked by the float shapes their
+    packed weights, scales and biases stand for.
     """
-    from llmctl.quant import float_shapes, quantization_of
+    from llmctl.quant import float_shapes
 
-    shapes = float_shapes(quantization_of(spec.extra), shapes, folder)
+    shapes = float_shapes(quantization, shapes, folder)
     check_size(spec, shapes, folder)
     expected = parameter_shapes(spec)
     problems = []

@@ -1,4 +1,4 @@
-"""Reading and writing whole model folders (config, weights, tokenizer, generation config), framework-free."""
+"""Reading any model (folder, Hugging Face id, .gguf file) and writing model folders, framework-free."""
 
 from __future__ import annotations
 
@@ -6,15 +6,20 @@ import json
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from llmctl.io.hf import check_tensors, config_from_spec, load_spec
+from llmctl.io.hf import check_tensors, config_from_spec, read_config, spec_from_config
 from llmctl.io.hub import resolve_model
+from llmctl.io.model import ModelFolder
 from llmctl.io.outputs import replacing
 from llmctl.io.paths import inside
 from llmctl.io.safetensors import RawTensor, atomic_write_text, load_folder_tensors, save_tensors
+from llmctl.quant import AUX_SUFFIXES, QUANT_KEYS, quantization_of
 from llmctl.spec import ModelSpec
+
+if TYPE_CHECKING:
+    from llmctl.tokenizer import Tokenizer
 
 # Files that travel with the weights when a model is saved elsewhere.
 CARRIED_FILES = (
@@ -27,15 +32,6 @@ CARRIED_FILES = (
 )
 
 
-@dataclass
-class ModelFolder:
-    """A model read from disk: where it came from, its spec and its tensors under Hugging Face names."""
-
-    path: Path
-    spec: ModelSpec
-    tensors: dict[str, RawTensor]
-
-
 def _tensor_files(folder: Path) -> dict[str, str]:
     index = folder / "model.safetensors.index.json"
     if index.is_file():
@@ -44,18 +40,37 @@ def _tensor_files(folder: Path) -> dict[str, str]:
 
 
 def read_model(name: str | Path) -> ModelFolder:
-    """Resolve a folder, Hugging Face id or .gguf file, read its spec and weights, and check they agree."""
-    if str(name).lower().endswith(".gguf"):
-        from llmctl.io.gguf import read_gguf  # a GGUFModel, whose .config holds the quantization
+    """The one reader of a model, for every command: a folder, a Hugging Face id or a .gguf file, read without changing
+    it. Its spec and tensors are checked against each other; quantization metadata sits beside the spec."""
+    from llmctl.io.gguf import is_gguf, read_gguf
 
+    if is_gguf(name) and not Path(name).is_dir():  # a folder may be named *.gguf too
         return read_gguf(name)
     folder = resolve_model(name)
-    spec = load_spec(folder)
+    config = read_config(folder)
+    quantization = quantization_of(config, folder / "config.json")
+    spec = spec_from_config({k: v for k, v in config.items() if k not in QUANT_KEYS}, folder / "config.json")
     tensors = load_folder_tensors(folder)
     shapes = {k: tuple(t.shape) for k, t in tensors.items()}
-    for name_ in check_tensors(spec, shapes, folder, _tensor_files(folder)):
-        tensors.pop(name_)
-    return ModelFolder(folder, spec, tensors)
+    for extra in check_tensors(spec, shapes, folder, _tensor_files(folder), quantization):
+        module = extra.removesuffix(".weight")  # a tied head stored anyway: its quantized parts go with it
+        for suffix in ("", *AUX_SUFFIXES):
+            tensors.pop(module + suffix if suffix else extra, None)
+    dtype = str(config.get("dtype") or config.get("torch_dtype") or "float32")
+    return ModelFolder(folder, spec, tensors, quantization, dtype)
+
+
+def load_tokenizer(name: str | Path) -> Tokenizer:
+    """A model's tokenizer, without its weights: a folder's (Tokenizer.from_dir), or rebuilt from a .gguf file's
+    metadata."""
+    path = Path(name)
+    if path.suffix.lower() == ".gguf" and not path.is_dir():
+        from llmctl.io.gguf import read_tokenizer
+
+        return read_tokenizer(path)
+    from llmctl.tokenizer import Tokenizer
+
+    return Tokenizer.from_dir(path)
 
 
 def generation_config(spec: ModelSpec) -> dict:
@@ -84,10 +99,14 @@ def write_model(
     dtype: str = "float32",
     max_shard_bytes: int | None = None,
     extra_config: dict | None = None,
+    quantization: dict | None = None,
 ) -> Path:
-    """Write config.json, weights (sharded above `max_shard_bytes`) and the source's tokenizer files."""
+    """Write config.json (with `quantization`, the quantized layers' entry, under both keys mlx-lm reads), weights
+    (sharded above `max_shard_bytes`) and the source's tokenizer files."""
     with staged_folder(out) as folder:
         config = config_from_spec(spec, dtype) | (extra_config or {})
+        if quantization:
+            config |= {key: quantization for key in QUANT_KEYS}
         save_tensors(folder, tensors, max_shard_bytes=max_shard_bytes)
         atomic_write_text(folder / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
         carried = set()

@@ -94,9 +94,9 @@ def clean_stale(folder: str | Path) -> list[Path]:
         if match["kind"] == "old":
             original = folder / (match["name"] + (match["suffix"] or ""))
             if not original.exists():
-                with contextlib.suppress(OSError):
+                with contextlib.suppress(OSError):  # if it cannot go back, it stays where it is: never deleted
                     os.replace(entry, original)
-                    continue
+                continue
         _remove(entry)
         removed.append(entry)
     return removed

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from llmctl.errors import CheckpointError
+from llmctl.errors import CheckpointError, UnsupportedModel
 
 if TYPE_CHECKING:
     import torch
@@ -27,6 +27,7 @@ BITS = (2, 3, 4, 5, 6, 8)
 GROUP_SIZES = (32, 64, 128)
 MODES = ("affine", "nf4")
 AUX_SUFFIXES = (".scales", ".biases", ".scales_absmax", ".scales_offset")  # stored beside a quantized `.weight`
+QUANT_KEYS = ("quantization", "quantization_config")  # where config.json records the quantization (mlx-lm writes both)
 
 
 @dataclass(frozen=True)
@@ -63,16 +64,22 @@ class CalibratedQuantizer(Protocol):
     ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]], dict[str, torch.Tensor]]: ...
 
 
-def quantization_of(config: Mapping[str, Any]) -> dict[str, Any] | None:
-    """config.json's quantization entry (or a spec's `extra`), checked; None for a float model."""
+def quantization_of(config: Mapping[str, Any], where: Any = "config.json") -> dict[str, Any] | None:
+    """config.json's quantization entry, checked; None for a float model. `where` names the file in errors."""
     q = config.get("quantization") or config.get("quantization_config")
     if not q:
         return None
-    if not isinstance(q, dict) or "bits" not in q or "group_size" not in q:
-        method = q.get("quant_method") if isinstance(q, dict) else None
+    if not isinstance(q, dict):
         raise CheckpointError(
-            f"config.json has a quantization entry llmctl cannot read ({method or q!r}).",
+            f"{where}: quantization is {q!r}; expected an object with group_size and bits.",
             hint="llmctl reads MLX's affine layout and its own NF4 (`llmctl quantize` writes both).",
+        )
+    if "bits" not in q or "group_size" not in q:
+        method = q.get("quant_method", "unknown")
+        raise UnsupportedModel(
+            f"{where} records quantization method {method!r}; llmctl reads the affine layout (MLX, mlx-lm, "
+            "llmctl quantize) and its own NF4.",
+            hint="Dequantize it with the tool that made it, or start from the float model.",
         )
     return q
 

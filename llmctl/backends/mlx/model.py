@@ -11,6 +11,8 @@ from mlx.utils import tree_flatten
 
 from llmctl.spec import ModelSpec, llama3_inv_freq
 
+DTYPE_NAMES = {mx.float32: "float32", mx.bfloat16: "bfloat16", mx.float16: "float16"}  # as config.json names them
+
 CACHE_CHUNK = 256  # the key/value cache grows by this many positions at a time
 
 
@@ -192,8 +194,14 @@ class Rope(nn.Module):
         # mx.fast.rope takes wavelengths per pair (1 / inverse frequency).
         self._freqs = 1.0 / mx.array(llama3_inv_freq(spec), dtype=mx.float32)
 
-    def __call__(self, x: mx.array, offset: int) -> mx.array:
-        return mx.fast.rope(x, self.dims, traditional=False, base=None, scale=1.0, offset=offset, freqs=self._freqs)
+    def __call__(self, x: mx.array, offset: int, positions: mx.array | None = None) -> mx.array:
+        if positions is None:
+            return mx.fast.rope(x, self.dims, traditional=False, base=None, scale=1.0, offset=offset, freqs=self._freqs)
+        # each token's own position (packed examples restart at 0), (B, T)
+        angles = positions[:, None, :, None].astype(mx.float32) / self._freqs           # (B, 1, T, D/2)
+        cos, sin = mx.cos(angles).astype(x.dtype), mx.sin(angles).astype(x.dtype)
+        x1, x2 = x[..., : self.dims // 2], x[..., self.dims // 2 :]
+        return mx.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
 def attention_mask(T: int, offset: int, window: int | None) -> mx.array | str | None:
@@ -208,6 +216,17 @@ def attention_mask(T: int, offset: int, window: int | None) -> mx.array | str | 
     if window is not None:
         mask = mask & (k > q - window)
     return mask
+
+
+def segment_mask(segment_ids: mx.array, window: int | None) -> mx.array:
+    """(B, 1, T, T) mask of packed rows: causal, and only within a token's own segment (example)."""
+    T = segment_ids.shape[1]
+    q = mx.arange(T)[:, None]
+    k = mx.arange(T)[None, :]
+    mask = (k <= q) & (segment_ids[:, :, None] == segment_ids[:, None, :])
+    if window is not None:
+        mask = mask & (k > q - window)
+    return mask[:, None]
 
 
 def padded_mask(key_mask: mx.array, T: int, offset: int, window: int | None) -> mx.array:
@@ -238,16 +257,18 @@ class Attention(nn.Module):
 
     def __call__(
         self, x: mx.array, rope: Rope, mask: mx.array | str | None, cache: KVCache | None, last_only: bool = False,
+        positions: mx.array | None = None,
     ) -> mx.array:
         """(B, T, dim), or (B, 1, dim) for the last position only with `last_only` (the cache still gets every
-        position's keys and values): a prompt's last layer then attends for one query, not T."""
+        position's keys and values): a prompt's last layer then attends for one query, not T. `positions` (B, T):
+        each token's own position (packed examples), else offset, offset + 1, ..."""
         B, T, _ = x.shape
         offset = cache.offset if cache is not None else 0
         q, k, v = project([self.q_proj, self.k_proj, self.v_proj], x, self.fused_qkv, self.training)
         q = q.reshape(B, T, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)     # (B, H, T, D)
         k = k.reshape(B, T, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)  # (B, KV, T, D)
         v = v.reshape(B, T, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
-        q, k = rope(q, offset), rope(k, offset)
+        q, k = rope(q, offset, positions), rope(k, offset, positions)
         if cache is not None:
             k, v = cache.update(k, v)    # keys/values of all previous tokens, (B, KV, S, D)
             if q.dtype != k.dtype:
@@ -338,9 +359,10 @@ class Block(nn.Module):
 
     def __call__(
         self, x: mx.array, rope: Rope, mask: mx.array | str | None, cache: KVCache | None, last_only: bool = False,
+        positions: mx.array | None = None,
     ) -> tuple[mx.array, mx.array | None]:
         """(B, T, dim) and the router's logits (MoE) or None; (B, 1, dim) with `last_only` (see Attention)."""
-        h = (x[:, -1:] if last_only else x) + self.self_attn(self.input_layernorm(x), rope, mask, cache, last_only)
+        h = (x[:, -1:] if last_only else x) + self.self_attn(self.input_layernorm(x), rope, mask, cache, last_only, positions)
         if "mlp" in self:
             return h + self.mlp(self.post_attention_layernorm(h)), None
         out, router_logits = self.block_sparse_moe(self.post_attention_layernorm(h))
@@ -370,15 +392,33 @@ class Transformer(nn.Module):
 
     def __call__(
         self, tokens: mx.array, cache: list[KVCache] | None = None, return_aux: bool = False,
-        key_mask: mx.array | None = None, last_only: bool = False,
+        key_mask: mx.array | None = None, last_only: bool = False, segment_ids: mx.array | None = None,
+        positions: mx.array | None = None, head: bool = True,
     ) -> mx.array | tuple[mx.array, mx.array | None]:
         """Logits (B, T, V); with `return_aux`, also the MoE load-balancing loss (weighted by its coefficient).
 
         Generation: `key_mask` (B, >=S) is False at left padding of batched prompts; `last_only` gives (B, 1, V).
+        Training: `segment_ids`/`positions` pack examples (see `hidden`); `head=False` gives the hidden states
+        (B, T, D) instead of logits (objectives that apply the head in chunks).
+        """
+        h, aux = self.hidden(tokens, cache, key_mask, last_only, segment_ids, positions)
+        out = self.logits(h) if head else h
+        return (out, aux) if return_aux else out
+
+    def hidden(
+        self, tokens: mx.array, cache: list[KVCache] | None = None, key_mask: mx.array | None = None,
+        last_only: bool = False, segment_ids: mx.array | None = None, positions: mx.array | None = None,
+    ) -> tuple[mx.array, mx.array | None]:
+        """The final norm's output (B, T, D) and the MoE load-balancing loss (weighted by its coefficient; None: dense).
+
+        `segment_ids` (B, T) packs several examples in a row: attention stays inside each, and `positions` (B, T)
+        restart at each example's first token.
         """
         B, T = tokens.shape
         offset = cache[0].offset if cache else 0
-        if key_mask is None:
+        if segment_ids is not None:
+            mask = segment_mask(segment_ids, self.spec.sliding_window)
+        elif key_mask is None:
             mask = attention_mask(T, offset, self.spec.sliding_window)
         else:
             mask = padded_mask(key_mask, T, offset, self.spec.sliding_window)
@@ -388,21 +428,26 @@ class Transformer(nn.Module):
         for i, layer in enumerate(self.model.layers):
             # with last_only, the last layer computes the keys and values of every position (the cache needs them)
             # but the rest for the last position only: a twelfth less work for a 12-layer model's prompt
-            h, r = layer(h, self.rope, mask, cache[i] if cache else None, last_only=last_only and i == last)
+            h, r = layer(h, self.rope, mask, cache[i] if cache else None, last_only and i == last, positions)
             if r is not None:
                 router_logits.append(r)
         h = self.model.norm(h)
-        head = self.model.embed_tokens if self.spec.tie_embeddings else self.lm_head
-        if self.fused_head is not None and not self.training and self.fused_head.valid([head]):
-            logits = self.fused_head(h)[0]
-        else:
-            logits = head.as_linear(h) if self.spec.tie_embeddings else head(h)
-        if not return_aux:
-            return logits
         aux = None
         if router_logits:
             aux = self.spec.router_aux_loss_coef * load_balancing_loss(router_logits, self.spec.n_experts, self.spec.experts_per_token)
-        return logits, aux
+        return h, aux
+
+    def logits(self, h: mx.array) -> mx.array:
+        """(B, T, V) from the final norm's output."""
+        head = self.model.embed_tokens if self.spec.tie_embeddings else self.lm_head
+        if self.fused_head is not None and not self.training and self.fused_head.valid([head]):
+            return self.fused_head(h)[0]
+        return head.as_linear(h) if self.spec.tie_embeddings else head(h)
+
+    def head_weight(self) -> mx.array:
+        """The output head as a float (V, D) matrix (a quantized head dequantized: it is frozen)."""
+        head = self.model.embed_tokens if self.spec.tie_embeddings else self.lm_head
+        return head.dequantized(mx.float32) if hasattr(head, "dequantized") else head.weight
 
     def init_weights(self, seed: int) -> None:
         """Normal(0, init_std) matrices, ones for norms, zeros for biases, from a fixed seed."""

@@ -8,9 +8,9 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from llmctl import kernels
-from llmctl.io.model_folder import ModelFolder
+from llmctl.io.model import ModelFolder
 from llmctl.io.safetensors import RawTensor, from_mlx, to_mlx
-from llmctl.quant import AUX_SUFFIXES, QuantParams, expand_double_quant, quantization_of, quantized_layers
+from llmctl.quant import AUX_SUFFIXES, QuantParams, expand_double_quant, quantized_layers
 from llmctl.quant.nf4 import NF4_LEVELS
 
 
@@ -127,7 +127,7 @@ def prepare_quantized(module: nn.Module, folder: ModelFolder, dtype: mx.Dtype | 
     Returns the tensor names to load as stored (codes, scales, biases), not cast to the model's dtype `dtype`
     (None: as stored), which quantized embeddings still produce.
     """
-    layers = quantized_layers(quantization_of(folder.spec.extra), folder.tensors)
+    layers = quantized_layers(folder.quantization, folder.tensors)
     expand_double_quant(folder.tensors, layers)
     apply_quantized_layers(module, layers, dtype)
     return {path + suffix for path in layers for suffix in (".weight", *AUX_SUFFIXES)}

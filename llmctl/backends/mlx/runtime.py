@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
 from llmctl.backends.mlx.generate import Generator
-from llmctl.backends.mlx.model import Transformer, prepare_inference
+from llmctl.backends.mlx.model import DTYPE_NAMES, Transformer, prepare_inference
 from llmctl.backends.mlx.quant import prepare_quantized
 from llmctl.generation import PromptCache, SamplingParams
 from llmctl.io.model_folder import read_model, write_model
@@ -20,18 +19,18 @@ from llmctl.spec import ModelSpec
 
 DTYPES = {"float32": mx.float32, "fp32": mx.float32, "bfloat16": mx.bfloat16, "bf16": mx.bfloat16,
           "float16": mx.float16, "fp16": mx.float16}
-DTYPE_NAMES = {mx.float32: "float32", mx.bfloat16: "bfloat16", mx.float16: "float16"}
 
 
 class Model:
     """A Transformer in eval mode plus where it came from, and the Generator that runs it (its own, so that models
     side by side share nothing)."""
 
-    def __init__(self, module: Transformer, source: Path | None = None) -> None:
+    def __init__(self, module: Transformer, source: Path | None = None, quantization: dict | None = None) -> None:
         self.module = module
         self.module.eval()
         self.spec = module.spec
         self.source = source
+        self.quantization = quantization  # config.json's entry for the quantized layers, None: float
         self.generator = Generator(module)
 
     def logits(self, tokens: list[list[int]]) -> np.ndarray:
@@ -56,16 +55,12 @@ class Model:
         params = dict(tree_flatten(self.module.parameters()))
         tensors = {k: from_mlx(v) for k, v in params.items()}
         dtype = DTYPE_NAMES.get(params["model.embed_tokens.weight"].dtype, "float32")
-        return write_model(out, self.spec, tensors, self.source, dtype, max_shard_bytes)
+        return write_model(out, self.spec, tensors, self.source, dtype, max_shard_bytes,
+                           quantization=self.quantization)
 
 
 class Runtime:
     name = "mlx"
-
-    def train(self, cfg: Any, force: bool = False, resume: bool = False) -> Path | None:
-        from llmctl.backends.mlx.train import train
-
-        return train(cfg, force=force, resume=resume)
 
     def init(self, spec: ModelSpec, seed: int = 0, dtype: str = "float32") -> Model:
         module = Transformer(spec)
@@ -84,4 +79,4 @@ class Runtime:
         module.load_weights(weights, strict=True)
         mx.eval(module.parameters())
         prepare_inference(module)
-        return Model(module, folder.path)
+        return Model(module, folder.path, folder.quantization)

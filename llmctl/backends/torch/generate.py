@@ -12,8 +12,9 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
+from llmctl import kernels
 from llmctl.backends.torch.model import Fused, KVCache, Transformer, make_cache
-from llmctl.backends.torch.quant import _DTYPE_CODES, _MODES, QuantizedEmbedding, QuantizedLinear
+from llmctl.backends.torch.quant import _DTYPE_CODES, QuantizedEmbedding, QuantizedLinear
 from llmctl.errors import LlmctlError
 from llmctl.generation import PREFILL_CHUNK, PromptCache, SamplingParams
 
@@ -61,38 +62,39 @@ class DecodeThreads:
 
 
 def _native_lib():
-    """llmctl._C when it has the C++ decode step and it is not turned off (LLMCTL_NATIVE_DECODE=0, or LLMCTL_ISA
-    set to pin qmatmul's kernels for a reference run, which the step would not follow); else None."""
-    if os.environ.get("LLMCTL_NATIVE_DECODE", "1") == "0" or os.environ.get("LLMCTL_ISA"):
+    """llmctl.kernels when the C++ extension is built and the decode step is not turned off
+    (LLMCTL_NATIVE_DECODE=0); else None. LLMCTL_ISA picks the step's kernels as it does qmatmul's."""
+    if os.environ.get("LLMCTL_NATIVE_DECODE", "1") == "0":
         return None
     try:
-        from llmctl import _C
+        from llmctl import _C  # noqa: F401
     except ImportError:
         return None
-    return _C if hasattr(_C, "NativeDecoder") else None
+    return kernels
 
 
 class NativeStep:
-    """One token of batch 1 through the whole model in one C++ call (llmctl._C.NativeDecoder).
+    """One token of batch 1 through the whole model in one C++ call (kernels.NativeDecoder, llmctl._C's step).
 
     A token of a ~100M-parameter model is ~100 matrix-vector products plus norms, RoPE and attention. As torch ops
     each costs a dispatch and a thread-pool wake-up; in C++ the products split over a persistent pool and the rest
     runs on this thread, with float32 activations and the weights read as stored (float or quantized codes). It
     reads and writes the same float32 KV cache as the torch path, so prefill (compute-bound: torch's matmuls) and
     decoding mix freely. `build` returns None for what it does not cover (MoE, other devices, odd layouts).
+    LLMCTL_ISA (as it was when the step was built) picks its kernels, as it picks qmatmul's.
     """
 
     def __init__(self, lib, model: Transformer) -> None:
         spec = model.spec
-        self.spec, self.model, self.keep = spec, model, []
+        self.spec, self.model = spec, model
+        self.isa = kernels.isa_code(None)
         inner = model.model
-        norm_dtype = inner.norm.weight.dtype
         embed = inner.embed_tokens
         embedding = self._matrix(embed) if isinstance(embed, QuantizedEmbedding) else self._dense(embed.weight, None)
         head = embedding if spec.tie_embeddings else self._matrix(model.lm_head)
         self.impl = lib.NativeDecoder(
             spec.dim, spec.n_heads, spec.n_kv_heads, spec.head_dim, spec.ffn_dim, spec.vocab_size,
-            spec.sliding_window or 0, spec.norm_eps, _DTYPE_CODES[norm_dtype], embedding, self._keep(inner.norm.weight), head,
+            spec.sliding_window or 0, spec.norm_eps, embedding, self._keep(inner.norm.weight), head,
         )  # fmt: skip
         for block in inner.layers:
             attn, mlp = block.self_attn, block.mlp
@@ -111,38 +113,31 @@ class NativeStep:
             return None
         try:
             return cls(lib, model)
-        except _Unsupported:
+        except (_Unsupported, kernels.KernelArgumentError):
             return None
 
-    def _keep(self, t: Tensor, codes: bool = False) -> int:
-        """t's address, t kept alive; float tensors (or uint32 codes), contiguous, on the CPU."""
-        if (t.dtype != torch.uint32 if codes else t.dtype not in _DTYPE_CODES) or not t.is_contiguous() or t.device.type != "cpu":
+    def _keep(self, t: Tensor) -> Tensor:
+        """t, if the step can read it: a float tensor, contiguous, on the CPU (kernels.NativeDecoder keeps it alive)."""
+        if t.dtype not in _DTYPE_CODES or not t.is_contiguous() or t.device.type != "cpu":
             raise _Unsupported
-        self.keep.append(t)
-        return t.data_ptr()
+        return t
 
-    def _bias(self, bias: Tensor | None) -> tuple[int, int]:
-        return (0, 0) if bias is None else (self._keep(bias), _DTYPE_CODES[bias.dtype])
+    def _dense(self, weight: Tensor, bias: Tensor | None) -> kernels.DecodeMatrix:
+        return kernels.DecodeMatrix(weight, bias)
 
-    def _dense(self, weight: Tensor, bias: Tensor | None) -> tuple:
-        return (*weight.shape, self._keep(weight), _DTYPE_CODES[weight.dtype], 0, 0, 0, 0, 0, 0, 0, *self._bias(bias), False)
-
-    def _quantized(self, layer: QuantizedLinear) -> tuple:
+    def _quantized(self, layer: QuantizedLinear) -> kernels.DecodeMatrix:
         """The layer's tensors in the layout they have (tiled or MLX's, as `prepare_inference` left them)."""
-        return (
-            layer.out_features, layer.in_features, 0, 0, self._keep(layer.weight, codes=True), self._keep(layer.scales),
-            0 if layer.biases is None else self._keep(layer.biases), _DTYPE_CODES[layer.scales.dtype], layer.group_size,
-            layer.bits, _MODES[layer.mode], *self._bias(layer.bias), layer.tiled,
-        )  # fmt: skip
+        return kernels.DecodeMatrix(bias=layer.bias, wq=layer.weight, scales=layer.scales, biases=layer.biases,
+                                    group_size=layer.group_size, bits=layer.bits, mode=layer.mode)  # fmt: skip
 
-    def _matrix(self, layer: nn.Module) -> tuple:
+    def _matrix(self, layer: nn.Module) -> kernels.DecodeMatrix:
         if isinstance(layer, QuantizedLinear):
             return self._quantized(layer)
         if type(layer) is not nn.Linear:
             raise _Unsupported
         return self._dense(layer.weight, layer.bias)
 
-    def _projection(self, linears: list[nn.Module], fused: Fused | None = None) -> list[tuple]:
+    def _projection(self, linears: list[nn.Module], fused: Fused | None = None) -> list[kernels.DecodeMatrix]:
         """One matrix for layers fused at load (still laid out so), else one each: the step changes nothing."""
         if fused is not None and fused.valid(linears):
             return [self._dense(*fused.layer) if isinstance(fused.layer, tuple) else self._quantized(fused.layer)]
@@ -156,10 +151,9 @@ class NativeStep:
                 layer.reserve(pos + 1, self.empty)
         cos, sin = self.model.rope.table(pos + 1, self.empty)                 # (N, D) float32
         logits = torch.empty(1, 1, self.spec.vocab_size)
-        row = pos * self.spec.head_dim * 4
         self.impl.step(
-            token, pos, [layer.keys.data_ptr() for layer in cache], [layer.values.data_ptr() for layer in cache],
-            cache[0].keys.shape[2], cos.data_ptr() + row, sin.data_ptr() + row, logits.data_ptr(), threads,
+            token, pos, [layer.keys for layer in cache], [layer.values for layer in cache], cos[pos], sin[pos], logits,
+            threads=threads, isa=self.isa,
         )  # fmt: skip
         for layer in cache:
             layer.offset = pos + 1

@@ -238,7 +238,7 @@ CE_CHUNK = 1 << 22  # logits per chunk of the fused cross-entropy (16 MB in floa
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy of `h @ weight.T` against `targets`, a chunk of rows at a time.
+    """Summed cross-entropy of `h @ weight.T` against `targets` (each row weighted by `weights`), a chunk of rows at a time.
 
     The (N, V) logits, their log-softmax and their gradient never exist whole (three float32 tensors of 64 MB at a
     vocabulary of 8192 and 2048 tokens): each chunk's gradient, softmax - one_hot, is made in the forward pass while
@@ -247,7 +247,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, h: Tensor, weight: Tensor, targets: Tensor) -> Tensor:
+    def forward(ctx: Any, h: Tensor, weight: Tensor, targets: Tensor, weights: Tensor | None) -> Tensor:
         device = h.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
         with torch.autocast(device, enabled=False):
@@ -263,8 +263,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 logp = torch.log_softmax(logits, -1, dtype=torch.float32)
                 del logits
                 picked = logp.gather(1, tc)                                   # (n, 1)
+                g = logp.exp_().scatter_add_(1, tc, torch.full_like(picked, -1.0))  # softmax - one_hot
+                if weights is not None:
+                    wc = weights[start : start + chunk, None].float()
+                    picked, g = picked * wc, g * wc
                 loss -= picked.sum()
-                g = logp.exp_().scatter_add_(1, tc, torch.full_like(picked, -1.0)).to(dtype)  # softmax - one_hot
+                g = g.to(dtype)
                 grad_h[start : start + chunk] = dense_linear(g, w.t())
                 if dtype == torch.float32:
                     grad_w.addmm_(g.t(), xc)
@@ -272,27 +276,29 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     grad_w += g.t() @ xc
         ctx.save_for_backward(grad_h, grad_w)
         ctx.dtypes = h.dtype, weight.dtype
-        return loss / N
+        return loss
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         grad_h, grad_w = ctx.saved_tensors
-        scale = grad / len(grad_h)
-        return (grad_h * scale).to(ctx.dtypes[0]), (grad_w * scale).to(ctx.dtypes[1]), None
+        return (grad_h * grad).to(ctx.dtypes[0]), (grad_w * grad).to(ctx.dtypes[1]), None, None
 
 
-def linear_cross_entropy(h: Tensor, weight: Tensor, targets: Tensor) -> Tensor:
-    """Mean cross-entropy of the logits `h @ weight.T` (h (N, D), targets (N,)) without making them whole."""
+def linear_cross_entropy(h: Tensor, weight: Tensor, targets: Tensor, weights: Tensor | None = None) -> Tensor:
+    """Summed cross-entropy of the logits `h @ weight.T` (h (N, D), targets (N,)), each row weighted by `weights`
+    (N,) when given, without making the logits whole."""
     if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-        return _LinearCrossEntropy.apply(h, weight, targets)
+        return _LinearCrossEntropy.apply(h, weight, targets, weights)
     device = h.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
     chunk = max(128, CE_CHUNK // len(weight))
+    total = torch.zeros((), device=h.device)
     with torch.autocast(device, enabled=False):
         x, w = h.to(dtype), weight.to(dtype)
-        total = sum(F.cross_entropy((x[i : i + chunk] @ w.t()).float(), targets[i : i + chunk], reduction="sum")
-                    for i in range(0, len(x), chunk))
-    return total / len(x)
+        for i in range(0, len(x), chunk):
+            ce = F.cross_entropy((x[i : i + chunk] @ w.t()).float(), targets[i : i + chunk], reduction="none")
+            total += (ce if weights is None else ce * weights[i : i + chunk]).sum()
+    return total
 
 
 class RMSNorm(nn.Module):
@@ -315,10 +321,14 @@ class Rope(nn.Module):
         super().__init__()
         self.register_buffer("inv_freq", torch.tensor(llama3_inv_freq(spec), dtype=torch.float32), persistent=False)
 
-    def forward(self, x: Tensor, offset: int) -> Tensor:
+    def forward(self, x: Tensor, offset: int, positions: Tensor | None = None) -> Tensor:
         T = x.shape[2]
-        cos, sin = self.table(offset + T, x)
-        cos, sin = cos[offset : offset + T], sin[offset : offset + T]  # (T, D)
+        if positions is None:
+            cos, sin = self.table(offset + T, x)
+            cos, sin = cos[offset : offset + T], sin[offset : offset + T]  # (T, D)
+        else:  # each token's own position (packed examples restart at 0), (B, T)
+            cos, sin = self.table(int(positions.max()) + 1, x)
+            cos, sin = cos[positions][:, None], sin[positions][:, None]    # (B, 1, T, D)
         x1, x2 = x.chunk(2, dim=-1)
         return x * cos + torch.cat([-x2, x1], -1) * sin
 
@@ -352,6 +362,17 @@ def attention_mask(T: int, offset: int, window: int | None, device: torch.device
     if window is not None:
         mask &= k > q - window
     return mask
+
+
+def segment_mask(segment_ids: Tensor, window: int | None) -> Tensor:
+    """(B, 1, T, T) mask of packed rows: causal, and only within a token's own segment (example)."""
+    T = segment_ids.shape[1]
+    q = torch.arange(T, device=segment_ids.device)[:, None]
+    k = torch.arange(T, device=segment_ids.device)[None, :]
+    mask = (k <= q) & (segment_ids[:, :, None] == segment_ids[:, None, :])
+    if window is not None:
+        mask &= k > q - window
+    return mask[:, None]
 
 
 def padded_mask(key_mask: Tensor, T: int, offset: int, window: int | None) -> Tensor:
@@ -421,9 +442,11 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(spec.dim, spec.kv_dim, bias=spec.attn_bias)
         self.o_proj = nn.Linear(spec.q_dim, spec.dim, bias=False)
 
-    def forward(self, x: Tensor, rope: Rope, mask: Tensor | None, cache: KVCache | None, last_only: bool = False) -> Tensor:
+    def forward(self, x: Tensor, rope: Rope, mask: Tensor | None, cache: KVCache | None, last_only: bool = False,
+                positions: Tensor | None = None) -> Tensor:
         """(B, T, dim), or (B, 1, dim) for the last position only with `last_only` (the cache still gets every
-        position's keys and values): a prompt's last layer then attends for one query, not T."""
+        position's keys and values): a prompt's last layer then attends for one query, not T. `positions` (B, T):
+        each token's own position (packed examples), else offset, offset + 1, ..."""
         B, T, _ = x.shape
         offset = cache.offset if cache is not None else 0
         q, k, v = project([self.q_proj, self.k_proj, self.v_proj], x, self.fused_qkv)
@@ -432,7 +455,7 @@ class Attention(nn.Module):
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if cache is not None and cache.dtype is not None:  # attention in the cache's dtype, RoPE included
             q, k = q.to(cache.dtype), k.to(cache.dtype)
-        q, k = rope(q, offset), rope(k, offset)
+        q, k = rope(q, offset, positions), rope(k, offset, positions)
         if cache is not None:
             k, v = cache.update(k, v)    # keys/values of all previous tokens, (B, KV, S, D)
         if last_only and T > 1:
@@ -523,9 +546,10 @@ class Block(nn.Module):
 
     def forward(
         self, x: Tensor, rope: Rope, mask: Tensor | None, cache: KVCache | None, last_only: bool = False,
+        positions: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """(B, T, dim) and the router's logits (MoE) or None; (B, 1, dim) with `last_only` (see Attention)."""
-        h = (x[:, -1:] if last_only else x) + self.self_attn(self.input_layernorm(x), rope, mask, cache, last_only)
+        h = (x[:, -1:] if last_only else x) + self.self_attn(self.input_layernorm(x), rope, mask, cache, last_only, positions)
         if hasattr(self, "mlp"):
             return h + self.mlp(self.post_attention_layernorm(h)), None
         out, router_logits = self.block_sparse_moe(self.post_attention_layernorm(h))
@@ -554,16 +578,40 @@ class Transformer(nn.Module):
     def forward(
         self, tokens: Tensor, cache: list[KVCache] | None = None, return_aux: bool = False,
         key_mask: Tensor | None = None, last_only: bool = False, targets: Tensor | None = None,
+        loss_weights: Tensor | None = None, segment_ids: Tensor | None = None, positions: Tensor | None = None,
+        head: bool = True,
     ) -> Tensor | tuple[Tensor, Tensor | None]:
         """Logits (B, T, V); with `return_aux`, also the MoE load-balancing loss (weighted by its coefficient).
 
         Training: with `targets` (B, T), the mean cross-entropy of the logits against them instead of the logits,
-        computed a chunk of rows at a time (`linear_cross_entropy`) where the head is a plain weight.
+        computed a chunk of rows at a time (`linear_cross_entropy`) where the head is a plain weight; with
+        `loss_weights` (B, T), the weighted sum instead. `segment_ids`/`positions`: packed examples (see `hidden`).
+        `head=False`: the hidden states (B, T, D) instead of logits (objectives that apply the head in chunks).
         Generation: `key_mask` (B, >=S) is False at left padding of batched prompts; `last_only` gives (B, 1, V).
+        """
+        h, aux = self.hidden(tokens, cache, key_mask, last_only, segment_ids, positions)
+        if not head:
+            out = h
+        elif targets is None:
+            out = self.logits(h)
+        else:
+            out = self.loss(h, targets, loss_weights)
+        return (out, aux) if return_aux else out
+
+    def hidden(
+        self, tokens: Tensor, cache: list[KVCache] | None = None, key_mask: Tensor | None = None, last_only: bool = False,
+        segment_ids: Tensor | None = None, positions: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """The final norm's output (B, T, D) and the MoE load-balancing loss (weighted by its coefficient; None: dense).
+
+        `segment_ids` (B, T) packs several examples in a row: attention stays inside each, and `positions` (B, T)
+        restart at each example's first token.
         """
         B, T = tokens.shape
         offset = cache[0].offset if cache else 0
-        if key_mask is None:
+        if segment_ids is not None:
+            mask = segment_mask(segment_ids, self.spec.sliding_window)
+        elif key_mask is None:
             mask = attention_mask(T, offset, self.spec.sliding_window, tokens.device)
         else:
             mask = padded_mask(key_mask, T, offset, self.spec.sliding_window)
@@ -573,17 +621,14 @@ class Transformer(nn.Module):
         for i, layer in enumerate(self.model.layers):
             # with last_only, the last layer computes the keys and values of every position (the cache needs them)
             # but the rest for the last position only: a twelfth less work for a 12-layer model's prompt
-            h, r = layer(h, self.rope, mask, cache[i] if cache else None, last_only=last_only and i == last)
+            h, r = layer(h, self.rope, mask, cache[i] if cache else None, last_only and i == last, positions)
             if r is not None:
                 router_logits.append(r)
         h = self.model.norm(h)
-        out = self.logits(h) if targets is None else self.loss(h, targets)
-        if not return_aux:
-            return out
         aux = None
         if router_logits:
             aux = self.spec.router_aux_loss_coef * load_balancing_loss(router_logits, self.spec.n_experts, self.spec.experts_per_token)
-        return out, aux
+        return h, aux
 
     def logits(self, h: Tensor) -> Tensor:
         """(B, T, V) from the final norm's output."""
@@ -596,12 +641,22 @@ class Transformer(nn.Module):
             return dense_linear(h, self.lm_head.weight)
         return self.lm_head(h)
 
-    def loss(self, h: Tensor, targets: Tensor) -> Tensor:
-        """Mean cross-entropy of the logits of `h` (B, T, D) against `targets` (B, T); a plain head never makes them whole."""
+    def loss(self, h: Tensor, targets: Tensor, weights: Tensor | None = None) -> Tensor:
+        """Cross-entropy of the logits of `h` (B, T, D) against `targets` (B, T): the mean, or the sum weighted by
+        `weights` (B, T) when given; a plain head never makes the logits whole."""
         head = self.model.embed_tokens if self.spec.tie_embeddings else self.lm_head
+        w = None if weights is None else weights.flatten()
         if type(head) in (nn.Embedding, nn.Linear):
-            return linear_cross_entropy(h.flatten(0, 1), head.weight, targets.flatten())
-        return F.cross_entropy(self.logits(h).float().flatten(0, 1), targets.flatten())
+            total = linear_cross_entropy(h.flatten(0, 1), head.weight, targets.flatten(), w)
+        else:
+            ce = F.cross_entropy(self.logits(h).float().flatten(0, 1), targets.flatten(), reduction="none")
+            total = (ce if w is None else ce * w).sum()
+        return total / targets.numel() if weights is None else total
+
+    def head_weight(self) -> Tensor:
+        """The output head as a float (V, D) matrix (a quantized head dequantized: it is frozen)."""
+        head = self.model.embed_tokens if self.spec.tie_embeddings else self.lm_head
+        return head.dequantized(torch.float32) if hasattr(head, "dequantized") else head.weight
 
     def init_weights(self, seed: int) -> None:
         """Normal(0, init_std) matrices, ones for norms, zeros for biases, from a fixed seed."""

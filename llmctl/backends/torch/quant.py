@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Mapping
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from llmctl import kernels
 from llmctl.backends.torch.model import _joint, dense_linear
-from llmctl.io.model_folder import ModelFolder
+from llmctl.io.model import ModelFolder
 from llmctl.io.safetensors import RawTensor, from_torch, to_torch
-from llmctl.quant import AUX_SUFFIXES, QuantParams, expand_double_quant, quantization_of, quantized_layers
+from llmctl.quant import AUX_SUFFIXES, QuantParams, expand_double_quant, quantized_layers
 
 
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # csrc/quant.h's DType
@@ -21,17 +20,9 @@ _MODES = {"affine": 0, "nf4": 1}
 
 
 @functools.cache
-def _lib() -> Any:
-    """llmctl._C, imported on first use (the torch backend still loads float models without it)."""
-    from llmctl import _C
-
-    return _C
-
-
-@functools.cache
 def _bf16_products() -> bool:
     """Whether bfloat16 matrix products run natively here (oneDNN on AVX512_BF16 or AMX)."""
-    return torch.backends.mkldnn.is_available() and _lib().cpu_has_bf16()
+    return torch.backends.mkldnn.is_available() and kernels.cpu_has_bf16()
 
 
 # Products with at least this many rows of x (prompts) dequantize blocks of DEQUANTIZED_BLOCK weights and multiply
@@ -72,34 +63,33 @@ class QuantizedLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype)) if bias else None
         self.isa = kernels.isa_code(None)  # $LLMCTL_ISA (e.g. scalar) as it was when the model was built
 
-    tiled = False  # codes, scales and biases in MLX's layout; True: in the tiled one (`tile`)
+    @property
+    def tiled(self) -> bool:
+        """Whether codes, scales and biases are in the tiled layout (`tile`), which their 3-D shapes record."""
+        return self._buffers["weight"].dim() == 3
 
-    def matmul(self, x: Tensor) -> Tensor:
-        """x (..., in) @ W^T with no bias, in x's dtype."""
+    def matmul(self, x: Tensor, threads: int | None = None) -> Tensor:
+        """x (..., in) @ W^T with no bias, in x's dtype; threads: the kernels' count (None: torch's)."""
         buffers = self._buffers  # direct: nn.Module.__getattr__ costs a microsecond per buffer
         weight, scales, biases = buffers["weight"], buffers["scales"], buffers.get("biases")
-        code, scale_code = _DTYPE_CODES.get(x.dtype), _DTYPE_CODES.get(scales.dtype)
-        if self.tiled and (code is None or x.shape[-1] != self.in_features):
-            if x.shape[-1] == self.in_features:
-                return self.matmul(x.float()).to(x.dtype)
-            return kernels.qmatmul(x, *self._mlx_layout(), self.group_size, self.bits, mode=self.mode)  # its error
-        if x.is_cuda or weight.is_cuda or code is None or scale_code is None or x.shape[-1] != self.in_features:
-            return kernels.qmatmul(x, weight, scales, biases, self.group_size, self.bits, mode=self.mode)
-        if x.numel() >= DEQUANTIZED_ROWS * self.in_features and self.mode == "affine":
+        if x.numel() >= DEQUANTIZED_ROWS * self.in_features and self.mode == "affine" and not x.is_cuda and x.shape[-1] == self.in_features:
             return self._dequantized_matmul(x)
-        # The decode path: a hundred small products per token, so straight to the kernel (the buffers were
-        # checked at load), with as many threads as torch uses.
-        x = x.contiguous()
-        y = torch.empty(*x.shape[:-1], self.out_features, dtype=x.dtype)
-        args = (
-            x.data_ptr(), code, x.numel() // self.in_features, self.in_features, weight.data_ptr(), scales.data_ptr(),
-            0 if biases is None else biases.data_ptr(), scale_code, self.out_features, self.group_size, self.bits,
-        )  # fmt: skip
-        if self.tiled:
-            _lib().qmatmul_tiled(*args, y.data_ptr(), code, torch.get_num_threads(), self.isa)
-        else:
-            _lib().qmatmul(*args, _MODES[self.mode], y.data_ptr(), code, torch.get_num_threads(), self.isa)
-        return y
+        if weight.dim() == 3 and _DTYPE_CODES.get(x.dtype) is None and x.shape[-1] == self.in_features:
+            return self.matmul(x.float(), threads).to(x.dtype)  # the tiled kernels take float activations only
+        if weight.is_cuda:
+            return kernels.qmatmul(x, weight, scales, biases, self.group_size, self.bits, mode=self.mode)
+        # The decode path: a hundred small products per token, so the weights are checked once (kernels.QuantizedWeights,
+        # made again when they are replaced) and each call checks x only
+        threads = torch.get_num_threads() if threads is None else threads
+        checked = self.__dict__.get("_checked")
+        if checked is None or checked.wq is not weight or checked.scales is not scales or checked.biases is not biases:
+            try:
+                checked = self.__dict__["_checked"] = kernels.QuantizedWeights(weight, scales, biases, self.group_size,
+                                                                               self.bits, self.mode)  # fmt: skip
+            except kernels.KernelArgumentError:  # e.g. non-contiguous views: the general path copies, or says why not
+                return kernels.qmatmul(x, weight, scales, biases, self.group_size, self.bits, mode=self.mode,
+                                       threads=threads, isa=kernels.ISAS[self.isa])  # fmt: skip
+        return checked.matmul(x, threads=threads, isa=self.isa)
 
     @classmethod
     def fuse(cls, linears: list[QuantizedLinear]) -> QuantizedLinear | None:
@@ -115,7 +105,7 @@ class QuantizedLinear(nn.Module):
             return None
         joint = nn.Module.__new__(cls)
         nn.Module.__init__(joint)
-        joint.dtype, joint.isa, joint.tiled = first.dtype, first.isa, first.tiled
+        joint.dtype, joint.isa = first.dtype, first.isa  # tiled or not as its parts: the shapes say
         joint.in_features, joint.out_features = first.in_features, sum(linear.out_features for linear in linears)
         joint.group_size, joint.bits, joint.mode = first.group_size, first.bits, first.mode
         for name in ("weight", "scales", "biases", "bias"):
@@ -143,39 +133,38 @@ class QuantizedLinear(nn.Module):
         return (
             self.mode == "affine" and weight.device.type == "cpu" and self.isa == 0 and scales.dtype in _DTYPE_CODES
             and all(t.is_contiguous() for t in (weight, scales, self.biases))
-            and _lib().tiled_fast()
-            and _lib().tiled_supported(self.bits, _MODES[self.mode], self.out_features)
+            and kernels.tiled_fast()
+            and kernels.tiled_supported(self.bits, self.mode, self.out_features)
         )  # fmt: skip
 
     def tile(self) -> bool:
         """Rearrange the codes, scales and biases in place into the tiled layout (csrc/qmatmul.h: 16 output rows
         interleaved, so that one vector of codes serves 16 rows of a one-row product). Decoding runs 1.3-1.4x
-        faster there (the 110M model's matrices streamed from memory, 2 threads). Same bytes, same tensors; the
-        state dict still holds MLX's layout. Returns whether the layer is tiled."""
+        faster there (the 110M model's matrices streamed from memory, 2 threads). Same bytes, viewed in the tiled
+        shapes (kernels.to_tiled), so that no kernel reads them as MLX's; the state dict still holds MLX's layout.
+        Returns whether the layer is tiled."""
         if not self.tiled and self.can_tile():
-            self._retile(self._buffers["weight"], self._buffers["scales"], self._buffers["biases"], back=False)
-            self.tiled = True
+            self._retile(back=False)
         return self.tiled
 
     def untile(self) -> None:
         """Back to MLX's layout, in place."""
         if self.tiled:
-            self._retile(self._buffers["weight"], self._buffers["scales"], self._buffers["biases"], back=True)
-            self.tiled = False
+            self._retile(back=True)
 
-    def _retile(self, weight: Tensor, scales: Tensor, biases: Tensor, back: bool) -> None:
-        fn = _lib().from_tiled if back else _lib().to_tiled
-        fn(weight.data_ptr(), scales.data_ptr(), biases.data_ptr(), _DTYPE_CODES[scales.dtype], self.out_features,
-           self.in_features, self.group_size, self.bits)  # fmt: skip
+    def _retile(self, back: bool) -> None:
+        buffers = self._buffers
+        fn = kernels.from_tiled if back else kernels.to_tiled
+        buffers["weight"], buffers["scales"], buffers["biases"] = fn(
+            buffers["weight"], buffers["scales"], buffers["biases"], self.group_size, self.bits
+        )
 
     def _mlx_layout(self) -> tuple[Tensor, Tensor, Tensor | None]:
         """weight, scales and biases in MLX's layout (copies when the layer is tiled)."""
         weight, scales, biases = self._buffers["weight"], self._buffers["scales"], self._buffers.get("biases")
         if not self.tiled:
             return weight, scales, biases
-        weight, scales, biases = weight.clone(), scales.clone(), biases.clone()
-        self._retile(weight, scales, biases, back=True)
-        return weight, scales, biases
+        return kernels.from_tiled(weight.clone(), scales.clone(), biases.clone(), self.group_size, self.bits)
 
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -209,12 +198,9 @@ class QuantizedLinear(nn.Module):
         step = max(16, DEQUANTIZED_BLOCK // self.in_features // 16 * 16)  # whole tiles
         for o in range(0, self.out_features, step):
             if self.tiled:
-                w = torch.empty(min(step, self.out_features - o), self.in_features, dtype=dtype)
-                _lib().dequantize_tiled(
-                    weight.data_ptr(), scales.data_ptr(), biases.data_ptr(), _DTYPE_CODES[scales.dtype], self.out_features,
-                    self.in_features, self.group_size, self.bits, o, o + len(w), w.data_ptr(), _DTYPE_CODES[dtype],
-                    torch.get_num_threads(),
-                )  # fmt: skip
+                rows = (o, min(o + step, self.out_features))
+                w = kernels.dequantize_tiled(weight, scales, biases, self.group_size, self.bits, rows, dtype,
+                                             threads=torch.get_num_threads(), isa=kernels.ISAS[self.isa])  # fmt: skip
             else:
                 w = kernels.dequantize(weight[o : o + step], scales[o : o + step].float(), biases[o : o + step].float(),
                                        self.group_size, self.bits)  # fmt: skip
@@ -308,7 +294,7 @@ def prepare_quantized(module: nn.Module, folder: ModelFolder, dtype: torch.dtype
     Returns the tensor names to load as stored (codes, scales, biases), not cast to the model's dtype `dtype`
     (None: as stored), which quantized embeddings still produce.
     """
-    layers = quantized_layers(quantization_of(folder.spec.extra), folder.tensors)
+    layers = quantized_layers(folder.quantization, folder.tensors)
     expand_double_quant(folder.tensors, layers)
     apply_quantized_layers(module, layers, dtype)
     return {path + suffix for path in layers for suffix in (".weight", *AUX_SUFFIXES)}

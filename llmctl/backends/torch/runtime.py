@@ -37,10 +37,11 @@ class Model:
     """A Transformer in eval mode plus where it came from, and the Generator that runs it (its own, so that models
     side by side share nothing)."""
 
-    def __init__(self, module: Transformer, source: Path | None = None) -> None:
+    def __init__(self, module: Transformer, source: Path | None = None, quantization: dict | None = None) -> None:
         self.module = module.eval()
         self.spec = module.spec
         self.source = source
+        self.quantization = quantization  # config.json's entry for the quantized layers, None: float
         self._generator: Generator | None = None
 
     @property
@@ -71,16 +72,12 @@ class Model:
     def save(self, out: Path, max_shard_bytes: int | None = None) -> Path:
         dtype = next(self.module.parameters()).dtype
         tensors = {k: from_torch(v) for k, v in self.module.state_dict().items() if k != "lm_head.weight" or not self.spec.tie_embeddings}
-        return write_model(out, self.spec, tensors, self.source, str(dtype).removeprefix("torch."), max_shard_bytes)
+        return write_model(out, self.spec, tensors, self.source, str(dtype).removeprefix("torch."), max_shard_bytes,
+                           quantization=self.quantization)
 
 
 class Runtime:
     name = "torch"
-
-    def train(self, cfg: Any, force: bool = False, resume: bool = False) -> Path | None:
-        from llmctl.backends.torch.train import train
-
-        return train(cfg, force=force, resume=resume)
 
     def init(self, spec: ModelSpec, seed: int = 0, dtype: str = "float32") -> Model:
         module = Transformer(spec)
@@ -106,4 +103,4 @@ class Runtime:
             if tensor.data_ptr() in mapped:
                 tensor.data = tensor.data.clone()
         prepare_inference(module)  # after the copies: tiling rearranges tensors in place
-        return Model(module, folder.path)
+        return Model(module, folder.path, folder.quantization)
