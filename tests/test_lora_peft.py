@@ -1,0 +1,79 @@
+"""LoRA adapters against the `peft` library: an llmctl adapter loads in PEFT with the same logits, and PEFT-made
+LoRA / DoRA / rsLoRA adapters load in llmctl with the same logits (float32, 1e-4); merging equals base + adapter."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import make_hf_model
+
+peft = pytest.importorskip("peft")
+TOKENS = torch.tensor([[1, 5, 9, 33, 100, 7, 250, 3, 64, 12]])
+
+
+def _randomize(model, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1 + (1.0 if "magnitude" in name else 0.0))
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora", "rslora"])
+def test_llmctl_adapter_loads_in_peft_with_the_same_logits(tmp_path, kind):
+    from llmctl.backends.torch.engine import load_module
+    from llmctl.backends.torch.lora import LoraSettings, add_adapters, write_peft
+
+    hf = make_hf_model("llama", tmp_path / "base")
+    model = load_module(tmp_path / "base")
+    settings = LoraSettings(rank=4, alpha=8, dora=kind == "dora", rslora=kind == "rslora")
+    names = add_adapters(model, settings)
+    assert len(names) == 2 * 7
+    assert all(not p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
+    _randomize(model)
+    (tmp_path / "adapter").mkdir()
+    write_peft(tmp_path / "adapter", model, settings, str(tmp_path / "base"))
+    ours = model.eval()(TOKENS)
+    theirs = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()(TOKENS).logits
+    base = make_hf_model("llama", tmp_path / "base2")(TOKENS).logits
+    assert (theirs - base).abs().max() > 1e-2  # the adapter changes the logits, so the comparison means something
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora", "rslora"])
+def test_peft_adapter_loads_in_llmctl_with_the_same_logits(tmp_path, kind):
+    from llmctl.backends.torch.engine import load_module
+    from llmctl.backends.torch.lora import load_adapter, merge_adapters
+
+    hf = make_hf_model("qwen2", tmp_path / "base")
+    config = peft.LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"], task_type="CAUSAL_LM",
+                             use_dora=kind == "dora", use_rslora=kind == "rslora")
+    wrapped = peft.get_peft_model(hf, config)
+    _randomize(wrapped)
+    wrapped.save_pretrained(tmp_path / "adapter")
+    theirs = wrapped.eval()(TOKENS).logits
+    model = load_module(tmp_path / "base")
+    names = load_adapter(model, tmp_path / "adapter")
+    assert len(names) == 2 * 3
+    with torch.no_grad():
+        ours = model(TOKENS)
+        torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+        merge_adapters(model)
+        torch.testing.assert_close(model(TOKENS), theirs, atol=1e-4, rtol=1e-4)
+
+
+def test_adapter_for_another_model_is_refused(tmp_path):
+    from llmctl.backends.torch.engine import load_module
+    from llmctl.backends.torch.lora import load_adapter
+    from llmctl.errors import LlmctlError
+
+    hf = make_hf_model("llama", tmp_path / "small")
+    peft.get_peft_model(hf, peft.LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(tmp_path / "adapter")
+    make_hf_model("llama", tmp_path / "wide", hidden_size=128, num_attention_heads=4)
+    with pytest.raises(LlmctlError, match=r"q_proj.lora_A is \[2, 64\].*needs \[2, 128\]"):
+        load_adapter(load_module(tmp_path / "wide"), tmp_path / "adapter")
+    cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA"
