@@ -272,3 +272,30 @@ def merge_adapters(model: nn.Module) -> None:
         merged.requires_grad_(False)
         parent, leaf = _parent(model, name)
         setattr(parent, leaf, merged)
+
+
+def quantize_base(model: nn.Module, kind: str, group_size: int = 64) -> list[str]:
+    """Quantize the float linear layers of the blocks in place (QLoRA's frozen base): affine 4-/8-bit or NF4, 16-bit
+    scales; layers already quantized stay as they are. The names of the layers quantized."""
+    from llmctl.backends.torch.quant import QuantizedLinear, quantize_tensors
+    from llmctl.io.safetensors import from_torch, to_torch
+    from llmctl.quant import QuantParams
+
+    params = QuantParams(group_size, 4 if kind == "nf4" else int(kind), "nf4" if kind == "nf4" else "affine", False)
+    done = []
+    for name, layer in linear_names(model).items():
+        if type(layer) is not nn.Linear or layer.in_features % group_size:
+            continue
+        tensors = quantize_tensors({f"{name}.weight": from_torch(layer.weight.detach().to(torch.float16).contiguous())},
+                                   {name: params})
+        q = QuantizedLinear(layer.in_features, layer.out_features, layer.bias is not None, params, torch.float16)
+        state = {k.removeprefix(name + "."): to_torch(v) for k, v in tensors.items()}
+        if layer.bias is not None:
+            state["bias"] = layer.bias.detach().to(torch.float16)
+        q.load_state_dict(state, strict=True)
+        q.dtype = torch.float32  # activations stay float32; the scales are 16-bit
+        q.requires_grad_(False)
+        parent, leaf = _parent(model, name)
+        setattr(parent, leaf, q)
+        done.append(name)
+    return done
