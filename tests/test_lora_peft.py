@@ -77,3 +77,41 @@ def test_adapter_for_another_model_is_refused(tmp_path):
         load_adapter(load_module(tmp_path / "wide"), tmp_path / "adapter")
     cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA"
+
+
+def test_merge_and_adapter_flags_match_peft(tmp_path):
+    """`llmctl merge` writes base + adapter (transformers loads it with PEFT's logits); `--adapter` on eval and
+    generate gives what the merged model gives."""
+    import transformers
+    from typer.testing import CliRunner
+
+    from conftest import SHARED
+    from llmctl.cli import app
+
+    base = SHARED / "models" / "stories260K-hf"
+    if not base.is_dir():
+        pytest.skip("shared models not found")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(base, torch_dtype=torch.float32)
+    wrapped = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", use_dora=True))
+    _randomize(wrapped)
+    wrapped.save_pretrained(tmp_path / "adapter")
+    theirs = wrapped.eval()(TOKENS).logits
+    run = CliRunner().invoke
+    result = run(app, ["merge", "--model", str(base), "--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "merged")])
+    assert result.exit_code == 0, result.output
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", torch_dtype=torch.float32).eval()
+    torch.testing.assert_close(merged(TOKENS).logits, theirs, atol=1e-4, rtol=1e-4)
+    text = tmp_path / "t.txt"
+    text.write_text("Once upon a time there was a little girl who liked to play in the park. " * 8)
+    scores = {}
+    for name, args in {"adapter": ["--model", str(base), "--adapter", str(tmp_path / "adapter")],
+                       "merged": ["--model", str(tmp_path / "merged")], "base": ["--model", str(base)]}.items():
+        result = run(app, ["eval", *args, "--data", str(text), "--json", "--backend", "torch", "--seq-len", "64"])
+        assert result.exit_code == 0, result.output
+        scores[name] = json.loads(result.output[result.output.index("{"):])["perplexity"]
+    assert scores["adapter"] == pytest.approx(scores["merged"], rel=1e-4)
+    assert scores["adapter"] != pytest.approx(scores["base"], rel=1e-3)
+    outs = [run(app, ["generate", *args, "--prompt", "Once upon", "--max-tokens", "8", "--backend", "torch"])
+            for args in (["--model", str(base), "--adapter", str(tmp_path / "adapter")], ["--model", str(tmp_path / "merged")])]
+    assert outs[0].exit_code == 0, outs[0].output
+    assert outs[0].stdout.strip().splitlines()[-1] == outs[1].stdout.strip().splitlines()[-1]

@@ -260,11 +260,13 @@ def load_adapter(model: nn.Module, folder: str | Path) -> list[str]:
     return names
 
 
-def merge_adapters(model: nn.Module) -> None:
-    """Fold every adapter into a float Linear in place (the model then computes base + adapter with no adapter)."""
+def merge_adapters(model: nn.Module, dtype: torch.dtype | None = None) -> None:
+    """Fold every adapter into a float Linear in place (the model then computes base + adapter with no adapter);
+    in `dtype`, else the base layer's own float dtype (float32 for a quantized base)."""
     for name, layer in adapters(model).items():
         base = layer.base_layer
-        merged = nn.Linear(layer.in_features, layer.out_features, bias=base.bias is not None)
+        dt = dtype or (base.weight.dtype if type(base) is nn.Linear else torch.float32)
+        merged = nn.Linear(layer.in_features, layer.out_features, bias=base.bias is not None, dtype=dt)
         with torch.no_grad():
             merged.weight.copy_(layer.merged_weight())
             if base.bias is not None:
@@ -299,3 +301,46 @@ def quantize_base(model: nn.Module, kind: str, group_size: int = 64) -> list[str
         setattr(parent, leaf, q)
         done.append(name)
     return done
+
+
+def apply_adapter(model: nn.Module, folder: str | Path) -> None:
+    """`--adapter DIR` for inference: load the adapter (PEFT or mlx-lm layout); on a float base fold it into the
+    weights (the same products, at the base's speed), on a quantized one keep it beside the frozen codes."""
+    from llmctl.backends.torch.model import prepare_inference
+
+    folder = resolve_adapter_folder(folder)
+    load_adapter(model, folder)
+    if all(type(layer.base_layer) is nn.Linear for layer in adapters(model).values()):
+        merge_adapters(model)
+    prepare_inference(model)
+
+
+def resolve_adapter_folder(folder: str | Path) -> Path:
+    """An adapter folder, or a finetune-lora run folder (its adapter/)."""
+    folder = Path(folder)
+    if not (folder / ADAPTER_CONFIG).is_file() and (folder / "adapter" / ADAPTER_CONFIG).is_file():
+        return folder / "adapter"
+    return folder
+
+
+def dequantize_all(model: nn.Module) -> int:
+    """Replace every quantized layer by its float twin (dequantized weights), in place; how many were replaced."""
+    from llmctl.backends.torch.quant import QuantizedEmbedding, QuantizedLinear
+
+    count = 0
+    for name, layer in list(model.named_modules()):
+        if not isinstance(layer, QuantizedLinear):
+            continue
+        weight = layer.dequantized(torch.float32)
+        if isinstance(layer, QuantizedEmbedding):
+            new: nn.Module = nn.Embedding(*weight.shape)
+        else:
+            new = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
+            if layer.bias is not None:
+                new.bias.data = layer.bias.detach().float()
+        new.weight.data = weight
+        new.requires_grad_(False)
+        parent, leaf = _parent(model, name)
+        setattr(parent, leaf, new)
+        count += 1
+    return count
