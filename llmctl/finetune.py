@@ -172,7 +172,9 @@ def run(cfg: FinetuneConfig, backend: str, force: bool = False, resume: bool = F
                 if cfg.quantize_base:
                     from llmctl.backends.torch.lora import quantize_base
 
-                    quantize_base(model, cfg.quantize_base)
+                    done = quantize_base(model, cfg.quantize_base)
+                    ui.info(f"--quantize-base {cfg.quantize_base}: {len(done)} layers quantized (group 64); layers whose "
+                            "width is not a multiple of 64 stay in float")
                 names.extend(add_adapters(model, settings))
 
             engine.load(base, trainable=is_adapter_param, prepare=prepare)

@@ -94,3 +94,36 @@ def test_bad_lora_settings_are_named(tmp_path, case, args, message):
     assert result.exit_code != 0
     assert __import__("re").search(message, " ".join(result.output.split())), result.output
     assert not (tmp_path / "out").exists()
+
+
+@needs_shared
+@pytest.mark.parametrize("kind", ["4", "nf4"])
+def test_qlora_base_stays_quantized_and_frozen(kind):
+    from llmctl.backends.torch.engine import Engine
+    from llmctl.backends.torch.lora import LoraLinear, LoraSettings, add_adapters, is_adapter_param, quantize_base
+    from llmctl.backends.torch.objectives import NextToken
+    from llmctl.backends.torch.quant import QuantizedLinear
+    from llmctl.commands.options import DType
+    from llmctl.training.batch import Batch
+    from llmctl.training.config import LoopConfig, OptimConfig
+
+    engine = Engine(LoopConfig(dtype=DType.fp32), OptimConfig(lr=1e-2))
+    quantized: list[str] = []
+    engine.load(BASE, trainable=is_adapter_param,
+                prepare=lambda m: (quantized.extend(quantize_base(m, kind)), add_adapters(m, LoraSettings(rank=4))))
+    layers = [m for m in engine.model.modules() if isinstance(m, LoraLinear)]
+    assert len(layers) == 35 and len(quantized) == 30  # down_proj reads 172 features: no whole groups of 64, kept in float
+    for layer in layers:
+        if layer.in_features % 64 == 0:
+            assert isinstance(layer.base_layer, QuantizedLinear) and layer.base_layer.mode == ("nf4" if kind == "nf4" else "affine")
+        else:
+            assert type(layer.base_layer) is torch.nn.Linear
+    codes = {n: b.clone() for n, b in engine.model.named_buffers() if b.dtype == torch.uint32}
+    batch = Batch.from_windows(torch.randint(0, 512, (2, 17)).numpy())
+    losses = []
+    for _ in range(4):
+        losses.append(float(engine.micro_step(NextToken(), batch, 1.0 / batch.target_count, True)["loss"]))
+        assert all(is_adapter_param(n) for n, p in engine.model.named_parameters() if p.grad is not None)
+        engine.optimizer_step(1e-2, 1.0)
+    assert losses[-1] < losses[0]
+    assert all(torch.equal(b, codes[n]) for n, b in engine.model.named_buffers() if n in codes)
