@@ -123,8 +123,10 @@ def build_data(cfg: FinetuneConfig, tokenizer: Any, seq_len: int) -> tuple[Any, 
             val = [train[i] for i in order[:n_val]]
             train = [train[i] for i in sorted(order[n_val:])]
     if not train:
-        raise DataError("no training example has a token to learn from (an assistant reply or text).",
-                        hint="Check data.train: each line needs an assistant message, a completion, an output or text.")
+        cut = f" ({truncated} were longer than data.seq_len={seq_len} tokens and were cut)" if truncated else ""
+        raise DataError(f"no training example has a token to learn from (an assistant reply or text){cut}.",
+                        hint="Raise data.seq_len, or check data.train: each line needs an assistant message, a "
+                             "completion, an output or text.")
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
     train_rows = pack_examples(train, seq_len, cfg.train.seed, pad)
     val_rows = pack_examples(val or train[:1], seq_len, -1, pad)
