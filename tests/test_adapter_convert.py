@@ -59,6 +59,14 @@ def test_mlx_lm_adapter_converted_gives_the_same_logits_in_peft(tmp_path, dora):
     theirs = peft.PeftModel.from_pretrained(hf, tmp_path / "peft").eval()(torch.tensor(TOKENS)).logits.detach().numpy()
     base = transformers.AutoModelForCausalLM.from_pretrained(BASE, dtype=torch.float32)(torch.tensor(TOKENS)).logits.detach().numpy()
     assert np.abs(theirs - base).max() > 1e-2
+    # --adapter reads mlx-lm's layout too
+    from llmctl.backends.torch.engine import load_module
+    from llmctl.backends.torch.lora import load_adapter
+
+    ours = load_module(BASE)
+    load_adapter(ours, tmp_path / "mlx")
+    with torch.no_grad():
+        np.testing.assert_allclose(ours(torch.tensor(TOKENS)).numpy(), ours_mlx, atol=1e-4, rtol=1e-4)
     np.testing.assert_allclose(theirs, ours_mlx, atol=1e-4, rtol=1e-4)
     # and back: the PEFT adapter as mlx-lm's layout loads in mlx-lm with the same logits
     _cli("convert", tmp_path / "peft", "--to", "mlx-lm", "--out", tmp_path / "mlx2")

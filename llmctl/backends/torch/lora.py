@@ -195,6 +195,14 @@ def read_adapter(folder: str | Path) -> tuple[LoraSettings, dict[str, Tensor]]:
     from llmctl.io.safetensors import read_safetensors, to_torch
 
     folder = Path(folder)
+    if not (folder / ADAPTER_WEIGHTS).is_file() and (folder / "adapters.safetensors").is_file():
+        import tempfile
+
+        from llmctl.adapters import mlx_to_peft
+
+        with tempfile.TemporaryDirectory() as tmp:  # mlx-lm's layout, read through PEFT's
+            mlx_to_peft(folder, Path(tmp))
+            return read_adapter(tmp)
     config_path = folder / ADAPTER_CONFIG
     if not config_path.is_file():
         raise LlmctlError(f"{folder} holds no {ADAPTER_CONFIG}; an adapter folder is what `finetune-lora` writes "
