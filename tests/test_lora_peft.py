@@ -115,3 +115,32 @@ def test_merge_and_adapter_flags_match_peft(tmp_path):
             for args in (["--model", str(base), "--adapter", str(tmp_path / "adapter")], ["--model", str(tmp_path / "merged")])]
     assert outs[0].exit_code == 0, outs[0].output
     assert outs[0].stdout.strip().splitlines()[-1] == outs[1].stdout.strip().splitlines()[-1]
+
+
+def test_merge_bits_requantizes_and_reports_kl(tmp_path):
+    from typer.testing import CliRunner
+
+    from conftest import SHARED
+    from llmctl.backends.torch.engine import load_module
+    from llmctl.backends.torch.quant import QuantizedLinear
+    from llmctl.cli import app
+
+    base = SHARED / "models" / "stories260K-hf"
+    if not base.is_dir():
+        pytest.skip("shared models not found")
+    import transformers
+
+    wrapped = peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
+                                  peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj"]))
+    _randomize(wrapped)
+    wrapped.save_pretrained(tmp_path / "adapter")
+    result = CliRunner().invoke(app, ["merge", "--model", str(base), "--adapter", str(tmp_path / "adapter"),
+                                      "--out", str(tmp_path / "m8"), "--bits", "8"])
+    assert result.exit_code == 0, result.output
+    out = " ".join(result.output.split())
+    assert "mean KL(base + adapter || re-quantized merged model) =" in out
+    kl = float(out.split("merged model) = ")[1].split()[0])
+    moved = float(out.split("moves the base by ")[1].split()[0])
+    assert 0 <= kl < moved  # 8 bits keeps a visible adapter
+    model = load_module(tmp_path / "m8")
+    assert isinstance(model.model.layers[0].self_attn.q_proj, QuantizedLinear)
