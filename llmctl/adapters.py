@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,42 @@ from llmctl.errors import LlmctlError
 PEFT_PREFIX = "base_model.model."
 PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
 MLX_FILES = ("adapter_config.json", "adapters.safetensors")
+
+
+@dataclass
+class LoraSettings:
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: ["all-linear"])  # leaf names (q_proj, ...) or all-linear
+    dora: bool = False
+    rslora: bool = False
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.rank < 1:
+            out.append(f"lora.rank={self.rank}: must be at least 1.")
+        if not 0 <= self.dropout < 1:
+            out.append(f"lora.dropout={self.dropout}: must be in [0, 1).")
+        if not self.targets:
+            out.append("lora.targets is empty: name the layers to adapt (q_proj,v_proj,...) or all-linear.")
+        return out
+
+
+def peft_config(settings: LoraSettings, names: Sequence[str], base: str | None) -> dict[str, Any]:
+    return {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": settings.rank, "lora_alpha": settings.alpha,
+        "lora_dropout": settings.dropout, "target_modules": sorted({n.rsplit(".", 1)[-1] for n in names}),
+        "use_dora": settings.dora, "use_rslora": settings.rslora, "base_model_name_or_path": base, "bias": "none",
+        "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True, "modules_to_save": None,
+        "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None, "layers_pattern": None,
+    }
+
+
 
 
 def layout(folder: Path) -> str:
@@ -67,8 +104,6 @@ def mlx_to_peft(src: Path, out: Path) -> None:
         out_tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = tensors[name + ".lora_b"].T
         if name + ".m" in tensors:
             out_tensors[f"{PEFT_PREFIX}{name}.lora_magnitude_vector"] = tensors[name + ".m"]
-    from llmctl.backends.torch.lora import LoraSettings, peft_config  # plain data: no torch work
-
     settings = LoraSettings(rank=rank, alpha=scale * rank, dropout=float(params.get("dropout", 0.0)),
                             dora=cfg.get("fine_tune_type") == "dora")
     config = peft_config(settings, layers, cfg.get("model"))

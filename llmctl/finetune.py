@@ -50,7 +50,7 @@ class LoraConfig:
         return self.settings().problems()
 
     def settings(self) -> Any:
-        from llmctl.backends.torch.lora import LoraSettings
+        from llmctl.adapters import LoraSettings
 
         return LoraSettings(self.rank, self.alpha, self.dropout, list(self.targets), self.dora, self.rslora)
 

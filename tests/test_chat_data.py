@@ -94,3 +94,21 @@ def test_packing_truncation_and_batches(tmp_path):
     whole = source.batch(3, 0, 1)
     assert np.array_equal(np.concatenate([a.input_ids, b.input_ids]), whole.input_ids)
     assert np.array_equal(PackedBatches(packed, packed, 4, 1, 2).batch(3, 0, 1).input_ids, whole.input_ids)
+
+
+def test_builtin_tasks_are_checkable_and_held_out():
+    from llmctl.data.tasks import task_records
+
+    train, val = task_records(seed=3, n_train=500, n_val=50)
+    assert len(train) == 500 and len(val) == 50
+    assert not {c[0]["content"] for c in val} & {c[0]["content"] for c in train}
+    for conv in train + val:
+        q, a = conv[0]["content"], conv[1]["content"]
+        if q.startswith("What is "):
+            x, y = q.removeprefix("What is ").removesuffix("?").split(" plus ")
+            assert int(a) == int(x) + int(y)
+        elif q.startswith("Reverse the word "):
+            assert a == q.removeprefix("Reverse the word ").removesuffix(".")[::-1]
+        elif q.startswith("Sort these digits: "):
+            assert a.split() == sorted(q.removeprefix("Sort these digits: ").split())
+    assert task_records(seed=3, n_train=500, n_val=50) == (train, val)

@@ -10,42 +10,17 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from llmctl.adapters import LoraSettings, peft_config
 from llmctl.errors import ConfigError, LlmctlError
 
 PEFT_PREFIX = "base_model.model."
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
-
-
-@dataclass
-class LoraSettings:
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    targets: list[str] = field(default_factory=lambda: ["all-linear"])  # leaf names (q_proj, ...) or all-linear
-    dora: bool = False
-    rslora: bool = False
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
-
-    def problems(self) -> list[str]:
-        out = []
-        if self.rank < 1:
-            out.append(f"lora.rank={self.rank}: must be at least 1.")
-        if not 0 <= self.dropout < 1:
-            out.append(f"lora.dropout={self.dropout}: must be in [0, 1).")
-        if not self.targets:
-            out.append("lora.targets is empty: name the layers to adapt (q_proj,v_proj,...) or all-linear.")
-        return out
 
 
 def _is_linear(module: nn.Module) -> bool:
@@ -169,16 +144,6 @@ def peft_tensors(model: nn.Module) -> dict[str, Tensor]:
         if layer.dora:
             out[f"{PEFT_PREFIX}{name}.lora_magnitude_vector"] = layer.lora_magnitude_vector.detach().float().cpu().contiguous()
     return out
-
-
-def peft_config(settings: LoraSettings, names: Sequence[str], base: str | None) -> dict[str, Any]:
-    return {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": settings.rank, "lora_alpha": settings.alpha,
-        "lora_dropout": settings.dropout, "target_modules": sorted({n.rsplit(".", 1)[-1] for n in names}),
-        "use_dora": settings.dora, "use_rslora": settings.rslora, "base_model_name_or_path": base, "bias": "none",
-        "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True, "modules_to_save": None,
-        "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None, "layers_pattern": None,
-    }
 
 
 def write_peft(folder: Path, model: nn.Module, settings: LoraSettings, base: str | None) -> None:
