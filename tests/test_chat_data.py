@@ -61,6 +61,7 @@ def test_mask_covers_exactly_the_replies_and_their_end_of_turn(name, system):
         assert reply in trained_text.replace("▁", " ")
     assert trained_text.count(eot) == 3 or eot not in tok.backend.get_vocab()  # each turn's end token, once
     assert "Question" not in trained_text and "Be terse" not in trained_text
+    assert ChatEncoder(tok, train_on_prompt=True).encode(msgs).trained == [1.0] * len(ex.tokens)
 
 
 def test_record_formats_and_bad_lines(tmp_path):
