@@ -209,6 +209,20 @@ class Case:
 
 
 GEN = ["generate", "--model", "zoo/llama", "--prompt", "hi", "--max-tokens", "2"]
+FT = ["finetune-lora", "--model", "zoo/llama", "--out", "runs/ft", "--steps", "1", "--backend", "torch", "data.seq_len=64",
+      "data.batch_size=2"]
+
+
+def _wide_adapter(root: Path) -> None:
+    """A PEFT adapter made for a model twice as wide as zoo/llama."""
+    from llmctl.io.safetensors import RawTensor, write_safetensors
+
+    (root / "wide-adapter").mkdir()
+    key = "base_model.model.model.layers.0.self_attn.q_proj"
+    write_safetensors(root / "wide-adapter" / "adapter_model.safetensors", {
+        f"{key}.lora_A.weight": RawTensor.from_numpy(np.zeros((2, 128), np.float32)),
+        f"{key}.lora_B.weight": RawTensor.from_numpy(np.zeros((128, 2), np.float32))})
+    (root / "wide-adapter" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4}))
 CHAT_GEN = [*GEN, "--chat"]
 TRAIN = ["train", "data.train=corpus/shk.txt", "train.steps=1", "data.seq_len=16", "data.batch_size=2",
          "model.dim=32", "model.n_layers=1", "model.n_heads=2", "data.vocab_size=300"]  # fmt: skip
@@ -323,6 +337,17 @@ CASES = [
          stdin="/save zoo/notes.txt/x.json\n/stats\n", code=0),
     Case("chat-line-not-utf8", ["chat", "--model", "zoo/llama", "--max-tokens", "1"], ["stdin", "not UTF-8", "context:"], stdin=b"\xff\xfe\n/stats\n", code=0),
     Case("chat-load-missing", ["chat", "--model", "zoo/llama", "--max-tokens", "1"], ["missing.json does not exist", "context:"], stdin="/load missing.json\n/stats\n", code=0),
+    # ---- finetune-lora and adapters (issue 15)
+    Case("ft-line-in-no-format", [*FT, "--data", "data/bad.jsonl"], ["data/bad.jsonl:2", "none of the formats"],
+         setup=[write("data/bad.jsonl", '{"prompt": "a", "completion": "b"}\n{"question": "q", "answer": "a"}\n')]),
+    Case("ft-unknown-target", [*FT, "--data", "data/ok.jsonl", "--targets", "q_proj,qkv"],
+         ["no layer of this model is called qkv", "Valid targets: all-linear, down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj"],
+         setup=[write("data/ok.jsonl", '{"prompt": "a", "completion": "b"}\n' * 4)]),
+    Case("ft-rank-above-width", [*FT, "--data", "data/ok.jsonl", "--rank", "999"],
+         ["--rank 999 is larger than layer model.layers.0.self_attn.q_proj's width (64 -> 64)"],
+         setup=[write("data/ok.jsonl", '{"prompt": "a", "completion": "b"}\n' * 4)]),
+    Case("adapter-for-another-model", [*GEN, "--adapter", "wide-adapter", "--backend", "torch"],
+         ["model.layers.0.self_attn.q_proj.lora_A is [2, 128]", "needs [2, 64]"], setup=[_wide_adapter]),
 ]  # fmt: skip
 
 
