@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch.overrides import TorchFunctionMode
 
-from llmctl.backends.torch.generate import Generator
+from llmctl.backends.torch.generate import BatchDecoder, Generator
 from llmctl.backends.torch.model import Rope, Transformer, prepare_inference
 from llmctl.backends.torch.quant import prepare_quantized
 from llmctl.generation import PromptCache, SamplingParams
@@ -68,6 +68,10 @@ class Model:
 
     def new_cache(self) -> PromptCache:
         return self.generator.new_cache()
+
+    def batch_decoder(self) -> BatchDecoder:
+        """Batched decoding of a changing set of sequences (see BatchDecoder); one per serving thread."""
+        return BatchDecoder(self.generator)
 
     def save(self, out: Path, max_shard_bytes: int | None = None) -> Path:
         dtype = next(self.module.parameters()).dtype
