@@ -280,3 +280,47 @@ def test_mlx_serves_the_same_greedy_answers(folder, client):
             assert _same_or_near_tie(_ask(client, i, stream=False)[0], tokens) and reason == "length"
     finally:
         server.stop()
+
+
+def test_llmctl_serve_command_end_to_end(folder, tmp_path):
+    """The real command in its own process: loopback, /health 503 then 200, a request, and its one log line."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from llmctl.serve import free_port
+
+    port = free_port()
+    log = tmp_path / "serve.log"
+    env = os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "llmctl", "serve", "--model", str(folder), "--port", str(port),
+                                 "--backend", "torch", "--api-key", KEY, "--model-name", "tiny"],
+                                stdout=out, stderr=subprocess.STDOUT, env=env)  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None, log.read_text()
+            time.sleep(0.2)
+        r = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0).chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": "Hello there"}], max_tokens=5)
+        assert r.usage.completion_tokens == 5
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    text = log.read_text()
+    assert f"{r.id} length: {r.usage.prompt_tokens} tokens in" in text and "5 out" in text and "tokens/s" in text
+
+
+def test_serve_refuses_bad_flags(folder, tmp_path):
+    result = CliRunner().invoke(app, ["serve", "--model", str(folder), "--chat-template", str(tmp_path / "none.jinja")])
+    assert result.exit_code == 1 and "none.jinja does not exist" in result.output
+    result = CliRunner().invoke(app, ["serve", "--model", str(folder), "--port", "0"])
+    assert result.exit_code != 0 and "--port" in result.output
