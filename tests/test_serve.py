@@ -33,7 +33,7 @@ def folder(tmp_path_factory) -> Path:
 def start(folder: Path, backend: str = "torch", **limits) -> ServerThread:
     state = ServerState(model_name="tiny", api_key=KEY)
     server = ServerThread(state).start()
-    load(state, str(folder), backend, None, limits.get("max_batch", 8), limits.get("max_queue", 64))
+    load(state, str(folder), backend, None, limits.get("max_batch", 8), limits.get("max_queue", 64), per_row=limits.get("per_row"))
     return server
 
 
@@ -160,7 +160,20 @@ def _same_or_near_tie(alone, together) -> bool:
     return len(alone) == len(together)
 
 
-def test_16_concurrent_clients_get_their_batch_1_answers(client, server):
+@pytest.fixture(params=["per-row", "joint"])
+def batch_server(request, server, folder):
+    """The default server (a tiny model: each row through the C++ step) and one decoding rows in one forward."""
+    if request.param == "per-row":
+        yield server
+        return
+    joint = start(folder, per_row=False)
+    yield joint
+    joint.stop()
+
+
+def test_16_concurrent_clients_get_their_batch_1_answers(batch_server):
+    server = batch_server
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
     alone = [_ask(client, i, stream=False) for i in range(16)]
     before = metrics(server)
     start = threading.Barrier(16)
@@ -193,6 +206,38 @@ def test_a_client_that_leaves_frees_its_slot(client, server):
         threading.Event().wait(0.05)
     assert after == before + 1
     assert chat(client, "Hello there", max_tokens=3).choices[0].finish_reason == "length"
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("per_row", [False, True])
+def test_batch_decoder_equals_batch_1_with_joins_and_leaves(folder, name, per_row):
+    """Sequences joining and leaving a running batch get generate_step's greedy tokens (near-ties allowed)."""
+    import numpy as np
+
+    from llmctl.backends import get_backend
+
+    model = get_backend(name).load(folder)
+    prompts = [[1, 5, 9, 30, 40], [1, 7, 8], [1, 5, 9, 30, 40, 50, 60, 70, 80, 2, 3], [1, 100, 101, 102], [1, 5, 9]]
+    expected = [model.greedy(p, 16) for p in prompts]
+    decoder = model.batch_decoder(per_row)
+    active, out, gaps, step = [], [[] for _ in prompts], [[] for _ in prompts], 0
+    while step < 3 * len(prompts) or active:
+        if step % 3 == 0 and step // 3 < len(prompts):  # a newcomer every third step, reusing earlier prefixes
+            i = step // 3
+            slot, logits, _ = decoder.prefill(prompts[i], [s.cache for _, s, _ in active])
+            active.append([i, slot, logits])
+        for row in active:
+            top2 = np.sort(row[2])[-2:]
+            out[row[0]].append(int(np.argmax(row[2])))
+            gaps[row[0]].append(top2[1] - top2[0])
+        active = [row for row in active if len(out[row[0]]) < 16]
+        if active:
+            for row, logits in zip(active, decoder.step([r[1] for r in active], [out[r[0]][-1] for r in active])):
+                row[2] = logits
+        step += 1
+    for want, got, gap in zip(expected, out, gaps):
+        first = next((k for k, (a, b) in enumerate(zip(want, got)) if a != b), None)
+        assert first is None or min(gap[: first + 1]) < NEAR_TIE, (want, got)
 
 
 def post(server, path: str, body, key: str | None = KEY, **kw) -> httpx.Response:

@@ -15,7 +15,7 @@ __all__ = ["ServerState", "build_app", "load", "ServerThread", "free_port"]
 
 
 def load(state: ServerState, model: str | None, backend: str, dtype: str | None, max_batch: int, max_queue: int,
-         chat_template: Path | None = None) -> None:  # fmt: skip
+         chat_template: Path | None = None, per_row: bool | None = None) -> None:  # fmt: skip
     """Load the model into `state` (its engine appears when ready); a failure is kept as `state.load_error`."""
     from llmctl.backends import open_model
     from llmctl.chat_session import turn_end
@@ -29,7 +29,7 @@ def load(state: ServerState, model: str | None, backend: str, dtype: str | None,
         state.stop_ids = stop_ids(loaded, tokenizer)
         state.chat_stop = turn_end(tokenizer)
         state.defaults = generation_defaults(loaded.source) if loaded.source else {}
-        state.engine = Engine(loaded, max_batch=max_batch, max_queue=max_queue)
+        state.engine = Engine(loaded, max_batch=max_batch, max_queue=max_queue, per_row=per_row)
     except Exception as e:  # shown by /health and the /v1 endpoints (503), and logged
         state.load_error = str(e)
         logging.getLogger("llmctl.serve").error("loading %s failed: %s", model, e)

@@ -160,10 +160,10 @@ class Metrics:
 class Engine:
     """Continuous batching over a backend model: `submit` from any thread, decoding on the engine's own thread."""
 
-    def __init__(self, model: Any, max_batch: int = 8, max_queue: int = 64) -> None:
+    def __init__(self, model: Any, max_batch: int = 8, max_queue: int = 64, per_row: bool | None = None) -> None:
         self.model, self.spec = model, model.spec
         self.max_batch, self.max_queue = max_batch, max_queue
-        self.decoder = model.batch_decoder()
+        self.decoder = model.batch_decoder(per_row)
         self.metrics = Metrics()
         self.waiting: collections.deque[Request] = collections.deque()
         self.cond = threading.Condition()

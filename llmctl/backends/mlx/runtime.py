@@ -51,8 +51,9 @@ class Model:
     def new_cache(self) -> PromptCache:
         return self.generator.new_cache()
 
-    def batch_decoder(self) -> BatchDecoder:
-        """Batched decoding of a changing set of sequences (see BatchDecoder); one per serving thread."""
+    def batch_decoder(self, per_row: bool | None = None) -> BatchDecoder:
+        """Batched decoding of a changing set of sequences (see BatchDecoder); one per serving thread. `per_row` is
+        the torch backend's choice; MLX always runs one batched forward."""
         return BatchDecoder(self.generator)
 
     def save(self, out: Path, max_shard_bytes: int | None = None) -> Path:

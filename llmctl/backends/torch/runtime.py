@@ -69,9 +69,10 @@ class Model:
     def new_cache(self) -> PromptCache:
         return self.generator.new_cache()
 
-    def batch_decoder(self) -> BatchDecoder:
-        """Batched decoding of a changing set of sequences (see BatchDecoder); one per serving thread."""
-        return BatchDecoder(self.generator)
+    def batch_decoder(self, per_row: bool | None = None) -> BatchDecoder:
+        """Batched decoding of a changing set of sequences (see BatchDecoder); one per serving thread. `per_row`:
+        each sequence through the C++ step (None: for small models on the CPU)."""
+        return BatchDecoder(self.generator, per_row)
 
     def save(self, out: Path, max_shard_bytes: int | None = None) -> Path:
         dtype = next(self.module.parameters()).dtype
