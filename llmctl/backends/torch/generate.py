@@ -344,6 +344,20 @@ class Generator:
         return list(self.generate_step(prompt, SamplingParams(max_tokens=max_new_tokens, stop_ids=frozenset(stop_ids))))
 
 
+@contextmanager
+def _threads(n: int | None) -> Iterator[None]:
+    """torch's thread count `n` for the calling thread while inside (OpenMP's count is per thread), then put back."""
+    before = torch.get_num_threads()
+    if n is None or n == before:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 class BatchDecoder:
     """Decode steps over a changing set of sequences (a server's requests), each with its own KV cache.
 
@@ -381,10 +395,11 @@ class BatchDecoder:
             dst.update(src.keys[:, :, :n], src.values[:, :, :n])
 
         start = reuse_prefix(cache, reuse, prompt, copy)
-        for i in range(start, len(prompt), PREFILL_CHUNK):
-            chunk = prompt[i : i + PREFILL_CHUNK]
-            logits = self.g.forward(torch.tensor([chunk], device=self.g.device), cache.layers, last_only=True)[:, -1]
-            cache.tokens.extend(chunk)
+        with _threads(1 if self.g.threads.counts == (1,) else None):  # small models: as their decoding, one thread
+            for i in range(start, len(prompt), PREFILL_CHUNK):
+                chunk = prompt[i : i + PREFILL_CHUNK]
+                logits = self.g.forward(torch.tensor([chunk], device=self.g.device), cache.layers, last_only=True)[:, -1]
+                cache.tokens.extend(chunk)
         return BatchSlot(cache, len(prompt)), logits[0].float().cpu().numpy(), start
 
     def _rebuild(self, slots: list[BatchSlot]) -> None:
@@ -431,16 +446,9 @@ class BatchDecoder:
             S = self.joint[0].offset
             lengths = torch.tensor([slot.length for slot in slots], device=self.g.device)
             key_mask = torch.arange(S + 1, device=self.g.device)[None, :] >= (S - lengths)[:, None]   # (B, S + 1)
-            with self.threads.step() as threads:
-                before = torch.get_num_threads()
-                if threads != before:
-                    torch.set_num_threads(threads)
-                try:
-                    logits = self.g.model(torch.tensor(tokens, device=self.g.device).view(B, 1), self.joint, key_mask=key_mask,
-                                          positions=lengths[:, None])[:, -1]  # fmt: skip
-                finally:
-                    if threads != before:
-                        torch.set_num_threads(before)
+            with self.threads.step() as threads, _threads(threads):
+                logits = self.g.model(torch.tensor(tokens, device=self.g.device).view(B, 1), self.joint, key_mask=key_mask,
+                                      positions=lengths[:, None])[:, -1]  # fmt: skip
         for slot in slots:
             slot.length += 1
         return logits.float().cpu().numpy()
