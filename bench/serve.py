@@ -58,7 +58,10 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
         if proc.poll() is not None:
             raise RuntimeError(f"the server exited ({proc.returncode})")
         try:
-            health = httpx.get(url + "/health", timeout=2).status_code
+            response = httpx.get(url + "/health", timeout=2)
+            health = response.status_code
+            if health == 503 and response.json().get("status") == "error":
+                raise RuntimeError(f"the model did not load: {response.json().get('error')}")
             if health == 200 or health == 404 and httpx.get(url + "/v1/models", timeout=2).status_code == 200:
                 return
         except httpx.HTTPError:
@@ -114,9 +117,12 @@ def make_model(work: Path) -> Path:
     folder = work / "model"
     torch.manual_seed(0)
     LlamaForCausalLM(LlamaConfig(**decode.CONFIG)).save_pretrained(folder)
+    tokenizer = decode.TOKENIZER
+    if not tokenizer.is_dir():  # a worktree beside the checkout: the shared data given as LLMCTL_SHARED
+        tokenizer = Path(os.environ.get("LLMCTL_SHARED", "/work/shared")) / "tokenizers" / "llama2"
     for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"):
-        if (decode.TOKENIZER / name).is_file():
-            (folder / name).write_bytes((decode.TOKENIZER / name).read_bytes())
+        if (tokenizer / name).is_file():
+            (folder / name).write_bytes((tokenizer / name).read_bytes())
     return folder
 
 

@@ -208,21 +208,15 @@ def test_a_client_that_leaves_frees_its_slot(client, server):
     assert chat(client, "Hello there", max_tokens=3).choices[0].finish_reason == "length"
 
 
-@pytest.mark.parametrize("name", BACKENDS)
-@pytest.mark.parametrize("per_row", [False, True])
-def test_batch_decoder_equals_batch_1_with_joins_and_leaves(folder, name, per_row):
-    """Sequences joining and leaving a running batch get generate_step's greedy tokens (near-ties allowed)."""
+def _decode_with_joins(model, prompts: list[list[int]], per_row: bool | None, n: int = 16):
+    """Greedy ids of each prompt through one BatchDecoder, a newcomer joining every third step (reusing earlier
+    prompts' prefixes) and each leaving after n tokens; with the top-two logit gap at each step."""
     import numpy as np
 
-    from llmctl.backends import get_backend
-
-    model = get_backend(name).load(folder)
-    prompts = [[1, 5, 9, 30, 40], [1, 7, 8], [1, 5, 9, 30, 40, 50, 60, 70, 80, 2, 3], [1, 100, 101, 102], [1, 5, 9]]
-    expected = [model.greedy(p, 16) for p in prompts]
     decoder = model.batch_decoder(per_row)
     active, out, gaps, step = [], [[] for _ in prompts], [[] for _ in prompts], 0
     while step < 3 * len(prompts) or active:
-        if step % 3 == 0 and step // 3 < len(prompts):  # a newcomer every third step, reusing earlier prefixes
+        if step % 3 == 0 and step // 3 < len(prompts):
             i = step // 3
             slot, logits, _ = decoder.prefill(prompts[i], [s.cache for _, s, _ in active])
             active.append([i, slot, logits])
@@ -230,14 +224,41 @@ def test_batch_decoder_equals_batch_1_with_joins_and_leaves(folder, name, per_ro
             top2 = np.sort(row[2])[-2:]
             out[row[0]].append(int(np.argmax(row[2])))
             gaps[row[0]].append(top2[1] - top2[0])
-        active = [row for row in active if len(out[row[0]]) < 16]
+        active = [row for row in active if len(out[row[0]]) < n]
         if active:
             for row, logits in zip(active, decoder.step([r[1] for r in active], [out[r[0]][-1] for r in active])):
                 row[2] = logits
         step += 1
-    for want, got, gap in zip(expected, out, gaps):
-        first = next((k for k, (a, b) in enumerate(zip(want, got)) if a != b), None)
-        assert first is None or min(gap[: first + 1]) < NEAR_TIE, (want, got)
+    return out, gaps
+
+
+def _check_against_batch_1(model, prompts, per_row) -> None:
+    got, gaps = _decode_with_joins(model, prompts, per_row)
+    for prompt, tokens, gap in zip(prompts, got, gaps):
+        want = model.greedy(prompt, len(tokens))
+        first = next((k for k, (a, b) in enumerate(zip(want, tokens)) if a != b), None)
+        assert first is None or min(gap[: first + 1]) < NEAR_TIE, (want, tokens)
+
+
+PREFIXED = [[1, 5, 9, 30, 40], [1, 7, 8], [1, 5, 9, 30, 40, 50, 60, 70, 80, 2, 3], [1, 100, 101, 102], [1, 5, 9]]
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("per_row", [False, True])
+def test_batch_decoder_equals_batch_1_with_joins_and_leaves(folder, name, per_row):
+    """Sequences joining and leaving a running batch get generate_step's greedy tokens (near-ties allowed)."""
+    from llmctl.backends import get_backend
+
+    _check_against_batch_1(get_backend(name).load(folder), PREFIXED, per_row)
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "mixtral"])
+def test_batch_decoder_other_families(family, backend, tmp_path):
+    """Sliding window (prompts longer than it), tied head and biases, mixture of experts: the joint batch too."""
+    from conftest import make_hf_model
+
+    make_hf_model(family, tmp_path, scale=4.0)
+    _check_against_batch_1(backend.load(tmp_path), PREFIXED, per_row=False)
 
 
 def post(server, path: str, body, key: str | None = KEY, **kw) -> httpx.Response:
