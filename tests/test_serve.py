@@ -390,3 +390,36 @@ def test_serve_refuses_bad_flags(folder, tmp_path):
     assert result.exit_code == 1 and "none.jinja does not exist" in result.output
     result = CliRunner().invoke(app, ["serve", "--model", str(folder), "--port", "0"])
     assert result.exit_code != 0 and "--port" in result.output
+
+
+def test_adapter_is_served_as_llmctl_generate_applies_it(folder, tmp_path):
+    """`llmctl serve --adapter`: a PEFT adapter on the served model gives `llmctl generate --adapter`'s greedy text,
+    which differs from the base model's."""
+    peft = pytest.importorskip("peft")
+    import torch
+    import transformers
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32)
+    wrapped = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in wrapped.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    wrapped.save_pretrained(tmp_path / "adapter")
+    state = ServerState(model_name="tiny", api_key=KEY)
+    server = ServerThread(state).start()
+    try:
+        load(state, str(folder), "torch", None, 4, 8, adapter=str(tmp_path / "adapter"))
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+        texts = {}
+        for name, extra in {"adapter": ["--adapter", str(tmp_path / "adapter")], "base": []}.items():
+            result = CliRunner().invoke(app, ["generate", "--model", str(folder), *extra, "--prompt", PROMPTS[1],
+                                              "--max-tokens", "16", "--json", "--backend", "torch"])  # fmt: skip
+            assert result.exit_code == 0, result.output
+            texts[name] = json.loads(result.stdout.strip().splitlines()[-1])["text"]
+        served = client.completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=16, temperature=0)
+        assert served.choices[0].text == texts["adapter"]
+        assert texts["adapter"] != texts["base"]
+    finally:
+        server.stop()

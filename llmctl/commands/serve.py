@@ -24,7 +24,7 @@ def _loopback(host: str) -> bool:
 
 def serve(
     model: ModelOpt = None,
-    adapter: Annotated[Path | None, typer.Option(help="A LoRA adapter folder to apply (needs finetune-lora's adapters).")] = None,
+    adapter: Annotated[Path | None, typer.Option(help="A LoRA adapter folder to apply (PEFT or mlx-lm layout, or a finetune-lora run).")] = None,
     host: Annotated[str, typer.Option(help="Address to bind; the default answers this machine only.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8080,
     max_batch: Annotated[int, typer.Option("--max-batch", help="Most requests decoded together.")] = 8,
@@ -46,9 +46,8 @@ def serve(
         raise typer.BadParameter(f"--port must be in 1..65535, got {port}")
     if max_batch < 1 or max_queue < 0:
         raise typer.BadParameter(f"--max-batch must be >= 1 and --max-queue >= 0, got {max_batch} and {max_queue}")
-    if adapter is not None:
-        raise ConfigError(f"--adapter {adapter}: this build of `llmctl serve` cannot apply LoRA adapters yet.",
-                          hint="Merge the adapter into the model first, or serve the base model.")  # fmt: skip
+    if adapter is not None and not adapter.is_dir():
+        raise ConfigError(f"--adapter {adapter} is not a folder.", hint="Give the adapter folder finetune-lora wrote (OUT/adapter) or a PEFT/mlx-lm one.")
     if chat_template is not None and not chat_template.is_file():
         raise ConfigError(f"--chat-template {chat_template} does not exist.", hint="Give a Jinja template file.")
     if not _loopback(host) and api_key is None:
@@ -61,7 +60,7 @@ def serve(
     name = model_name or (Path(model).name if model else "llmctl")
     state = ServerState(model_name=name, api_key=api_key)
     loader = threading.Thread(
-        target=lambda: _load(state, model, backend.value, None if dtype is DType.auto else dtype.value, max_batch, max_queue, chat_template),
+        target=lambda: _load(state, model, backend.value, None if dtype is DType.auto else dtype.value, max_batch, max_queue, chat_template, adapter),
         name="llmctl-load", daemon=True,
     )
     loader.start()
@@ -76,10 +75,10 @@ def serve(
         raise LlmctlError(f"The model could not be loaded: {state.load_error}")
 
 
-def _load(state, model, backend, dtype, max_batch, max_queue, chat_template) -> None:
+def _load(state, model, backend, dtype, max_batch, max_queue, chat_template, adapter) -> None:
     from llmctl.serve import load
 
     try:
-        load(state, model, backend, dtype, max_batch, max_queue, chat_template)
+        load(state, model, backend, dtype, max_batch, max_queue, chat_template, adapter=None if adapter is None else str(adapter))
     except Exception:
         pass  # kept in state.load_error: /health shows it

@@ -15,14 +15,14 @@ __all__ = ["ServerState", "build_app", "load", "ServerThread", "free_port"]
 
 
 def load(state: ServerState, model: str | None, backend: str, dtype: str | None, max_batch: int, max_queue: int,
-         chat_template: Path | None = None, per_row: bool | None = None) -> None:  # fmt: skip
+         chat_template: Path | None = None, per_row: bool | None = None, adapter: str | None = None) -> None:  # fmt: skip
     """Load the model into `state` (its engine appears when ready); a failure is kept as `state.load_error`."""
     from llmctl.backends import open_model
     from llmctl.chat_session import turn_end
     from llmctl.generation import generation_defaults, stop_ids
 
     try:
-        loaded, tokenizer = open_model(model, backend, dtype)
+        loaded, tokenizer = open_model(model, backend, dtype, adapter)
         if chat_template is not None:
             tokenizer.chat_template = Path(chat_template).read_text(encoding="utf-8")
         state.tokenizer = tokenizer
