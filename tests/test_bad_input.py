@@ -176,6 +176,15 @@ def gguf_with(**changes: object) -> Callable[[Path], None]:
     return lambda root: _gguf(root, **changes)
 
 
+def _gguf_huge_dim(root: Path) -> None:
+    """zoo/llama.gguf whose embedding's first dimension claims 2**64 - 1 values (a crafted shape that overflows)."""
+    _gguf(root)
+    data = bytearray((root / "zoo" / "llama.gguf").read_bytes())
+    at = data.index(b"token_embd.weight") + len(b"token_embd.weight") + 4  # after the name: n_dims (u32), then dims
+    struct.pack_into("<Q", data, at, 2**64 - 1)
+    (root / "zoo" / "llama.gguf").write_bytes(data)
+
+
 def _disk_full(monkeypatch: pytest.MonkeyPatch) -> None:
     import errno
 
@@ -284,6 +293,7 @@ CASES = [
     Case("train-from-disagrees", [*TRAIN, "-o", "runs/new", "model.from=zoo/llama"], ["config.json", "num_hidden_layers=5"], setup=[edit_json(CONFIG, num_hidden_layers=5)]),
     Case("train-dim-65536", [*TRAIN, "-o", "runs/new", "model.dim=65536", "model.n_heads=512"], ["GiB of memory", "GiB available"]),
     Case("gguf-block-count", ["info", "zoo/llama.gguf"], ["llama.gguf", "num_hidden_layers=1000000"], setup=[gguf_with(**{"llama.block_count": 1000000})]),
+    Case("gguf-huge-shape", ["info", "zoo/llama.gguf"], ["llama.gguf", "not a readable GGUF file"], setup=[_gguf_huge_dim]),
     Case("gguf-head-count-0", ["info", "zoo/llama.gguf"], ["llama.attention.head_count is 0"], setup=[gguf_with(**{"llama.attention.head_count": 0})]),
     Case("st-overlap", GEN, ["model.safetensors", "overlap"], setup=[header(WEIGHTS, _overlap)]),
     Case("st-duplicate-key", GEN, ["model.safetensors", "'model.norm.weight' twice"], setup=[header(WEIGHTS, _duplicate)]),
