@@ -176,6 +176,11 @@ def gguf_with(**changes: object) -> Callable[[Path], None]:
     return lambda root: _gguf(root, **changes)
 
 
+def _little_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A machine with 64 KiB available: jobs over a whole model are refused before they allocate it."""
+    monkeypatch.setattr("llmctl.memory.available_bytes", lambda: 1 << 16)
+
+
 def _gguf_huge_dim(root: Path) -> None:
     """zoo/llama.gguf whose embedding's first dimension claims 2**64 - 1 values (a crafted shape that overflows)."""
     _gguf(root)
@@ -293,6 +298,8 @@ CASES = [
     Case("train-from-disagrees", [*TRAIN, "-o", "runs/new", "model.from=zoo/llama"], ["config.json", "num_hidden_layers=5"], setup=[edit_json(CONFIG, num_hidden_layers=5)]),
     Case("train-dim-65536", [*TRAIN, "-o", "runs/new", "model.dim=65536", "model.n_heads=512"], ["GiB of memory", "GiB available"]),
     Case("gguf-block-count", ["info", "zoo/llama.gguf"], ["llama.gguf", "num_hidden_layers=1000000"], setup=[gguf_with(**{"llama.block_count": 1000000})]),
+    Case("quantize-no-memory", ["quantize", "--model", "zoo/llama", "--out", "q4new"], ["quantizing zoo/llama", "GiB of memory", "GiB available"], patch=_little_memory),
+    Case("convert-no-memory", ["convert", "zoo/llama", "--out", "x.gguf"], ["converting zoo/llama", "GiB of memory", "GiB available"], patch=_little_memory),
     Case("gguf-huge-shape", ["info", "zoo/llama.gguf"], ["llama.gguf", "not a readable GGUF file"], setup=[_gguf_huge_dim]),
     Case("gguf-head-count-0", ["info", "zoo/llama.gguf"], ["llama.attention.head_count is 0"], setup=[gguf_with(**{"llama.attention.head_count": 0})]),
     Case("st-overlap", GEN, ["model.safetensors", "overlap"], setup=[header(WEIGHTS, _overlap)]),

@@ -81,6 +81,7 @@ def convert(
     from llmctl.io.gguf import is_gguf, write_gguf
     from llmctl.io.model_folder import read_model
     from llmctl.io.outputs import check_output
+    from llmctl.memory import check_model_job
 
     to_gguf = is_gguf(out)
     if to_gguf and dtype is not None:
@@ -98,6 +99,7 @@ def convert(
         raise CheckpointError(f"{out} is a folder; a GGUF output is a file.", hint="Remove it or choose another --out.")
 
     source = read_model(model)
+    check_model_job(source, "converting", 8)  # dequantized float32 tensors and the written copy of them
     if to_gguf:
         from llmctl.io.outputs import replacing
 
