@@ -110,10 +110,8 @@ class Fused:
                      for linear in self.linears for p in (linear.weight, getattr(linear, "scales", None)) if p is not None)
 
     def valid(self, linears: list[nn.Module]) -> bool:
-        """Whether it still computes `linears` (the module's layers now: an adapter may have replaced one), and may
-        stand in for them: a layer with hooks (calibration reading its inputs) must run itself."""
-        hooked = any(linear._forward_hooks or linear._forward_pre_hooks for linear in linears)
-        return not hooked and all(a is b for a, b in zip(linears, self.linears, strict=True)) and self._signature() == self.signature
+        """Whether it still computes `linears` (the module's layers now: an adapter may have replaced one)."""
+        return all(a is b for a, b in zip(linears, self.linears, strict=True)) and self._signature() == self.signature
 
     def __call__(self, x: Tensor) -> list[Tensor]:
         if isinstance(self.layer, tuple):
@@ -173,7 +171,9 @@ def project(linears: list[nn.Module], x: Tensor, fused: Fused | None = None) -> 
     each Linear is called on its own.
     """
     plain = all(type(linear) is nn.Linear for linear in linears)
-    if not torch.is_grad_enabled():
+    # A layer with hooks (calibration reading its inputs) must run itself: no fused or direct product stands in.
+    hooked = any(linear._forward_hooks or linear._forward_pre_hooks for linear in linears)
+    if not torch.is_grad_enabled() and not hooked:
         if fused is not None and fused.valid(linears):
             return fused(x)
         if plain:
