@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
+SHARED = Path(os.environ.get("LLMCTL_SHARED", ROOT.parent / "shared"))  # shared/ beside the checkout, or $LLMCTL_SHARED
 TOKENIZER = SHARED / "tokenizers" / "llama2"
 CORPUS = SHARED / "data" / "tinyshakespeare.txt"
 CONFIG = dict(vocab_size=32000, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4,
