@@ -200,8 +200,8 @@ class QuantizedLinear(nn.Module):
         step = max(16, DEQUANTIZED_BLOCK // self.in_features // 16 * 16)  # whole tiles
         for o in range(0, self.out_features, step):
             if self.tiled:
-                rows = (o, min(o + step, self.out_features))
-                w = kernels.dequantize_tiled(weight, scales, biases, self.group_size, self.bits, rows, dtype,
+                span = (o, min(o + step, self.out_features))  # not `rows`: that is x's
+                w = kernels.dequantize_tiled(weight, scales, biases, self.group_size, self.bits, span, dtype,
                                              threads=torch.get_num_threads(), isa=kernels.ISAS[self.isa])  # fmt: skip
             else:
                 w = kernels.dequantize(weight[o : o + step], scales[o : o + step].float(), biases[o : o + step].float(),
