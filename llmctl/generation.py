@@ -168,6 +168,33 @@ class PromptCache:
         self.trim(0)
 
 
+@dataclass(eq=False)
+class BatchSlot:
+    """One sequence of a backend's BatchDecoder: its own prompt cache (as prefill left it) and its length so far.
+
+    While the sequence decodes in a batch its keys and values live in the decoder's joint cache; `cache` keeps the
+    prompt's, so a later request that shares the prompt's prefix can copy them.
+    """
+
+    cache: PromptCache
+    length: int
+
+
+def reuse_prefix(cache: PromptCache, cached: Sequence[PromptCache], prompt: Sequence[int], copy: Any) -> int:
+    """Fill the empty `cache` with the longest prefix of `prompt` any of `cached` holds (never all of it: its last
+    token must run to give logits), each layer's keys and values through `copy(dst, src, n)`; the tokens reused."""
+    best, keep = None, 0
+    for other in cached:
+        n = min(common_prefix(other.tokens, prompt), len(prompt) - 1)
+        if n > keep:
+            best, keep = other, n
+    if best is not None:
+        for dst, src in zip(cache.layers, best.layers):
+            copy(dst, src, keep)
+        cache.tokens = list(prompt[:keep])
+    return keep
+
+
 @dataclass
 class GenerationStats:
     prompt_tokens: int = 0

@@ -36,6 +36,14 @@ def check_fits(needed: int, what: str, hint: str) -> None:
         )
 
 
+def check_model_job(model: object, what: str, bytes_per_parameter: float) -> None:
+    """A job over a whole model read by `read_model` (its tensors only memory-mapped so far): `bytes_per_parameter`
+    of working memory for each of the spec's parameters, against the memory available."""
+    spec = model.spec  # type: ignore[attr-defined]
+    check_fits(int(spec.param_count() * bytes_per_parameter), f"{what} {model.path}",  # type: ignore[attr-defined]
+               hint="Use a machine with more memory, or a smaller model.")  # fmt: skip
+
+
 def training_bytes(param_count: int, batch_tokens: int, dim: int, n_layers: int) -> int:
     """fp32 weights, gradients and two AdamW moments (16 bytes a parameter), and activations kept for backward
     (about 20 values of width `dim` per token and layer, in fp32)."""

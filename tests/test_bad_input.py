@@ -176,6 +176,20 @@ def gguf_with(**changes: object) -> Callable[[Path], None]:
     return lambda root: _gguf(root, **changes)
 
 
+def _little_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A machine with 64 KiB available: jobs over a whole model are refused before they allocate it."""
+    monkeypatch.setattr("llmctl.memory.available_bytes", lambda: 1 << 16)
+
+
+def _gguf_huge_dim(root: Path) -> None:
+    """zoo/llama.gguf whose embedding's first dimension claims 2**64 - 1 values (a crafted shape that overflows)."""
+    _gguf(root)
+    data = bytearray((root / "zoo" / "llama.gguf").read_bytes())
+    at = data.index(b"token_embd.weight") + len(b"token_embd.weight") + 4  # after the name: n_dims (u32), then dims
+    struct.pack_into("<Q", data, at, 2**64 - 1)
+    (root / "zoo" / "llama.gguf").write_bytes(data)
+
+
 def _disk_full(monkeypatch: pytest.MonkeyPatch) -> None:
     import errno
 
@@ -209,6 +223,20 @@ class Case:
 
 
 GEN = ["generate", "--model", "zoo/llama", "--prompt", "hi", "--max-tokens", "2"]
+FT = ["finetune-lora", "--model", "zoo/llama", "--out", "runs/ft", "--steps", "1", "--backend", "torch", "data.seq_len=64",
+      "data.batch_size=2"]
+
+
+def _wide_adapter(root: Path) -> None:
+    """A PEFT adapter made for a model twice as wide as zoo/llama."""
+    from llmctl.io.safetensors import RawTensor, write_safetensors
+
+    (root / "wide-adapter").mkdir()
+    key = "base_model.model.model.layers.0.self_attn.q_proj"
+    write_safetensors(root / "wide-adapter" / "adapter_model.safetensors", {
+        f"{key}.lora_A.weight": RawTensor.from_numpy(np.zeros((2, 128), np.float32)),
+        f"{key}.lora_B.weight": RawTensor.from_numpy(np.zeros((128, 2), np.float32))})
+    (root / "wide-adapter" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4}))
 CHAT_GEN = [*GEN, "--chat"]
 TRAIN = ["train", "data.train=corpus/shk.txt", "train.steps=1", "data.seq_len=16", "data.batch_size=2",
          "model.dim=32", "model.n_layers=1", "model.n_heads=2", "data.vocab_size=300"]  # fmt: skip
@@ -270,6 +298,9 @@ CASES = [
     Case("train-from-disagrees", [*TRAIN, "-o", "runs/new", "model.from=zoo/llama"], ["config.json", "num_hidden_layers=5"], setup=[edit_json(CONFIG, num_hidden_layers=5)]),
     Case("train-dim-65536", [*TRAIN, "-o", "runs/new", "model.dim=65536", "model.n_heads=512"], ["GiB of memory", "GiB available"]),
     Case("gguf-block-count", ["info", "zoo/llama.gguf"], ["llama.gguf", "num_hidden_layers=1000000"], setup=[gguf_with(**{"llama.block_count": 1000000})]),
+    Case("quantize-no-memory", ["quantize", "--model", "zoo/llama", "--out", "q4new"], ["quantizing zoo/llama", "GiB of memory", "GiB available"], patch=_little_memory),
+    Case("convert-no-memory", ["convert", "zoo/llama", "--out", "x.gguf"], ["converting zoo/llama", "GiB of memory", "GiB available"], patch=_little_memory),
+    Case("gguf-huge-shape", ["info", "zoo/llama.gguf"], ["llama.gguf", "not a readable GGUF file"], setup=[_gguf_huge_dim]),
     Case("gguf-head-count-0", ["info", "zoo/llama.gguf"], ["llama.attention.head_count is 0"], setup=[gguf_with(**{"llama.attention.head_count": 0})]),
     Case("st-overlap", GEN, ["model.safetensors", "overlap"], setup=[header(WEIGHTS, _overlap)]),
     Case("st-duplicate-key", GEN, ["model.safetensors", "'model.norm.weight' twice"], setup=[header(WEIGHTS, _duplicate)]),
@@ -323,6 +354,17 @@ CASES = [
          stdin="/save zoo/notes.txt/x.json\n/stats\n", code=0),
     Case("chat-line-not-utf8", ["chat", "--model", "zoo/llama", "--max-tokens", "1"], ["stdin", "not UTF-8", "context:"], stdin=b"\xff\xfe\n/stats\n", code=0),
     Case("chat-load-missing", ["chat", "--model", "zoo/llama", "--max-tokens", "1"], ["missing.json does not exist", "context:"], stdin="/load missing.json\n/stats\n", code=0),
+    # ---- finetune-lora and adapters (issue 15)
+    Case("ft-line-in-no-format", [*FT, "--data", "data/bad.jsonl"], ["data/bad.jsonl:2", "none of the formats"],
+         setup=[write("data/bad.jsonl", '{"prompt": "a", "completion": "b"}\n{"question": "q", "answer": "a"}\n')]),
+    Case("ft-unknown-target", [*FT, "--data", "data/ok.jsonl", "--targets", "q_proj,qkv"],
+         ["no layer of this model is called qkv", "Valid targets: all-linear, down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj"],
+         setup=[write("data/ok.jsonl", '{"prompt": "a", "completion": "b"}\n' * 4)]),
+    Case("ft-rank-above-width", [*FT, "--data", "data/ok.jsonl", "--rank", "999"],
+         ["--rank 999 is larger than layer model.layers.0.self_attn.q_proj's width (64 -> 64)"],
+         setup=[write("data/ok.jsonl", '{"prompt": "a", "completion": "b"}\n' * 4)]),
+    Case("adapter-for-another-model", [*GEN, "--adapter", "wide-adapter", "--backend", "torch"],
+         ["model.layers.0.self_attn.q_proj.lora_A is [2, 128]", "needs [2, 64]"], setup=[_wide_adapter]),
 ]  # fmt: skip
 
 

@@ -58,7 +58,7 @@ def get_backend(name: str | Backend = "auto") -> Any:
     return Runtime()
 
 
-def open_model(name: str | None, backend: str, dtype: str | None) -> tuple[Any, Tokenizer]:
+def open_model(name: str | None, backend: str, dtype: str | None, adapter: str | None = None) -> tuple[Any, Tokenizer]:
     """Load a model and its tokenizer for generation; no name means the latest model `llmctl train` wrote."""
     from llmctl import ui
     from llmctl.errors import LlmctlError
@@ -81,6 +81,8 @@ def open_model(name: str | None, backend: str, dtype: str | None) -> tuple[Any, 
     tokenizer = load_tokenizer(folder)
     model = get_backend(backend).load(folder, dtype=dtype)
     check_vocab(tokenizer, model.spec, folder)
+    if adapter is not None:
+        attach_adapter(model, adapter, backend)
     what = "the latest model (--model not given)" if latest_used else "model"
     ui.info(
         f"[dim]{what} {folder} ({model.spec.family}, {model.spec.param_count() / 1e6:.3g}M parameters, "
@@ -106,3 +108,16 @@ def describe_quantization(entry: dict[str, Any] | None) -> str:
     if entry.get("mode") == "nf4":
         return f"nf4, group {entry.get('group_size')}"
     return f"{entry['bits']}-bit, group {entry.get('group_size')}"
+
+
+def attach_adapter(model: Any, adapter: str, backend: str) -> None:
+    """`--adapter DIR` (PEFT layout, or a finetune-lora run folder) on a loaded model."""
+    from llmctl import ui
+    from llmctl.errors import LlmctlError
+
+    if resolve_name(backend) != "torch":
+        raise LlmctlError("--adapter runs on the torch backend so far.", hint="Pass --backend torch.")
+    from llmctl.backends.torch.lora import apply_adapter
+
+    apply_adapter(model.module, adapter)
+    ui.info(f"[dim]adapter {adapter}[/]")

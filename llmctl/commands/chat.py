@@ -117,6 +117,7 @@ def _answer(session: Any, text: str, out: Any, markdown: bool) -> None:
 
 def chat(
     model: ModelOpt = None,
+    adapter: Annotated[str | None, typer.Option("--adapter", help="LoRA adapter folder (PEFT layout, or a finetune-lora run) on --model.")] = None,
     system: Annotated[str | None, typer.Option(help="System prompt.")] = None,
     max_tokens: MaxTokens = 512,
     temperature: Temperature = None,
@@ -140,7 +141,7 @@ def chat(
 
     flags = dict(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed)
     check_flags(max_tokens, stop, flags)
-    loaded, tokenizer = open_model(model, backend.value, None if dtype is DType.auto else dtype.value)
+    loaded, tokenizer = open_model(model, backend.value, None if dtype is DType.auto else dtype.value, adapter)
     end_ids, end_text = turn_end(tokenizer)
     params = sampling_params(loaded, tokenizer, CHAT_DEFAULTS, max_tokens, [*(stop or []), *end_text], **flags)
     session = ChatSession(loaded, tokenizer, params.with_updates(stop_ids=params.stop_ids | end_ids), system)

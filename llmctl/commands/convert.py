@@ -69,12 +69,19 @@ def convert(
         GGUFType | None, typer.Option("--type", help="GGUF tensor type; by default every tensor is kept exactly.")
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists.")] = False,
+    to: Annotated[str | None, typer.Option("--to", help="Adapters: mlx-lm or peft (MODEL is then an adapter folder).")] = None,
 ) -> None:
-    """Convert a model between a folder and GGUF (by OUT's extension), or dequantize it; writes OUT."""
+    """Convert a model between a folder and GGUF (by OUT's extension), or dequantize it; with --to, convert a LoRA
+    adapter between PEFT's and mlx-lm's layouts; writes OUT."""
     from llmctl import ui
+
+    if to is not None:
+        _convert_adapter(model, to, out, force)
+        return
     from llmctl.io.gguf import is_gguf, write_gguf
     from llmctl.io.model_folder import read_model
     from llmctl.io.outputs import check_output
+    from llmctl.memory import check_model_job
 
     to_gguf = is_gguf(out)
     if to_gguf and dtype is not None:
@@ -92,6 +99,7 @@ def convert(
         raise CheckpointError(f"{out} is a folder; a GGUF output is a file.", hint="Remove it or choose another --out.")
 
     source = read_model(model)
+    check_model_job(source, "converting", 8)  # dequantized float32 tensors and the written copy of them
     if to_gguf:
         from llmctl.io.outputs import replacing
 
@@ -113,3 +121,22 @@ def convert(
         ui.info(report.summary())
     else:
         ui.warn(report.summary())
+
+
+def _convert_adapter(source: str, to: str, out: Path, force: bool) -> None:
+    from llmctl import ui
+    from llmctl.adapters import convert_adapter
+    from llmctl.io.outputs import check_output, replacing
+
+    if to not in ("mlx-lm", "peft"):
+        raise typer.BadParameter(f"--to {to}: expected mlx-lm or peft.")
+    src = Path(source)
+    if (src / "adapter" / "adapter_config.json").is_file():
+        src = src / "adapter"  # a finetune-lora run folder
+    check_output(out, [src])
+    if out.exists() and not force:
+        raise CheckpointError(f"{out} already exists.", hint="Pass --force to replace it, or choose another --out.")
+    with replacing(out) as staged:
+        staged.mkdir(parents=True, exist_ok=True)
+        kind = convert_adapter(src, to, staged)
+    ui.info(f"adapter {src} ({kind}) -> {out} ({to})")

@@ -78,6 +78,7 @@ def eval_command(
     model: Annotated[str, typer.Option("--model", help="Model folder (or Hugging Face id) to score.")],
     data: Annotated[Path, typer.Option("--data", help="Text file to score (.txt, or .jsonl with \"text\").")],
     base: Annotated[str | None, typer.Option("--base", help="Reference model: adds KL(base || model), top-1 agreement.")] = None,
+    adapter: Annotated[str | None, typer.Option("--adapter", help="LoRA adapter folder (PEFT layout) on --model.")] = None,
     backend: Annotated[Backend, typer.Option(help="auto picks mlx on Apple silicon, else torch.")] = Backend.auto,
     seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per window; 0: 512, or the model's context if shorter.")] = 0,
     stride: Annotated[int, typer.Option(help="Start a window every N tokens, scoring only new ones; 0: non-overlapping.")] = 0,
@@ -99,6 +100,10 @@ def eval_command(
     text = read_text(data)
     runtime = get_backend(backend)
     scored = runtime.load(model)
+    if adapter is not None:
+        from llmctl.backends import attach_adapter
+
+        attach_adapter(scored, adapter, runtime.name)
     reference = runtime.load(base) if base is not None else None
     if reference is not None and reference.spec.vocab_size != scored.spec.vocab_size:
         raise ConfigError(

@@ -105,6 +105,7 @@ def generate(
     prompt: Annotated[str | None, typer.Option(help="Text to continue; - reads it from stdin.")] = None,
     prompt_file: Annotated[Path | None, typer.Option(help='A .jsonl of {"prompt"} lines, run as batches; one JSON line out per prompt.')] = None,
     model: ModelOpt = None,
+    adapter: Annotated[str | None, typer.Option("--adapter", help="LoRA adapter folder (PEFT layout, or a finetune-lora run) on --model.")] = None,
     chat: Annotated[bool, typer.Option(help="Wrap the prompt in the model's chat template as a user message.")] = False,
     system: Annotated[str | None, typer.Option(help="System prompt (with --chat).")] = None,
     max_tokens: MaxTokens = 256,
@@ -139,7 +140,7 @@ def generate(
         texts = _read_prompt_file(prompt_file)
     if system is not None:
         check_text(system, "--system")
-    loaded, tokenizer = open_model(model, backend.value, None if dtype is DType.auto else dtype.value)
+    loaded, tokenizer = open_model(model, backend.value, None if dtype is DType.auto else dtype.value, adapter)
     params = sampling_params(loaded, tokenizer, {}, max_tokens, stop, **flags)
     if chat:
         from llmctl.chat_session import turn_end

@@ -95,6 +95,7 @@ def run(cfg: QuantizeConfig, backend: Backend | str = Backend.auto, force: bool 
     from llmctl.io.model_folder import read_model, write_model
     from llmctl.io.outputs import replacing
     from llmctl.io.safetensors import atomic_write_text
+    from llmctl.memory import check_model_job
     from llmctl.quant import config_entry
     from llmctl.run import remember_model
 
@@ -104,6 +105,8 @@ def run(cfg: QuantizeConfig, backend: Backend | str = Backend.auto, force: bool 
     folder = read_model(cfg.model)
     if folder.quantization:
         raise _already_quantized(cfg.model)
+    # A float32 copy of the weights to quantize from, plus the codes and the calibration's working set.
+    check_model_job(folder, "quantizing", 6)
     if cfg.format == Format.gguf:
         return _write_gguf(cfg, folder)
     layers, kept, misfits = plan_layers(folder.tensors, cfg.quant)

@@ -129,6 +129,8 @@ def _read_header(path: Path, f: IO[bytes], size: int) -> tuple[dict[str, Any], i
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: the header is JSON but not an object.", hint=_DAMAGED)
     metadata = header.get("__metadata__", {})
+    if metadata is None:  # mlx's save_safetensors writes `"__metadata__": null` when given none
+        metadata = header["__metadata__"] = {}
     if not isinstance(metadata, dict):
         raise CheckpointError(f"{path}: __metadata__ is {type(metadata).__name__}, expected an object.", hint=_DAMAGED)
     return header, 8 + length
@@ -189,7 +191,7 @@ def read_metadata(path: str | Path) -> dict[str, str]:
     path = Path(path)
     with _open(path) as f:
         header, _ = _read_header(path, f, os.fstat(f.fileno()).st_size)
-    return header.get("__metadata__", {})
+    return header.get("__metadata__") or {}
 
 
 def read_safetensors(path: str | Path) -> dict[str, RawTensor]:

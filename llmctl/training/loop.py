@@ -95,6 +95,7 @@ class Job:
     tokens_per_step: int = 0                   # for tokens/s
     save_extras: Callable[[Path], None] | None = None   # e.g. the tokenizer, beside each saved model
     started: Callable[[], None] | None = None   # called once the first step is logged (the run folder then stays)
+    export: Callable[[], None] | None = None    # the final export instead of the engine's model folder (an adapter)
     resume: bool = False
     state: dict[str, Any] = field(default_factory=dict)
 
@@ -190,6 +191,9 @@ def run(engine: Engine, job: Job) -> bool:
     if end < cfg.steps:
         ui.info(f"stopped after step {end} (train.stop_at); continue with --resume")
         return False
+    if job.export is not None:
+        job.export()
+        return True
     engine.export(job.run.model_dir)
     if ui.is_main_process():
         if job.save_extras is not None:

@@ -6,10 +6,11 @@ import threading
 from collections.abc import Iterator
 
 import mlx.core as mx
+import numpy as np
 
 from llmctl.backends.mlx.model import KVCache, Transformer, make_cache
 from llmctl.errors import LlmctlError
-from llmctl.generation import PREFILL_CHUNK, PromptCache, SamplingParams
+from llmctl.generation import PREFILL_CHUNK, BatchSlot, PromptCache, SamplingParams, reuse_prefix
 
 
 def sample(logits: mx.array, params: SamplingParams, key: mx.array | None) -> mx.array:
@@ -177,3 +178,82 @@ class Generator:
     def greedy(self, prompt: list[int], max_new_tokens: int, stop_ids: tuple[int, ...] = ()) -> list[int]:
         """Argmax decoding; returns the new ids (a stop id, when hit, is included and ends the run)."""
         return list(self.generate_step(prompt, SamplingParams(max_tokens=max_new_tokens, stop_ids=frozenset(stop_ids))))
+
+
+class BatchDecoder:
+    """Decode steps over a changing set of sequences (a server's requests), each with its own KV cache.
+
+    As the torch backend's: `prefill` runs one prompt into a cache of its own; `step` runs one token of each
+    sequence in one forward over a joint cache, rows left-padded to the longest (padding masked, each token at its
+    own RoPE position), rebuilt when a sequence joins or leaves. Used from one thread at a time.
+    """
+
+    def __init__(self, generator: Generator) -> None:
+        self.g, self.spec = generator, generator.spec
+        self.members: tuple[int, ...] = ()
+        self.joint: list[KVCache] = []
+
+    def prefill(self, prompt: list[int], reuse: list[PromptCache] = ()) -> tuple[BatchSlot, np.ndarray, int]:
+        """A slot holding `prompt`, the float32 logits (V,) of its next token, and how many prompt tokens were reused."""
+        self.g._budget(len(prompt), SamplingParams())
+        cache = self.g.new_cache()
+
+        def copy(dst: KVCache, src: KVCache, n: int) -> None:
+            dst.update(src.keys[:, :, :n], src.values[:, :, :n])
+
+        with mx.stream(self.g.stream()):
+            start = reuse_prefix(cache, reuse, prompt, copy)
+            for i in range(start, len(prompt), PREFILL_CHUNK):
+                chunk = prompt[i : i + PREFILL_CHUNK]
+                logits = self.g.forward(mx.array([chunk]), cache.layers, last_only=True)[:, -1]
+                mx.eval(logits, [(c.keys, c.values) for c in cache.layers])
+                cache.tokens.extend(chunk)
+            out = np.array(logits[0].astype(mx.float32))
+        return BatchSlot(cache, len(prompt)), out, start
+
+    def _rebuild(self, slots: list[BatchSlot]) -> None:
+        old = {member: row for row, member in enumerate(self.members)}
+        S = max(slot.length for slot in slots)
+        joint = []
+        for layer in range(self.spec.n_layers):
+            rows_k, rows_v = [], []
+            for slot in slots:
+                n = slot.length
+                if id(slot) in old:
+                    src, at = self.joint[layer], old[id(slot)]
+                    keys, values = src.keys[at : at + 1, :, src.offset - n : src.offset], src.values[at : at + 1, :, src.offset - n : src.offset]
+                else:
+                    src = slot.cache.layers[layer]
+                    keys, values = src.keys[:, :, :n], src.values[:, :, :n]
+                if n < S:
+                    pad = mx.zeros((1, keys.shape[1], S - n, keys.shape[3]), keys.dtype)
+                    keys, values = mx.concatenate([pad, keys], 2), mx.concatenate([pad, values], 2)
+                rows_k.append(keys)
+                rows_v.append(values)
+            kv = KVCache(slots[0].cache.layers[layer].dtype)
+            kv.keys, kv.values, kv.offset = mx.concatenate(rows_k, 0), mx.concatenate(rows_v, 0), S
+            joint.append(kv)
+        mx.eval([(c.keys, c.values) for c in joint])
+        self.joint, self.members = joint, tuple(id(slot) for slot in slots)
+
+    def step(self, slots: list[BatchSlot], tokens: list[int]) -> np.ndarray:
+        """Float32 logits (B, V) after one more token of each slot (in order); each slot grows by one."""
+        with mx.stream(self.g.stream()):
+            if tuple(id(slot) for slot in slots) != self.members:
+                self._rebuild(slots)
+            B = len(slots)
+            if B == 1:
+                logits = self.g.forward(mx.array([tokens]), self.joint)[:, -1]
+            else:
+                S = self.joint[0].offset
+                lengths = mx.array([slot.length for slot in slots])
+                key_mask = mx.arange(S + 1)[None, :] >= (S - lengths)[:, None]
+                logits = self.g.model(mx.array(tokens)[:, None], self.joint, key_mask=key_mask, positions=lengths[:, None])[:, -1]
+            out = np.array(logits.astype(mx.float32))
+        for slot in slots:
+            slot.length += 1
+        return out
+
+    def release(self) -> None:
+        """Drop the joint cache (no sequence is decoding)."""
+        self.members, self.joint = (), []

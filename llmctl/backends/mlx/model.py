@@ -271,12 +271,14 @@ class Attention(nn.Module):
         q, k = rope(q, offset, positions), rope(k, offset, positions)
         if cache is not None:
             k, v = cache.update(k, v)    # keys/values of all previous tokens, (B, KV, S, D)
-            q = q.astype(k.dtype)
+            if q.dtype != k.dtype:
+                q = q.astype(k.dtype)
         if last_only and T > 1:
             q, T = q[:, :, -1:], 1
             mask = None if isinstance(mask, str) or mask is None else mask[..., -1:, :]  # causal: the last query sees all
         y = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
-        return project([self.o_proj], y.transpose(0, 2, 1, 3).reshape(B, T, -1).astype(x.dtype), self.fused_o, self.training)[0]
+        y = y.transpose(0, 2, 1, 3).reshape(B, T, -1)
+        return project([self.o_proj], y if y.dtype == x.dtype else y.astype(x.dtype), self.fused_o, self.training)[0]
 
 
 class MLP(nn.Module):

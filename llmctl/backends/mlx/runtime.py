@@ -9,7 +9,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from llmctl.backends.mlx.generate import Generator
+from llmctl.backends.mlx.generate import BatchDecoder, Generator
 from llmctl.backends.mlx.model import DTYPE_NAMES, Transformer, prepare_inference
 from llmctl.backends.mlx.quant import prepare_quantized
 from llmctl.generation import PromptCache, SamplingParams
@@ -50,6 +50,11 @@ class Model:
 
     def new_cache(self) -> PromptCache:
         return self.generator.new_cache()
+
+    def batch_decoder(self, per_row: bool | None = None) -> BatchDecoder:
+        """Batched decoding of a changing set of sequences (see BatchDecoder); one per serving thread. `per_row` is
+        the torch backend's choice; MLX always runs one batched forward."""
+        return BatchDecoder(self.generator)
 
     def save(self, out: Path, max_shard_bytes: int | None = None) -> Path:
         params = dict(tree_flatten(self.module.parameters()))

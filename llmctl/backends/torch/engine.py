@@ -149,11 +149,15 @@ class Engine:
             model.init_weights(self.loop.seed)
         self._attach(model)
 
-    def load(self, folder: str | Path, trainable: Callable[[str], bool] | None = None) -> None:
+    def load(self, folder: str | Path, trainable: Callable[[str], bool] | None = None,
+             prepare: Callable[[Transformer], Any] | None = None) -> None:
         """A model folder (float, affine-quantized or NF4) with the parameters `trainable(name)` picks trained and the
-        rest frozen (None: every float parameter); quantized layers stay frozen, and gradients pass through them."""
+        rest frozen (None: every float parameter); quantized layers stay frozen, and gradients pass through them.
+        `prepare(model)` changes the loaded model first (e.g. wraps layers in adapters), seeded like the rest."""
         torch.manual_seed(self.loop.seed)
         model = load_module(folder, "float32")
+        if prepare is not None:
+            prepare(model)
         for name, p in model.named_parameters():
             p.requires_grad_(trainable is None or trainable(name))
         self._attach(model.train())

@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -16,7 +17,7 @@ from llmctl import kernels
 from llmctl.backends.torch.model import Fused, KVCache, Transformer, make_cache
 from llmctl.backends.torch.quant import _DTYPE_CODES, QuantizedEmbedding, QuantizedLinear
 from llmctl.errors import LlmctlError
-from llmctl.generation import PREFILL_CHUNK, PromptCache, SamplingParams
+from llmctl.generation import PREFILL_CHUNK, BatchSlot, PromptCache, SamplingParams, reuse_prefix
 
 
 SMALL_MODEL = 8_000_000  # matmul parameters below which decoding runs on one thread
@@ -341,3 +342,117 @@ class Generator:
     def greedy(self, prompt: list[int], max_new_tokens: int, stop_ids: tuple[int, ...] = ()) -> list[int]:
         """Argmax decoding; returns the new ids (a stop id, when hit, is included and ends the run)."""
         return list(self.generate_step(prompt, SamplingParams(max_tokens=max_new_tokens, stop_ids=frozenset(stop_ids))))
+
+
+@contextmanager
+def _threads(n: int | None) -> Iterator[None]:
+    """torch's thread count `n` for the calling thread while inside (OpenMP's count is per thread), then put back."""
+    before = torch.get_num_threads()
+    if n is None or n == before:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+class BatchDecoder:
+    """Decode steps over a changing set of sequences (a server's requests), each with its own KV cache.
+
+    `prefill` runs one prompt alone into a cache of its own and gives its last logits; `step` runs one token of each
+    sequence given, all in one forward. The sequences' keys and values are gathered into one joint cache, each row
+    left-padded to the longest (the padding masked out, each token at its own RoPE position), and kept there while
+    the set stays the same; when a sequence joins or leaves, the joint cache is rebuilt from what it holds and the
+    newcomers' own caches. One sequence alone runs as `generate_step` does (the C++ step where it applies).
+    Prompt caches handed to `prefill` as `reuse` give their shared prefix (a system prompt) without recomputing it.
+    Batched steps run on all of torch's threads or one, whichever is faster at the moment (DecodeThreads): on a
+    busy machine a step of small products on two threads waits for the second to be scheduled, up to 40x slower
+    here. The count is set for the calling thread only (OpenMP's is per thread) and put back after each step.
+    Small models (under SMALL_MODEL matmul parameters) on the CPU step each sequence through the C++ step in its own
+    cache instead (`per_row`): their step is all per-op overhead, 2.5 ms a token in C++ against ~35 ms for a torch
+    forward of 4 rows on this busy machine, while the weights, a few MB, stay in cache for every row.
+    Used from one thread at a time.
+    """
+
+    def __init__(self, generator: Generator, per_row: bool | None = None) -> None:
+        self.g, self.spec = generator, generator.spec
+        self.threads = DecodeThreads(max(generator.threads.counts))
+        if per_row is None:
+            per_row = generator.native is not None and self.spec.matmul_params() < SMALL_MODEL
+        self.per_row = per_row and generator.native is not None
+        self.members: tuple[int, ...] = ()
+        self.joint: list[KVCache] = []
+
+    @torch.inference_mode()
+    def prefill(self, prompt: list[int], reuse: list[PromptCache] = ()) -> tuple[BatchSlot, np.ndarray, int]:
+        """A slot holding `prompt`, the float32 logits (V,) of its next token, and how many prompt tokens were reused."""
+        self.g._budget(len(prompt), SamplingParams())
+        cache = self.g.new_cache()
+
+        def copy(dst: KVCache, src: KVCache, n: int) -> None:
+            dst.update(src.keys[:, :, :n], src.values[:, :, :n])
+
+        start = reuse_prefix(cache, reuse, prompt, copy)
+        with _threads(1 if self.g.threads.counts == (1,) else None):  # small models: as their decoding, one thread
+            for i in range(start, len(prompt), PREFILL_CHUNK):
+                chunk = prompt[i : i + PREFILL_CHUNK]
+                logits = self.g.forward(torch.tensor([chunk], device=self.g.device), cache.layers, last_only=True)[:, -1]
+                cache.tokens.extend(chunk)
+        return BatchSlot(cache, len(prompt)), logits[0].float().cpu().numpy(), start
+
+    def _rebuild(self, slots: list[BatchSlot]) -> None:
+        old = {member: row for row, member in enumerate(self.members)}
+        S = max(slot.length for slot in slots)
+        B = len(slots)
+        like = torch.empty(B, self.spec.n_kv_heads, 1, self.spec.head_dim, dtype=self.g.cache_dtype, device=self.g.device)
+        joint = []
+        for layer in range(self.spec.n_layers):
+            kv = KVCache(self.g.cache_dtype)
+            kv.reserve(S + 1, like)
+            for row, slot in enumerate(slots):
+                n = slot.length
+                if id(slot) in old:
+                    src, at = self.joint[layer], old[id(slot)]
+                    end = src.offset
+                    keys, values = src.keys[at, :, end - n : end], src.values[at, :, end - n : end]
+                else:
+                    src = slot.cache.layers[layer]
+                    keys, values = src.keys[0, :, :n], src.values[0, :, :n]
+                kv.keys[row, :, S - n : S] = keys
+                kv.values[row, :, S - n : S] = values
+            kv.offset = S
+            joint.append(kv)
+        self.joint, self.members = joint, tuple(id(slot) for slot in slots)
+
+    @torch.inference_mode()
+    def step(self, slots: list[BatchSlot], tokens: list[int]) -> np.ndarray:
+        """Float32 logits (B, V) after one more token of each slot (in order); each slot grows by one."""
+        if self.per_row:
+            rows = []
+            for slot, token in zip(slots, tokens):
+                with self.g.threads.step() as threads:
+                    rows.append(self.g.native(token, slot.cache.layers, threads)[0, -1])
+                slot.length += 1
+            return torch.stack(rows).numpy()
+        if tuple(id(slot) for slot in slots) != self.members:
+            self._rebuild(slots)
+        B = len(slots)
+        if B == 1:  # no padding: the single-sequence path
+            with self.g.threads.step() as threads:
+                logits = self.g.forward(torch.tensor([tokens], device=self.g.device), self.joint, threads=threads)[:, -1]
+        else:
+            S = self.joint[0].offset
+            lengths = torch.tensor([slot.length for slot in slots], device=self.g.device)
+            key_mask = torch.arange(S + 1, device=self.g.device)[None, :] >= (S - lengths)[:, None]   # (B, S + 1)
+            with self.threads.step() as threads, _threads(threads):
+                logits = self.g.model(torch.tensor(tokens, device=self.g.device).view(B, 1), self.joint, key_mask=key_mask,
+                                      positions=lengths[:, None])[:, -1]  # fmt: skip
+        for slot in slots:
+            slot.length += 1
+        return logits.float().cpu().numpy()
+
+    def release(self) -> None:
+        """Drop the joint cache (no sequence is decoding)."""
+        self.members, self.joint = (), []

@@ -110,8 +110,10 @@ class Fused:
                      for linear in self.linears for p in (linear.weight, getattr(linear, "scales", None)) if p is not None)
 
     def valid(self, linears: list[nn.Module]) -> bool:
-        """Whether it still computes `linears` (the module's layers now: an adapter may have replaced one)."""
-        return all(a is b for a, b in zip(linears, self.linears, strict=True)) and self._signature() == self.signature
+        """Whether it still computes `linears` (the module's layers now: an adapter may have replaced one), and may
+        stand in for them: a layer with hooks (calibration reading its inputs) must run itself."""
+        hooked = any(linear._forward_hooks or linear._forward_pre_hooks for linear in linears)
+        return not hooked and all(a is b for a, b in zip(linears, self.linears, strict=True)) and self._signature() == self.signature
 
     def __call__(self, x: Tensor) -> list[Tensor]:
         if isinstance(self.layer, tuple):

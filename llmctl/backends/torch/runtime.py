@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch.overrides import TorchFunctionMode
 
-from llmctl.backends.torch.generate import Generator
+from llmctl.backends.torch.generate import BatchDecoder, Generator
 from llmctl.backends.torch.model import Rope, Transformer, prepare_inference
 from llmctl.backends.torch.quant import prepare_quantized
 from llmctl.generation import PromptCache, SamplingParams
@@ -68,6 +68,11 @@ class Model:
 
     def new_cache(self) -> PromptCache:
         return self.generator.new_cache()
+
+    def batch_decoder(self, per_row: bool | None = None) -> BatchDecoder:
+        """Batched decoding of a changing set of sequences (see BatchDecoder); one per serving thread. `per_row`:
+        each sequence through the C++ step (None: for small models on the CPU)."""
+        return BatchDecoder(self.generator, per_row)
 
     def save(self, out: Path, max_shard_bytes: int | None = None) -> Path:
         dtype = next(self.module.parameters()).dtype
