@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
+SHARED = Path(os.environ.get("LLMCTL_SHARED", ROOT.parent / "shared"))  # shared/ beside the checkout, or $LLMCTL_SHARED
 TOKENIZER = SHARED / "tokenizers" / "llama2"
 CORPUS = SHARED / "data" / "tinyshakespeare.txt"
 CONFIG = dict(vocab_size=32000, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4,
@@ -350,8 +350,26 @@ def main() -> None:
     report(engines, results, limits, opts.new_tokens, startup)
 
 
+def cpu_name() -> str:
+    """The CPU's model name as /proc/cpuinfo (Linux) or sysctl (macOS) gives it."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith(("model name", "Model")):
+                return line.split(":", 1)[1].strip()
+    try:
+        return subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return "unknown CPU"
+
+
 def report(engines: list[str], results: dict, limits: dict, new_tokens: int, startup: list[float]) -> None:
-    print(f"\nmachine: {os.cpu_count()} cores, {THREADS} threads; read bandwidth {limits['bandwidth']:.1f} GB/s; "
+    from llmctl import kernels
+
+    isa = os.environ.get("LLMCTL_ISA", "auto")
+    print(f"\nCPU: {cpu_name()}; llmctl kernels: {kernels.cpu_isa() if isa == 'auto' else isa} "
+          f"(this CPU runs {', '.join(kernels.cpu_isas())}; LLMCTL_ISA={isa}); load average {os.getloadavg()[0]:.1f}")
+    print(f"machine: {os.cpu_count()} cores, {THREADS} threads; read bandwidth {limits['bandwidth']:.1f} GB/s; "
           f"matmul peak {limits['fp32']:.0f} GFLOP/s fp32, {limits['bf16']:.0f} GFLOP/s bf16")
     from llmctl.spec import ModelSpec
 
@@ -376,6 +394,11 @@ def report(engines: list[str], results: dict, limits: dict, new_tokens: int, sta
             prompt = (f"prompt {best[name]['prefill'] / best[peer]['prefill']:.2f}x, " if best[peer]['prefill'] else "")
             print(f"{name} / {peer}: decode {best[name]['decode'] / best[peer]['decode']:.2f}x, "
                   f"{prompt}memory growth {growth[name] / growth[peer]:.2f}x")
+            # each round's ratio (the two ran one after the other there): on a busy machine the spread says how far
+            # the best-of ratio can be trusted
+            rounds = [f"{a['decode'] / b['decode']:.2f}" + (f"/{a['prefill'] / b['prefill']:.2f}" if b["prefill"] else "")
+                      for a, b in zip(results[name], results[peer])]
+            print(f"    per round (decode/prompt): {' '.join(rounds)}")
     if startup:
         print(f"llmctl chat start-up to first prompt (default model): best {min(startup):.2f} s, first {startup[0]:.2f} s")
 

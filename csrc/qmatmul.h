@@ -45,13 +45,13 @@ void dequantize_nf4(const uint32_t* wq, const void* scales, int dtype, int64_t r
 // the low nibble, 8s + 4 + b in the high one). Scales and biases: element (t * groups + g) * 16 + j is row 16t + j's.
 constexpr int kTileRows = 16;
 bool tiled_supported(int bits, int mode, int64_t out);
-bool tiled_fast();  // whether this CPU has the tiled kernels (AVX-512 VNNI); elsewhere they run a scalar loop
+bool tiled_fast();  // whether this CPU has the tiled kernels (AVX-512 VNNI or AVX2); elsewhere they run a scalar loop
 void to_tiled(uint32_t* wq, void* scales, void* biases, int dtype, int64_t out, int64_t in, int group_size, int bits,
               int threads);
 void from_tiled(uint32_t* wq, void* scales, void* biases, int dtype, int64_t out, int64_t in, int group_size, int bits,
                 int threads);
 // Rows [row0, row1) (whole tiles) into dst (row1 - row0, in) of dst_dtype (float32 or bfloat16): code * scale + bias
-// in float32, rounded to dst_dtype; isa picks the kernels (scalar, or AVX-512 where the CPU has it).
+// in float32, rounded to dst_dtype; isa picks the kernels (scalar, AVX2 or AVX-512).
 void dequantize_tiled(const uint32_t* wq, const void* scales, const void* biases, int dtype, int64_t out, int64_t in,
                       int group_size, int bits, int64_t row0, int64_t row1, void* dst, int dst_dtype, int threads,
                       int isa);

@@ -8,6 +8,10 @@
 // horizontal sum is left, the group's scales and biases are one 16-wide vector each, and a thread reads one
 // contiguous stream. x is the same int16 as in qmatmul (error <= 2^-16 of its group's largest |x|), split into a
 // high and a low signed byte (xq = 256 * high + low): two vpdpbusd per vector of codes for the two bytes.
+// On AVX2 (no VNNI) the same tile is two 256-bit halves of 8 rows; the codes are widened to int16 (unpack against
+// zero) and vpmaddwd multiplies them with the int16 x itself, 4 codes broadcast as one 64-bit pattern: the same
+// sums (exact in int32), so the same error bound. One vpmaddwd takes 16 products, as two vpmaddubsw on x's two
+// bytes would, with no saturation to mind for 8-bit codes (255 * 127 * 2 overflows vpmaddubsw's int16).
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -22,6 +26,7 @@
 #include <immintrin.h>
 #define LLMCTL_TILED_X86 1
 #define LLMCTL_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")))
+#define LLMCTL_AVX2 __attribute__((target("avx2,fma,f16c")))
 #endif
 
 namespace llmctl {
@@ -127,6 +132,7 @@ void retile(uint32_t* wq, void* scales, void* biases, int dtype, int64_t out, in
 struct TiledX {
   std::vector<float> xf, sx, xsum;  // (batch, in), (batch, groups), (batch, groups)
   std::vector<int8_t> high, low;    // (batch, in + 64) each: 256 * high + low = x / sx, rounded
+  std::vector<int16_t> q;           // (batch, in + 64): x / sx rounded, for the AVX2 kernels
 };
 
 #ifdef LLMCTL_TILED_X86
@@ -173,18 +179,72 @@ LLMCTL_AVX512 bool prepare_avx512(TiledX& p, const float* x, int64_t batch, int6
 }
 #endif
 
-// Returns false when x holds inf or NaN (then only xf is filled).
-bool prepare(TiledX& p, const void* x, int x_dtype, int64_t batch, int64_t in, int group_size, bool bytes) {
+#ifdef LLMCTL_TILED_X86
+// prepare's work for the AVX2 kernels on float32 x: per group sx and xsum, then x / sx as int16 (as x_int16).
+LLMCTL_AVX2 bool prepare_avx2(TiledX& p, const float* x, int64_t batch, int64_t in, int group_size) {
   const int64_t groups = in / group_size, stride = in + 64;
+  p.sx.resize(size_t(batch * groups));
+  p.xsum.resize(size_t(batch * groups));
+  p.q.resize(size_t(batch * stride));
+  const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  const __m256 hi = _mm256_set1_ps(detail::kXMax), lo = _mm256_set1_ps(-detail::kXMax);
+  for (int64_t r = 0; r < batch; ++r)
+    for (int64_t g = 0; g < groups; ++g) {
+      const float* v = x + r * in + g * group_size;
+      __m256 sum = _mm256_setzero_ps(), amax = sum;
+      for (int i = 0; i < group_size; i += 8) {
+        const __m256 a = _mm256_loadu_ps(v + i);
+        sum = _mm256_add_ps(sum, a);
+        amax = _mm256_max_ps(amax, _mm256_and_ps(a, magnitude));
+      }
+      alignas(32) float s[8], m[8];
+      _mm256_store_ps(s, sum);
+      _mm256_store_ps(m, amax);
+      float total = 0.0f, largest = 0.0f;
+      for (int j = 0; j < 8; ++j) total += s[j], largest = std::max(largest, m[j]);
+      if (!std::isfinite(total) || !std::isfinite(largest)) return false;
+      p.xsum[size_t(r * groups + g)] = total;
+      p.sx[size_t(r * groups + g)] = largest / detail::kXMax;
+      const __m256 inv = _mm256_set1_ps(largest > 0.0f ? detail::kXMax / largest : 0.0f);
+      int16_t* q = p.q.data() + r * stride + g * group_size;
+      for (int i = 0; i < group_size; i += 16) {  // cvtps rounds to nearest even (the default rounding mode)
+        const __m256i a = _mm256_cvtps_epi32(_mm256_min_ps(hi, _mm256_max_ps(lo, _mm256_mul_ps(_mm256_loadu_ps(v + i), inv))));
+        const __m256i b = _mm256_cvtps_epi32(_mm256_min_ps(hi, _mm256_max_ps(lo, _mm256_mul_ps(_mm256_loadu_ps(v + i + 8), inv))));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + i), _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), 0xD8));
+      }
+    }
+  return true;
+}
+#endif
+
+// What the kernels read of x besides its float32 copy: nothing (the portable loop), int16 (AVX2) or bytes (AVX-512).
+enum XForm { kXFloat, kXInt16, kXBytes };
+
+// Returns false when x holds inf or NaN (then only xf is filled).
+bool prepare(TiledX& p, const void* x, int x_dtype, int64_t batch, int64_t in, int group_size, XForm form) {
+  const int64_t groups = in / group_size, stride = in + 64;
+  const bool bytes = form == kXBytes;
 #ifdef LLMCTL_TILED_X86
   if (bytes && x_dtype == kFloat32 && prepare_avx512(p, static_cast<const float*>(x), batch, in, group_size)) return true;
+  if (form == kXInt16 && x_dtype == kFloat32 && prepare_avx2(p, static_cast<const float*>(x), batch, in, group_size)) return true;
 #endif
   p.xf.resize(size_t(batch * in));
   for (int64_t i = 0; i < batch * in; ++i) p.xf[size_t(i)] = load_float(x, x_dtype, i);
   p.sx.resize(size_t(batch * groups));
   p.xsum.resize(size_t(batch * groups));
   const bool finite = detail::group_steps(p.xf.data(), batch, in, group_size, p.xsum.data(), p.sx.data(), groups);
-  if (!finite || !bytes) return finite;
+  if (!finite || form == kXFloat) return finite;
+  if (form == kXInt16) {
+    p.q.assign(size_t(batch * stride), 0);
+    for (int64_t r = 0; r < batch; ++r)
+      for (int64_t g = 0; g < groups; ++g) {
+        const float amax = p.sx[size_t(r * groups + g)] * detail::kXMax;
+        const float inv = amax > 0.0f ? detail::kXMax / amax : 0.0f;
+        for (int i = 0; i < group_size; ++i)
+          p.q[size_t(r * stride + g * group_size + i)] = int16_t(detail::x_int16(p.xf[size_t(r * in + g * group_size + i)], inv));
+      }
+    return true;
+  }
   p.high.assign(size_t(batch * stride), 0);
   p.low.assign(size_t(batch * stride), 0);
   for (int64_t r = 0; r < batch; ++r)
@@ -219,10 +279,30 @@ LLMCTL_AVX512 void codes_to_values_avx512(const uint8_t* c, float s, float b, in
 }
 #endif
 
+#ifdef LLMCTL_TILED_X86
+// codes_to_values_avx512 on AVX2
+LLMCTL_AVX2 void codes_to_values_avx2(const uint8_t* c, float s, float b, int n, void* out, int out_dtype) {
+  const __m256 sv = _mm256_set1_ps(s), bv = _mm256_set1_ps(b);
+  for (int i = 0; i < n; i += 8) {
+    const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(c + i));
+    const __m256 v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes)), sv, bv);
+    if (out_dtype == kFloat32) {
+      _mm256_storeu_ps(static_cast<float*>(out) + i, v);
+    } else {  // as float_to_bf16 does for finite values
+      const __m256i u = _mm256_castps_si256(v);
+      const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+      const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), odd), 16);
+      const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(rounded), _mm256_extracti128_si256(rounded, 1));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(out) + i), packed);
+    }
+  }
+}
+#endif
+
 // The tile's 16 rows (16, in) of out_dtype (float32 or bfloat16): code * scale + bias in float32, as the kernels
-// compute, then rounded to out_dtype.
+// compute, then rounded to out_dtype. isa: kIsaAvx512 or kIsaAvx2 vectorize it, any other runs a scalar loop.
 void dequantize_tile(const uint8_t* w, const void* scales, const void* biases, int dtype, int64_t in, int group_size,
-                     int bits, int64_t tile, void* out, int out_dtype, std::vector<uint8_t>& codes, bool avx512) {
+                     int bits, int64_t tile, void* out, int out_dtype, std::vector<uint8_t>& codes, int isa) {
   const int64_t groups = in / group_size, tile_bytes = kTileRows * in * bits / 8;
   codes.resize(size_t(kTileRows * in));
   codes_of_tile(w + tile * tile_bytes, in, bits, codes.data());
@@ -234,12 +314,16 @@ void dequantize_tile(const uint8_t* w, const void* scales, const void* biases, i
       const uint8_t* c = codes.data() + j * in + g * group_size;
       const int64_t o = j * in + g * group_size;
 #ifdef LLMCTL_TILED_X86
-      if (avx512) {
+      if (isa == kIsaAvx512) {
         codes_to_values_avx512(c, s, b, group_size, static_cast<char*>(out) + o * size, out_dtype);
         continue;
       }
+      if (isa == kIsaAvx2) {
+        codes_to_values_avx2(c, s, b, group_size, static_cast<char*>(out) + o * size, out_dtype);
+        continue;
+      }
 #else
-      (void)avx512;
+      (void)isa;
 #endif
       for (int i = 0; i < group_size; ++i) store_float(out, out_dtype, o + i, float(c[i]) * s + b);
     }
@@ -265,7 +349,7 @@ void tiles_scalar(const TiledJob& job, int64_t t0, int64_t t1) {
   float acc[kTileRows];
   for (int64_t t = t0; t < t1; ++t) {
     dequantize_tile(job.w, job.scales, job.biases, job.dtype, job.in, job.group_size, job.bits, t, wf.data(), kFloat32,
-                    codes, false);
+                    codes, kIsaScalar);
     for (int64_t r = 0; r < job.batch; ++r) {
       const float* x = job.x->xf.data() + r * job.in;
       for (int j = 0; j < kTileRows; ++j) {
@@ -369,6 +453,101 @@ void tiles_avx512_dtype(const TiledJob& job, int64_t t0, int64_t t1) {
   }
 }
 
+// ------------------------------------------------------------------------------------------- AVX2
+
+LLMCTL_AVX2 inline __m256 load_params_avx2(const void* p, int dtype, int64_t at) {
+  if (dtype == kFloat32) return _mm256_loadu_ps(static_cast<const float*>(p) + at);
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + at));
+  if (dtype == kFloat16) return _mm256_cvtph_ps(h);
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));  // bfloat16: its bits, shifted
+}
+
+// One tile against one x row: rows 0-7 of the tile in the lanes of y[0], rows 8-15 in y[1]. Each 32-byte half of a
+// step holds 4 codes (8-bit) or 4 code pairs (4-bit nibbles) of 8 rows; unpacking its bytes against zero gives per
+// 128-bit lane 2 rows' 4 codes as int16 (low: rows 0, 1 | 4, 5; high: rows 2, 3 | 6, 7), and vpmaddwd against the
+// 4 matching x values repeated sums them in pairs; one vphaddd per group puts each row's two pairs together, in
+// row order.
+template <int BITS, int DTYPE>
+LLMCTL_AVX2 void tile_avx2(const TiledJob& job, int64_t t, int64_t r, __m256* y) {
+  const int G = job.group_size;
+  constexpr int kPerStep = BITS == 8 ? 4 : 8;
+  const int steps = G / kPerStep;
+  const uint8_t* w = job.w + t * (kTileRows * job.in * BITS / 8);
+  const int16_t* xq = job.x->q.data() + r * (job.in + 64);
+  const float* sx = job.x->sx.data() + r * job.groups;
+  const float* xs = job.x->xsum.data() + r * job.groups;
+  const __m256i zero = _mm256_setzero_si256(), nibble = _mm256_set1_epi8(0x0F);
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0;
+  for (int64_t g = 0; g < job.groups; ++g) {
+    __m256i a_lo = zero, a_hi = zero, b_lo = zero, b_hi = zero;  // rows 0-7 (a), 8-15 (b); unpacked low/high bytes
+    const uint8_t* wg = w + g * steps * kStepBytes;
+    const int16_t* xg = xq + g * G;
+    for (int s = 0; s < steps; ++s) {
+      const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + s * kStepBytes));
+      const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + s * kStepBytes + 32));
+      int64_t x4;
+      std::memcpy(&x4, xg + s * kPerStep, 8);
+      const __m256i x0 = _mm256_set1_epi64x(x4);
+      if constexpr (BITS == 8) {
+        a_lo = _mm256_add_epi32(a_lo, _mm256_madd_epi16(_mm256_unpacklo_epi8(a, zero), x0));
+        a_hi = _mm256_add_epi32(a_hi, _mm256_madd_epi16(_mm256_unpackhi_epi8(a, zero), x0));
+        b_lo = _mm256_add_epi32(b_lo, _mm256_madd_epi16(_mm256_unpacklo_epi8(b, zero), x0));
+        b_hi = _mm256_add_epi32(b_hi, _mm256_madd_epi16(_mm256_unpackhi_epi8(b, zero), x0));
+      } else {
+        std::memcpy(&x4, xg + s * kPerStep + 4, 8);
+        const __m256i x1 = _mm256_set1_epi64x(x4);
+        const __m256i a0 = _mm256_and_si256(a, nibble), a1 = _mm256_and_si256(_mm256_srli_epi16(a, 4), nibble);
+        const __m256i b0 = _mm256_and_si256(b, nibble), b1 = _mm256_and_si256(_mm256_srli_epi16(b, 4), nibble);
+        a_lo = _mm256_add_epi32(a_lo, _mm256_add_epi32(_mm256_madd_epi16(_mm256_unpacklo_epi8(a0, zero), x0),
+                                                       _mm256_madd_epi16(_mm256_unpacklo_epi8(a1, zero), x1)));
+        a_hi = _mm256_add_epi32(a_hi, _mm256_add_epi32(_mm256_madd_epi16(_mm256_unpackhi_epi8(a0, zero), x0),
+                                                       _mm256_madd_epi16(_mm256_unpackhi_epi8(a1, zero), x1)));
+        b_lo = _mm256_add_epi32(b_lo, _mm256_add_epi32(_mm256_madd_epi16(_mm256_unpacklo_epi8(b0, zero), x0),
+                                                       _mm256_madd_epi16(_mm256_unpacklo_epi8(b1, zero), x1)));
+        b_hi = _mm256_add_epi32(b_hi, _mm256_add_epi32(_mm256_madd_epi16(_mm256_unpackhi_epi8(b0, zero), x0),
+                                                       _mm256_madd_epi16(_mm256_unpackhi_epi8(b1, zero), x1)));
+      }
+    }
+    // |sum| <= 128 * 255 * 32639 < 2^31 for groups of up to 128 codes
+    const __m256i da = _mm256_hadd_epi32(a_lo, a_hi), db = _mm256_hadd_epi32(b_lo, b_hi);
+    const int64_t at = (t * job.groups + g) * kTileRows;
+    const __m256 step = _mm256_set1_ps(sx[g]), sum = _mm256_set1_ps(xs[g]);
+    acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(da), _mm256_mul_ps(load_params_avx2(job.scales, DTYPE, at), step), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(db), _mm256_mul_ps(load_params_avx2(job.scales, DTYPE, at + 8), step), acc1);
+    acc0 = _mm256_fmadd_ps(load_params_avx2(job.biases, DTYPE, at), sum, acc0);
+    acc1 = _mm256_fmadd_ps(load_params_avx2(job.biases, DTYPE, at + 8), sum, acc1);
+  }
+  y[0] = acc0, y[1] = acc1;
+}
+
+template <int BITS, int DTYPE>
+LLMCTL_AVX2 void tiles_avx2(const TiledJob& job, int64_t t0, int64_t t1) {
+  for (int64_t t = t0; t < t1; ++t)
+    for (int64_t r = 0; r < job.batch; ++r) {
+      __m256 y[2];
+      tile_avx2<BITS, DTYPE>(job, t, r, y);
+      const int64_t at = r * job.out + t * kTileRows;
+      if (job.y_dtype == kFloat32) {
+        _mm256_storeu_ps(static_cast<float*>(job.y) + at, y[0]);
+        _mm256_storeu_ps(static_cast<float*>(job.y) + at + 8, y[1]);
+      } else {
+        alignas(32) float v[kTileRows];
+        _mm256_store_ps(v, y[0]);
+        _mm256_store_ps(v + 8, y[1]);
+        store(job, r, t * kTileRows, v);
+      }
+    }
+}
+
+template <int BITS>
+void tiles_avx2_dtype(const TiledJob& job, int64_t t0, int64_t t1) {
+  switch (job.dtype) {
+    case kFloat32: tiles_avx2<BITS, kFloat32>(job, t0, t1); break;
+    case kFloat16: tiles_avx2<BITS, kFloat16>(job, t0, t1); break;
+    default: tiles_avx2<BITS, kBFloat16>(job, t0, t1); break;
+  }
+}
+
 #endif
 
 }  // namespace
@@ -377,7 +556,7 @@ bool tiled_supported(int bits, int mode, int64_t out) {
   return mode == kModeAffine && (bits == 4 || bits == 8) && out % kTileRows == 0;
 }
 
-bool tiled_fast() { return best_isa() == kIsaAvx512; }
+bool tiled_fast() { return best_isa() == kIsaAvx512 || best_isa() == kIsaAvx2; }
 
 void to_tiled(uint32_t* wq, void* scales, void* biases, int dtype, int64_t out, int64_t in, int group_size, int bits,
               int threads) {
@@ -393,7 +572,7 @@ void dequantize_tiled(const uint32_t* wq, const void* scales, const void* biases
                       int group_size, int bits, int64_t row0, int64_t row1, void* dst, int dst_dtype, int threads,
                       int isa) {
   check_tiled(dtype, out, in, group_size, bits);
-  const bool avx512 = resolve_isa(isa) == kIsaAvx512;
+  isa = resolve_isa(isa);
   if (dst_dtype != kFloat32 && dst_dtype != kBFloat16)
     fail("dst dtype code " + std::to_string(dst_dtype) + " is not 0 (float32) or 2 (bfloat16)");
   if (row0 < 0 || row1 > out || row0 > row1 || row0 % kTileRows || row1 % kTileRows)
@@ -408,7 +587,7 @@ void dequantize_tiled(const uint32_t* wq, const void* scales, const void* biases
     for (int64_t t = tiles * k / n; t < tiles * (k + 1) / n; ++t)
       dequantize_tile(reinterpret_cast<const uint8_t*>(wq), scales, biases, dtype, in, group_size, bits, t0 + t,
                       static_cast<char*>(dst) + t * kTileRows * in * (dst_dtype == kFloat32 ? 4 : 2), dst_dtype, codes,
-                      avx512);
+                      isa);
   });
 }
 
@@ -420,7 +599,7 @@ void qmatmul_tiled(const void* x, int x_dtype, int64_t batch, int64_t in, const 
   check_dtype(y_dtype, "y");
   if (batch < 0) fail("batch " + std::to_string(batch) + " is negative");
   if (threads < 0) fail("threads must be >= 0 (0: all hardware threads)");
-  isa = resolve_isa(isa);  // AVX-512 has tiled kernels; any other isa runs the portable loop
+  isa = resolve_isa(isa);  // AVX-512 and AVX2 have tiled kernels; any other isa runs the portable loop
   if (batch * out == 0) return;
   if (!x || !wq || !scales || !biases || !y) fail("null pointer");
   if (in == 0) {
@@ -428,13 +607,14 @@ void qmatmul_tiled(const void* x, int x_dtype, int64_t batch, int64_t in, const 
     return;
   }
   static thread_local TiledX prepared;  // reused: decoding makes ~100 calls a token
-  const bool simd = isa == kIsaAvx512;
-  const bool finite = prepare(prepared, x, x_dtype, batch, in, group_size, simd);
+  const XForm form = isa == kIsaAvx512 ? kXBytes : isa == kIsaAvx2 ? kXInt16 : kXFloat;
+  const bool finite = prepare(prepared, x, x_dtype, batch, in, group_size, form);
   TiledJob job{reinterpret_cast<const uint8_t*>(wq), scales, biases, w_dtype, group_size, bits, y_dtype,
                batch, in, out, in / group_size, &prepared, y};
   void (*tiles)(const TiledJob&, int64_t, int64_t) = tiles_scalar;
 #ifdef LLMCTL_TILED_X86
-  if (simd && finite) tiles = bits == 4 ? tiles_avx512_dtype<4> : tiles_avx512_dtype<8>;
+  if (form == kXBytes && finite) tiles = bits == 4 ? tiles_avx512_dtype<4> : tiles_avx512_dtype<8>;
+  if (form == kXInt16 && finite) tiles = bits == 4 ? tiles_avx2_dtype<4> : tiles_avx2_dtype<8>;
 #endif
   const int64_t n_tiles = out / kTileRows;
   const int n = int(std::min<int64_t>(n_tiles, detail::threads_for(threads, double(out) * double(in) * (bits / 8.0 + double(batch)))));

@@ -61,7 +61,7 @@ def cpu_has_bf16() -> bool:
     """Whether this CPU multiplies bfloat16 natively (AVX512_BF16 or AMX): then bfloat16 products run ~2x float32's."""
 
 def tiled_fast() -> bool:
-    """Whether this CPU has the tiled kernels (AVX-512 VNNI); elsewhere they run a scalar loop."""
+    """Whether this CPU has the tiled kernels (AVX-512 VNNI or AVX2); elsewhere they run a scalar loop."""
 
 def to_tiled(
     wq: Buffer, scales: Buffer, biases: Buffer, dtype: int, out_features: int, in_features: int, group_size: int,

@@ -497,7 +497,7 @@ def tiled_supported(bits: int, mode: str, out_features: int) -> bool:
 
 
 def tiled_fast() -> bool:
-    """Whether this CPU has the tiled kernels (AVX-512 VNNI); elsewhere they run a portable loop."""
+    """Whether this CPU has the tiled kernels (AVX-512 VNNI or AVX2); elsewhere they run a portable loop."""
     return bool(_lib().tiled_fast())
 
 

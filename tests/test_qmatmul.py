@@ -310,3 +310,49 @@ def test_checked_weights_refuse_what_they_cannot_hold_and_check_x_on_each_call()
         kernels.QuantizedWeights(wq, scales, None, 64, 4)
     with pytest.raises(KernelArgumentError, match="contiguous torch CPU tensors"):
         kernels.QuantizedWeights(wq.t().contiguous().t(), scales, biases, 64, 4)
+
+
+@pytest.mark.parametrize("scale_dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("group_size", GROUP_SIZES)
+@pytest.mark.parametrize("bits", [4, 8])
+def test_simd_kernels_keep_their_stated_error_bound(bits, group_size, scale_dtype):
+    """The SIMD kernels (tiled or MLX's layout, forced one by one) round each group of x to int16 with step
+    sx = max|x in group| / 32639 and sum exactly in int32: per output o the error is at most
+    sum over groups of sx / 2 * sum |w_oi|, plus float32 rounding of the group sums (held here to 1e-6 of
+    sum |x_i w_oi|). Checked per output, against float64 dequantize-then-matmul."""
+    torch = pytest.importorskip("torch")
+    rows, cols = 48, 4 * group_size
+    mlx, tiled, w = _tiled(rows, cols, group_size, bits, scale_dtype, seed=bits + group_size)
+    x = torch.randn(5, cols, generator=torch.Generator().manual_seed(group_size))
+    x[0, 1] = 40.0  # an outlier: its group's step is large, the others' are not
+    want = x.double() @ w.double().T
+    step = x.abs().double().view(5, -1, group_size).amax(-1) / 32639  # (batch, groups)
+    w_abs = w.abs().double().view(rows, -1, group_size).sum(-1)  # (rows, groups)
+    bound = (step / 2) @ w_abs.T + 1e-6 * (x.abs().double() @ w.abs().double().T)
+    simd = [isa for isa in kernels.cpu_isas() if isa != "scalar"]
+    if not simd:
+        pytest.skip("this CPU runs only the scalar kernels")
+    for isa in simd:
+        for layout, got in (("tiled", _qmatmul_tiled(x, tiled, group_size, bits, isa)),
+                            ("mlx", kernels.qmatmul(x, *mlx, group_size, bits, isa=isa))):  # fmt: skip
+            err = (got.double() - want).abs()
+            assert (err <= bound).all(), f"{isa} {layout}: error {(err / bound).max():.3g}x the bound"
+        for batch in (1, 5):  # one row (decode) and several: the tiled and MLX layouts' paths sum the same int16 x
+            assert torch.allclose(_qmatmul_tiled(x[:batch], tiled, group_size, bits, isa),
+                                  kernels.qmatmul(x[:batch], *mlx, group_size, bits, isa=isa), rtol=1e-5, atol=1e-5)  # fmt: skip
+
+
+def test_tiled_kernels_are_a_different_path_from_the_portable_loop():
+    """Forcing an ISA with tiled kernels (AVX2, AVX-512) runs them, not the float32 loop: their int16 x rounds."""
+    torch = pytest.importorskip("torch")
+    _, tiled, _ = _tiled(32, 256, 64, 4, "bfloat16")
+    x = torch.randn(1, 256, generator=torch.Generator().manual_seed(0))
+    scalar = _qmatmul_tiled(x, tiled, 64, 4, "scalar")
+    simd = [isa for isa in kernels.cpu_isas() if isa in ("avx2", "avx512")]
+    if not simd:
+        pytest.skip("no tiled kernels on this CPU")
+    assert kernels.tiled_fast()
+    for isa in simd:
+        got = _qmatmul_tiled(x, tiled, 64, 4, isa)
+        assert not torch.equal(got, scalar), isa
+        assert torch.allclose(got, scalar, rtol=1e-3, atol=1e-3), isa

@@ -152,9 +152,26 @@ def onednn_linear() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
+@functools.cache
+def half_products() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX512_BF16 or AMX), so oneDNN's 16-bit products are fast."""
+    from llmctl import kernels
+
+    return kernels.cpu_has_bf16()
+
+
+WIDENED_ROWS = 16  # 16-bit products with at least this many rows of x run in float32 on CPUs without bfloat16 arithmetic
+
+
 def dense_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """x @ weight.T + bias, no autograd. float32 on the CPU runs in oneDNN (inductor's linear op): torch's default
-    (MKL) measured here 10-35% slower on training's products and ~40% slower on decoding's one-row products."""
+    (MKL) measured here 10-35% slower on training's products and ~40% slower on decoding's one-row products.
+    bfloat16/float16 products of many rows (prompts) on a CPU without bfloat16 arithmetic (AVX2, most ARM) are
+    widened to float32 (exactly) and multiplied there, then rounded back: the 16-bit products are emulated there,
+    about 5x slower than float32's (the bfloat16 prompt measured 0.16x llama.cpp's on an AVX2 EPYC)."""
+    if (weight.dtype in (torch.bfloat16, torch.float16) and weight.device.type == "cpu"
+            and x.numel() >= WIDENED_ROWS * weight.shape[-1] and not half_products()):  # fmt: skip
+        return dense_linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
     if weight.dtype == torch.float32 and weight.device.type == "cpu" and onednn_linear():
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)

@@ -28,6 +28,7 @@ def _bf16_products() -> bool:
 # Products with at least this many rows of x (prompts) dequantize blocks of DEQUANTIZED_BLOCK weights and multiply
 # in float32 (or bfloat16, `_dequantized_matmul`): past ~100 rows a float matrix product outruns the quantized kernels, which are made for one row.
 DEQUANTIZED_ROWS = 128
+TILED_ISAS = ("avx2", "avx512")  # the ISAs with tiled kernels (csrc/qtiled.cpp); others run a portable loop
 DEQUANTIZED_BLOCK = 1 << 20  # 4 MB of float32: smaller blocks made the products measurably slower
 
 
@@ -128,12 +129,13 @@ class QuantizedLinear(nn.Module):
 
     def can_tile(self) -> bool:
         """Whether `tile` would rearrange this layer: affine 4-/8-bit codes of a multiple of 16 rows on a CPU that
-        has the tiled kernels, with the kernels' choice left to them (LLMCTL_ISA unset)."""
+        has the tiled kernels, with the kernels' choice left to them (LLMCTL_ISA unset) or set to an ISA that has
+        tiled kernels (avx2, avx512: so LLMCTL_ISA=avx2 measures the AVX2 decode on an AVX-512 CPU)."""
         weight, scales = self._buffers["weight"], self._buffers["scales"]
+        isa_tiles = kernels.tiled_fast() if self.isa == 0 else kernels.ISAS[self.isa] in TILED_ISAS
         return (
-            self.mode == "affine" and weight.device.type == "cpu" and self.isa == 0 and scales.dtype in _DTYPE_CODES
+            self.mode == "affine" and weight.device.type == "cpu" and isa_tiles and scales.dtype in _DTYPE_CODES
             and all(t.is_contiguous() for t in (weight, scales, self.biases))
-            and kernels.tiled_fast()
             and kernels.tiled_supported(self.bits, self.mode, self.out_features)
         )  # fmt: skip
 
@@ -198,8 +200,8 @@ class QuantizedLinear(nn.Module):
         step = max(16, DEQUANTIZED_BLOCK // self.in_features // 16 * 16)  # whole tiles
         for o in range(0, self.out_features, step):
             if self.tiled:
-                rows = (o, min(o + step, self.out_features))
-                w = kernels.dequantize_tiled(weight, scales, biases, self.group_size, self.bits, rows, dtype,
+                span = (o, min(o + step, self.out_features))  # not `rows`: that is x's
+                w = kernels.dequantize_tiled(weight, scales, biases, self.group_size, self.bits, span, dtype,
                                              threads=torch.get_num_threads(), isa=kernels.ISAS[self.isa])  # fmt: skip
             else:
                 w = kernels.dequantize(weight[o : o + step], scales[o : o + step].float(), biases[o : o + step].float(),

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The CPU kernels built for aarch64 (NEON) with Debian's cross compiler and checked against dequantize-then-matmul
+# under user-mode emulation: tests/native/kernels_check.cpp. Needs g++-aarch64-linux-gnu and qemu-user (Debian's
+# packages); prints "skipped" without them. Exit status: the check's.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+if ! command -v aarch64-linux-gnu-g++ >/dev/null || ! command -v qemu-aarch64 >/dev/null; then
+  echo "skipped: aarch64-linux-gnu-g++ or qemu-aarch64 missing (apt-get install g++-aarch64-linux-gnu qemu-user)"
+  exit 0
+fi
+out=$(mktemp -d)
+trap 'rm -rf "$out"' EXIT
+aarch64-linux-gnu-g++ -O2 -std=c++17 -pthread -Icsrc tests/native/kernels_check.cpp csrc/quant.cpp csrc/qmatmul.cpp \
+  csrc/qmatmul_x86.cpp csrc/qtiled.cpp -o "$out/kernels_check"
+qemu-aarch64 -L /usr/aarch64-linux-gnu "$out/kernels_check"
