@@ -11,6 +11,9 @@ os.environ.setdefault("COLUMNS", "400")  # rich wraps messages at the terminal w
 
 from llmctl.backends import available_backends
 
+# The folder that holds the llmctl this process imported (installed, or a checkout): child processes import the
+# same one through PYTHONPATH (a checkout in CI has no built extension; the installed package has).
+LLMCTL_ROOT = Path(__import__("llmctl").__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("LLMCTL_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 BACKENDS = available_backends()
 

@@ -20,7 +20,7 @@ from llmctl.generation import SamplingParams, stop_ids
 from llmctl.tokenizer import Tokenizer
 from test_generate import tiny_chat_model
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import LLMCTL_ROOT as ROOT  # noqa: E402
 MESSAGES = ["Hello there", "How are you today?", "Tell me a story about a fox", "What did the fox do next?"]
 
 

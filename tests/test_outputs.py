@@ -18,7 +18,7 @@ from llmctl.cli import app
 from llmctl.errors import ConfigError, OutputError
 from llmctl.io.outputs import check_output, clean_stale, replacing
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import LLMCTL_ROOT as ROOT  # noqa: E402
 DEAD_PID = 2**22 + 12345  # above Linux's largest pid_max: no process has it
 TINY = ["data.seq_len=32", "data.batch_size=4", "model.dim=64", "model.n_layers=1", "model.n_heads=2",
         "data.vocab_size=300", "train.dtype=fp32"]  # fmt: skip

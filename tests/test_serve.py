@@ -359,7 +359,9 @@ def test_llmctl_serve_command_end_to_end(folder, tmp_path):
 
     port = free_port()
     log = tmp_path / "serve.log"
-    env = os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    from conftest import LLMCTL_ROOT
+
+    env = os.environ | {"PYTHONPATH": str(LLMCTL_ROOT)}
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "llmctl", "serve", "--model", str(folder), "--port", str(port),
                                  "--backend", "torch", "--api-key", KEY, "--model-name", "tiny"],
