@@ -14,7 +14,7 @@ from typing import Any
 from llmctl import ui
 from llmctl.config import to_dict, to_yaml
 from llmctl.errors import ConfigError, DataError, LlmctlError
-from llmctl.training.config import LoopConfig, OptimConfig, check
+from llmctl.training.config import LoopConfig, OptimConfig, at_least, check
 
 DEFAULT_TASKS = "builtin:tasks"  # data.train's value for the generated tasks with checkable answers
 TASK_CHECKS = 50                 # held-out built-in tasks whose answers are checked before and after
@@ -30,8 +30,7 @@ class FinetuneData:
     train_on_prompt: bool = False
 
     def problems(self) -> list[str]:
-        out = [f"data.{k}={getattr(self, k)}: must be at least {v}." for k, v in (("seq_len", 2), ("batch_size", 1))
-               if getattr(self, k) < v]
+        out = at_least(self, "data", seq_len=2, batch_size=1)
         if not 0 < self.val_fraction < 1 and not self.val:
             out.append(f"data.val_fraction={self.val_fraction}: must be between 0 and 1.")
         return out

@@ -30,7 +30,7 @@ class DataConfig:
     batch_size: int = 16           # sequences per optimizer step, summed over processes and accumulation steps
 
     def problems(self) -> list[str]:
-        out = _at_least(self, "data", seq_len=2, batch_size=1, vocab_size=1)
+        out = at_least(self, "data", seq_len=2, batch_size=1, vocab_size=1)
         if not 0 < self.val_fraction < 1 and not self.val:
             out.append(f"data.val_fraction={self.val_fraction}: must be between 0 and 1 (the share of tokens held out); "
                        "or give validation files with data.val.")
@@ -81,11 +81,11 @@ class LoopConfig:
     max_bad_steps: int = 5         # non-finite losses in a row before the run stops
 
     def problems(self) -> list[str]:
-        return _at_least(self, "train", steps=1, seed=0, grad_accum=1, eval_every=1, eval_batches=1, log_every=1,
+        return at_least(self, "train", steps=1, seed=0, grad_accum=1, eval_every=1, eval_batches=1, log_every=1,
                          save_every=0, stop_at=0, max_bad_steps=1)
 
 
-def _at_least(group: object, prefix: str, **minimum: int) -> list[str]:
+def at_least(group: object, prefix: str, **minimum: int) -> list[str]:
     return [f"{prefix}.{name}={getattr(group, name)}: must be at least {low}." for name, low in minimum.items()
             if getattr(group, name) < low]
 
