@@ -1,6 +1,7 @@
 """Inference speed and memory: llmctl's engine against transformers, mlx-lm and llama.cpp, measured in the same run.
 
     python bench/decode.py [--rounds 3] [--new-tokens 64] [--engines llmctl-torch-fp32,transformers-fp32,...]
+                           [--baseline OTHER_CHECKOUT]
 
 The Llama config of issue #5 (vocab 32000, hidden 768, 12 layers, 12 heads, 4 KV heads, MLP 2048, about 125M
 parameters with the untied head), random weights saved as a model folder with the Llama 2 BPE tokenizer from
@@ -18,6 +19,8 @@ and the best of all rounds counts, so a busy machine slows everyone alike. Per e
     weights + key/value cache + 20%.
 Also `llmctl chat`'s start-up time to its first prompt for the default model (the latest trained one).
 Engines whose package is missing (llama-cpp-python, mlx, mlx-lm) are skipped with a note.
+With --baseline, another checkout of llmctl (its extension built, e.g. a `git worktree` of an earlier commit) runs
+each chosen llmctl engine in the same rounds, on the same files, as NAME@baseline: before/after ratios of a change.
 """
 
 from __future__ import annotations
@@ -68,6 +71,7 @@ ENGINES = {
 # mlx-lm's alike) are timed on decoding only, as issue #6 asks; their prompt column shows 0.
 QUANTIZED = {"q4": 4, "q8": 8}  # bits; group size 64 with bfloat16 scales and biases: + 0.5 bit per weight
 GROUP = 64
+BASELINE = "@baseline"  # suffix of the engines --baseline's checkout runs
 NEEDS = {"llama.cpp": "llama_cpp", "mlx-lm": "mlx_lm", "mlx": "mlx"}
 PEERS = {  # what each llmctl engine is compared with
     "llmctl-torch-fp32": ("transformers-fp32", "llama.cpp-f32"),
@@ -315,6 +319,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--engines", default=",".join(ENGINES), help="comma-separated, from: " + ", ".join(ENGINES))
     parser.add_argument("--no-chat", action="store_true", help="skip the `llmctl chat` start-up time")
+    parser.add_argument("--baseline", type=Path, help="another llmctl checkout whose llmctl engines run beside these")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     opts = parser.parse_args()
@@ -332,6 +337,10 @@ def main() -> None:
             print(f"skipped {name}: {', '.join(missing)} is not installed")
         else:
             engines.append(name)
+    if opts.baseline:
+        if not (opts.baseline / "bench" / "decode.py").is_file():
+            parser.error(f"--baseline {opts.baseline}: not an llmctl checkout (no bench/decode.py in it)")
+        engines += [f"{name}{BASELINE}" for name in engines if ENGINES[name][0] == "llmctl"]
     with tempfile.TemporaryDirectory(prefix="llmctl-bench-") as tmp:
         work = Path(tmp)
         make_model(work)
@@ -339,8 +348,10 @@ def main() -> None:
         results: dict[str, list[dict]] = {name: [] for name in engines}
         for round_ in range(opts.rounds):
             for name in engines:
-                out = _run([sys.executable, __file__, "--worker", name, "--work", str(work), "--new-tokens", str(opts.new_tokens)],
-                           env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(THREADS)})
+                root = opts.baseline.resolve() if name.endswith(BASELINE) else ROOT
+                out = _run([sys.executable, str(root / "bench" / "decode.py"), "--worker", name.removesuffix(BASELINE),
+                            "--work", str(work), "--new-tokens", str(opts.new_tokens)],
+                           env={**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": str(THREADS)})
                 results[name].append(json.loads(out.strip().splitlines()[-1]))
                 r = results[name][-1]
                 print(f"round {round_ + 1} {name:20s} decode {r['decode']:7.1f}  prompt {r['prefill']:7.1f} tokens/s", file=sys.stderr, flush=True)
@@ -380,7 +391,7 @@ def report(engines: list[str], results: dict, limits: dict, new_tokens: int, sta
     print(f"{'engine':20s} {'decode tok/s':>12s} {'of BW ceiling':>13s} {'prompt tok/s':>12s} {'of peak':>8s} "
           f"{'mem growth':>10s} {'budget':>8s}")
     for name in engines:
-        precision = ENGINES[name][2]
+        precision = ENGINES[name.removesuffix(BASELINE)][2]
         read, allowed = budget(precision, PREFILL_PROMPT)
         ceiling = limits["bandwidth"] * 1e9 / read
         print(f"{name:20s} {best[name]['decode']:12.1f} {best[name]['decode'] / ceiling:13.0%} {best[name]['prefill']:12.1f} "
@@ -389,7 +400,10 @@ def report(engines: list[str], results: dict, limits: dict, new_tokens: int, sta
           f"engine's runs. BW ceiling: bandwidth / bytes of weights read per token; peak: the matmul rate at that precision "
           f"(fp32's for quantized engines, whose prompts may multiply in bf16 or int8); "
           f"budget: weights + KV cache + 20%)")
-    for name, peers in PEERS.items():
+    peers_of = {**PEERS}
+    for name in (n for n in engines if n.endswith(BASELINE)):
+        peers_of[name.removesuffix(BASELINE)] = (*peers_of.get(name.removesuffix(BASELINE), ()), name)
+    for name, peers in peers_of.items():
         for peer in (p for p in peers if name in engines and p in engines):
             prompt = (f"prompt {best[name]['prefill'] / best[peer]['prefill']:.2f}x, " if best[peer]['prefill'] else "")
             print(f"{name} / {peer}: decode {best[name]['decode'] / best[peer]['decode']:.2f}x, "

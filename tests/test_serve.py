@@ -134,6 +134,27 @@ def test_seed_makes_sampling_reproducible(client):
     assert a == b
 
 
+def test_n_choices_each_sampled_on_its_own(client):
+    """n=3 greedy: three copies of the one answer; n=3 sampled with a seed: choice i is what a lone request with
+    seed + i samples, streamed or not; usage counts the prompt once and every choice's tokens."""
+    alone = chat(client, "Hello there", max_tokens=10).choices[0].message.content
+    r = chat(client, "Hello there", max_tokens=10, n=3)
+    assert [c.index for c in r.choices] == [0, 1, 2] and {c.message.content for c in r.choices} == {alone}
+    assert r.usage.completion_tokens == 30 and r.usage.total_tokens == r.usage.prompt_tokens + 30
+    lone = [chat(client, "Hello there", max_tokens=10, temperature=1.0, seed=11 + i) for i in range(3)]
+    sampled = [r.choices[0].message.content for r in lone]
+    assert len(set(sampled)) > 1  # the seeds differ, so (almost surely) do the samples
+    r = chat(client, "Hello there", max_tokens=10, temperature=1.0, seed=11, n=3)
+    assert [c.message.content for c in r.choices] == sampled
+    chunks = list(chat(client, "Hello there", max_tokens=10, temperature=1.0, seed=11, n=3, stream=True,
+                       stream_options={"include_usage": True}))
+    streamed = ["".join(c.choices[0].delta.content or "" for c in chunks if c.choices and c.choices[0].index == i) for i in range(3)]
+    assert streamed == sampled and chunks[-1].usage.completion_tokens == sum(r.usage.completion_tokens for r in lone)
+    assert sorted(c.choices[0].index for c in chunks if c.choices and c.choices[0].finish_reason) == [0, 1, 2]
+    c = client.completions.create(model="tiny", prompt="Once upon a time", max_tokens=5, n=2, logprobs=1)
+    assert len(c.choices) == 2 and c.choices[0].text == c.choices[1].text and len(c.choices[1].logprobs.tokens) == 5
+
+
 def _ask(client, i: int, stream: bool):
     """One of 16 different requests: its tokens (with the top-two logprobs at each) and finish reason."""
     prompt = PROMPTS[i % 4] + " " * (i // 4) + "!" * (i % 3)
@@ -293,6 +314,8 @@ def test_bad_input_gets_the_right_status(server, client):
     for bad in (0, -1, 100_000):
         assert error_of(post(server, "/v1/chat/completions", CHAT | {"max_tokens": bad}), 400)["param"] == "max_tokens"
     assert error_of(post(server, "/v1/chat/completions", CHAT | {"temperature": -1}), 400)["param"] == "temperature"
+    for bad in (0, 9):
+        assert error_of(post(server, "/v1/chat/completions", CHAT | {"n": bad}), 400)["param"] == "n"
     assert error_of(post(server, "/v1/chat/completions", {"model": "tiny"}), 400)["param"] == "messages"
     assert error_of(post(server, "/v1/completions", b"{" + b" " * (1 << 20) + b"}"), 413)["code"] == "request_too_large"
     # keys: /v1 and /metrics need one, /health does not

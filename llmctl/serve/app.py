@@ -24,6 +24,7 @@ from llmctl.serve.engine import Request as EngineRequest
 
 MAX_BODY = 1 << 20  # bytes
 MAX_TOP_LOGPROBS = 20
+MAX_CHOICES = 8     # 'n': choices of one request, each a row of the running batch
 RETRY_AFTER = "1"   # seconds a client is asked to wait when the queue is full
 
 
@@ -147,9 +148,9 @@ def _sampling(state: ServerState, body: dict[str, Any], prompt_len: int, chat: b
     elif not 1 <= max_tokens <= room:
         raise ApiError(400, f"'{name}' is {max_tokens}; it must be between 1 and {room} (the context holds {context} tokens, "
                        f"the prompt takes {prompt_len}).", param=name, code="invalid_value")  # fmt: skip
-    n = body.get("n")
-    if n is not None and n != 1:
-        raise ApiError(400, f"'n' is {n}; this server gives one choice per request (send n requests).", param="n", code="invalid_value")
+    n = body.get("n", 1) if body.get("n") is not None else 1
+    if not 1 <= n <= MAX_CHOICES:
+        raise ApiError(400, f"'n' is {n}; it must be between 1 and {MAX_CHOICES}.", param="n", code="invalid_value")
     stop = body.get("stop")
     if stop is None:
         stop = []
@@ -267,9 +268,10 @@ def _completion_logprobs(tokenizer: Any, infos: list[tuple], offset: int) -> dic
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": tops, "text_offset": offsets}
 
 
-def _usage(req: EngineRequest) -> dict[str, int]:
-    return {"prompt_tokens": len(req.prompt), "completion_tokens": req.completion_tokens,
-            "total_tokens": len(req.prompt) + req.completion_tokens}  # fmt: skip
+def _usage(reqs: list[EngineRequest]) -> dict[str, int]:
+    """The prompt once, the completions of every choice."""
+    prompt, completion = len(reqs[0].prompt), sum(req.completion_tokens for req in reqs)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 def _sse(data: dict[str, Any]) -> str:
@@ -287,87 +289,107 @@ async def _complete(state: ServerState, request: Request, chat: bool) -> Respons
     options = body.get("stream_options") or {}
     include_usage = bool(options.get("include_usage")) if stream else False
     loop = asyncio.get_running_loop()
-    events: asyncio.Queue = asyncio.Queue()
+    events: asyncio.Queue = asyncio.Queue()  # (choice index, engine event)
     rid = request_id("chatcmpl" if chat else "cmpl")
-    req = EngineRequest(rid, prompt, params, lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
-                        state.tokenizer, logprobs)  # fmt: skip
+    reqs = [EngineRequest(rid if i == 0 else f"{rid}-{i}", prompt, _choice_params(params, i),
+                          lambda event, i=i: loop.call_soon_threadsafe(events.put_nowait, (i, event)), state.tokenizer, logprobs)
+            for i in range(body.get("n") or 1)]  # fmt: skip
     try:
-        engine.submit(req)
+        engine.submit(*reqs)
     except QueueFull:
         raise ApiError(429, f"The server is busy: {engine.max_queue} requests are already waiting. Retry shortly.",
                        type="rate_limit_error", code="queue_full", headers={"Retry-After": RETRY_AFTER}) from None  # fmt: skip
     created, model = int(time.time()), state.model_name
     obj = ("chat.completion" if chat else "text_completion")
     if stream:
-        return StreamingResponse(_stream(state, req, events, chat, include_usage, created), media_type="text/event-stream",
+        return StreamingResponse(_stream(state, reqs, events, chat, include_usage, created), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Request-Id": rid})  # fmt: skip
-    text, infos = [], []
-    while True:
+    texts, infos = [[] for _ in reqs], [[] for _ in reqs]
+    running = len(reqs)
+    while running:
         try:
-            event = await asyncio.wait_for(events.get(), timeout=0.5)
+            i, event = await asyncio.wait_for(events.get(), timeout=0.5)
         except asyncio.TimeoutError:
             if await request.is_disconnected():
-                req.cancel()
+                for req in reqs:
+                    req.cancel()
                 return Response(status_code=499)
             continue
         if event[0] == "text":
-            text.append(event[1])
+            texts[i].append(event[1])
             if event[2] is not None:
-                infos.append(event[2])
+                infos[i].append(event[2])
         elif event[0] == "error":
+            for req in reqs:
+                req.cancel()
             raise ApiError(500, event[1], type="server_error", code="internal_error")
         else:
-            break
-    answer, reason = "".join(text), _finish_reason(req.finish_reason)
-    if chat:
-        choice = {"index": 0, "message": {"role": "assistant", "content": answer, "refusal": None}, "finish_reason": reason,
-                  "logprobs": _chat_logprobs(state.tokenizer, infos) if logprobs is not None else None}  # fmt: skip
-    else:
-        choice = {"index": 0, "text": answer, "finish_reason": reason,
-                  "logprobs": _completion_logprobs(state.tokenizer, infos, 0) if logprobs is not None else None}  # fmt: skip
-    return JSONResponse({"id": rid, "object": obj, "created": created, "model": model, "choices": [choice],
-                         "usage": _usage(req), "system_fingerprint": None}, headers={"X-Request-Id": rid})  # fmt: skip
+            running -= 1
+    choices = []
+    for i, req in enumerate(reqs):
+        answer, reason = "".join(texts[i]), _finish_reason(req.finish_reason)
+        if chat:
+            choices.append({"index": i, "message": {"role": "assistant", "content": answer, "refusal": None}, "finish_reason": reason,
+                            "logprobs": _chat_logprobs(state.tokenizer, infos[i]) if logprobs is not None else None})  # fmt: skip
+        else:
+            choices.append({"index": i, "text": answer, "finish_reason": reason,
+                            "logprobs": _completion_logprobs(state.tokenizer, infos[i], 0) if logprobs is not None else None})  # fmt: skip
+    return JSONResponse({"id": rid, "object": obj, "created": created, "model": model, "choices": choices,
+                         "usage": _usage(reqs), "system_fingerprint": None}, headers={"X-Request-Id": rid})  # fmt: skip
+
+
+def _choice_params(params: Any, index: int) -> Any:
+    """Choice `index`'s sampling: the request's, with its own random stream (seed + index) when a seed is given."""
+    if index == 0 or params.seed is None:
+        return params
+    return params.with_updates(seed=params.seed + index)
 
 
 def _finish_reason(reason: str | None) -> str:
     return "stop" if reason == "stop" else "length"
 
 
-async def _stream(state: ServerState, req: EngineRequest, events: asyncio.Queue, chat: bool, include_usage: bool, created: int):
-    base = {"id": req.id, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
+async def _stream(state: ServerState, reqs: list[EngineRequest], events: asyncio.Queue, chat: bool, include_usage: bool,
+                  created: int):  # fmt: skip
+    base = {"id": reqs[0].id, "object": "chat.completion.chunk" if chat else "text_completion", "created": created,
             "model": state.model_name, "system_fingerprint": None}  # fmt: skip
     extra = {"usage": None} if include_usage else {}
-    offset = 0
+    offsets = [0] * len(reqs)
     try:
         if chat:
-            yield _sse(base | {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]} | extra)
-        while True:
-            event = await events.get()
+            for i in range(len(reqs)):
+                yield _sse(base | {"choices": [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                                "finish_reason": None}]} | extra)  # fmt: skip
+        running = len(reqs)
+        while running:
+            i, event = await events.get()
             if event[0] == "text":
                 piece, info = event[1], event[2]
                 if chat:
                     lp = _chat_logprobs(state.tokenizer, [info]) if info is not None else None
-                    choice = {"index": 0, "delta": {"content": piece}, "logprobs": lp, "finish_reason": None}
+                    choice = {"index": i, "delta": {"content": piece}, "logprobs": lp, "finish_reason": None}
                 else:
-                    lp = _completion_logprobs(state.tokenizer, [info], offset) if info is not None else None
-                    choice = {"index": 0, "text": piece, "logprobs": lp, "finish_reason": None}
-                    offset += len(piece)
+                    lp = _completion_logprobs(state.tokenizer, [info], offsets[i]) if info is not None else None
+                    choice = {"index": i, "text": piece, "logprobs": lp, "finish_reason": None}
+                    offsets[i] += len(piece)
                 yield _sse(base | {"choices": [choice]} | extra)
             elif event[0] == "error":
                 yield _sse({"error": {"message": event[1], "type": "server_error", "param": None, "code": "internal_error"}})
                 break
             else:
-                reason = _finish_reason(req.finish_reason)
-                last = {"index": 0, "delta": {}, "logprobs": None, "finish_reason": reason} if chat else \
-                    {"index": 0, "text": "", "logprobs": None, "finish_reason": reason}
+                running -= 1
+                reason = _finish_reason(reqs[i].finish_reason)
+                last = {"index": i, "delta": {}, "logprobs": None, "finish_reason": reason} if chat else \
+                    {"index": i, "text": "", "logprobs": None, "finish_reason": reason}
                 yield _sse(base | {"choices": [last]} | extra)
-                if include_usage:
-                    yield _sse(base | {"choices": [], "usage": _usage(req)})
-                break
+        else:
+            if include_usage:
+                yield _sse(base | {"choices": [], "usage": _usage(reqs)})
         yield "data: [DONE]\n\n"
     finally:
-        if req.finish_reason is None:  # the client left: the engine frees the slot at its next step
-            req.cancel()
+        for req in reqs:
+            if req.finish_reason is None:  # the client left (or a choice failed): the engine frees the slot at its next step
+                req.cancel()
 
 
 def build_app(state: ServerState) -> Starlette:

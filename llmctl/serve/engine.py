@@ -172,13 +172,14 @@ class Engine:
         self.thread = threading.Thread(target=self._run, name="llmctl-engine", daemon=True)
         self.thread.start()
 
-    def submit(self, request: Request) -> None:
+    def submit(self, *requests: Request) -> None:
+        """Queue the requests (the choices of one API call), all or none."""
         with self.cond:
-            if len(self.waiting) >= self.max_queue:
+            if len(self.waiting) + len(requests) > self.max_queue:
                 with self.metrics.lock:
                     self.metrics.rejected += 1
                 raise QueueFull
-            self.waiting.append(request)
+            self.waiting.extend(requests)
             self.cond.notify()
 
     def stop(self) -> None:
