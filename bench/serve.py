@@ -36,15 +36,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(engine: str, folder: Path, port: int, max_batch: int) -> subprocess.Popen:
+def start(engine: str, folder: Path, port: int, max_batch: int, work: Path) -> subprocess.Popen:
     env = os.environ | {"PYTHONPATH": str(ROOT)}
     if engine.startswith("llmctl-"):
         cmd = [sys.executable, "-m", "llmctl", "serve", "--model", str(folder), "--port", str(port), "--model-name", "bench",
                "--backend", engine.removeprefix("llmctl-"), "--max-batch", str(max_batch)]  # fmt: skip
     elif engine == "mlx-lm":
         cmd = [sys.executable, "-m", "mlx_lm", "server", "--model", str(folder), "--port", str(port), "--log-level", "WARNING"]
-    elif engine == "llama-cpp":
-        cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(folder), "--port", str(port)]
+    elif engine == "llama-cpp":  # llama-cpp-python's server (pip install "llama-cpp-python[server]") on a GGUF copy
+        gguf = folder if folder.suffix == ".gguf" else gguf_copy(folder, work)
+        cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--port", str(port), "--n_threads", "2",
+               "--n_threads_batch", "2", "--n_ctx", "2048"]  # fmt: skip
     else:
         raise SystemExit(f"unknown engine {engine}")
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
@@ -126,6 +128,17 @@ def make_model(work: Path) -> Path:
     return folder
 
 
+def gguf_copy(folder: Path, work: Path) -> Path:
+    """WORK/FOLDER.gguf, written from a model folder by `llmctl convert` once: llama.cpp's server reads only GGUF. A
+    quantized folder keeps its blocks exactly (convert refuses what GGUF cannot hold), a float one stays float32."""
+    gguf = work / f"{folder.name}.gguf"
+    if not gguf.is_file():
+        quantized = "quantization" in json.loads((folder / "config.json").read_text())
+        subprocess.run([sys.executable, "-m", "llmctl", "convert", str(folder), "--out", str(gguf), *([] if quantized else ["--type", "f32"])],
+                       check=True, env=os.environ | {"PYTHONPATH": str(ROOT)}, capture_output=True)  # fmt: skip
+    return gguf
+
+
 def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -154,15 +167,12 @@ def main() -> None:
         if need and importlib.util.find_spec(need) is None:
             print(f"{engine}: skipped ({need} is not installed)", file=sys.stderr)
             continue
-        if engine == "llama-cpp" and folder.suffix != ".gguf":
-            print(f"{engine}: skipped (needs a .gguf file as --model)", file=sys.stderr)
-            continue
         port = free_port()
-        proc = start(engine, folder, port, args.max_batch)
+        proc = start(engine, folder, port, args.max_batch, work)
         url = f"http://127.0.0.1:{port}"
         try:
             wait_ready(url, proc)
-            model = "bench" if engine.startswith("llmctl-") else str(folder)
+            model = "bench" if engine.startswith("llmctl-") else str(folder if engine != "llama-cpp" or folder.suffix == ".gguf" else gguf_copy(folder, work))
             asyncio.run(level(url, model, 1, 1, 4))  # warm-up
             table[engine] = [asyncio.run(level(url, model, n, args.requests, args.new_tokens)) for n in levels]
         except Exception as e:  # one engine failing does not stop the others
@@ -178,6 +188,10 @@ def main() -> None:
     for engine, rows in table.items():
         for r in rows:
             print(f"| {engine} | {r['clients']} | {r['tokens_per_s']:.1f} | {r['ttft_p50_ms']:.0f} | {r['ttft_p99_ms']:.0f} |")
+    for ours in (e for e in table if e.startswith("llmctl-")):
+        for peer in (e for e in table if not e.startswith("llmctl-")):
+            ratios = ", ".join(f"{a['clients']} clients {a['tokens_per_s'] / b['tokens_per_s']:.2f}x" for a, b in zip(table[ours], table[peer]))
+            print(f"{ours} / {peer} output tok/s: {ratios}")
 
 
 if __name__ == "__main__":
