@@ -181,9 +181,10 @@ def build_rows(cfg: DistillConfig, tokenizer: Any, seq_len: int) -> tuple[Batch,
     """Training and validation rows and what they are ("text" or "chat")."""
     from llmctl.data.text import TokenData, expand_sources, split, tokenize_files
 
-    files = expand_sources(cfg.data.train, "data.train") if cfg.data.train and cfg.data.train != ["builtin:tasks"] else []
+    from llmctl.finetune import DEFAULT_TASKS, build_data
+
+    files = expand_sources(cfg.data.train, "data.train") if cfg.data.train and cfg.data.train != [DEFAULT_TASKS] else []
     if not files or is_chat(files):
-        from llmctl.finetune import build_data
 
         train, val, counts, _ = build_data(cfg, tokenizer, seq_len)  # finetune-lora's path: templates, reply masks, packing
         if counts["truncated"]:
@@ -249,7 +250,8 @@ def write_cache(folder: Path, teacher: Any, backend: str, splits: dict[str, Batc
                     bar.update(part.rows)
                 for array in arrays:
                     array.flush()
-        (tmp / "cache.json").write_text(json.dumps({"k": k, "temperature": temperature, "rows": {n: b.rows for n, b in splits.items()}}))
+        rows = {name: batch.rows for name, batch in splits.items()}
+        (tmp / "cache.json").write_text(json.dumps({"k": k, "temperature": temperature, "rows": rows}))
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(tmp, folder)
     except BaseException:
@@ -310,9 +312,10 @@ def run(cfg: DistillConfig, backend: str, force: bool = False, resume: bool = Fa
         if cfg.train.steps <= 0:  # 0: `epochs` passes over the training rows
             cfg.train.steps = max(1, math.ceil(cfg.epochs * source.steps_per_epoch()))
         objective = cfg.loss.objective(teacher, backend)
-        key = {"teacher": str(teacher_path), "student": str(student_path), "model": spec.to_dict(),
-               "loss": to_dict(cfg.loss), "cache_topk": cfg.cache_topk, "data.train": list(cfg.data.train),
-               "data.seq_len": seq_len, "data.batch_size": cfg.data.batch_size, "train.steps": cfg.train.steps,
+        shape = spec.to_dict() | {"rope_scaling": to_dict(spec.rope_scaling)}
+        key = {"teacher": str(teacher_path), "student": str(student_path), "model": shape, "loss": to_dict(cfg.loss),
+               "cache_topk": cfg.cache_topk, "data.train": list(cfg.data.train), "data.seq_len": seq_len,
+               "data.batch_size": cfg.data.batch_size, "train.steps": cfg.train.steps,
                "train.grad_accum": cfg.train.grad_accum, "train.seed": cfg.train.seed, "processes": engine.world}
         job = Job(loop=cfg.train, optim=cfg.optim, run=run_folder, source=source, objective=objective, resume_key=key,
                   config_text=to_yaml(cfg), resume=resume, tokens_per_step=cfg.data.batch_size * seq_len,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -162,11 +163,14 @@ STUDENT = {"model": {"dim": 32, "n_layers": 2, "n_heads": 4, "ffn_dim": 64}}
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    """Two slices of tinyshakespeare: training text and held-out text."""
+    """Text the teacher knows: tests/data/stories260K_samples.txt holds 48 stories sampled from stories260K itself
+    (from BOS, temperature 1, seed 0, 200 tokens each, llmctl's torch Generator), so the teacher's next-token
+    distributions are the data's own. The first 85% trains, the rest is held out."""
     folder = tmp_path_factory.mktemp("distill-data")
-    text = (SHARED / "data" / "tinyshakespeare.txt").read_text(encoding="utf-8")
-    (folder / "train.txt").write_text(text[:60_000], encoding="utf-8")
-    (folder / "val.txt").write_text(text[-12_000:], encoding="utf-8")
+    text = (Path(__file__).parent / "data" / "stories260K_samples.txt").read_text(encoding="utf-8")
+    cut = int(len(text) * 0.85)
+    (folder / "train.txt").write_text(text[:cut], encoding="utf-8")
+    (folder / "val.txt").write_text(text[cut:], encoding="utf-8")
     (folder / "student.yaml").write_text(json.dumps(STUDENT))
     return folder
 
