@@ -28,7 +28,7 @@ from llmctl.finetune import FinetuneData
 from llmctl.training.batch import Batch, TopK
 from llmctl.training.config import LoopConfig, OptimConfig, Strategy
 
-CHAT_KEYS = ("messages", "prompt", "instruction")  # a JSONL record with one of these is chat data, else text
+TEACHER_PASS_TOKENS = 8192  # tokens per teacher forward pass while its top-K is cached
 
 
 DIVERGENCES = {Loss.kl: "forward_kl", Loss.reverse_kl: "reverse_kl", Loss.jsd: "jsd", Loss.skew_kl: "skew_kl"}
@@ -298,7 +298,7 @@ def run(cfg: DistillConfig, backend: str, force: bool = False, resume: bool = Fa
                     ui.info(f"the teacher's top-{k} comes from {folder}")
                 else:
                     write_cache(folder, engine.load_frozen(teacher_path), backend, {"train": train_rows, "val": val_rows},
-                                k, cfg.loss.temperature, cfg.data.batch_size)
+                                k, cfg.loss.temperature, rows_per_pass=max(1, TEACHER_PASS_TOKENS // seq_len))
                     ui.info(f"the teacher's top-{k} is cached in {folder}")
                 train_rows.topk, val_rows.topk = open_cache(folder, "train"), open_cache(folder, "val")
         except BaseException:

@@ -221,27 +221,24 @@ def test_a_distilled_student_beats_the_same_student_trained_from_scratch(backend
 @needs_shared
 @pytest.mark.slow
 def test_cached_and_on_the_fly_distillation_agree_and_resume_exactly(corpus, tmp_path):
-    """torch: with K = V the cached run follows the on-the-fly run step by step; a smaller K lands close to it; the
-    cache is made once and reused; a run stopped halfway and resumed ends where the uninterrupted one does."""
+    """torch: with K = V the cached run follows the on-the-fly run step by step; with K = 32 of 512 it lands close to
+    it; the cache is made once and reused; a run stopped halfway and resumed ends where the uninterrupted one does."""
     backend = "torch"
-    live = distill_run(backend, corpus, tmp_path / "live", steps=6)
-    full = distill_run(backend, corpus, tmp_path / "full", "cache_topk=512", steps=6)
+    live = distill_run(backend, corpus, tmp_path / "live", steps=4)
+    full = distill_run(backend, corpus, tmp_path / "full", "cache_topk=512", steps=4)
     for a, b in zip(live, full):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-5), (a, b)
     assert live[-1]["val_loss"] == pytest.approx(full[-1]["val_loss"], rel=1e-4)
     caches = list((tmp_path / "teacher-cache").iterdir())
     assert len(caches) == 1 and (caches[0] / "train.ids.npy").is_file()
     made = (caches[0] / "train.ids.npy").stat().st_mtime_ns
-    top = distill_run(backend, corpus, tmp_path / "top32", "cache_topk=32", steps=6)
-    assert top[-1]["val_ce"] == pytest.approx(live[-1]["val_ce"], rel=0.02)
-    # a second run with the same teacher, data and K reads the cache instead of running the teacher again
-    again = distill_run(backend, corpus, tmp_path / "full-again", "cache_topk=512", steps=6)
-    assert (caches[0] / "train.ids.npy").stat().st_mtime_ns == made
-    assert [r["loss"] for r in again] == [r["loss"] for r in full]
+    top = distill_run(backend, corpus, tmp_path / "top32", "cache_topk=32", steps=4)
+    assert top[-1]["val_ce"] == pytest.approx(live[-1]["val_ce"], rel=0.01)
     assert len(list((tmp_path / "teacher-cache").iterdir())) == 2  # K = 512 and K = 32
-    # exact resume (cached, so cheap): stop after 3 steps, resume, compare the final weights
-    distill_run(backend, corpus, tmp_path / "halves", "cache_topk=512", "train.stop_at=3", steps=6)
-    resumed = distill_run(backend, corpus, tmp_path / "halves", "cache_topk=512", steps=6, resume=True)
+    # exact resume, on runs that read the K = 512 cache instead of running the teacher again
+    distill_run(backend, corpus, tmp_path / "halves", "cache_topk=512", "train.stop_at=2", steps=4)
+    resumed = distill_run(backend, corpus, tmp_path / "halves", "cache_topk=512", steps=4, resume=True)
+    assert (caches[0] / "train.ids.npy").stat().st_mtime_ns == made
     assert [r["loss"] for r in resumed] == [r["loss"] for r in full]
     from llmctl.io.safetensors import load_folder_tensors
 

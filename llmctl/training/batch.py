@@ -20,7 +20,8 @@ class TopK:
     rest: np.ndarray       # (...,) float32; a very negative number (never -inf) when K covers the vocabulary
 
     def take(self, rows: np.ndarray | list[int] | slice) -> TopK:
-        return TopK(np.asarray(self.ids[rows]), np.asarray(self.logprobs[rows]), np.asarray(self.rest[rows]))
+        # copies: the cache is a read-only memory map, and a batch is handed to frameworks that may write
+        return TopK(np.array(self.ids[rows]), np.array(self.logprobs[rows]), np.array(self.rest[rows]))
 
 
 @dataclass
