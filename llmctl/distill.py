@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from llmctl import ui
-from llmctl.commands.distill import Loss
+from llmctl.commands.options import DistillLoss
 from llmctl.config import load_recipe, to_dict, to_yaml
 from llmctl.errors import ConfigError, LlmctlError, TokenizerError
 from llmctl.finetune import FinetuneData
@@ -31,12 +31,14 @@ from llmctl.training.config import LoopConfig, OptimConfig, Strategy
 TEACHER_PASS_TOKENS = 8192  # tokens per teacher forward pass while its top-K is cached
 
 
-DIVERGENCES = {Loss.kl: "forward_kl", Loss.reverse_kl: "reverse_kl", Loss.jsd: "jsd", Loss.skew_kl: "skew_kl"}
+# --loss -> the objectives' names of the divergences (backends/*/objectives.py: divergence_from_logprobs)
+DIVERGENCES = {DistillLoss.kl: "forward_kl", DistillLoss.reverse_kl: "reverse_kl", DistillLoss.jsd: "jsd",
+               DistillLoss.skew_kl: "skew_kl"}
 
 
 @dataclass
 class LossConfig:
-    kind: Loss = Loss.kl
+    kind: DistillLoss = DistillLoss.kl
     temperature: float = 1.0   # both distributions are softened by T; the divergence is scaled by T^2 (Hinton et al.)
     alpha: float = 0.5         # weight of the distillation term; 1 - alpha weighs the next-token loss
     beta: float = 0.5          # jsd: the teacher's weight in the mixture m = beta q + (1 - beta) p
@@ -60,7 +62,7 @@ class LossConfig:
             from llmctl.backends.torch.objectives import Distill
         else:
             from llmctl.backends.mlx.objectives import Distill
-        coefficient = self.skew if self.kind == Loss.skew_kl else self.beta
+        coefficient = self.skew if self.kind == DistillLoss.skew_kl else self.beta
         return Distill(teacher, DIVERGENCES[self.kind], coefficient, self.temperature, self.alpha)
 
 

@@ -2,23 +2,14 @@
 
 from __future__ import annotations
 
-import enum
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from llmctl.backends import Backend
+from llmctl.commands.options import DistillLoss
 from llmctl.training.config import Strategy
-
-
-class Loss(str, enum.Enum):
-    """The divergence to the teacher (--loss, loss.kind)."""
-
-    kl = "kl"                  # KL(teacher || student): mean-seeking, the classic distillation loss
-    reverse_kl = "reverse-kl"  # KL(student || teacher): mode-seeking (MiniLLM)
-    jsd = "jsd"                # generalized Jensen-Shannon with weight `beta` (GKD)
-    skew_kl = "skew-kl"        # KL(teacher || skew * teacher + (1 - skew) * student) (DistiLLM)
 
 
 def distill(
@@ -28,7 +19,7 @@ def distill(
     student_recipe: Annotated[str | None, typer.Option("--student-recipe", help="Or a fresh student of this shape: a name under recipes/train/ or a YAML path.")] = None,
     data: Annotated[list[str] | None, typer.Option("--data", help="Text (.txt, folders, globs, .jsonl with text) or chat/instruction JSONL; repeatable. Default: built-in tasks.")] = None,
     val: Annotated[list[str] | None, typer.Option("--val", help="Validation files (default: hold out part of --data).")] = None,
-    loss: Annotated[Loss | None, typer.Option("--loss", help="Divergence to the teacher (default kl).")] = None,
+    loss: Annotated[DistillLoss | None, typer.Option("--loss", help="Divergence to the teacher (default kl).")] = None,
     temperature: Annotated[float | None, typer.Option("--temperature", help="Softens both distributions; the term is scaled by T^2 (default 1).")] = None,
     alpha: Annotated[float | None, typer.Option("--alpha", help="Weight of the distillation term; 1 - alpha weighs the next-token loss (default 0.5).")] = None,
     beta: Annotated[float | None, typer.Option("--beta", help="jsd: the teacher's weight in the mixture (default 0.5).")] = None,
