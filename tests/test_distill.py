@@ -105,15 +105,17 @@ def test_each_loss_equals_its_reference(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", KINDS)
-def test_cached_topk_equals_the_full_distribution_when_k_covers_the_vocabulary(backend, kind):
+def test_cached_topk_equals_the_full_distribution_when_k_covers_the_vocabulary(backend, kind, monkeypatch):
     """Folded onto the teacher's top-K and the rest, the loss and its gradient are the full ones when K = V; with a
-    smaller K the rest's mass is kept exactly, and the teacher's top-K are its K most likely tokens."""
+    smaller K the rest's mass is kept exactly, and the teacher's top-K are its K most likely tokens. 300 positions
+    run as three chunks of 128 rows."""
     _, objectives = modules(backend)
-    rng = np.random.default_rng(1)
     V, D = 40, 16
-    h, w = rng.normal(size=(3, 7, D)).astype(np.float32), rng.normal(size=(V, D)).astype(np.float32)
-    h_ref, w_ref = rng.normal(size=(3, 7, 24)).astype(np.float32), 2 * rng.normal(size=(V, 24)).astype(np.float32)
-    targets, mask = rng.integers(0, V, size=(3, 7)), (rng.random((3, 7)) > 0.2).astype(np.float32)
+    monkeypatch.setattr(objectives, "CHUNK", 128 * V)
+    rng = np.random.default_rng(1)
+    h, w = rng.normal(size=(3, 100, D)).astype(np.float32), rng.normal(size=(V, D)).astype(np.float32)
+    h_ref, w_ref = rng.normal(size=(3, 100, 24)).astype(np.float32), 2 * rng.normal(size=(V, 24)).astype(np.float32)
+    targets, mask = rng.integers(0, V, size=(3, 100)), (rng.random((3, 100)) > 0.2).astype(np.float32)
 
     class Teacher:  # a frozen model that hands back fixed hidden states
         def __call__(self, ids, **_):
@@ -126,7 +128,7 @@ def test_cached_topk_equals_the_full_distribution_when_k_covers_the_vocabulary(b
         import torch
 
         arr = torch.tensor
-        batch = objectives.DeviceBatch(torch.zeros((3, 7), dtype=torch.long), None, None, None, None)
+        batch = objectives.DeviceBatch(torch.zeros((3, 100), dtype=torch.long), None, None, None, None)
 
         def loss_and_grad(teacher):
             x = torch.tensor(h, requires_grad=True)
@@ -137,7 +139,7 @@ def test_cached_topk_equals_the_full_distribution_when_k_covers_the_vocabulary(b
         import mlx.core as mx
 
         arr = mx.array
-        batch = objectives.DeviceBatch(mx.zeros((3, 7), mx.int32), None, None, None, None)
+        batch = objectives.DeviceBatch(mx.zeros((3, 100), mx.int32), None, None, None, None)
 
         def loss_and_grad(teacher):
             def f(x):
