@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+SHARED = Path(os.environ.get("LLMCTL_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 STUDENT = {"model": {"dim": 64, "n_layers": 2, "n_heads": 4, "ffn_dim": 128}}
 
 

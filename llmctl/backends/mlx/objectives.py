@@ -166,11 +166,13 @@ def token_distill(h: mx.array, weight: mx.array, targets: mx.array | None, teach
     else:
         rows, fixed = (teacher[0].reshape(N, -1), teacher[1].reshape(N, -1), teacher[2].reshape(-1)), ()
     n = _rows(weight.shape[0])
-    k = len(rows)  # the chunk's arguments: x, w, [targets,] the teacher's rows, then its fixed arrays
-    chunk = mx.checkpoint(lambda x, w, *r: _distill_chunk(x, w, r[0] if t is not None else None, r[-k - len(fixed):],
-                                                          kind, beta, temperature))
-    targets_of = (lambda i: ()) if t is None else (lambda i: (t[i : i + n],))
-    out = mx.concatenate([chunk(a[i : i + n], weight, *targets_of(i), *(r[i : i + n] for r in rows), *fixed)
+    y = mx.zeros((N,), mx.int32) if t is None else t  # mx.checkpoint takes arrays only; unused without targets
+
+    def compute(x: mx.array, w: mx.array, y: mx.array, *teacher: mx.array) -> mx.array:
+        return _distill_chunk(x, w, None if t is None else y, teacher, kind, beta, temperature)
+
+    chunk = mx.checkpoint(compute)
+    out = mx.concatenate([chunk(a[i : i + n], weight, y[i : i + n], *(r[i : i + n] for r in rows), *fixed)
                           for i in range(0, N, n)]).reshape(*shape, 2)
     if mask is not None:
         out = out * mask[..., None]
