@@ -145,7 +145,11 @@ def student_spec(cfg: DistillConfig, teacher_spec: Any, tokenizer: Any) -> tuple
 
     if cfg.student:
         folder = resolve_model(cfg.student)
-        return read_model(folder).spec, folder
+        model = read_model(folder)
+        if model.quantization:  # its quantized layers could not train, and the written student would lack them
+            raise ConfigError(f"--student {cfg.student} is a quantized model; distillation trains every weight of a "
+                              "float student.", hint="Distill into the float model, then `llmctl quantize` the result.")
+        return model.spec, folder
     from llmctl.commands.train import TrainConfig
     from llmctl.pretrain import _spec
 
