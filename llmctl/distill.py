@@ -238,10 +238,12 @@ def write_cache(folder: Path, teacher: Any, backend: str, splits: dict[str, Batc
         from llmctl.backends.mlx.objectives import DeviceBatch, teacher_topk
 
         to_device, to_numpy = DeviceBatch.of, np.asarray
+    from llmctl.io.outputs import write_error
+
     tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     try:
+        tmp.mkdir(parents=True)
         total = sum(b.rows for b in splits.values())
         with ui.progress(total, f"teacher top-{k}", log_every=max(1, total // 10)) as bar:
             for name, batch in splits.items():
@@ -260,6 +262,9 @@ def write_cache(folder: Path, teacher: Any, backend: str, splits: dict[str, Batc
         (tmp / "cache.json").write_text(json.dumps({"k": k, "temperature": temperature, "rows": rows}))
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(tmp, folder)
+    except OSError as e:  # a full disk: say which folder, and leave no half cache behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise (write_error(e, folder) or e) from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
