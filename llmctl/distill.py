@@ -153,7 +153,10 @@ def student_spec(cfg: DistillConfig, teacher_spec: Any, tokenizer: Any) -> tuple
     from llmctl.commands.train import TrainConfig
     from llmctl.pretrain import _spec
 
-    shape = load_recipe(TrainConfig, "train", cfg.student_recipe, [], {})
+    try:
+        shape = load_recipe(TrainConfig, "train", cfg.student_recipe, [], {})
+    except ConfigError as e:
+        raise ConfigError(f"--student-recipe {cfg.student_recipe}: {e.message}", hint=e.hint) from None
     if shape.model.from_:
         raise ConfigError(f"--student-recipe {cfg.student_recipe}: the recipe continues model.from={shape.model.from_}; "
                           "a student recipe gives a shape (dim, n_layers, n_heads, ...).", hint="Use --student DIR for that model.")
