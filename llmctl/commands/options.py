@@ -29,3 +29,12 @@ class GGUFType(str, enum.Enum):
     q4_1 = "q4_1"
     q5_0 = "q5_0"
     q5_1 = "q5_1"
+
+
+class DistillLoss(str, enum.Enum):
+    """The divergence of a student to its teacher (`distill --loss`, and the recovery step of `prune`)."""
+
+    kl = "kl"                  # KL(teacher || student): mean-seeking, the classic distillation loss
+    reverse_kl = "reverse-kl"  # KL(student || teacher): mode-seeking (MiniLLM)
+    jsd = "jsd"                # generalized Jensen-Shannon with weight `beta` (GKD)
+    skew_kl = "skew-kl"        # KL(teacher || skew * teacher + (1 - skew) * student) (DistiLLM)

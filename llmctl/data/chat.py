@@ -217,9 +217,7 @@ class PackedBatches:
     def batch(self, step: int, part: int, parts: int) -> Batch:
         rows = self.batch_size // parts
         first = step * self.batch_size + part * rows
-        idx = [self._row(first + i) for i in range(rows)]
-        t = self.train
-        return Batch(t.input_ids[idx], t.targets[idx], t.loss_mask[idx], t.segment_ids[idx])
+        return self.train.take([self._row(first + i) for i in range(rows)])
 
     def val_batches(self, rows: int) -> Iterator[Batch]:
         for i in range(0, min(self.val.rows, rows * self.eval_batches), rows):

@@ -11,6 +11,20 @@ IGNORE = -100  # target id of a position that has no target (padding); its loss 
 
 
 @dataclass
+class TopK:
+    """A teacher's K most likely next tokens at each position, their log-probabilities and the log of the mass left
+    to the rest of the vocabulary (what distillation needs of a teacher when it is cached instead of run)."""
+
+    ids: np.ndarray        # (..., K) int32
+    logprobs: np.ndarray   # (..., K) float32
+    rest: np.ndarray       # (...,) float32; a very negative number (never -inf) when K covers the vocabulary
+
+    def take(self, rows: np.ndarray | list[int] | slice) -> TopK:
+        # copies: the cache is a read-only memory map, and a batch is handed to frameworks that may write
+        return TopK(np.array(self.ids[rows]), np.array(self.logprobs[rows]), np.array(self.rest[rows]))
+
+
+@dataclass
 class Batch:
     """Rows of tokens with what to predict at each position.
 
@@ -24,6 +38,7 @@ class Batch:
     targets: np.ndarray              # (B, T) int64
     loss_mask: np.ndarray            # (B, T) float32
     segment_ids: np.ndarray | None = None  # (B, T) int32
+    topk: TopK | None = None         # the teacher's cached top-K at each position (distillation), (B, T, K)
 
     @classmethod
     def from_windows(cls, windows: np.ndarray) -> Batch:
@@ -51,8 +66,13 @@ class Batch:
         return (idx - first).astype(np.int64)
 
     def slice(self, start: int, stop: int) -> Batch:
-        seg = None if self.segment_ids is None else self.segment_ids[start:stop]
-        return Batch(self.input_ids[start:stop], self.targets[start:stop], self.loss_mask[start:stop], seg)
+        return self.take(slice(start, stop))
+
+    def take(self, rows: np.ndarray | list[int] | slice) -> Batch:
+        """The chosen rows (a slice or row indices)."""
+        seg = None if self.segment_ids is None else self.segment_ids[rows]
+        topk = None if self.topk is None else self.topk.take(rows)
+        return Batch(self.input_ids[rows], self.targets[rows], self.loss_mask[rows], seg, topk)
 
 
 def pack(examples: Sequence[tuple[Sequence[int], Sequence[float]]], seq_len: int, pad_id: int = 0) -> Batch:

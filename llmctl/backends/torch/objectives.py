@@ -3,6 +3,7 @@ and divergences between two models' next-token distributions, never making the (
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,6 +14,7 @@ from torch.utils.checkpoint import checkpoint
 from llmctl.training.batch import Batch
 
 CHUNK = 1 << 22  # logits per chunk (16 MB in float32)
+NEG = -1e30      # log 0 where -inf would make 0 * log 0 a NaN (a top-K that covers the vocabulary leaves no rest)
 
 
 @dataclass
@@ -24,6 +26,9 @@ class DeviceBatch:
     loss_mask: Tensor
     segment_ids: Tensor | None
     positions: Tensor | None
+    topk_ids: Tensor | None = None        # a teacher's cached top-K (training.batch.TopK), (B, T, K) int64
+    topk_logprobs: Tensor | None = None   # (B, T, K)
+    topk_rest: Tensor | None = None       # (B, T)
 
     @classmethod
     def of(cls, batch: Batch, device: torch.device) -> DeviceBatch:
@@ -31,7 +36,10 @@ class DeviceBatch:
             return None if a is None else torch.from_numpy(a).to(device)
 
         targets = batch.targets.clip(min=0)
-        return cls(put(batch.input_ids), put(targets), put(batch.loss_mask), put(batch.segment_ids), put(batch.positions()))
+        topk = batch.topk
+        cached = () if topk is None else (put(topk.ids).long(), put(topk.logprobs), put(topk.rest))
+        return cls(put(batch.input_ids), put(targets), put(batch.loss_mask), put(batch.segment_ids), put(batch.positions()),
+                   *cached)
 
     def model_inputs(self) -> dict[str, Any]:
         return {"segment_ids": self.segment_ids, "positions": self.positions}
@@ -60,44 +68,97 @@ def token_logprobs(h: Tensor, weight: Tensor, targets: Tensor, mask: Tensor | No
     return out if mask is None else out * mask
 
 
-def _divergence_chunk(h: Tensor, weight: Tensor, h_ref: Tensor, weight_ref: Tensor, kind: str, beta: float) -> Tensor:
-    logp = (h @ weight.to(h.dtype).t()).float().log_softmax(-1)                # the trained model, (n, V)
-    with torch.no_grad():
-        logq = (h_ref @ weight_ref.to(h_ref.dtype).t()).float().log_softmax(-1)  # the reference / teacher
-    return divergence_from_logprobs(logp, logq, kind, beta)
-
-
 def divergence_from_logprobs(logp: Tensor, logq: Tensor, kind: str, beta: float = 0.5) -> Tensor:
     """Per-row divergence between the trained model p and the teacher q (log-probabilities, (..., V)).
 
     forward_kl: KL(q || p) (mean-seeking, the usual distillation loss); reverse_kl: KL(p || q) (mode-seeking);
-    jsd: the generalized Jensen-Shannon divergence beta KL(q || m) + (1 - beta) KL(p || m), m = beta q + (1 - beta) p.
+    jsd: the generalized Jensen-Shannon divergence beta KL(q || m) + (1 - beta) KL(p || m), m = beta q + (1 - beta) p;
+    skew_kl: DistiLLM's skewed KL, KL(q || beta q + (1 - beta) p) (beta is the skew: 0 is forward_kl; it keeps the
+    divergence finite and its gradient bounded where the student gives a teacher's token almost no mass).
     """
     if kind == "forward_kl":
         return (logq.exp() * (logq - logp)).sum(-1)
     if kind == "reverse_kl":
         return (logp.exp() * (logp - logq)).sum(-1)
-    if kind == "jsd":
-        if not 0 < beta < 1:  # m is p or q itself: the divergence is 0
+    if kind in ("jsd", "skew_kl"):
+        if not 0 <= beta < 1 or (kind == "jsd" and beta == 0):  # m is p or q itself: the divergence is 0
             return torch.zeros(logp.shape[:-1], device=logp.device)
-        logm = torch.logsumexp(torch.stack([logq + torch.log(torch.tensor(beta)), logp + torch.log(torch.tensor(1 - beta))]), 0)
-        return beta * (logq.exp() * (logq - logm)).sum(-1) + (1 - beta) * (logp.exp() * (logp - logm)).sum(-1)
-    raise ValueError(f"unknown divergence {kind!r}; expected forward_kl, reverse_kl or jsd")
+        logm = torch.logaddexp(logq + math.log(beta), logp + math.log1p(-beta)) if beta > 0 else logp
+        kl_q = (logq.exp() * (logq - logm)).sum(-1)
+        return kl_q if kind == "skew_kl" else beta * kl_q + (1 - beta) * (logp.exp() * (logp - logm)).sum(-1)
+    raise ValueError(f"unknown divergence {kind!r}; expected forward_kl, reverse_kl, jsd or skew_kl")
+
+
+def fold_topk(logp: Tensor, ids: Tensor) -> Tensor:
+    """Log-probabilities (n, V) folded onto a teacher's top-K ids (n, K) and one bucket for the rest: (n, K + 1)."""
+    rest = logp.scatter(1, ids, NEG).logsumexp(-1, keepdim=True)
+    return torch.cat([logp.gather(1, ids), rest], -1)
+
+
+def _distill_chunk(h: Tensor, weight: Tensor, targets: Tensor | None, teacher: tuple[Tensor, ...], kind: str, beta: float,
+                   temperature: float) -> Tensor:
+    logits = (h @ weight.to(h.dtype).t()).float()                               # the trained model, (n, V)
+    logp = (logits / temperature).log_softmax(-1)
+    if len(teacher) == 2:  # a frozen model's hidden states and head
+        h_ref, weight_ref = teacher
+        with torch.no_grad():
+            logq = ((h_ref @ weight_ref.to(h_ref.dtype).t()).float() / temperature).log_softmax(-1)
+    else:  # its cached top-K: both distributions are compared on those K tokens and the rest of the vocabulary
+        ids, logprobs, rest = teacher
+        logp, logq = fold_topk(logp, ids), torch.cat([logprobs, rest[:, None]], -1)
+    d = divergence_from_logprobs(logp, logq, kind, beta)
+    ce = torch.zeros_like(d) if targets is None else -logits.log_softmax(-1).gather(1, targets[:, None])[:, 0]
+    return torch.stack([d, ce], -1)                                             # (n, 2)
+
+
+def token_distill(h: Tensor, weight: Tensor, targets: Tensor | None, teacher: tuple[Tensor, ...], kind: str = "forward_kl",
+                  beta: float = 0.5, temperature: float = 1.0, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Per-position divergence to a teacher's next-token distribution, both at `temperature`, and cross-entropy of the
+    targets (0 without targets), chunked like `token_logprobs`; each (...), 0 where mask is 0.
+
+    h (..., D) and weight belong to the trained model; the teacher is a frozen model's (h_ref (..., D_ref), weight_ref),
+    or its cached top-K (ids (..., K), log-probabilities (..., K), log of the rest's mass (...)).
+    """
+    shape = h.shape[:-1]
+    a = h.reshape(-1, h.shape[-1])
+    t = None if targets is None else targets.reshape(-1)
+    if len(teacher) == 2:
+        rows, fixed = (teacher[0].detach().reshape(len(a), -1),), (teacher[1].detach(),)
+    else:
+        rows, fixed = (teacher[0].reshape(len(a), -1), teacher[1].reshape(len(a), -1), teacher[2].reshape(-1)), ()
+    n = _rows(len(weight))
+    parts = []
+    for i in range(0, len(a), n):
+        args = (a[i : i + n], weight, None if t is None else t[i : i + n], tuple(r[i : i + n] for r in rows) + fixed,
+                kind, beta, temperature)
+        parts.append(checkpoint(_distill_chunk, *args, use_reentrant=False) if torch.is_grad_enabled() else _distill_chunk(*args))
+    out = torch.cat(parts).view(*shape, 2)
+    if mask is not None:
+        out = out * mask[..., None]
+    return out[..., 0], out[..., 1]
 
 
 def token_divergence(h: Tensor, weight: Tensor, h_ref: Tensor, weight_ref: Tensor, kind: str = "forward_kl",
-                     beta: float = 0.5, mask: Tensor | None = None) -> Tensor:
-    """Per-position divergence between two models' next-token distributions on the same positions, chunked like
-    `token_logprobs`: h (..., D) and weight of the trained model, h_ref (..., D_ref) and weight_ref of the frozen one."""
-    shape = h.shape[:-1]
-    a, b = h.reshape(-1, h.shape[-1]), h_ref.reshape(-1, h_ref.shape[-1]).detach()
-    n = _rows(len(weight))
-    wr = weight_ref.detach()
-    parts = [checkpoint(_divergence_chunk, a[i : i + n], weight, b[i : i + n], wr, kind, beta, use_reentrant=False)
-             if torch.is_grad_enabled() else _divergence_chunk(a[i : i + n], weight, b[i : i + n], wr, kind, beta)
-             for i in range(0, len(a), n)]
-    out = torch.cat(parts).view(shape)
-    return out if mask is None else out * mask
+                     beta: float = 0.5, mask: Tensor | None = None, temperature: float = 1.0) -> Tensor:
+    """Per-position divergence between two models' next-token distributions on the same positions (`token_distill`)."""
+    return token_distill(h, weight, None, (h_ref, weight_ref), kind, beta, temperature, mask)[0]
+
+
+@torch.no_grad()
+def teacher_topk(teacher: torch.nn.Module, batch: DeviceBatch, k: int, temperature: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
+    """A frozen model's top-k next tokens at each position at `temperature`: ids (B, T, k), their log-probabilities
+    (B, T, k) and the log of the mass left to the rest of the vocabulary (B, T), what `token_distill` takes."""
+    h, _ = teacher(batch.input_ids, head=False, return_aux=True, **batch.model_inputs())
+    a, w = h.reshape(-1, h.shape[-1]), teacher.head_weight()
+    n = _rows(len(w))
+    parts = []
+    for i in range(0, len(a), n):
+        logq = ((a[i : i + n] @ w.to(a.dtype).t()).float() / temperature).log_softmax(-1)   # (n, V)
+        values, ids = logq.topk(k, -1)
+        parts.append((ids, values, logq.scatter(1, ids, NEG).logsumexp(-1)))
+    ids, values, rest = (torch.cat(x) for x in zip(*parts))
+    B, T = batch.input_ids.shape
+    return ids.view(B, T, k), values.view(B, T, k), rest.view(B, T)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -127,22 +188,38 @@ class NextToken:
 
 
 class Distill:
-    """A divergence to a frozen teacher's next-token distribution on the same positions (see `token_divergence`)."""
+    """Knowledge distillation: alpha * T^2 * a divergence to a frozen teacher's next-token distribution at temperature
+    T + (1 - alpha) * the next-token loss, on the positions of the loss mask (see `token_distill`).
 
-    def __init__(self, teacher: torch.nn.Module, kind: str = "forward_kl", beta: float = 0.5) -> None:
-        self.teacher, self.kind, self.beta = teacher, kind, beta
+    teacher None: every batch carries the teacher's cached top-K instead. Sums over target tokens like `NextToken`;
+    the metrics "kd" and "ce" are the two terms before weighting.
+    """
+
+    def __init__(self, teacher: torch.nn.Module | None, kind: str = "forward_kl", beta: float = 0.5,
+                 temperature: float = 1.0, alpha: float = 1.0) -> None:
+        self.teacher, self.kind, self.beta, self.temperature, self.alpha = teacher, kind, beta, temperature, alpha
 
     def units(self, batch: Batch) -> int:
         return batch.target_count
 
     def __call__(self, model: torch.nn.Module, batch: DeviceBatch) -> tuple[Tensor, dict[str, Tensor]]:
-        h, _ = model(batch.input_ids, head=False, return_aux=True, **batch.model_inputs())
-        with torch.no_grad():
-            h_ref, _ = self.teacher(batch.input_ids, head=False, return_aux=True, **batch.model_inputs())
-        d = token_divergence(h, unwrap(model).head_weight(), h_ref, self.teacher.head_weight(), self.kind, self.beta,
-                             batch.loss_mask)
-        loss = d.sum()
-        return loss, {"loss": loss.detach()}
+        h, aux = model(batch.input_ids, head=False, return_aux=True, **batch.model_inputs())
+        if self.teacher is None:
+            teacher: tuple[Tensor, ...] = (batch.topk_ids, batch.topk_logprobs, batch.topk_rest)
+        else:
+            with torch.no_grad():
+                h_ref, _ = self.teacher(batch.input_ids, head=False, return_aux=True, **batch.model_inputs())
+            teacher = (h_ref, self.teacher.head_weight())
+        d, ce = token_distill(h, unwrap(model).head_weight(), batch.targets, teacher, self.kind, self.beta,
+                              self.temperature, batch.loss_mask)
+        kd, ce = d.sum(), ce.sum()
+        loss = self.alpha * self.temperature**2 * kd + (1 - self.alpha) * ce
+        metrics = {"loss": loss.detach(), "kd": kd.detach(), "ce": ce.detach()}
+        if aux is None:
+            return loss, metrics
+        units = batch.loss_mask.count_nonzero()
+        metrics["aux_loss"] = aux.detach() * units
+        return loss + aux * units, metrics
 
 
 def sequence_logprobs(model: torch.nn.Module, batch: DeviceBatch) -> Tensor:
