@@ -101,8 +101,9 @@ def width_plan(spec: ModelSpec, ratio: float) -> WidthPlan:
     """`ratio` of the key/value groups (rounded; each goes with its query heads), then MLP channels, the same number in
     every block, until `ratio` of the blocks' parameters is gone.
 
-    Heads stay where they cannot go: one key/value group (MQA), or Qwen2, whose config.json has no head_dim to keep the
-    heads' width once their number changes; the MLP then takes the whole share.
+    Heads stay where they cannot go: one key/value group (MQA); Qwen2, whose config.json has no head_dim to keep the
+    heads' width once their number changes; or no number of groups leaves a head count that divides the width. The
+    MLP then takes the whole share.
     """
     _check_ratio(ratio)
     if spec.n_experts:
@@ -120,6 +121,10 @@ def width_plan(spec: ModelSpec, ratio: float) -> WidthPlan:
         )
     if kv_groups >= spec.n_kv_heads:
         raise ConfigError(f"--ratio {ratio} would remove every attention head.", hint="Pass a smaller --ratio.")
+    if kv_groups:
+        # transformers' Llama config wants hidden_size divisible by the heads left: the nearest count that allows it
+        fits = [k for k in range(1, spec.n_kv_heads) if spec.dim % (spec.n_heads - k * group) == 0]
+        kv_groups = min(fits, key=lambda k: (abs(k - kv_groups), k)) if fits else 0
     target = ratio * block_params(spec)
     channels = round((target - kv_groups * group_params) / (3 * spec.dim))
     if channels >= spec.ffn_dim:
