@@ -6,11 +6,14 @@ on the torch backend; the checks here run before any weights are read, so bad re
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
 from llmctl.errors import ConfigError, UnsupportedModel
 from llmctl.spec import ModelSpec
+
+ALIGN = 32  # a width-pruned MLP keeps a multiple of this many channels when it had one: quantization groups, GGUF blocks
 
 
 @dataclass(frozen=True)
@@ -130,6 +133,8 @@ def width_plan(spec: ModelSpec, ratio: float) -> WidthPlan:
     if channels >= spec.ffn_dim:
         raise ConfigError(f"--ratio {ratio} would remove every MLP channel.", hint="Pass a smaller --ratio.")
     channels = max(channels, 0)
+    if spec.ffn_dim % ALIGN == 0 and spec.ffn_dim - channels >= ALIGN:  # keep the MLP quantizable (a tie removes more)
+        channels = spec.ffn_dim - ALIGN * math.ceil((spec.ffn_dim - channels) / ALIGN - 0.5)
     removed = kv_groups * group_params + 3 * spec.dim * channels
     return WidthPlan(kv_groups, channels, removed / block_params(spec))
 
