@@ -79,15 +79,16 @@ def sparsegpt_weight(
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
         W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
-        saliency = lambda: W1**2 / U1.diagonal()[None, :] ** 2  # noqa: E731  (out, block) OBS error of each weight
+        d2 = U1.diagonal()[None, :] ** 2  # w^2 / d2: the OBS error of removing each weight of the block
         mask = torch.zeros_like(W1, dtype=torch.bool)
         if pattern is None:
-            scores = saliency().flatten()
+            scores = (W1**2 / d2).flatten()
             mask.view(-1)[scores.topk(round(sparsity * scores.numel()), largest=False).indices] = True
         errors = torch.empty_like(W1)
         for i in range(i2 - i1):
             if pattern is not None and i % pattern.m == 0:
-                mask[:, i : i + pattern.m] = lowest(saliency()[:, i : i + pattern.m], 0.0, pattern)
+                span = slice(i, i + pattern.m)
+                mask[:, span] = lowest(W1[:, span] ** 2 / d2[:, span], 0.0, pattern)
             w = W1[:, i]
             q = w.masked_fill(mask[:, i], 0.0)
             errors[:, i] = (w - q) / U1[i, i]
