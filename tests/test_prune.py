@@ -217,3 +217,12 @@ def test_bad_input_is_a_clear_error(tmp_path, args, message):
     assert result.exit_code == 1, result.output
     assert message in " ".join(result.output.split()), result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_an_existing_out_or_an_input_as_out_is_refused(tmp_path):
+    (tmp_path / "out").mkdir()
+    result = prune_cli("--model", STORIES, "--out", tmp_path / "out", "--method", "magnitude")
+    assert result.exit_code == 1 and "already exists" in result.output, result.output
+    result = prune_cli("--model", STORIES, "--out", STORIES, "--method", "magnitude", "--force")
+    assert result.exit_code == 1, result.output
+    assert (STORIES / "model.safetensors").is_file()
