@@ -10,7 +10,7 @@ before it. Rows: each of magnitude, wanda and sparsegpt at 25%, 50%, 70% and 2:4
 (`llmctl prune`, timed in a fresh process). For each result: perplexity, mean KL to full and top-1 agreement, prune
 wall time, file size, and decode (64 new tokens after a short prompt) and prompt tokens/s from `llmctl generate
 --json` (best of 2), beside the original's in the same run. Unstructured zeros are stored dense, so only depth and
-width change size and speed. 1 thread everywhere (a busy machine slows every row alike). Markdown tables are printed
+width change size and speed (the other rows repeat the original's). 1 thread everywhere (a busy machine slows every row alike). Markdown tables are printed
 and the raw numbers written as JSON to --out-dir.
 """
 
@@ -33,6 +33,7 @@ quantize_quality.ENV["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])  #
 ROWS = {f"{method}-{target}": ["--method", method, *(["--pattern", target] if ":" in target else ["--sparsity", target])]
         for method in ("magnitude", "wanda", "sparsegpt") for target in ("0.25", "0.5", "0.7", "2:4")}
 ROWS |= {"depth-0.25": ["--structured", "depth", "--ratio", "0.25"], "width-0.25": ["--structured", "width", "--ratio", "0.25"]}
+SPEED = ("decode_tokens_per_s", "prompt_tokens_per_s")
 PROMPT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\nFirst Citizen:\n"
 
 
@@ -44,7 +45,7 @@ def isa() -> str:
 
 def speed(model: Path) -> dict:
     """Best decode and prompt tokens/s of two `llmctl generate --json` runs, greedy."""
-    best = {"decode_tokens_per_s": 0.0, "prompt_tokens_per_s": 0.0}
+    best = dict.fromkeys(SPEED, 0.0)
     for _ in range(2):
         out, _ = llmctl("generate", "--model", str(model), "--prompt", PROMPT, "--max-tokens", "64", "--temperature", "0",
                         "--backend", "torch", "--json")
@@ -82,7 +83,10 @@ def main() -> None:
                                 f"calib.samples={opts.calib_samples}", *ROWS[name])
         out, _ = llmctl("eval", "--model", str(model), *eval_args)
         scores = json.loads(out[out.index("{"):])
-        row = {"name": name, "prune_s": seconds, "bytes": size(model), **speed(model), **scores}
+        # unstructured zeros are stored (and multiplied) dense: their speed is the original's, measured once
+        dense = name != "full" and name not in ("depth-0.25", "width-0.25")
+        row = {"name": name, "prune_s": seconds, "bytes": size(model), **scores}
+        row |= {k: results[0][k] for k in SPEED} if dense else speed(model)
         results.append(row)
         print(f"  {name:16s} ppl {row['perplexity']:9.3f}  kl {row.get('kl_mean', 0.0):.4f}  prune {seconds:6.1f}s  "
               f"decode {row['decode_tokens_per_s']:.1f} tok/s", file=sys.stderr, flush=True)
