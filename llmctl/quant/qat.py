@@ -1,6 +1,8 @@
 """Quantization-aware training: each quantized linear computes with its weights on the affine grid in the forward
 pass; straight-through gradients reach the float weights, and each group's scale and bias are learned (LSQ+,
-Bhalgat et al. 2020). Runs on the training engine; the result is written as `llmctl quantize` writes RTN."""
+Bhalgat et al. 2020) relative to round-to-nearest's: Adam moves every parameter by about the learning rate per step,
+which is a small change of a weight but would be most of a 4-bit step. Runs on the training engine; the result is
+written as `llmctl quantize` writes RTN."""
 
 from __future__ import annotations
 
@@ -25,12 +27,16 @@ class FakeQuantLinear(nn.Module):
         self.weight, self.bias = linear.weight, linear.bias
         self.bits, self.group_size, self.in_features, self.out_features = bits, group_size, linear.in_features, linear.out_features
         _, scales, biases = kernels.quantize(linear.weight.detach().float().contiguous(), group_size, bits)  # RTN's grid
-        self.scales, self.biases = nn.Parameter(scales.float()), nn.Parameter(biases.float())
+        self.register_buffer("rtn_scales", scales.float(), persistent=False)
+        self.register_buffer("rtn_biases", biases.float(), persistent=False)
+        self.log_scale = nn.Parameter(torch.zeros_like(self.rtn_scales))  # the scale is rtn_scales * exp(log_scale)
+        self.shift = nn.Parameter(torch.zeros_like(self.rtn_biases))  # the bias is rtn_biases + rtn_scales * shift
 
     def _codes(self) -> tuple[Tensor, Tensor, Tensor]:
         """Codes (out, in / g, g) as floats with a straight-through round, and the scales and biases (out, in / g, 1).
         MLX's scales are negative where a group's largest magnitude is its maximum: codes count down from it."""
-        s, b = self.scales[..., None], self.biases[..., None]
+        s = (self.rtn_scales * self.log_scale.exp())[..., None]
+        b = (self.rtn_biases + self.rtn_scales * self.shift)[..., None]
         w = self.weight.view(self.out_features, -1, self.group_size)
         x = ((w - b) / s).clamp(0, 2**self.bits - 1)  # the C++ rounding: clamp, then round half to even
         return x + (x.round() - x).detach(), s, b
@@ -98,7 +104,7 @@ def train_qat(model_path: Path, layers: Mapping[str, Any], cfg: Any, run_path: P
 def export_qat(model: Transformer) -> tuple[dict[str, Triple], dict[str, Tensor]]:
     """The MLX-layout triple of every fake-quantized layer, and every other (float) parameter as trained."""
     triples = {path: m.triple() for path, m in model.named_modules() if isinstance(m, FakeQuantLinear)}
-    quantized = {f"{path}.{name}" for path in triples for name in ("weight", "scales", "biases")}
+    quantized = {f"{path}.{name}" for path in triples for name in ("weight", "log_scale", "shift")}
     floats = {name: t.detach() for name, t in model.state_dict().items() if name not in quantized}
     if model.spec.tie_embeddings:
         floats.pop("lm_head.weight", None)
