@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
+SHARED = Path(os.environ.get("LLMCTL_SHARED", ROOT.parent / "shared"))  # shared/ beside the checkout, or $LLMCTL_SHARED
 STORIES = SHARED / "models" / "stories260K-hf"
 SHAKESPEARE = SHARED / "data" / "tinyshakespeare.txt"
 SMOLLM2_GGUF = (Path(os.environ.get("LLMCTL_TEST_MODELS") or Path.home() / ".cache" / "llmctl" / "test-models")
@@ -114,7 +114,7 @@ def prepare(name: str, work: Path, opts: argparse.Namespace) -> dict:
         if not SMOLLM2_GGUF.is_file():
             raise FileNotFoundError(f"{SMOLLM2_GGUF} is missing: run tests/test_gguf.py once (it caches it) or set LLMCTL_TEST_MODELS")
         full = folder / "full"
-        _, seconds = llmctl("convert", str(SMOLLM2_GGUF), "--out", str(full), "--dtype", "fp32")
+        _, seconds = llmctl("convert", str(SMOLLM2_GGUF), "--out", str(full), "--dtype", "fp32", "--force")
         print(f"  converted {SMOLLM2_GGUF.name} -> fp32 in {seconds:.1f}s", file=sys.stderr, flush=True)
         whole = SHAKESPEARE.read_text()
         cut = whole.index("\n", len(whole) - EVAL_BYTES) + 1

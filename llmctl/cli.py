@@ -10,7 +10,7 @@ import typer
 
 from llmctl import __version__
 from llmctl.commands import chat, generate, info, train
-from llmctl.commands import convert, distill, finetune_lora, merge, quantize, serve
+from llmctl.commands import convert, distill, finetune_lora, merge, prune, quantize, serve
 from llmctl.commands import eval as evaluate
 
 app = typer.Typer(
@@ -64,6 +64,7 @@ app.command(name="chat")(handled(chat.chat))
 app.command(name="eval")(handled(evaluate.eval_command))
 app.command(name="convert")(handled(convert.convert))
 app.command(name="quantize")(handled(quantize.quantize))
+app.command(name="prune")(handled(prune.prune))
 app.command(name="finetune-lora")(handled(finetune_lora.finetune_lora))
 app.command(name="distill")(handled(distill.distill))
 app.command(name="merge")(handled(merge.merge))

@@ -234,9 +234,12 @@ def stories(tmp_path_factory) -> dict:
     model = get_backend("torch").load(STORIES).module
     tokenizer = Tokenizer.from_dir(STORIES)
     texts = {}
-    for seed, name in enumerate(("calib", "heldout")):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a session fixture starts before the module's one-thread fixture; sampling is 20x slower
+    for seed, name in enumerate(("calib", "heldout")):  # with a second thread on a busy machine
         texts[name] = root / f"{name}.txt"
         texts[name].write_text("\n\n".join(sample_texts(model, tokenizer, 24, 256, seed)), encoding="utf-8")
+    torch.set_num_threads(threads)
     ids, n_bytes = tokens_and_bytes(tokenizer, texts["heldout"].read_text(encoding="utf-8"), HELD_OUT)
     assert len(ids) == HELD_OUT + 1
     return {"model": model, "calib": calibration_tokens(tokenizer, texts["calib"], CALIB_ROWS, 128),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import fnmatch
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,7 +13,8 @@ from typing import Annotated, Any
 import typer
 
 from llmctl.backends import Backend
-from llmctl.commands.options import GGUFType
+from llmctl.commands.options import DType, GGUFType
+from llmctl.training.config import DataConfig, LoopConfig, OptimConfig
 
 
 class Method(str, enum.Enum):
@@ -20,6 +22,7 @@ class Method(str, enum.Enum):
     awq = "awq"    # activation-aware scaling of salient input channels (calibrated)
     gptq = "gptq"  # second-order error compensation, column by column (calibrated)
     nf4 = "nf4"    # QLoRA's 4-bit NormalFloat, absmax per block
+    qat = "qat"    # quantization-aware training on --data: the quantizer in the forward pass, scales learned
 
 
 class Format(str, enum.Enum):
@@ -51,6 +54,10 @@ class QuantizeConfig:
     calib: CalibConfig = field(default_factory=CalibConfig)
     format: Format = Format.folder
     gguf_type: GGUFType = GGUFType.q4_0  # --format gguf: the type of the weight matrices
+    # qat: training text (data.train is --data), optimizer and loop as `llmctl train` has them, tuned for a short run
+    data: DataConfig = field(default_factory=lambda: DataConfig(seq_len=256, batch_size=8))
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, weight_decay=0.0, warmup_steps=10))
+    train: LoopConfig = field(default_factory=lambda: LoopConfig(steps=100, dtype=DType.fp32, save_every=0))
     out: Path = Path("")
 
 
@@ -60,8 +67,10 @@ def quantize(
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Output folder (or FILE.gguf with --format gguf).")] = None,
     bits: Annotated[int | None, typer.Option(help="Bits per weight: 2, 3, 4, 5, 6, 8.")] = None,
     group_size: Annotated[int | None, typer.Option(help="Weights per scale: 32, 64, 128.")] = None,
-    method: Annotated[Method | None, typer.Option(help="rtn, awq, gptq (calibrated) or nf4.")] = None,
+    method: Annotated[Method | None, typer.Option(help="rtn, awq, gptq (calibrated), nf4 or qat (trained on --data).")] = None,
     calib: Annotated[str | None, typer.Option(help="Calibration text for awq/gptq (default: built-in).")] = None,
+    data: Annotated[list[str] | None, typer.Option(help="qat: training text (files, folders, globs; repeatable).")] = None,
+    steps: Annotated[int | None, typer.Option(help="qat: optimizer steps.")] = None,
     keep: Annotated[list[str] | None, typer.Option(help="Module glob to keep in float (repeatable; replaces the default embeddings + head).")] = None,
     double_quant: Annotated[bool | None, typer.Option("--double-quant", help="nf4: quantize the block scales too.")] = None,
     format_: Annotated[Format | None, typer.Option("--format", help="folder (mlx-lm layout) or gguf.")] = None,
@@ -80,6 +89,7 @@ def quantize(
         "model": model, "out": out, "quant.bits": bits, "quant.group_size": group_size, "quant.method": method.value if method else None,
         "calib.data": calib, "quant.keep": keep, "quant.double_quant": double_quant,
         "format": format_.value if format_ else None, "gguf_type": type_.value if type_ else None,
+        "data.train": data, "train.steps": steps,
     }  # fmt: skip
     if format_ is None and (type_ is not None or (out is not None and out.suffix == ".gguf")):
         flags["format"] = Format.gguf.value  # --type q4_0 or --out model.gguf mean a GGUF file
@@ -134,8 +144,11 @@ def run(cfg: QuantizeConfig, backend: Backend | str = Backend.auto, force: bool 
             raise CheckpointError(message + "; such weights cannot be quantized.", hint="Quantize a healthy checkpoint (an earlier one of the run).")
         ui.warn(message + "; they stay in float as they are.")
     name = resolve_name(backend)
+    run_folder = None
     if cfg.quant.method in (Method.awq, Method.gptq):
         tensors = _calibrated(cfg, folder, layers, kept + misfits)
+    elif cfg.quant.method == Method.qat:
+        tensors, run_folder = _qat(cfg, folder, layers)
     else:
         import importlib
 
@@ -144,9 +157,15 @@ def run(cfg: QuantizeConfig, backend: Backend | str = Backend.auto, force: bool 
             tensors = quant.quantize_tensors(folder.tensors, layers, on_layer=lambda path: bar.update(layer=path))
     default = _params(cfg.quant)
     entry = config_entry(default, layers)
-    with replacing(cfg.out) as staged:  # the old output (--force) stays until the new one is complete
-        write_model(staged, folder.spec, tensors, folder.folder, folder.dtype, quantization=entry)
-        atomic_write_text(staged / "llmctl_quantize.yaml", to_yaml(cfg))
+    try:
+        with replacing(cfg.out) as staged:  # the old output (--force) stays until the new one is complete
+            write_model(staged, folder.spec, tensors, folder.folder, folder.dtype, quantization=entry)
+            atomic_write_text(staged / "llmctl_quantize.yaml", to_yaml(cfg))
+            if run_folder is not None and (run_folder / "metrics.jsonl").is_file():
+                shutil.copyfile(run_folder / "metrics.jsonl", staged / "qat_metrics.jsonl")
+    finally:
+        if run_folder is not None:
+            shutil.rmtree(run_folder, ignore_errors=True)
     remember_model(cfg.out)
     _summary(folder.tensors, tensors, layers, time.perf_counter() - start, cfg.out)
     return Path(cfg.out)
@@ -226,6 +245,10 @@ def _check(cfg: QuantizeConfig, force: bool) -> None:
         problems.append(f"--group-size {q.group_size} is not supported; choose one of {', '.join(map(str, GROUP_SIZES))}")
     if q.double_quant and q.method != Method.nf4:
         problems.append("--double-quant applies to --method nf4 only")
+    if q.method == Method.qat and not cfg.data.train:
+        problems.append("--method qat trains the model: pass its training text with --data")
+    if q.method == Method.qat and cfg.format == Format.gguf:
+        problems.append("--method qat writes a model folder; convert it to GGUF afterwards with `llmctl convert`")
     if problems:
         raise ConfigError("Cannot quantize:\n  " + "\n  ".join(problems), hint="`llmctl quantize --help` lists the options.")
     if cfg.calib.data and not Path(cfg.calib.data).expanduser().exists():
@@ -236,7 +259,7 @@ def _check(cfg: QuantizeConfig, force: bool) -> None:
     from llmctl.io.outputs import check_output
 
     out = Path(cfg.out)
-    check_output(out, [cfg.model, cfg.calib.data])
+    check_output(out, [cfg.model, cfg.calib.data, *(cfg.data.train if q.method == Method.qat else [])])
     if out.exists() and not force:
         raise ConfigError(f"{out} already exists.", hint="Pass --force to replace it, or choose another --out.")
     if out.is_dir() and cfg.format == Format.gguf:
@@ -266,7 +289,6 @@ def _calibrated(cfg: QuantizeConfig, folder: Any, layers: dict[str, Any], skip: 
 
     from llmctl.backends import get_backend
     from llmctl.io.model_folder import load_tokenizer
-    from llmctl.io.safetensors import from_torch
     from llmctl.quant.calib import calibration_tokens
 
     method = cfg.quant.method.value
@@ -276,6 +298,30 @@ def _calibrated(cfg: QuantizeConfig, folder: Any, layers: dict[str, Any], skip: 
     tokens = calibration_tokens(load_tokenizer(folder.path), cfg.calib.data, cfg.calib.samples, cfg.calib.seq_len, cfg.calib.seed)
     skip_set = set(skip) | {p for p in _all_matrices(folder.tensors) if p not in layers}
     triples, changed = quantizer(model, tokens, cfg.quant.bits, cfg.quant.group_size, skip_set)
+    return _with_triples(folder, layers, triples, changed)
+
+
+def _qat(cfg: QuantizeConfig, folder: Any, layers: dict[str, Any]) -> tuple[dict[str, Any], Path]:
+    """Quantization-aware training on the torch engine; the tensors to write and the run folder (metrics) it used."""
+    from llmctl.io.outputs import temporary_sibling
+    from llmctl.quant.qat import export_qat, train_qat
+    from llmctl.training.config import check
+
+    check(cfg.data, cfg.optim, cfg.train)
+    run_folder = temporary_sibling(Path(cfg.out), "qat")  # removed once the output is written
+    try:
+        model = train_qat(folder.path, layers, cfg, run_folder)
+        return _with_triples(folder, layers, *export_qat(model)), run_folder
+    except BaseException:
+        shutil.rmtree(run_folder, ignore_errors=True)
+        raise
+
+
+def _with_triples(folder: Any, layers: dict[str, Any], triples: dict[str, Any], changed: dict[str, Any]) -> dict[str, Any]:
+    """The folder's tensors with `changed` float parameters replaced and the quantized layers in MLX's layout, in the
+    folder's float dtype; layers the quantizer left in float leave `layers`."""
+    from llmctl.io.safetensors import from_torch
+
     out = dict(folder.tensors)
     for name, value in changed.items():
         stored = folder.tensors.get(name)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from llmctl.errors import ConfigError, OutputError
 
-_STALE = re.compile(r"\.(?P<name>.+)\.(?P<kind>tmp|old|convert)-(?P<pid>\d+)(?P<suffix>\..*)?")
+_STALE = re.compile(r"\.(?P<name>.+)\.(?P<kind>tmp|old|convert|qat)-(?P<pid>\d+)(?P<suffix>\..*)?")
 # errors that mean "this output cannot be written here", as opposed to bugs
 _WRITE_ERRNOS = {
     errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.EEXIST,
