@@ -275,8 +275,9 @@ def write_cache(folder: Path, teacher: Any, backend: str, splits: dict[str, Batc
 
 # -- the run ----------------------------------------------------------------------------------------------------------
 
-def run(cfg: DistillConfig, backend: str, force: bool = False, resume: bool = False) -> Path | None:
-    """Distill; the student's model folder, or None when stopped early (train.stop_at)."""
+def run(cfg: DistillConfig, backend: str, force: bool = False, resume: bool = False, keep_zeros: bool = False) -> Path | None:
+    """Distill; the student's model folder, or None when stopped early (train.stop_at). `keep_zeros`: the student's
+    zero weights in its blocks' matrices stay zero (a sparse-pruned student, torch backend)."""
     from llmctl.data.chat import PackedBatches
     from llmctl.io.hub import resolve_model
     from llmctl.io.model_folder import load_tokenizer, read_model
@@ -339,7 +340,7 @@ def run(cfg: DistillConfig, backend: str, force: bool = False, resume: bool = Fa
             if student_path is None:
                 engine.build(spec)
             else:
-                engine.load(student_path)
+                engine.load(student_path, prepare=keep_zero_weights if keep_zeros else None)
             ui.info(f"student {spec.param_count() / 1e6:.3g}M parameters, teacher {teacher_spec.param_count() / 1e6:.3g}M; "
                     f"{train_rows.rows} {kind} rows of {seq_len} tokens ({train_rows.target_count:,} targets), "
                     f"{val_rows.rows} held out; loss {cfg.loss.kind.value}; {cfg.train.steps} steps -> {run_folder.path}")
@@ -357,12 +358,22 @@ def run(cfg: DistillConfig, backend: str, force: bool = False, resume: bool = Fa
         engine.close()
 
 
+def keep_zero_weights(model: Any) -> None:
+    """Mask the gradient of every zero in the blocks' weight matrices (torch): with a zero gradient from the start,
+    Adam's moments stay zero and so does its update, and decoupled weight decay keeps zero at zero, so the sparsity
+    (and an N:M pattern) of a pruned student survives training exactly."""
+    for name, p in model.named_parameters():
+        if p.dim() == 2 and ".layers." in f".{name}" and bool((p == 0).any()):
+            keep = (p != 0).to(p.dtype)
+            p.register_hook(lambda grad, keep=keep: grad * keep)
+
+
 def distill(teacher: str | Path, student: str | Path | None, data: Sequence[str] | None, steps: int, out: str | Path, *,
             student_recipe: str | None = None, backend: str = "torch", recipe: str = "default",
-            overrides: Sequence[str] = (), force: bool = False) -> Path | None:
+            overrides: Sequence[str] = (), force: bool = False, keep_zeros: bool = False) -> Path | None:
     """Distill `teacher` into `student` (a model folder; or a fresh `student_recipe` shape) for `steps` steps on `data`
     (None: the built-in tasks): what another command (prune --recover) calls in-process. The student's folder."""
     flags = {"teacher": str(teacher), "student": str(student) if student else None, "student_recipe": student_recipe,
              "data.train": list(data) if data else None, "train.steps": steps or None, "out": Path(out)}
     cfg = load_recipe(DistillConfig, "distill", recipe, list(overrides), flags)
-    return run(cfg, backend, force=force)
+    return run(cfg, backend, force=force, keep_zeros=keep_zeros)

@@ -33,6 +33,8 @@ class PruneConfig:
     structured: Structured | None = None  # depth or width: a smaller model instead of zeros
     ratio: float = 0.25               # structured: share of the blocks (depth) or of the blocks' parameters (width)
     calib: CalibConfig = field(default_factory=CalibConfig)
+    recover: int = 0                  # steps of distillation from the original into the pruned model (0: none)
+    recover_lr: float = 1.0e-4        # its peak learning rate (a pretrained model: small steps)
     out: Path = Path("")
 
 
@@ -46,6 +48,8 @@ def prune(
     structured: Annotated[Structured | None, typer.Option(help="depth (whole layers) or width (heads, MLP channels).")] = None,
     ratio: Annotated[float | None, typer.Option(help="--structured: share of the layers or of the blocks' parameters.")] = None,
     calib: Annotated[str | None, typer.Option(help="Calibration text (default: built-in).")] = None,
+    recover: Annotated[int | None, typer.Option(help="Then distill the original into the pruned model for STEPS steps "
+                                                     "on the calibration text (zeros stay zeros).", metavar="STEPS")] = None,
     recipe: Annotated[str, typer.Option("--recipe", "-r", help="Name under recipes/prune/ or a YAML path.")] = "default",
     force: Annotated[bool, typer.Option(help="Overwrite an existing --out.")] = False,
 ) -> None:
@@ -62,6 +66,7 @@ def prune(
     flags = {
         "model": model, "out": out, "method": method.value if method else None, "sparsity": sparsity,
         "pattern": pattern, "structured": structured.value if structured else None, "ratio": ratio, "calib.data": calib,
+        "recover": recover,
     }  # fmt: skip
     run(load_recipe(PruneConfig, "prune", recipe, overrides or [], flags), force)
 
@@ -78,7 +83,10 @@ def run(cfg: PruneConfig, force: bool = False) -> Path:
     folder = _check(cfg, force)
     model, report = prune_model(cfg, folder)
     with replacing(cfg.out) as staged:  # the old output (--force) stays until the new one is complete
-        write_pruned(staged, model, folder)
+        if cfg.recover:
+            recover(cfg, folder, model, staged)
+        else:
+            write_pruned(staged, model, folder)
         atomic_write_text(staged / "llmctl_prune.yaml", to_yaml(cfg))
     remember_model(cfg.out)
     _summary(report, folder.spec, model.spec)
@@ -116,6 +124,34 @@ def prune_model(cfg: PruneConfig, folder: Any) -> tuple[Any, dict[str, Any]]:
     return model, {"sparsity": prune_sparse(model, tokens, cfg.method.value, cfg.sparsity, pattern)}
 
 
+def recover(cfg: PruneConfig, source: Any, model: Any, staged: Path) -> None:
+    """`cfg.recover` steps of `llmctl distill` from the original model (teacher) into the pruned one (student), 8 rows
+    of calib.seq_len tokens a step of the calibration text (default: the built-in sample); an unstructured or N:M
+    student keeps its zeros. The recovered
+    model's folder lands in `staged`; the distillation run (checkpoints, metrics) is scratch, beside it."""
+    import shutil
+    import tempfile
+
+    from llmctl import ui
+    from llmctl.distill import distill
+    from llmctl.quant.calib import calibration_files
+
+    with tempfile.TemporaryDirectory(prefix=".llmctl-recover-", dir=staged.parent) as scratch:
+        pruned = Path(scratch) / "pruned"
+        write_pruned(pruned, model, source)
+        data = [cfg.calib.data] if cfg.calib.data else [str(f) for f in calibration_files(cfg.recover * 8 * cfg.calib.seq_len, cfg.calib.seed)]
+        ui.info(f"recovering: {cfg.recover} steps of distillation from {source.path}")
+        result = distill(source.path, pruned, data, cfg.recover, Path(scratch) / "run", overrides=[f"optim.lr={cfg.recover_lr}", f"data.seq_len={cfg.calib.seq_len}", "data.batch_size=8"],
+                         keep_zeros=cfg.structured is None)  # fmt: skip
+        if result is None:
+            from llmctl.errors import LlmctlError
+
+            raise LlmctlError("the recovery distillation stopped before its last step; nothing was written.")
+        staged.mkdir(parents=True, exist_ok=True)
+        for item in result.iterdir():
+            shutil.move(str(item), staged / item.name)
+
+
 def write_pruned(out: Path, model: Any, source: Any) -> None:
     """The model as an ordinary folder in the source's dtype, with the source's tokenizer files."""
     from llmctl.commands.quantize import _torch_dtype
@@ -139,6 +175,9 @@ def _check(cfg: PruneConfig, force: bool) -> Any:
     check_output(cfg.out, [cfg.model, cfg.calib.data])
     if Path(cfg.out).exists() and not force:
         raise ConfigError(f"{cfg.out} already exists.", hint="Pass --force to replace it, or choose another --out.")
+    if cfg.recover < 0 or cfg.recover_lr <= 0:
+        raise ConfigError(f"--recover {cfg.recover} (recover_lr={cfg.recover_lr}): the steps must be 0 (none) or more "
+                          "and the learning rate positive.")
     folder = read_model(cfg.model)
     if folder.quantization:
         raise CheckpointError(f"{cfg.model} is quantized; llmctl prunes float models.",

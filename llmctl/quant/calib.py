@@ -16,7 +16,7 @@ DEFAULT_SEQ_LEN = 512  # tokens per window
 BYTES_PER_TOKEN = 8  # generous: the default corpus is read until it surely holds enough tokens
 
 
-def _default_files(n_tokens: int, seed: int) -> list[Path]:
+def calibration_files(n_tokens: int, seed: int) -> list[Path]:
     """A seeded sample of the standard library's sources, just large enough for `n_tokens` tokens."""
     files = default_corpus()
     order = np.random.default_rng(seed).permutation(len(files))
@@ -47,7 +47,7 @@ def calibration_tokens(
             hint="Pass a positive number of samples and a sequence length of 2 or more.",
         )
     if path is None:
-        files = _default_files(n_samples * seq_len, seed)
+        files = calibration_files(n_samples * seq_len, seed)
         name = "the default calibration corpus (Python's standard library)"
     else:
         if not Path(path).expanduser().exists():
