@@ -24,6 +24,7 @@ class Batch:
     targets: np.ndarray              # (B, T) int64
     loss_mask: np.ndarray            # (B, T) float32
     segment_ids: np.ndarray | None = None  # (B, T) int32
+    extras: dict[str, np.ndarray] | None = None  # per-row values an objective needs beside the tokens, each (B,)
 
     @classmethod
     def from_windows(cls, windows: np.ndarray) -> Batch:
@@ -52,7 +53,8 @@ class Batch:
 
     def slice(self, start: int, stop: int) -> Batch:
         seg = None if self.segment_ids is None else self.segment_ids[start:stop]
-        return Batch(self.input_ids[start:stop], self.targets[start:stop], self.loss_mask[start:stop], seg)
+        extras = None if self.extras is None else {k: v[start:stop] for k, v in self.extras.items()}
+        return Batch(self.input_ids[start:stop], self.targets[start:stop], self.loss_mask[start:stop], seg, extras)
 
 
 def pack(examples: Sequence[tuple[Sequence[int], Sequence[float]]], seq_len: int, pad_id: int = 0) -> Batch:

@@ -184,6 +184,7 @@ def run(engine: Engine, job: Job) -> bool:
                 val = engine.evaluate(job.objective, job.source.val_batches(max(1, _rows(batches))))
                 engine.set_train(True)
                 record |= {"val_loss": val["loss"], "val_ppl": math.exp(min(val["loss"], 50))}
+                record |= {f"val_{k}": v for k, v in val.items() if k != "loss"}  # e.g. a pair objective's accuracy
             log(record)
             bar.update(1, loss=loss, tok_s=round(tok_s), **({"val": record["val_loss"]} if "val_loss" in record else {}))
             if (cfg.save_every and done % cfg.save_every == 0) or done == end:

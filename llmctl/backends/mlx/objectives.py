@@ -4,7 +4,7 @@ and divergences between two models' next-token distributions, never making the (
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import mlx.core as mx
@@ -24,6 +24,7 @@ class DeviceBatch:
     loss_mask: mx.array
     segment_ids: mx.array | None
     positions: mx.array | None
+    extras: dict[str, mx.array] = field(default_factory=dict)  # the Batch's per-row extras (reference log-probs, labels)
 
     @classmethod
     def of(cls, batch: Batch, device: Any = None) -> DeviceBatch:
@@ -31,8 +32,9 @@ class DeviceBatch:
             return None if a is None else mx.array(a, dtype=dtype)
 
         targets = batch.targets.clip(min=0)
+        extras = {k: put(v, mx.float32) for k, v in (batch.extras or {}).items()}
         return cls(put(batch.input_ids), put(targets), put(batch.loss_mask, mx.float32), put(batch.segment_ids),
-                   put(batch.positions()))
+                   put(batch.positions()), extras)
 
     def model_inputs(self) -> dict[str, Any]:
         return {"segment_ids": self.segment_ids, "positions": self.positions}

@@ -3,7 +3,7 @@ and divergences between two models' next-token distributions, never making the (
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -24,6 +24,7 @@ class DeviceBatch:
     loss_mask: Tensor
     segment_ids: Tensor | None
     positions: Tensor | None
+    extras: dict[str, Tensor] = field(default_factory=dict)  # the Batch's per-row extras (reference log-probs, labels)
 
     @classmethod
     def of(cls, batch: Batch, device: torch.device) -> DeviceBatch:
@@ -31,7 +32,9 @@ class DeviceBatch:
             return None if a is None else torch.from_numpy(a).to(device)
 
         targets = batch.targets.clip(min=0)
-        return cls(put(batch.input_ids), put(targets), put(batch.loss_mask), put(batch.segment_ids), put(batch.positions()))
+        extras = {k: put(v) for k, v in (batch.extras or {}).items()}
+        return cls(put(batch.input_ids), put(targets), put(batch.loss_mask), put(batch.segment_ids), put(batch.positions()),
+                   extras)
 
     def model_inputs(self) -> dict[str, Any]:
         return {"segment_ids": self.segment_ids, "positions": self.positions}
