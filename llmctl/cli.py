@@ -10,7 +10,7 @@ import typer
 
 from llmctl import __version__
 from llmctl.commands import chat, generate, info, train
-from llmctl.commands import convert, finetune_lora, merge, quantize, serve
+from llmctl.commands import align, convert, finetune_lora, merge, quantize, serve
 from llmctl.commands import eval as evaluate
 
 app = typer.Typer(
@@ -65,5 +65,6 @@ app.command(name="eval")(handled(evaluate.eval_command))
 app.command(name="convert")(handled(convert.convert))
 app.command(name="quantize")(handled(quantize.quantize))
 app.command(name="finetune-lora")(handled(finetune_lora.finetune_lora))
+app.command(name="align")(handled(align.align))
 app.command(name="merge")(handled(merge.merge))
 app.command(name="serve")(handled(serve.serve))

@@ -58,3 +58,24 @@ def task_records(seed: int = 0, n_train: int = 2000, n_val: int = 100) -> tuple[
         return [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
 
     return [conv(q, a) for q, a in train_pairs], [conv(q, a) for q, a in val_pairs]
+
+
+def task_preferences(seed: int = 0, n_train: int = 2000, n_val: int = 100) -> tuple[list, list]:
+    """The built-in tasks as preference records: the correct answer chosen, a wrong answer of the same kind (another
+    question's answer) rejected; (training records, held-out records)."""
+    r = random.Random(seed + 1)
+
+    def records(convs: list) -> list[dict]:
+        answers: dict[str, list[str]] = {}  # by kind: a question's first word tells the kinds apart
+        for conv in convs:
+            answers.setdefault(conv[0]["content"].split()[0], []).append(conv[1]["content"])
+        out = []
+        for conv in convs:
+            right = conv[1]["content"]
+            wrong = [a for a in answers[conv[0]["content"].split()[0]] if a != right]
+            if wrong:
+                out.append({"prompt": conv[:1], "chosen": right, "rejected": r.choice(wrong)})
+        return out
+
+    train, val = task_records(seed, n_train, n_val)
+    return records(train), records(val)

@@ -83,6 +83,11 @@ def adapters_off(model: torch.nn.Module) -> Iterator[None]:
             layer.disabled = False
 
 
+def accuracy(chosen: Tensor, rejected: Tensor) -> Tensor:
+    """1 where the chosen reward is higher, 0 where lower, 1/2 for a tie (every pair ties before training)."""
+    return (chosen > rejected).float() + 0.5 * (chosen == rejected).float()
+
+
 def _lengths(batch: DeviceBatch) -> Tensor:
     return batch.loss_mask.sum(-1)
 
@@ -118,7 +123,7 @@ class Preference:
         c, r = logps[:P], logps[P:]
         rc, rr = (None, None) if ref is None else (ref[:P], ref[P:])
         loss, reward_c, reward_r = pair_loss(s, c, r, rc, rr, lengths[:P], lengths[P:])
-        metrics = {"loss": loss.detach().sum(), "accuracy": (reward_c > reward_r).float().sum(),
+        metrics = {"loss": loss.detach().sum(), "accuracy": accuracy(reward_c, reward_r).sum(),
                    "margin": (reward_c - reward_r).sum(), "reward_chosen": reward_c.sum(), "reward_rejected": reward_r.sum(),
                    "len_chosen": lengths[:P].sum(), "len_rejected": lengths[P:].sum()}
         if ref is not None:  # the sequence-level estimate TRL logs as KL: the mean log-ratio of the responses
@@ -131,7 +136,8 @@ class Preference:
         loss, reward = kto_loss(self.settings, logps[real], ref[real], labels[real], kl)
         good = labels[real] > 0.5
         n = real.sum()
-        metrics = {"loss": loss.detach().sum(), "kl": kl * n, "reward_chosen": (reward * good).sum(),
+        metrics = {"loss": loss.detach().sum(), "accuracy": accuracy(torch.where(good, reward, -reward), 0 * reward).sum(),
+                   "kl": kl * n, "reward_chosen": (reward * good).sum(),
                    "reward_rejected": (reward * ~good).sum(), "desirable": good.float().sum(),
                    "len": lengths[real].sum()}
         return loss.sum(), metrics
@@ -157,7 +163,7 @@ class BradleyTerry:
         c, r = scores[:P], scores[P:]
         margin = batch.extras.get("margin", torch.zeros_like(scores))[:P]
         loss = -F.logsigmoid(c - r - margin)
-        metrics = {"loss": loss.detach().sum(), "accuracy": (c > r).float().sum(), "margin": (c - r).detach().sum(),
+        metrics = {"loss": loss.detach().sum(), "accuracy": accuracy(c, r).sum(), "margin": (c - r).detach().sum(),
                    "reward_chosen": c.detach().sum(), "reward_rejected": r.detach().sum()}
         return loss.sum(), metrics
 

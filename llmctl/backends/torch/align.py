@@ -1,0 +1,130 @@
+"""The torch side of `llmctl align`: the policy loaded for preference training (full weights, LoRA adapters, or a
+reward model's score head), reference log-probabilities, and the output folder (adapter, model or reward model)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from llmctl import ui
+from llmctl.backends.torch.engine import Engine
+from llmctl.backends.torch.model import Transformer
+from llmctl.backends.torch.objectives import DeviceBatch, sequence_logprobs
+from llmctl.backends.torch.preference import BradleyTerry, Preference, adapters_off, add_score_head, reward_scores
+from llmctl.errors import CheckpointError
+from llmctl.preference import PreferenceSettings
+
+SCORE = "score.weight"
+BATCH = 8  # examples per forward when computing reference log-probabilities
+
+
+class AlignEngine(Engine):
+    def setup(self, base: Path, lora: Any | None, reward: bool) -> None:
+        """The policy: every weight trained, or LoRA adapters on a frozen base, or a reward model (a score head)."""
+        if lora is not None:
+            from llmctl.backends.torch.lora import add_adapters, is_adapter_param
+
+            self.load(base, trainable=is_adapter_param, prepare=lambda m: add_adapters(m, lora))
+        else:
+            self.load(base, prepare=add_score_head if reward else None)
+
+    def trained_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+
+    def objective(self, settings: PreferenceSettings, reference: Any) -> Any:
+        return BradleyTerry() if settings.method == "reward" else Preference(settings, reference)
+
+    def reference_logps(self, reference: Any, rows: Any, examples: Sequence[Any]) -> np.ndarray:
+        """(N, 2) summed response log-probabilities of each example's two rows under the reference (a model, or
+        "adapters": the policy with its adapters off)."""
+
+        def logps(batch: DeviceBatch) -> torch.Tensor:
+            with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+                if reference != "adapters":
+                    return sequence_logprobs(reference, batch)
+                with adapters_off(self.model):
+                    return sequence_logprobs(self.model, batch)
+
+        return per_example(logps, rows, examples, self.device)
+
+    def write_output(self, folder: Path, base: Path, tokenizer: Any, lora: Any | None, name: str, pad_id: int) -> None:
+        """The adapter (PEFT layout), the model, or the reward model (transformers' *ForSequenceClassification)."""
+        from llmctl.io.outputs import replacing
+
+        if lora is not None:
+            from llmctl.backends.torch.lora import write_peft
+
+            if ui.is_main_process():
+                with replacing(folder) as staged:
+                    staged.mkdir(parents=True, exist_ok=True)
+                    write_peft(staged, self.model, lora, name)
+                    tokenizer.save(staged)
+            return
+        if not hasattr(self.model, "score"):
+            self.export(folder)
+            if ui.is_main_process():
+                from llmctl.run import remember_model
+
+                tokenizer.save(folder)
+                remember_model(folder)  # the default model of generate and chat
+            return
+        if ui.is_main_process():
+            write_reward_model(folder, self.model, base, pad_id)
+            tokenizer.save(folder)
+
+
+def write_reward_model(folder: Path, model: Transformer, base: Path, pad_id: int) -> None:
+    """The backbone and `score.weight` (1, dim), with the config transformers' *ForSequenceClassification reads:
+    one label, and the padding id (it scores the last token that is not padding)."""
+    from llmctl.io.hf import ARCHITECTURES
+    from llmctl.io.model_folder import write_model
+    from llmctl.io.safetensors import from_torch
+
+    tensors = {k: from_torch(v.detach().float().contiguous()) for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    arch = ARCHITECTURES[model.spec.family].replace("ForCausalLM", "ForSequenceClassification")
+    extra = {"architectures": [arch], "num_labels": 1, "id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0},
+             "pad_token_id": pad_id, "problem_type": "regression"}
+    write_model(folder, model.spec, tensors, source=base, extra_config=extra)
+
+
+def load_reward_model(folder: str | Path) -> tuple[Transformer, torch.Tensor, int]:
+    """A reward model folder: the backbone (float32, eval), its score head (1, dim) and the padding id it scores by."""
+    from llmctl.io.hf import check_tensors, read_config, spec_from_config
+    from llmctl.io.safetensors import load_folder_tensors, to_torch
+
+    folder = Path(folder)
+    config = read_config(folder)
+    tensors = load_folder_tensors(folder)
+    if SCORE not in tensors:
+        raise CheckpointError(f"{folder} holds no {SCORE}: it is not a reward model.",
+                              hint="Pass a folder written by `llmctl align --method reward` (OUT/model).")
+    score = to_torch(tensors.pop(SCORE)).float()
+    spec = spec_from_config({k: v for k, v in config.items() if k not in ("num_labels", "id2label", "label2id")},
+                            folder / "config.json")
+    shapes = {k: tuple(t.shape) for k, t in tensors.items()}
+    if not spec.tie_embeddings:  # a sequence classifier has no language-model head
+        shapes["lm_head.weight"] = (spec.vocab_size, spec.dim)
+    check_tensors(spec, shapes, folder, {})
+    model = Transformer(spec)
+    state = {k: to_torch(t).float() for k, t in tensors.items()}
+    missing, _ = model.load_state_dict(state, strict=False)
+    if [m for m in missing if m != "lm_head.weight"]:
+        raise CheckpointError(f"{folder}: tensors missing: {', '.join(missing[:5])}")
+    pad = config.get("pad_token_id")
+    return model.eval(), score, int(pad if pad is not None else 0)
+
+
+@torch.no_grad()
+def per_example(values: Callable[[DeviceBatch], torch.Tensor], rows: Any, examples: Sequence[Any],
+                device: torch.device = torch.device("cpu")) -> np.ndarray:
+    """(N, 2): `values` of each example's two rows (chosen and rejected), a few examples a forward pass."""
+    out = []
+    for start in range(0, len(examples), BATCH):
+        index = list(range(start, min(start + BATCH, len(examples))))
+        v = values(DeviceBatch.of(rows.batch(examples, index), device))
+        out.append(torch.stack([v[: len(index)], v[len(index):]], 1).float().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, 2), np.float32)
