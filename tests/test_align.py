@@ -11,7 +11,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import SHARED, needs_shared
+from conftest import BACKENDS, SHARED, needs_shared
 
 BASE = SHARED / "models" / "stories260K-hf"
 GOOD = ["kind", "happy", "gentle", "brave", "friendly", "calm"]
@@ -67,6 +67,20 @@ def test_dpo_starts_at_log2_and_raises_held_out_implicit_reward_accuracy(tmp_pat
                                    str(BASE), "--json", "--seq-len", "64"])
     assert out.exit_code == 0, out.output
     assert json.loads(out.output)["accuracy"] == pytest.approx(final["accuracy_after"])
+
+
+@needs_shared
+@pytest.mark.skipif("mlx" not in BACKENDS, reason="MLX is not installed")
+def test_mlx_dpo_starts_at_log2_and_raises_held_out_implicit_reward_accuracy(tmp_path):
+    train = _style_pairs(tmp_path / "train.jsonl", NOUNS[:14])
+    val = _style_pairs(tmp_path / "val.jsonl", NOUNS[14:], seed=1)
+    result = _align(tmp_path / "run", "--data", str(train), "--val", str(val), "--steps", "12", "data.batch_size=4",
+                    "optim.lr=3e-3", "optim.warmup_steps=2", "train.eval_every=1000", "--backend", "mlx")
+    assert result.exit_code == 0, result.output
+    records = _metrics(tmp_path / "run")
+    assert records[0]["loss"] == pytest.approx(0.6931471805599453, abs=1e-6)
+    assert records[-1]["accuracy_before"] == 0.5 and records[-1]["accuracy_after"] >= 0.9, records[-1]
+    assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
 
 
 @needs_shared

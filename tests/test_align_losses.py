@@ -165,3 +165,18 @@ def test_kto_equals_trl():
     s = PreferenceSettings(method="kto", beta=0.2, desirable_weight=1.3, undesirable_weight=0.8)
     ours, _ = kto_loss(s, logps, ref, labels.double(), kto_kl(kl_logps, ref_kl))
     assert float(ours.mean()) == pytest.approx(float(theirs), rel=1e-10)
+
+
+@pytest.mark.skipif("mlx" not in __import__("conftest").BACKENDS, reason="MLX is not installed")
+@pytest.mark.parametrize("method", ["dpo", "ipo", "hinge", "robust", "simpo", "orpo"])
+def test_mlx_pair_losses_equal_torch(method):
+    import mlx.core as mx
+
+    from llmctl.backends.mlx.preference import pair_loss as mlx_pair_loss
+
+    s = PreferenceSettings(method=method, beta=0.3)
+    arrays = [mx.array(t.float().numpy()) for t in (CHOSEN, REJECTED, REF_CHOSEN, REF_REJECTED, LEN_C, LEN_R)]
+    theirs = pair_loss(s, *(t.float() for t in (CHOSEN, REJECTED, REF_CHOSEN, REF_REJECTED, LEN_C, LEN_R)))
+    ours = mlx_pair_loss(s, *arrays)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(torch.from_numpy(__import__("numpy").array(a)), b, rtol=1e-5, atol=1e-5)
