@@ -152,8 +152,9 @@ def run(cfg: AlignConfig, backend: str, force: bool = False, resume: bool = Fals
         if cfg.ref:
             same_tokenizer(tokenizer, load_tokenizer(ref_folder), cfg.ref)
     seq_len = min(cfg.data.seq_len, spec.max_seq_len)
-    engine_module = __import__(f"llmctl.backends.{backend}.align", fromlist=["AlignEngine"])
-    engine = engine_module.AlignEngine(cfg.train, cfg.optim)
+    import importlib
+
+    engine = importlib.import_module(f"llmctl.backends.{backend}.align").AlignEngine(cfg.train, cfg.optim)
     try:
         run_folder = RunFolder(cfg.out, force=force, resume=resume,
                                inputs=[*cfg.data.train, *cfg.data.val, str(base), str(ref_folder or base)])
@@ -173,18 +174,18 @@ def run(cfg: AlignConfig, backend: str, force: bool = False, resume: bool = Fals
             if skipped:
                 ui.warn(f"skipped {' and '.join(skipped)}")
             engine.setup(base, cfg.lora.settings() if cfg.use_lora else None, s.method == "reward")
-            reference = None if ref_folder is None else engine.load_frozen(ref_folder)
+            # Precomputed from the starting policy itself (adapters off) unless --ref names another model.
+            own = ref_folder is None or (cfg.precompute_ref and not cfg.ref)
+            reference = None if s.method in REFERENCE_FREE else "adapters" if own else engine.load_frozen(ref_folder)
             if cfg.precompute_ref:
-                precompute(engine, reference if reference is not None else "adapters", source,
-                           run_folder.path / REFERENCE_FILE, resume)
+                precompute(engine, reference, source, run_folder.path / REFERENCE_FILE, resume)
                 reference = None  # freed: the batches carry its log-probabilities
-            elif s.method not in REFERENCE_FREE and reference is None:
-                reference = "adapters"
             objective = engine.objective(s, reference)
             mean_tokens = float(np.mean([len(ex.chosen.tokens) for ex in train[:1000]]))
+            said = ("none" if s.method in REFERENCE_FREE else "precomputed" if cfg.precompute_ref
+                    else "the base (adapters off)" if reference == "adapters" else str(ref_folder))
             ui.info(f"align --method {s.method}: {len(train)} {'examples' if kind == 'kto' else 'pairs'}, {len(val)} held "
-                    f"out; {engine.trained_parameters() / 1e6:.3g}M trained parameters; reference: "
-                    f"{'none' if s.method in REFERENCE_FREE else 'precomputed' if cfg.precompute_ref else 'the base (adapters off)' if reference == 'adapters' else ref_folder}; "
+                    f"out; {engine.trained_parameters() / 1e6:.3g}M trained parameters; reference: {said}; "
                     f"{cfg.train.steps} steps -> {run_folder.path}")
         except BaseException:
             run_folder.restore()

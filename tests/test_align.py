@@ -116,6 +116,24 @@ def test_precomputed_reference_gives_the_same_run(tmp_path):
 
 
 @needs_shared
+def test_kto_on_unpaired_examples_with_lora(tmp_path):
+    import random
+
+    r = random.Random(0)
+    data = tmp_path / "kto.jsonl"
+    rows = [{"prompt": f"Tell me about the {n}.\n", "completion": f"The {n} was {r.choice(GOOD if good else BAD)}.",
+             "label": good} for n in NOUNS[:10] for good in (True, False)]
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    result = _align(tmp_path / "run", "--method", "kto", "--data", str(data), "--lora", "--steps", "6",
+                    "data.batch_size=4", "optim.lr=1e-2", "optim.warmup_steps=1")
+    assert result.exit_code == 0, result.output
+    records = [r for r in _metrics(tmp_path / "run") if "loss" in r]
+    assert records[0]["loss"] == pytest.approx(0.5, abs=1e-6)  # 1 - sigmoid(0) with the reference equal to the policy
+    assert all(r["kl"] >= 0 for r in records) and records[-1]["loss"] < records[0]["loss"]
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@needs_shared
 def test_reward_model_loads_in_transformers_with_the_same_scores(tmp_path):
     transformers = pytest.importorskip("transformers")
     from llmctl.backends.torch.align import load_reward_model, per_example

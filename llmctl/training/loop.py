@@ -174,8 +174,9 @@ def run(engine: Engine, job: Job) -> bool:
                 continue
             bad_steps = 0
             norm = engine.optimizer_step(lr, optim.grad_clip or math.inf)
-            tok_s = job.tokens_per_step / (time.perf_counter() - t0)
-            record = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": norm, "tok_s": round(tok_s, 1),
+            seconds = time.perf_counter() - t0
+            tok_s = job.tokens_per_step / seconds
+            record = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": norm, "tok_s": round(tok_s, 1), "step_s": round(seconds, 4),
                       "mfu": round(job.flops_per_unit * tok_s / (engine.peak_flops * engine.world), 4)}
             record |= {k: v for k, v in totals.items() if k != "loss"}
             done = step + 1

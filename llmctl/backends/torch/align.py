@@ -40,7 +40,7 @@ class AlignEngine(Engine):
 
     def reference_logps(self, reference: Any, rows: Any, examples: Sequence[Any]) -> np.ndarray:
         """(N, 2) summed response log-probabilities of each example's two rows under the reference (a model, or
-        "adapters": the policy with its adapters off)."""
+        "adapters": the policy with its adapters off, which before training is the starting model)."""
 
         def logps(batch: DeviceBatch) -> torch.Tensor:
             with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
