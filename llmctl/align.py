@@ -173,6 +173,8 @@ def run(cfg: AlignConfig, backend: str, force: bool = False, resume: bool = Fals
             skipped += [f"{counts.too_long} whose response is longer than {seq_len} tokens"] if counts.too_long else []
             if skipped:
                 ui.warn(f"skipped {' and '.join(skipped)}")
+            if counts.cut_prompts:
+                ui.info(f"[dim]{counts.cut_prompts} sequence(s) had their prompt cut from the left to fit {seq_len} tokens[/]")
             engine.setup(base, cfg.lora.settings() if cfg.use_lora else None, s.method == "reward")
             # Precomputed from the starting policy itself (adapters off) unless --ref names another model.
             own = ref_folder is None or (cfg.precompute_ref and not cfg.ref)

@@ -21,7 +21,7 @@ class PreferenceSettings:
     def problems(self) -> list[str]:
         out = []
         if self.method not in METHODS:
-            out.append(f"method={self.method!r}: expected one of {', '.join(METHODS)}.")
+            out.append(f"--method {self.method} (pref.method): expected one of {', '.join(METHODS)}.")
         if not self.beta > 0:
             out.append(f"pref.beta={self.beta}: must be greater than 0.")
         if not 0 <= self.label_smoothing < 0.5:

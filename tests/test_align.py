@@ -168,8 +168,8 @@ def test_reward_model_loads_in_transformers_with_the_same_scores(tmp_path):
 @needs_shared
 @pytest.mark.slow
 def test_reward_model_ranks_builtin_pairs_well_above_chance(tmp_path):
-    result = _align(tmp_path / "rm", "--method", "reward", "--steps", "60", "data.batch_size=16", "optim.lr=2e-3",
-                    "train.eval_every=1000")
+    result = _align(tmp_path / "rm", "--method", "reward", "--steps", "40", "data.batch_size=16", "optim.lr=2e-3",
+                    "train.eval_every=1000", "data.seq_len=96")
     assert result.exit_code == 0, result.output
     final = _metrics(tmp_path / "rm")[-1]
     assert final["accuracy_after"] >= 0.7, final
@@ -215,3 +215,27 @@ def test_a_reference_with_another_tokenizer_is_refused(tmp_path):
     text = " ".join(result.output.split())
     assert f"--ref {ref} has a different tokenizer from the policy's (512 and 32000 tokens" in text, text
     assert not (tmp_path / "run").exists()
+
+
+@needs_shared
+def test_prompts_are_cut_from_the_left_and_responses_kept_whole():
+    from llmctl.data.preferences import Counts, PreferenceEncoder, policy_rows
+    from llmctl.io.model_folder import load_tokenizer
+
+    tok = load_tokenizer(BASE)
+    counts, encoder = Counts(), PreferenceEncoder(tok, 24)
+    long_prompt = "Once upon a time there was a little girl who liked to play in the park with her dog. "
+    record = {"prompt": long_prompt, "chosen": " She was happy.", "rejected": " She was sad and very very tired."}
+    (ex,) = encoder.encode(record, "x:1", counts)
+    assert counts.cut_prompts == 2 and counts.too_long == 0
+    for key, r in (("chosen", ex.chosen), ("rejected", ex.rejected)):
+        whole = encoder.response(long_prompt, record[key], "x:1", key)
+        assert r.response == whole.response and r.response[-1] == tok.eos_id  # the reply and the end of text, whole
+        assert tok.decode(r.response[:-1]).strip() == record[key].strip()
+        assert len(r.tokens) == 25 and r.prompt == whole.prompt[-len(r.prompt):]  # the prompt's end, to fill 24 + 1
+    batch = policy_rows([ex.chosen, ex.rejected], tok.pad_id or 0)
+    for b, r in enumerate((ex.chosen, ex.rejected)):  # the mask covers exactly the predictions of response tokens
+        picked = batch.targets[b][batch.loss_mask[b] > 0].tolist()
+        assert picked == r.response
+    too_long = {"prompt": "Hi.", "chosen": " yes" * 40, "rejected": " no"}
+    assert encoder.encode(too_long, "x:2", counts) == [] and counts.too_long == 1

@@ -167,7 +167,11 @@ def pairwise(model: str, pairs: Path, base: str | None, adapter: str | None, seq
 
     if not pairs.is_file():
         raise DataError(f"{pairs}: no such file.", hint="Pass --pairs a JSONL of {\"prompt\", \"chosen\", \"rejected\"}.")
-    tokenizer = load_tokenizer(resolve_model(model))
+    from llmctl.io.hf import load_spec
+
+    folder = resolve_model(model)
+    tokenizer = load_tokenizer(folder)
+    seq_len = min(seq_len, load_spec(folder).max_seq_len)
     counts = Counts()
     examples = [ex for ex in encode_files([pairs], PreferenceEncoder(tokenizer, seq_len), counts) if ex.rejected]
     if not examples:

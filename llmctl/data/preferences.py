@@ -57,7 +57,7 @@ class Counts:
     examples: int = 0
     identical: int = 0      # chosen == rejected: nothing to prefer, skipped
     too_long: int = 0       # a response longer than data.seq_len, skipped
-    cut_prompts: int = 0    # prompts cut from the left to fit
+    cut_prompts: int = 0    # sequences whose prompt was cut from the left to fit
 
 
 class PreferenceEncoder:
@@ -91,12 +91,15 @@ class PreferenceEncoder:
         first, last = max(marked[0], 1), marked[-1] + 1  # the first token is predicted from at least one before it
         return Response(ids[:first], ids[first:last], trained[first:last])
 
-    def fit(self, r: Response) -> Response | None:
+    def fit(self, r: Response, counts: Counts) -> Response | None:
         """The response whole with as much of the prompt's end as fits (seq_len + 1 tokens), or None."""
         room = self.seq_len + 1 - len(r.response)
         if room < 1:
             return None
-        return r if len(r.prompt) <= room else Response(r.prompt[-room:], r.response, r.weights)
+        if len(r.prompt) <= room:
+            return r
+        counts.cut_prompts += 1
+        return Response(r.prompt[-room:], r.response, r.weights)
 
     def encode(self, record: Any, where: str, counts: Counts) -> list[Example]:
         """The examples of one record: one pair, or one KTO example; [] when it is skipped (and counted)."""
@@ -115,7 +118,7 @@ class PreferenceEncoder:
         if unpaired:
             if not isinstance(record["label"], bool):
                 raise DataError(f"{where}: \"label\" must be true or false.")
-            r = self.fit(self.response(prompt, record["completion"], where, "completion"))
+            r = self.fit(self.response(prompt, record["completion"], where, "completion"), counts)
             return self._kept([Example(r, label=record["label"])] if r else [], counts, r is None)
         if record["chosen"] == record["rejected"]:
             counts.identical += 1
@@ -123,8 +126,8 @@ class PreferenceEncoder:
         margin = record.get("margin", 0.0)
         if not isinstance(margin, (int, float)) or isinstance(margin, bool):
             raise DataError(f"{where}: \"margin\" must be a number.")
-        c = self.fit(self.response(prompt, record["chosen"], where, "chosen"))
-        r = self.fit(self.response(prompt, record["rejected"], where, "rejected"))
+        c = self.fit(self.response(prompt, record["chosen"], where, "chosen"), counts)
+        r = self.fit(self.response(prompt, record["rejected"], where, "rejected"), counts)
         fits = c is not None and r is not None
         return self._kept([Example(c, r, margin=float(margin))] if fits else [], counts, not fits)
 

@@ -61,20 +61,19 @@ def task_records(seed: int = 0, n_train: int = 2000, n_val: int = 100) -> tuple[
 
 
 def task_preferences(seed: int = 0, n_train: int = 2000, n_val: int = 100) -> tuple[list, list]:
-    """The built-in tasks as preference records: the correct answer chosen, a wrong answer of the same kind (another
-    question's answer) rejected; (training records, held-out records)."""
+    """The built-in tasks as preference records: the correct answer chosen, another question's answer (wrong for this
+    one, most often of another kind: a number where capitals were asked) rejected; (training records, held-out)."""
     r = random.Random(seed + 1)
 
     def records(convs: list) -> list[dict]:
-        answers: dict[str, list[str]] = {}  # by kind: a question's first word tells the kinds apart
-        for conv in convs:
-            answers.setdefault(conv[0]["content"].split()[0], []).append(conv[1]["content"])
+        answers = [conv[1]["content"] for conv in convs]
         out = []
         for conv in convs:
             right = conv[1]["content"]
-            wrong = [a for a in answers[conv[0]["content"].split()[0]] if a != right]
-            if wrong:
-                out.append({"prompt": conv[:1], "chosen": right, "rejected": r.choice(wrong)})
+            wrong = r.choice(answers)
+            while wrong == right:
+                wrong = r.choice(answers)
+            out.append({"prompt": conv[:1], "chosen": right, "rejected": wrong})
         return out
 
     train, val = task_records(seed, n_train, n_val)

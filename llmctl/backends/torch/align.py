@@ -91,6 +91,10 @@ def write_reward_model(folder: Path, model: Transformer, base: Path, pad_id: int
     write_model(folder, model.spec, tensors, source=base, extra_config=extra)
 
 
+def is_reward_model(config: dict[str, Any]) -> bool:
+    return str((config.get("architectures") or [""])[0]).endswith("ForSequenceClassification")
+
+
 def load_reward_model(folder: str | Path) -> tuple[Transformer, torch.Tensor, int]:
     """A reward model folder: the backbone (float32, eval), its score head (1, dim) and the padding id it scores by."""
     from llmctl.io.hf import check_tensors, read_config, spec_from_config
@@ -141,7 +145,7 @@ def pair_rewards(model: str, examples: Sequence[Any], seq_len: int, pad_id: int,
     from llmctl.io.hub import resolve_model
 
     folder = resolve_model(model)
-    if str(read_config(folder).get("architectures", [""])[0]).endswith("ForSequenceClassification"):
+    if is_reward_model(read_config(folder)):
         module, head, pad = load_reward_model(folder)
         rows = Rows("reward", pad, seq_len)
         return per_example(lambda b: reward_scores(module, head, b), rows, examples), "reward model scores"
