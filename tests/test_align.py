@@ -172,7 +172,7 @@ def test_reward_model_ranks_builtin_pairs_well_above_chance(tmp_path):
                     "train.eval_every=1000", "data.seq_len=96")
     assert result.exit_code == 0, result.output
     final = _metrics(tmp_path / "rm")[-1]
-    assert final["accuracy_after"] >= 0.7, final
+    assert final["accuracy_after"] >= 0.75, final  # 59% before and 88% after on this machine (seq 64)
 
 
 @needs_shared
