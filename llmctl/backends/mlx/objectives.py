@@ -34,7 +34,7 @@ class DeviceBatch:
         targets = batch.targets.clip(min=0)
         extras = {k: put(v, mx.float32) for k, v in (batch.extras or {}).items()}
         return cls(put(batch.input_ids), put(targets), put(batch.loss_mask, mx.float32), put(batch.segment_ids),
-                   put(batch.positions()), extras)
+                   put(batch.positions()), extras=extras)
 
     def model_inputs(self) -> dict[str, Any]:
         return {"segment_ids": self.segment_ids, "positions": self.positions}

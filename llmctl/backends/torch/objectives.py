@@ -34,7 +34,7 @@ class DeviceBatch:
         targets = batch.targets.clip(min=0)
         extras = {k: put(v) for k, v in (batch.extras or {}).items()}
         return cls(put(batch.input_ids), put(targets), put(batch.loss_mask), put(batch.segment_ids), put(batch.positions()),
-                   extras)
+                   extras=extras)
 
     def model_inputs(self) -> dict[str, Any]:
         return {"segment_ids": self.segment_ids, "positions": self.positions}
