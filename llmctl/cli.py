@@ -10,7 +10,7 @@ import typer
 
 from llmctl import __version__
 from llmctl.commands import chat, generate, info, train
-from llmctl.commands import convert, distill, finetune_lora, merge, prune, quantize, serve
+from llmctl.commands import align, convert, distill, finetune_lora, merge, prune, quantize, serve
 from llmctl.commands import eval as evaluate
 
 app = typer.Typer(
@@ -67,5 +67,6 @@ app.command(name="quantize")(handled(quantize.quantize))
 app.command(name="prune")(handled(prune.prune))
 app.command(name="finetune-lora")(handled(finetune_lora.finetune_lora))
 app.command(name="distill")(handled(distill.distill))
+app.command(name="align")(handled(align.align))
 app.command(name="merge")(handled(merge.merge))
 app.command(name="serve")(handled(serve.serve))

@@ -76,7 +76,8 @@ def _table(result: dict[str, Any]) -> Any:
 
 def eval_command(
     model: Annotated[str, typer.Option("--model", help="Model folder (or Hugging Face id) to score.")],
-    data: Annotated[Path, typer.Option("--data", help="Text file to score (.txt, or .jsonl with \"text\").")],
+    data: Annotated[Path | None, typer.Option("--data", help="Text file to score (.txt, or .jsonl with \"text\").")] = None,
+    pairs: Annotated[Path | None, typer.Option("--pairs", help="Preference JSONL: pairwise accuracy of a reward model (or of a policy's implicit reward against --base).")] = None,
     base: Annotated[str | None, typer.Option("--base", help="Reference model: adds KL(base || model), top-1 agreement.")] = None,
     adapter: Annotated[str | None, typer.Option("--adapter", help="LoRA adapter folder (PEFT layout) on --model.")] = None,
     backend: Annotated[Backend, typer.Option(help="auto picks mlx on Apple silicon, else torch.")] = Backend.auto,
@@ -86,11 +87,17 @@ def eval_command(
     batch_size: Annotated[int, typer.Option("--batch-size", help="Windows per forward pass.")] = 4,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON instead of a table.")] = False,
 ) -> None:
-    """Print perplexity and bits per byte of --model on --data (with --base: KL divergence and top-1 agreement)."""
+    """Print perplexity and bits per byte of --model on --data (with --base: KL divergence and top-1 agreement), or
+    with --pairs the pairwise accuracy of a reward model (or of a policy's implicit reward against --base)."""
     from llmctl import scoring, ui
     from llmctl.backends import get_backend
     from llmctl.errors import ConfigError, DataError
     from llmctl.io.model_folder import load_tokenizer
+
+    if (data is None) == (pairs is None):
+        raise ConfigError("pass --data (a text file to score) or --pairs (preference pairs), one of them.")
+    if pairs is not None:
+        return pairwise(model, pairs, base, adapter, seq_len or 1024, as_json)
 
     for name, value in (("--seq-len", seq_len), ("--stride", stride), ("--max-tokens", max_tokens)):
         if value < 0:
@@ -145,3 +152,38 @@ def eval_command(
         from rich.console import Console
 
         Console().print(_table(result))  # the report is the command's output: stdout
+
+
+def pairwise(model: str, pairs: Path, base: str | None, adapter: str | None, seq_len: int, as_json: bool) -> None:
+    """Pairwise accuracy on preference pairs: how often the chosen reply gets the higher reward (ties count half)."""
+    import numpy as np
+
+    from llmctl import ui
+    from llmctl.backends.torch.align import pair_rewards
+    from llmctl.data.preferences import Counts, PreferenceEncoder, encode_files
+    from llmctl.errors import DataError
+    from llmctl.io.hub import resolve_model
+    from llmctl.io.model_folder import load_tokenizer
+
+    if not pairs.is_file():
+        raise DataError(f"{pairs}: no such file.", hint="Pass --pairs a JSONL of {\"prompt\", \"chosen\", \"rejected\"}.")
+    from llmctl.io.hf import load_spec
+
+    folder = resolve_model(model)
+    tokenizer = load_tokenizer(folder)
+    seq_len = min(seq_len, load_spec(folder).max_seq_len)
+    counts = Counts()
+    examples = [ex for ex in encode_files([pairs], PreferenceEncoder(tokenizer, seq_len), counts) if ex.rejected]
+    if not examples:
+        raise DataError(f"{pairs}: no pair to score ({counts.identical} identical, {counts.too_long} too long).")
+    pad = tokenizer.pad_id if tokenizer.pad_id is not None else (tokenizer.eos_id or 0)
+    rewards, what = pair_rewards(model, examples, seq_len, pad, base, adapter)
+    c, r = rewards[:, 0], rewards[:, 1]
+    result = {"model": str(model), "pairs": str(pairs), "scored": len(examples), "skipped": counts.identical + counts.too_long,
+              "rewards": what, "accuracy": float(np.mean((c > r) + 0.5 * (c == r))), "mean_margin": float(np.mean(c - r))}
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    skipped = f", {result['skipped']} skipped" if result["skipped"] else ""
+    ui.info(f"{model} on {pairs}: pairwise accuracy {result['accuracy']:.1%} over {len(examples)} pairs ({what}; "
+            f"mean margin {result['mean_margin']:+.4f}{skipped})")

@@ -58,3 +58,23 @@ def task_records(seed: int = 0, n_train: int = 2000, n_val: int = 100) -> tuple[
         return [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
 
     return [conv(q, a) for q, a in train_pairs], [conv(q, a) for q, a in val_pairs]
+
+
+def task_preferences(seed: int = 0, n_train: int = 2000, n_val: int = 100) -> tuple[list, list]:
+    """The built-in tasks as preference records: the correct answer chosen, another question's answer (wrong for this
+    one, most often of another kind: a number where capitals were asked) rejected; (training records, held-out)."""
+    r = random.Random(seed + 1)
+
+    def records(convs: list) -> list[dict]:
+        answers = [conv[1]["content"] for conv in convs]
+        out = []
+        for conv in convs:
+            right = conv[1]["content"]
+            wrong = r.choice(answers)
+            while wrong == right:
+                wrong = r.choice(answers)
+            out.append({"prompt": conv[:1], "chosen": right, "rejected": wrong})
+        return out
+
+    train, val = task_records(seed, n_train, n_val)
+    return records(train), records(val)

@@ -39,6 +39,7 @@ class Batch:
     loss_mask: np.ndarray            # (B, T) float32
     segment_ids: np.ndarray | None = None  # (B, T) int32
     topk: TopK | None = None         # the teacher's cached top-K at each position (distillation), (B, T, K)
+    extras: dict[str, np.ndarray] | None = None  # per-row values an objective needs beside the tokens, each (B,)
 
     @classmethod
     def from_windows(cls, windows: np.ndarray) -> Batch:
@@ -72,7 +73,8 @@ class Batch:
         """The chosen rows (a slice or row indices)."""
         seg = None if self.segment_ids is None else self.segment_ids[rows]
         topk = None if self.topk is None else self.topk.take(rows)
-        return Batch(self.input_ids[rows], self.targets[rows], self.loss_mask[rows], seg, topk)
+        extras = None if self.extras is None else {k: v[rows] for k, v in self.extras.items()}
+        return Batch(self.input_ids[rows], self.targets[rows], self.loss_mask[rows], seg, topk, extras)
 
 
 def pack(examples: Sequence[tuple[Sequence[int], Sequence[float]]], seq_len: int, pad_id: int = 0) -> Batch:

@@ -174,8 +174,9 @@ def run(engine: Engine, job: Job) -> bool:
                 continue
             bad_steps = 0
             norm = engine.optimizer_step(lr, optim.grad_clip or math.inf)
-            tok_s = job.tokens_per_step / (time.perf_counter() - t0)
-            record = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": norm, "tok_s": round(tok_s, 1),
+            seconds = time.perf_counter() - t0
+            tok_s = job.tokens_per_step / seconds
+            record = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": norm, "tok_s": round(tok_s, 1), "step_s": round(seconds, 4),
                       "mfu": round(job.flops_per_unit * tok_s / (engine.peak_flops * engine.world), 4)}
             record |= {k: v for k, v in totals.items() if k != "loss"}
             done = step + 1
@@ -184,7 +185,7 @@ def run(engine: Engine, job: Job) -> bool:
                 val = engine.evaluate(job.objective, job.source.val_batches(max(1, _rows(batches))))
                 engine.set_train(True)
                 record |= {"val_loss": val["loss"], "val_ppl": math.exp(min(val["loss"], 50))}
-                record |= {f"val_{k}": v for k, v in val.items() if k != "loss"}  # an objective's parts (distill's ce)
+                record |= {f"val_{k}": v for k, v in val.items() if k != "loss"}  # an objective's parts (distill's ce, a pair objective's accuracy)
             log(record)
             bar.update(1, loss=loss, tok_s=round(tok_s), **({"val": record["val_loss"]} if "val_loss" in record else {}))
             if (cfg.save_every and done % cfg.save_every == 0) or done == end:

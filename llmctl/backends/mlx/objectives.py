@@ -4,7 +4,7 @@ and divergences between two models' next-token distributions, never making the (
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import mlx.core as mx
@@ -28,6 +28,7 @@ class DeviceBatch:
     topk_ids: mx.array | None = None        # a teacher's cached top-K (training.batch.TopK), (B, T, K) int32
     topk_logprobs: mx.array | None = None   # (B, T, K)
     topk_rest: mx.array | None = None       # (B, T)
+    extras: dict[str, mx.array] = field(default_factory=dict)  # the Batch's per-row extras (reference log-probs, labels)
 
     @classmethod
     def of(cls, batch: Batch, device: Any = None) -> DeviceBatch:
@@ -37,8 +38,9 @@ class DeviceBatch:
         targets = batch.targets.clip(min=0)
         topk = batch.topk
         cached = () if topk is None else (put(topk.ids), put(topk.logprobs, mx.float32), put(topk.rest, mx.float32))
+        extras = {k: put(v, mx.float32) for k, v in (batch.extras or {}).items()}
         return cls(put(batch.input_ids), put(targets), put(batch.loss_mask, mx.float32), put(batch.segment_ids),
-                   put(batch.positions()), *cached)
+                   put(batch.positions()), *cached, extras=extras)
 
     def model_inputs(self) -> dict[str, Any]:
         return {"segment_ids": self.segment_ids, "positions": self.positions}

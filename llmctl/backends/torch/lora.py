@@ -44,6 +44,7 @@ class LoraLinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # as PEFT: B = 0, so training starts at the base
         nn.init.zeros_(self.lora_B.weight)
         self.dropout = nn.Dropout(settings.dropout) if settings.dropout > 0 else nn.Identity()
+        self.disabled = False  # True: the base layer alone (a reference model without a second copy)
         if self.dora:
             with torch.no_grad():
                 self.lora_magnitude_vector = nn.Parameter(self.base_weight().norm(p=2, dim=1))
@@ -60,6 +61,8 @@ class LoraLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.base_layer(x)
+        if self.disabled:
+            return y
         xd = self.dropout(x)
         lora = self.lora_B(self.lora_A(xd.to(self.lora_A.weight.dtype))) * self.scale
         if not self.dora:

@@ -4,7 +4,7 @@ and divergences between two models' next-token distributions, never making the (
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -29,6 +29,7 @@ class DeviceBatch:
     topk_ids: Tensor | None = None        # a teacher's cached top-K (training.batch.TopK), (B, T, K) int64
     topk_logprobs: Tensor | None = None   # (B, T, K)
     topk_rest: Tensor | None = None       # (B, T)
+    extras: dict[str, Tensor] = field(default_factory=dict)  # the Batch's per-row extras (reference log-probs, labels)
 
     @classmethod
     def of(cls, batch: Batch, device: torch.device) -> DeviceBatch:
@@ -38,8 +39,9 @@ class DeviceBatch:
         targets = batch.targets.clip(min=0)
         topk = batch.topk
         cached = () if topk is None else (put(topk.ids).long(), put(topk.logprobs), put(topk.rest))
+        extras = {k: put(v) for k, v in (batch.extras or {}).items()}
         return cls(put(batch.input_ids), put(targets), put(batch.loss_mask), put(batch.segment_ids), put(batch.positions()),
-                   *cached)
+                   *cached, extras=extras)
 
     def model_inputs(self) -> dict[str, Any]:
         return {"segment_ids": self.segment_ids, "positions": self.positions}

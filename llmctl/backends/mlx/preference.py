@@ -1,0 +1,90 @@
+"""Preference objectives on the MLX backend: the DPO family's losses written as TRL defines them (the twin of
+backends/torch/preference.py) and the pair objective that feeds them per-sequence log-probabilities.
+
+A pair batch holds the chosen rows, then the rejected rows (one forward of both). Log-probabilities are summed over
+the response tokens (the loss mask); the methods that want them per token divide by the lengths.
+"""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from llmctl.backends.mlx.objectives import DeviceBatch, sequence_logprobs
+from llmctl.preference import REFERENCE_FREE, PreferenceSettings
+from llmctl.training.batch import Batch
+
+
+def log1mexp(x: mx.array) -> mx.array:
+    """log(1 - exp(x)) for x < 0, accurate at both ends (as TRL's ORPO computes it)."""
+    return mx.where(x > -math.log(2), mx.log(-mx.expm1(x)), mx.log1p(-mx.exp(x)))
+
+
+def pair_loss(s: PreferenceSettings, chosen: mx.array, rejected: mx.array, ref_chosen: mx.array | None,
+              ref_rejected: mx.array | None, chosen_len: mx.array, rejected_len: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+    """Per-pair losses and the implicit rewards of chosen and rejected, from summed response log-probabilities (P,)."""
+    beta = s.beta
+    if s.method in ("simpo", "orpo"):  # no reference: length-averaged log-probabilities
+        avg_c, avg_r = chosen / mx.maximum(chosen_len, 1), rejected / mx.maximum(rejected_len, 1)
+        if s.method == "simpo":
+            loss = -nn.log_sigmoid(beta * (avg_c - avg_r - s.gamma / beta))
+        else:  # the chosen NLL per token plus lambda times the log-odds-ratio term (TRL's beta is that lambda)
+            log_odds = (avg_c - avg_r) - (log1mexp(avg_c) - log1mexp(avg_r))
+            loss = -avg_c - beta * nn.log_sigmoid(log_odds)
+        return loss, mx.stop_gradient(beta * avg_c), mx.stop_gradient(beta * avg_r)
+    ratio_c, ratio_r = chosen - ref_chosen, rejected - ref_rejected
+    delta = ratio_c - ratio_r
+    if s.method == "dpo":
+        loss = -nn.log_sigmoid(beta * delta)
+    elif s.method == "ipo":
+        loss = (ratio_c / mx.maximum(chosen_len, 1) - ratio_r / mx.maximum(rejected_len, 1) - 1 / (2 * beta)) ** 2
+    elif s.method == "hinge":
+        loss = mx.maximum(1 - beta * delta, 0)
+    elif s.method == "robust":
+        eps = s.label_smoothing
+        loss = (-(1 - eps) * nn.log_sigmoid(beta * delta) + eps * nn.log_sigmoid(-beta * delta)) / (1 - 2 * eps)
+    else:
+        raise ValueError(f"unknown pair method {s.method!r}")
+    return loss, mx.stop_gradient(beta * ratio_c), mx.stop_gradient(beta * ratio_r)
+
+
+def accuracy(chosen: mx.array, rejected: mx.array) -> mx.array:
+    """1 where the chosen reward is higher, 0 where lower, 1/2 for a tie (every pair ties before training)."""
+    return (chosen > rejected).astype(mx.float32) + 0.5 * (chosen == rejected).astype(mx.float32)
+
+
+def _lengths(batch: DeviceBatch) -> mx.array:
+    return batch.loss_mask.sum(-1)
+
+
+class Preference:
+    """The DPO family on a policy; the reference log-probabilities come from the batch (precomputed) or a frozen
+    model beside it."""
+
+    def __init__(self, settings: PreferenceSettings, reference: nn.Module | None = None) -> None:
+        self.settings, self.reference = settings, reference
+
+    def units(self, batch: Batch) -> int:
+        return batch.rows // 2
+
+    def reference_logprobs(self, model: nn.Module, batch: DeviceBatch) -> mx.array:
+        if "ref_logps" in batch.extras:
+            return batch.extras["ref_logps"]
+        return mx.stop_gradient(sequence_logprobs(self.reference, batch))
+
+    def __call__(self, model: nn.Module, batch: DeviceBatch) -> tuple[mx.array, dict[str, mx.array]]:
+        s = self.settings
+        logps, lengths = sequence_logprobs(model, batch), _lengths(batch)
+        ref = None if s.method in REFERENCE_FREE else self.reference_logprobs(model, batch)
+        P = logps.shape[0] // 2
+        c, r = logps[:P], logps[P:]
+        rc, rr = (None, None) if ref is None else (ref[:P], ref[P:])
+        loss, reward_c, reward_r = pair_loss(s, c, r, rc, rr, lengths[:P], lengths[P:])
+        metrics = {"loss": mx.stop_gradient(loss.sum()), "accuracy": accuracy(reward_c, reward_r).sum(),
+                   "margin": (reward_c - reward_r).sum(), "reward_chosen": reward_c.sum(), "reward_rejected": reward_r.sum(),
+                   "len_chosen": lengths[:P].sum(), "len_rejected": lengths[P:].sum()}
+        if ref is not None:  # the sequence-level estimate TRL logs as KL: the mean log-ratio of the responses
+            metrics["kl"] = mx.stop_gradient((c - rc) + (r - rr)).sum() / 2
+        return loss.sum(), metrics
