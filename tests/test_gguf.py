@@ -298,6 +298,162 @@ def test_shared_tokenizers_survive_gguf_metadata(name):
     assert back.chat_template == tokenizer.chat_template
 
 
+# ---- K-quants ------------------------------------------------------------------------------------------------------
+
+K_TYPES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+# where each block type keeps its float16 d (and dmin), and a size for d that gives weights of ~0.01-0.1
+_HALVES = {"Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,), "IQ4_NL": (0,)}
+_D_SIZE = {"Q2_K": 1e-2, "Q3_K": 1e-3, "Q4_K": 3e-3, "Q5_K": 1.5e-3, "Q6_K": 5e-5, "IQ4_NL": 5e-4}
+
+
+def random_blocks(qtype: str, rows: int, cols: int, seed: int = 0) -> np.ndarray:
+    """(rows, bytes) of `qtype` blocks: random bytes, with random finite float16 d (and dmin) of one sign or both."""
+    rng = np.random.default_rng(seed)
+    size, nbytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]]
+    raw = rng.integers(0, 256, (rows, cols // size, nbytes), dtype=np.uint8)
+    for offset in _HALVES[qtype]:
+        d = rng.uniform(-1, 1, raw.shape[:2]) * _D_SIZE[qtype]
+        raw[..., offset : offset + 2] = d.astype(np.float16)[..., None].view(np.uint8)
+    raw[0, 0, _HALVES[qtype][0] : _HALVES[qtype][0] + 2] = 0  # a block with d = 0
+    return raw.reshape(rows, -1)
+
+
+@pytest.mark.parametrize("qtype", K_TYPES)
+def test_k_quant_blocks_read_into_affine_groups_bit_exactly(qtype):
+    """Every K type: llmctl's groups (32 for Q4_K/Q5_K, 16 for the rest), dequantized by the kernels and multiplied by
+    them, equal the gguf package's dequantization to the bit; the scales are float32."""
+    rows, cols = 24, 512
+    raw = random_blocks(qtype, rows, cols, seed=K_TYPES.index(qtype))
+    kind = G.K_TYPES[qtype]
+    arrays = G.k_blocks_to_affine(raw, kind, rows, cols)
+    assert arrays["scales"].dtype == np.float32 and arrays["scales"].shape == (rows, cols // kind.group_size)
+    assert kind.group_size == (32 if qtype in ("Q4_K", "Q5_K") else 16)
+    expected = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[qtype]).reshape(rows, cols)
+    ours = kernels.dequantize(arrays["weight"], arrays["scales"], arrays["biases"], kind.group_size, kind.bits, dtype="float32")
+    np.testing.assert_array_equal(ours, expected)
+    assert not np.array_equal(expected, 0 * expected)
+    x = np.random.default_rng(1).standard_normal((3, cols)).astype(np.float32)
+    y = kernels.qmatmul(x, arrays["weight"], arrays["scales"], arrays["biases"], kind.group_size, kind.bits)
+    reference = x.astype(np.float64) @ expected.T.astype(np.float64)
+    np.testing.assert_allclose(y, reference, rtol=2e-3, atol=2e-3 * np.abs(reference).max())
+
+
+def test_groups_of_16_are_read_but_not_made_by_the_kernels():
+    with pytest.raises(kernels.KernelArgumentError, match="group_size=16 is not supported"):
+        kernels.quantize(np.zeros((2, 64), np.float32), 16, 4)
+
+
+def _k_gguf(path: Path) -> dict[str, np.ndarray]:
+    """A one-layer llama GGUF (width 256) with a matrix in each K type and Q8_0/F32 beside them, as llama.cpp's
+    mixes have; returns the float32 values of each tensor by GGUF name."""
+    dim, ffn, vocab = 256, 512, 64
+    rng = np.random.default_rng(0)
+    writer = gguf.GGUFWriter(path, "llama")
+    sizes = {"embedding_length": dim, "block_count": 1, "feed_forward_length": ffn, "attention.head_count": 4,
+             "attention.head_count_kv": 2, "context_length": 128}  # fmt: skip
+    for key, value in sizes.items():
+        writer.add_uint32(f"llama.{key}", value)
+    values = {"token_embd.weight": rng.standard_normal((vocab, dim)).astype(np.float32) * 0.1}
+    writer.add_tensor("token_embd.weight", values["token_embd.weight"])
+    for name in ("output_norm", "blk.0.attn_norm", "blk.0.ffn_norm"):
+        writer.add_tensor(f"{name}.weight", np.ones(dim, np.float32))
+    types = {"attn_q": ("Q4_K", dim), "attn_k": ("Q5_K", dim // 2), "attn_v": ("Q6_K", dim // 2),
+             "attn_output": ("Q3_K", dim), "ffn_gate": ("Q2_K", ffn), "ffn_up": ("Q8_0", ffn)}  # fmt: skip
+    for i, (name, (qtype, rows)) in enumerate(types.items()):
+        if qtype == "Q8_0":
+            raw = G._quantize_rows(rng.standard_normal((rows, dim)).astype(np.float32) * 0.05, "Q8_0")
+        else:
+            raw = random_blocks(qtype, rows, dim, seed=i)
+        writer.add_tensor(f"blk.0.{name}.weight", raw, raw_dtype=gguf.GGMLQuantizationType[qtype])
+        values[f"blk.0.{name}.weight"] = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[qtype])
+    raw = random_blocks("Q6_K", dim, ffn, seed=9)
+    writer.add_tensor("blk.0.ffn_down.weight", raw, raw_dtype=gguf.GGMLQuantizationType.Q6_K)
+    values["blk.0.ffn_down.weight"] = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType.Q6_K)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return values
+
+
+def test_k_quant_file_reads_exactly_and_runs_on_the_kernels(tmp_path):
+    """A mixed K-quant file: every matrix stays quantized (no notice, no float copy), groups of 16 are recorded with
+    llmctl's own mode, each weight dequantizes to the gguf package's values, and the torch backend's logits equal
+    those of the float model made of those values."""
+    import torch
+
+    from llmctl.backends import get_backend
+    from llmctl.backends.torch.quant import QuantizedLinear
+
+    values = _k_gguf(tmp_path / "k.gguf")
+    model = G.read_gguf(tmp_path / "k.gguf")
+    assert model.notices == []
+    q = model.quantization
+    assert (q["group_size"], q["bits"]) in ((16, 6), (32, 4), (16, 3), (16, 2), (32, 5), (32, 8))
+    layer = "model.layers.0."
+    expected = {"self_attn.q_proj": (32, 4), "self_attn.k_proj": (32, 5), "self_attn.v_proj": (16, 6),
+                "self_attn.o_proj": (16, 3), "mlp.gate_proj": (16, 2), "mlp.up_proj": (32, 8), "mlp.down_proj": (16, 6)}  # fmt: skip
+    for module, (group_size, bits) in expected.items():
+        entry = q.get(layer + module, q)
+        assert (entry["group_size"], entry["bits"]) == (group_size, bits), module
+        assert entry.get("mode", "affine") == ("affine16" if group_size == 16 else "affine")  # entries are whole
+        gguf_name = G.gguf_module(layer + module) + ".weight"
+        dequantized = G.affine_float32(model.tensors, layer + module, group_size, bits)
+        heads = G._rope_heads(model.spec, layer + module)
+        if heads:
+            dequantized = dequantized[G.rope_row_order(len(dequantized), heads, to_gguf=True)]
+        np.testing.assert_array_equal(dequantized, values[gguf_name].reshape(dequantized.shape))
+
+    float_folder = tmp_path / "float"
+    write_model(float_folder, model.spec, G.dequantize_tensors(model.tensors, q, "float32"), dtype="float32")
+    tokens = torch.tensor([[1, 5, 9, 22, 40, 3, 7]])
+    quantized = get_backend("torch").load(tmp_path / "k.gguf", dtype="float32")
+    layers = [m for m in quantized.module.modules() if isinstance(m, QuantizedLinear)]
+    assert sorted({m.group_size for m in layers}) == [16, 32] and len(layers) == 7
+    with torch.no_grad():
+        ours = quantized.module(tokens)[0].float()
+        reference = get_backend("torch").load(float_folder, dtype="float32").module(tokens)[0].float()
+    np.testing.assert_allclose(ours.numpy(), reference.numpy(), atol=2e-3 * float(reference.abs().max()))
+    assert quantized.greedy([1, 5, 9], 8) == get_backend("torch").load(float_folder, dtype="float32").greedy([1, 5, 9], 8)
+
+
+def test_groups_of_16_regroup_to_32_with_a_notice_for_mlx(tmp_path, monkeypatch):
+    """Converting a K-quant file to an mlx-lm folder requantizes groups of 16 at group 32 and says what that costs,
+    leaving no llmctl-only mode; the MLX backend does the same as it loads the file, with the same logits."""
+    from typer.testing import CliRunner
+
+    from llmctl.cli import app
+
+    _k_gguf(tmp_path / "k.gguf")
+    result = CliRunner().invoke(app, ["convert", str(tmp_path / "k.gguf"), "--out", str(tmp_path / "mlx")])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "4 layers quantized in groups of 16 (GGUF Q6_K, Q3_K, Q2_K) were regrouped to groups of 32" in text
+    assert "lossy: 4 of 11 tensors changed" in text
+    folder = read_model(tmp_path / "mlx")
+    assert "affine16" not in str(folder.quantization) and "'group_size': 16" not in str(folder.quantization)
+    original = G.read_gguf(tmp_path / "k.gguf")
+    down = "model.layers.0.mlp.down_proj"
+    before = G.affine_float32(original.tensors, down, 16, 6)
+    after = G.affine_float32(folder.tensors, down, 32, 6)
+    error = np.sqrt(np.mean((after - before) ** 2)) / np.sqrt(np.mean(before**2))
+    assert 0 < error < 0.05  # 6 bits at group 32: a few percent of the weights' RMS
+    np.testing.assert_array_equal(  # groups of 32 already: kept exactly
+        G.affine_float32(folder.tensors, "model.layers.0.self_attn.q_proj", 32, 4),
+        G.affine_float32(original.tensors, "model.layers.0.self_attn.q_proj", 32, 4),
+    )
+
+    from llmctl.backends import get_backend
+
+    tokens = [[1, 5, 9, 22, 40, 3, 7]]
+    warnings: list[str] = []
+    monkeypatch.setattr("llmctl.ui.warn", warnings.append)
+    mlx = get_backend("mlx").load(tmp_path / "k.gguf")  # regroups the same way as it loads, with the notice
+    assert any("regrouped to groups of 32 at the same bits for MLX" in warning for warning in warnings)
+    reference = get_backend("torch").load(tmp_path / "mlx").logits(tokens)
+    np.testing.assert_allclose(mlx.logits(tokens), reference, atol=2e-3 * np.abs(reference).max())
+
+
 # ---- files llmctl does not read -------------------------------------------------------------------------------------
 
 
@@ -317,11 +473,10 @@ def _tiny_gguf(path: Path, arch: str = "llama", ffn_type: str = "F32") -> np.nda
         writer.add_tensor(f"blk.0.{name}.weight", rng.standard_normal(shape).astype(np.float32))
     writer.add_tensor("blk.0.attn_norm.weight", np.ones(dim, np.float32))
     writer.add_tensor("blk.0.ffn_norm.weight", np.ones(dim, np.float32))
-    if ffn_type == "Q6_K":  # 256 values per block: 210 bytes, ending in the block's float16 scale d
-        raw = rng.integers(0, 256, (dim, 210), dtype=np.uint8)
-        raw[:, 208:] = np.full((dim, 1), 0.01, np.float16).view(np.uint8)
-        writer.add_tensor("blk.0.ffn_down.weight", raw, raw_dtype=gguf.GGMLQuantizationType.Q6_K)
-        values = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType.Q6_K)
+    if ffn_type != "F32":
+        raw = random_blocks(ffn_type, dim, ffn)
+        writer.add_tensor("blk.0.ffn_down.weight", raw, raw_dtype=gguf.GGMLQuantizationType[ffn_type])
+        values = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[ffn_type])
     else:
         values = rng.standard_normal((dim, ffn)).astype(np.float32)
         writer.add_tensor("blk.0.ffn_down.weight", values)
@@ -338,10 +493,10 @@ def test_non_llama_gguf_is_refused(tmp_path):
         G.read_gguf(tmp_path / "g.gguf")
 
 
-def test_other_block_types_are_dequantized_with_a_notice(tmp_path):
-    values = _tiny_gguf(tmp_path / "k.gguf", ffn_type="Q6_K")
+def test_iq_types_are_dequantized_with_a_notice(tmp_path):
+    values = _tiny_gguf(tmp_path / "k.gguf", ffn_type="IQ4_NL")
     model = G.read_gguf(tmp_path / "k.gguf")
-    assert model.notices and "1 Q6_K tensors have no exact affine equivalent" in model.notices[0]
+    assert model.notices and "1 IQ4_NL tensors have no exact affine equivalent" in model.notices[0]
     down = model.tensors["model.layers.0.mlp.down_proj.weight"]
     assert down.dtype == "F32"
     np.testing.assert_array_equal(down.data, values)
