@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import zipfile
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -776,3 +777,93 @@ def test_smollm2_written_by_llmctl_runs_in_llama_cpp(smollm2, smollm2_fp32, smol
 
 def _quantized_modules(tensors: dict) -> list[str]:
     return [name.removesuffix(".scales") for name in tensors if name.endswith(".scales")]
+
+
+# ---- K-quant files made by llama.cpp's own quantizer (llama-cpp-python) --------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def smollm2_f32_gguf(smollm2, tmp_path_factory) -> Path:
+    """SmolLM2's Q4_1 weights as an F32 GGUF file: the source llama.cpp's quantizer takes."""
+    from typer.testing import CliRunner
+
+    from llmctl.cli import app
+
+    out = tmp_path_factory.mktemp("smollm2-f32") / "smollm2-f32.gguf"
+    result = CliRunner().invoke(app, ["convert", str(smollm2), "--out", str(out), "--type", "f32"])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def llama_cpp_quantize(source: Path, out: Path, ftype: str) -> Path:
+    """llama.cpp's own quantizer (llama_model_quantize) with its type choice for `ftype` (Q4_K_M, Q2_K, ...)."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
+    params.nthread = 2
+    assert llama_cpp.llama_model_quantize(str(source).encode(), str(out).encode(), params) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_q4_k_m(smollm2_f32_gguf, tmp_path_factory) -> Path:
+    return llama_cpp_quantize(smollm2_f32_gguf, tmp_path_factory.mktemp("q4km") / "smollm2-q4_k_m.gguf", "Q4_K_M")
+
+
+def _assert_reads_as_gguf_dequantizes(path: Path) -> Counter:
+    """Every matrix of a GGUF file, read by llmctl into the affine layout, dequantizes to the gguf package's values."""
+    model = G.read_gguf(path)
+    assert model.notices == []
+    types = Counter()
+    for t in gguf.GGUFReader(path).tensors:
+        module = G.hf_module(t.name.removesuffix(".weight"))
+        if t.tensor_type.name == "F32":
+            continue
+        types[t.tensor_type.name] += 1
+        group_size, bits = G.layer_quantization(model.quantization, module)
+        ours = G.affine_float32(model.tensors, module, group_size, bits)
+        heads = G._rope_heads(model.spec, module)
+        if heads:
+            ours = ours[G.rope_row_order(len(ours), heads, to_gguf=True)]
+        expected = gguf.quants.dequantize(t.data, t.tensor_type).reshape(ours.shape)
+        np.testing.assert_array_equal(ours, expected, err_msg=f"{t.name} ({t.tensor_type.name})")
+    return types
+
+
+@pytest.mark.slow
+def test_llama_cpp_q2_k_file_reads_bit_exactly(smollm2_f32_gguf, tmp_path):
+    """llama.cpp's Q2_K of SmolLM2: widths of 576 fall back to Q4_0, ffn_down (1536 wide) gets Q3_K."""
+    types = _assert_reads_as_gguf_dequantizes(llama_cpp_quantize(smollm2_f32_gguf, tmp_path / "q2_k.gguf", "Q2_K"))
+    assert {"Q3_K", "Q4_0"} <= set(types)
+
+
+@pytest.mark.slow
+def test_llama_cpp_q4_k_m_reads_exactly_and_decodes_as_llama_cpp(smollm2_q4_k_m):
+    """The mixed Q4_K_M file (Q5_0, Q4_K, Q6_K, Q8_0, F32) reads bit-exactly and runs on the kernels (it crashed
+    in oneDNN before); greedy tokens equal llama.cpp's until a step where llama.cpp's own two best logits are
+    closer than its logits are to the exact products of the file's weights (llama.cpp rounds activations to 8 bits
+    per block of 32 or 256 before its dot products; llmctl multiplies float32 activations with the exact weights)."""
+    import llama_cpp
+
+    from llmctl.backends import get_backend
+
+    types = _assert_reads_as_gguf_dequantizes(smollm2_q4_k_m)
+    assert {"Q5_0", "Q4_K", "Q6_K", "Q8_0"} <= set(types)
+    model = get_backend("torch").load(smollm2_q4_k_m)
+    prompt = G.read_tokenizer(smollm2_q4_k_m).apply_chat_template(CHAT, tokenize=True)
+    ours = model.greedy(prompt, 32)
+    llm = llama_cpp.Llama(str(smollm2_q4_k_m), n_ctx=256, n_threads=2, verbose=False, logits_all=True)
+    llm.eval(prompt + ours)
+    scores = np.asarray(llm.scores[: len(prompt) + len(ours)])[len(prompt) - 1 :]
+    theirs = scores.argmax(axis=1)  # llama.cpp's greedy choice after each of our tokens
+    mine = model.logits([prompt + ours])[0, len(prompt) - 1 :]
+    # llama.cpp's own distance from exact products, on the prompt: its tolerance for calling a step a tie
+    tolerance = float(np.abs(scores[0] - mine[0]).max())
+    for step, token in enumerate(ours):
+        if theirs[step] != token:
+            margin = scores[step, theirs[step]] - scores[step, token]
+            assert margin < 2 * tolerance, f"step {step}: llama.cpp prefers {theirs[step]} by {margin:.4f}"
+            break
+    else:
+        step = len(ours)
+    assert step >= 4, f"llama.cpp's greedy tokens left llmctl's at step {step}"
