@@ -849,21 +849,102 @@ def test_llama_cpp_q4_k_m_reads_exactly_and_decodes_as_llama_cpp(smollm2_q4_k_m)
 
     types = _assert_reads_as_gguf_dequantizes(smollm2_q4_k_m)
     assert {"Q5_0", "Q4_K", "Q6_K", "Q8_0"} <= set(types)
-    model = get_backend("torch").load(smollm2_q4_k_m)
     prompt = G.read_tokenizer(smollm2_q4_k_m).apply_chat_template(CHAT, tokenize=True)
-    ours = model.greedy(prompt, 32)
-    llm = llama_cpp.Llama(str(smollm2_q4_k_m), n_ctx=256, n_threads=2, verbose=False, logits_all=True)
+    assert _greedy_steps_as_llama_cpp(smollm2_q4_k_m, prompt) >= 4
+
+
+def _greedy_steps_as_llama_cpp(path: Path, prompt: list[int], n: int = 32) -> int:
+    """How many of llmctl's n greedy tokens on a GGUF file llama.cpp also picks, asserting that where they part
+    llama.cpp's own top two are nearer than twice its distance from exact products (on the prompt's logits)."""
+    import llama_cpp
+
+    from llmctl.backends import get_backend
+
+    model = get_backend("torch").load(path)
+    ours = model.greedy(prompt, n)
+    llm = llama_cpp.Llama(str(path), n_ctx=256, n_threads=2, verbose=False, logits_all=True)
     llm.eval(prompt + ours)
     scores = np.asarray(llm.scores[: len(prompt) + len(ours)])[len(prompt) - 1 :]
     theirs = scores.argmax(axis=1)  # llama.cpp's greedy choice after each of our tokens
-    mine = model.logits([prompt + ours])[0, len(prompt) - 1 :]
-    # llama.cpp's own distance from exact products, on the prompt: its tolerance for calling a step a tie
-    tolerance = float(np.abs(scores[0] - mine[0]).max())
+    exact = model.logits([prompt + ours])[0, len(prompt) - 1 :]
+    tolerance = float(np.abs(scores[0] - exact[0]).max())
     for step, token in enumerate(ours):
         if theirs[step] != token:
             margin = scores[step, theirs[step]] - scores[step, token]
             assert margin < 2 * tolerance, f"step {step}: llama.cpp prefers {theirs[step]} by {margin:.4f}"
-            break
-    else:
-        step = len(ours)
-    assert step >= 4, f"llama.cpp's greedy tokens left llmctl's at step {step}"
+            return step
+    return len(ours)
+
+
+# ---- K-quants written by llmctl ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_k(tmp_path_factory) -> Path:
+    """A random llama of width 256 (K-quant blocks fit) with a real tokenizer; ffn_down 320 wide takes the fallbacks."""
+    import shutil
+
+    if not SHARED.is_dir():
+        pytest.skip(f"shared test data not found at {SHARED}")
+    folder = tmp_path_factory.mktemp("tiny-k") / "float"
+    make_hf_model("llama", folder, scale=2.0, hidden_size=256, intermediate_size=320, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=512, num_hidden_layers=8, tie_word_embeddings=False,
+                  rope_scaling=None, rope_theta=10000.0)  # fmt: skip
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(SHARED / "models" / "stories260K-hf" / name, folder / name)
+    return folder
+
+
+def _quantize_gguf(source: Path, out: Path, target: str) -> Path:
+    from typer.testing import CliRunner
+
+    from llmctl.cli import app
+
+    result = CliRunner().invoke(app, ["quantize", "--model", str(source), "--out", str(out), "--type", target])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.mark.parametrize("target", ["q4_k_m", "q5_k_m"])
+def test_k_quant_mixes_are_llama_cpp_s_types_and_blocks(tiny_k, target, tmp_path):
+    """`quantize --type q4_k_m|q5_k_m` gives each tensor the type llama.cpp's quantizer gives it (Q6_K head, attn_v and
+    ffn_down where use_more_bits says, Q5_0/Q5_1/Q8_0 where 320 is not a multiple of 256), and blocks as good as its
+    own: no larger error for any type, the same bytes for nearly every Q6_K block."""
+    from typer.testing import CliRunner
+
+    from llmctl.cli import app
+
+    ours = _quantize_gguf(tiny_k, tmp_path / "ours.gguf", target)
+    assert CliRunner().invoke(app, ["convert", str(tiny_k), "--out", str(tmp_path / "f32.gguf"), "--type", "f32"]).exit_code == 0
+    theirs = llama_cpp_quantize(tmp_path / "f32.gguf", tmp_path / "theirs.gguf", target.upper())
+    ours_t, theirs_t = ({t.name: t for t in gguf.GGUFReader(p).tensors} for p in (ours, theirs))
+    assert {n: t.tensor_type.name for n, t in ours_t.items()} == {n: t.tensor_type.name for n, t in theirs_t.items()}
+    main = target[:2].upper() + "_K"
+    assert ours_t["output.weight"].tensor_type.name == "Q6_K" and ours_t["blk.3.attn_v.weight"].tensor_type.name == "Q6_K"
+    assert ours_t["blk.1.attn_v.weight"].tensor_type.name == main
+    assert ours_t["blk.1.ffn_down.weight"].tensor_type.name == ("Q5_0" if main == "Q4_K" else "Q5_1")
+    assert ours_t["blk.0.ffn_down.weight"].tensor_type.name == "Q8_0"  # Q6_K's fallback
+    floats = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(tmp_path / "f32.gguf").tensors}
+    for name, t in ours_t.items():
+        qtype = t.tensor_type
+        if qtype.name not in G.K_TYPES:
+            continue
+        x = floats[name].reshape(-1, floats[name].shape[-1])
+        errors = [np.sqrt(np.mean((gguf.quants.dequantize(np.asarray(f.data), qtype).reshape(x.shape) - x) ** 2))
+                  for f in (t, theirs_t[name])]  # fmt: skip
+        assert errors[0] <= 1.01 * errors[1], f"{name} {qtype.name}: RMS error {errors[0]:.4g} vs llama.cpp's {errors[1]:.4g}"
+        if qtype.name == "Q6_K":  # Q4_K/Q5_K's 16-21 trial grids tie often on random weights: float sums decide
+            size = gguf.GGML_QUANT_SIZES[qtype][1]
+            same = (np.asarray(t.data).reshape(-1, size) == np.asarray(theirs_t[name].data).reshape(-1, size)).all(axis=1)
+            assert same.mean() > 0.9, f"{name}: {same.mean():.2%} of the blocks are llama.cpp's"
+
+
+def test_llama_cpp_runs_llmctl_k_quant_files_with_the_same_greedy_tokens(tiny_k, tmp_path):
+    """llama.cpp loads llmctl's q4_k_m and q6_k files and picks llmctl's greedy tokens (up to its own near-ties);
+    llmctl reads its own files back bit-exactly."""
+    pytest.importorskip("llama_cpp")
+    for target in ("q4_k_m", "q6_k"):
+        path = _quantize_gguf(tiny_k, tmp_path / f"{target}.gguf", target)
+        types = _assert_reads_as_gguf_dequantizes(path)
+        assert set(types) == ({"Q4_K", "Q6_K", "Q5_0", "Q8_0"} if target == "q4_k_m" else {"Q6_K", "Q8_0"})
+        assert _greedy_steps_as_llama_cpp(path, [1, 403, 407, 261, 378]) >= 8

@@ -82,9 +82,10 @@ K_TYPES = {
     )
 }
 # What `--type` may ask for when writing, and the order in which exact types are preferred (smallest first).
-WRITE_TYPES = ("f32", "f16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
+WRITE_TYPES = ("f32", "f16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k", "q4_k_m", "q5_k_m")
 _EXACT_PREFERENCE = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
-_FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "BF16": 32}
+_FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q4_K": 14, "Q5_K": 16, "Q6_K": 18,
+               "BF16": 32}  # fmt: skip
 
 
 def is_gguf(path: str | Path) -> bool:
@@ -699,6 +700,10 @@ def error_stats(reference: np.ndarray, changed: np.ndarray) -> tuple[float, floa
 
 
 def _quantize_rows(values: np.ndarray, qtype: str) -> np.ndarray:
+    if qtype in K_TYPES:
+        from llmctl.io.kquants import quantize_k
+
+        return quantize_k(values, qtype)
     gguf = _gguf()
     return gguf.quants.quantize(np.ascontiguousarray(values, dtype=np.float32), gguf.GGMLQuantizationType[qtype])
 
@@ -782,7 +787,8 @@ def write_gguf(
     """Write a model as a llama-architecture GGUF file that llama.cpp loads; returns what stayed exact.
 
     target: None keeps every tensor exact where a ggml type can (floats as they are, 4-/5-/8-bit groups of 32
-    with float16 scales as Q4_0/Q4_1/Q5_0/Q5_1/Q8_0); one of WRITE_TYPES converts the matrices to that type.
+    with float16 scales as Q4_0/Q4_1/Q5_0/Q5_1/Q8_0); one of WRITE_TYPES converts the matrices to that type, or for
+    the K-quants (q4_k, q5_k, q6_k, mixes q4_k_m, q5_k_m) to the types llama.cpp's quantizer gives each tensor.
     general: general.* metadata to carry over (name, license, ... of a GGUF being rewritten).
     The file is written under a temporary name and renamed into place when complete.
     """
@@ -798,20 +804,27 @@ def write_gguf(
     report = ConversionReport()
     if spec.sliding_window:
         report.notices.append(f"llama.cpp ignores the sliding window ({spec.sliding_window}) of this model.")
+    from llmctl.io.kquants import FILE_TYPES, tensor_type
+
     planned: list[tuple[str, np.ndarray, str]] = []
-    for hf in _hf_weight_names(tensors):
-        stem, _, kind = hf.rpartition(".")
-        module = gguf_module(stem)
-        if module is None:
-            raise CheckpointError(f"Tensor {hf} has no GGUF name; llmctl writes the tensors of a Llama model.")
-        if spec.tie_embeddings and stem == "lm_head":
-            continue
-        data, qtype = _plan_tensor(hf, tensors, quantization, target, report)
-        heads = _rope_heads(spec, stem)
-        if heads and kind == "weight":
-            data = data[rope_row_order(data.shape[0], heads, to_gguf=True)]
-        report.types[qtype] += 1
-        planned.append((f"{module}.{kind}", np.ascontiguousarray(data), qtype))
+    shapes = logical_shapes(tensors, quantization)
+    names = [n for n in _hf_weight_names(tensors) if not (spec.tie_embeddings and n.startswith("lm_head."))]
+    with ui.progress(len(names), f"GGUF {target or 'exact'}") as bar:
+        for hf in names:
+            stem, _, kind = hf.rpartition(".")
+            module = gguf_module(stem)
+            if module is None:
+                raise CheckpointError(f"Tensor {hf} has no GGUF name; llmctl writes the tensors of a Llama model.")
+            wanted = target
+            if target in FILE_TYPES:  # K-quants: llama.cpp's type for this tensor, with its fallbacks
+                wanted = tensor_type(target, f"{module}.{kind}", shapes[hf][-1], spec.n_layers, spec.tie_embeddings).lower()
+            data, qtype = _plan_tensor(hf, tensors, quantization, wanted, report)
+            heads = _rope_heads(spec, stem)
+            if heads and kind == "weight":
+                data = data[rope_row_order(data.shape[0], heads, to_gguf=True)]
+            report.types[qtype] += 1
+            planned.append((f"{module}.{kind}", np.ascontiguousarray(data), qtype))
+            bar.update(tensor=hf)
     if spec.rope_scaling is not None and spec.rope_scaling.rope_type == "llama3":
         planned.append(
             ("rope_freqs.weight", llama3_rope_factors(spec.rope_scaling, spec.rope_theta, spec.head_dim), "F32")
@@ -820,7 +833,7 @@ def write_gguf(
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     writer = gguf.GGUFWriter(tmp, "llama")
     try:
-        _write_metadata(writer, spec, report, tokenizer, name or out.stem, general or {})
+        _write_metadata(writer, spec, report, tokenizer, name or out.stem, general or {}, FILE_TYPES.get(target or ""))
         for gname, data, qtype in planned:
             raw = gguf.GGMLQuantizationType[qtype]
             if qtype in ("F32", "F16"):
@@ -845,10 +858,10 @@ _OWN_GENERAL = ("general.architecture", "general.file_type", "general.quantizati
 
 def _write_metadata(
     writer: gguf.GGUFWriter, spec: ModelSpec, report: ConversionReport, tokenizer: Tokenizer | None, name: str,
-    general: dict[str, Any],
+    general: dict[str, Any], file_type: int | None = None,
 ) -> None:  # fmt: skip
     matrices = Counter({t: n for t, n in report.types.items() if t != "F32"}) or Counter({"F32": 1})
-    file_type = _FILE_TYPES[matrices.most_common(1)[0][0]]
+    file_type = _FILE_TYPES[matrices.most_common(1)[0][0]] if file_type is None else file_type
     writer.add_type("model")
     writer.add_name(str(general.get("general.name", name)))
     for key, value in general.items():  # descriptive text (organization, license, languages, ...)
@@ -859,7 +872,7 @@ def _write_metadata(
         elif isinstance(value, list) and value and all(isinstance(v, str) for v in value):
             writer.add_array(key, value)
     writer.add_file_type(file_type)
-    if any(t in BLOCK_TYPES for t in report.types):
+    if any(t in BLOCK_TYPES or t in K_TYPES for t in report.types):
         writer.add_quantization_version(2)
     writer.add_vocab_size(spec.vocab_size)
     writer.add_context_length(spec.max_seq_len)
