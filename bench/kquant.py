@@ -11,13 +11,15 @@ does), scored on the same tinyshakespeare slice with the same windows (quantize_
 Then decode tokens/s (after a 128-token prompt) and prompt tokens/s (512 tokens) of llama.cpp's Q4_K_M file in llmctl
 (torch backend) and in llama.cpp, measured in the same run (bench/decode.py's runners), with the ratio, the CPU's
 name and llmctl's kernel ISA. KL(full || q) is per token, against llmctl's torch full model. The child processes run
-this checkout's llmctl (PYTHONPATH), as the speed runs in this process do.
+this checkout's llmctl (PYTHONPATH), as the speed runs in this process do; $LLMCTL_SHARED names shared/ as the tests'
+conftest reads it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -49,6 +51,7 @@ def main() -> None:
     opts = parser.parse_args()
     opts.calib_samples, opts.stories_text = 0, None
     Q.ENV["PYTHONPATH"] = str(Q.ROOT)  # this checkout's llmctl in the child processes, as the speed runs import it
+    Q.SHAKESPEARE = Path(os.environ.get("LLMCTL_SHARED", Q.SHARED)) / "data" / "tinyshakespeare.txt"
     work = Path(tempfile.mkdtemp(prefix="llmctl-bench-kquant-"))
     setup = Q.prepare("smollm2", work, opts)
     full, text, tokens = setup["full"], setup["text"], setup["tokens"]

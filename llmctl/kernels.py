@@ -149,6 +149,14 @@ def _check_params(group_size: int, bits: int, threads: int, read: bool = False) 
         )
 
 
+def _refuse_groups_of_16_on_cuda(group_size: int) -> None:
+    if group_size == READ_GROUP_SIZE:
+        raise KernelArgumentError(
+            "groups of 16 (GGUF Q6_K, Q3_K, Q2_K) run on the CPU kernels only.",
+            hint="Run the model on the CPU, or convert it to an mlx-lm folder (groups of 32) first.",
+        )
+
+
 def _check_same_place(arrays: dict[str, _Array]) -> None:
     (first_name, first), *rest = arrays.items()
     for name, array in rest:
@@ -269,6 +277,7 @@ def dequantize(
     rows = math.prod(s.shape[:-1])
     args = (q.buffer, s.buffer, b.buffer, _DTYPE_CODES[s.dtype], rows, cols, group_size, bits, out.buffer)
     if q.on_cuda:
+        _refuse_groups_of_16_on_cuda(group_size)
         import torch
 
         lib, stream = _cuda_call(q)
@@ -428,6 +437,7 @@ def qmatmul(
     args = (a.buffer, _DTYPE_CODES[a.dtype], batch, k, q.buffer, s.buffer, b.buffer if b is not None else (0, 0),
             _DTYPE_CODES[s.dtype], n, group_size, bits, MODES.index(mode), y.buffer, _DTYPE_CODES[a.dtype])
     if a.on_cuda:
+        _refuse_groups_of_16_on_cuda(group_size)
         import torch
 
         lib, stream = _cuda_call(a)

@@ -571,8 +571,9 @@ def _quantization(layers: dict[str, QuantParams]) -> dict[str, Any] | None:
 
 
 def read_gguf(path: str | Path) -> ModelFolder:
-    """Read a Llama-family GGUF file: F32/F16/BF16 as they are, Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 exactly into the affine
-    layout at group size 32, other types dequantized to float32 (with a notice); q/k rows in transformers' order."""
+    """Read a Llama-family GGUF file: F32/F16/BF16 as they are, Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 and Q4_K/Q5_K exactly into
+    the affine layout at group size 32, Q6_K/Q3_K/Q2_K exactly at group size 16 (mode affine16), other types (IQ)
+    dequantized to float32 (with a notice); q/k rows in transformers' order."""
     path = Path(path)
     reader = _open(path)
     meta = _metadata(reader)
