@@ -272,25 +272,29 @@ bool prepare_x(QJob& job, const void* x, int x_dtype, bool want_int16, int phase
   return true;
 }
 
-// y = x @ W^T in float32, one group at a time: sum_i x_i * value(code_i) * s + b * sum_i x_i.
+// y = x @ W^T in float32, one group at a time: sum_i x_i * value(code_i) * s + b * sum_i x_i. Codes are unpacked in
+// runs of whole words (a group, or two groups of 16).
 void qmatmul_rows_scalar(const QJob& job, int64_t o0, int64_t o1) {
-  const int G = job.group_size, bits = job.bits;
+  const int G = job.group_size, bits = job.bits, run = std::max(G, 32);
   const int64_t K = job.in, ng = job.groups, row_words = K * bits / 32;
   std::vector<float> acc(size_t(job.batch));
   uint8_t codes[128];
   float values[128];
   for (int64_t o = o0; o < o1; ++o) {
     std::fill(acc.begin(), acc.end(), 0.0f);
-    for (int64_t g = 0; g < ng; ++g) {
-      unpack_group(job.wq + o * row_words + g * G * bits / 32, G, bits, codes);
-      for (int i = 0; i < G; ++i) values[i] = job.mode == kModeNF4 ? kNF4[codes[i]] : float(codes[i]);
-      const float s = load_float(job.scales, job.w_dtype, o * ng + g);
-      const float b = job.biases ? load_float(job.biases, job.w_dtype, o * ng + g) : 0.0f;
-      for (int64_t r = 0; r < job.batch; ++r) {
-        const float* xr = job.xf.data() + r * K + g * G;
-        float dot = 0.0f;
-        for (int i = 0; i < G; ++i) dot += xr[i] * values[i];
-        acc[size_t(r)] += s * dot + b * job.xsum[size_t(r * (ng + 1) + g)];
+    for (int64_t c = 0; c < K / run; ++c) {
+      unpack_group(job.wq + o * row_words + c * run * bits / 32, run, bits, codes);
+      for (int i = 0; i < run; ++i) values[i] = job.mode == kModeNF4 ? kNF4[codes[i]] : float(codes[i]);
+      for (int64_t g = c * run / G; g < (c + 1) * run / G; ++g) {
+        const float* v = values + (g * G - c * run);
+        const float s = load_float(job.scales, job.w_dtype, o * ng + g);
+        const float b = job.biases ? load_float(job.biases, job.w_dtype, o * ng + g) : 0.0f;
+        for (int64_t r = 0; r < job.batch; ++r) {
+          const float* xr = job.xf.data() + r * K + g * G;
+          float dot = 0.0f;
+          for (int i = 0; i < G; ++i) dot += xr[i] * v[i];
+          acc[size_t(r)] += s * dot + b * job.xsum[size_t(r * (ng + 1) + g)];
+        }
       }
     }
     for (int64_t r = 0; r < job.batch; ++r) detail::store_y(job, r, o, acc[size_t(r)]);
@@ -299,6 +303,7 @@ void qmatmul_rows_scalar(const QJob& job, int64_t o0, int64_t o1) {
 
 void check_nf4_args(int dtype, int64_t rows, int64_t cols, int group_size) {
   check_quant_args(dtype, rows, cols, group_size, 4);
+  if (group_size == 16) fail("nf4 takes groups of 32, 64 or 128, not 16");
 }
 
 }  // namespace
@@ -410,6 +415,7 @@ void qmatmul(const void* x, int x_dtype, int64_t batch, int64_t in, const uint32
   if (batch < 0) fail("batch " + std::to_string(batch) + " is negative");
   if (threads < 0) fail("threads must be >= 0 (0: all hardware threads)");
   isa = resolve_isa(isa);
+  if (group_size == 16) isa = kIsaScalar;  // the SIMD kernels unpack whole groups of 32 or more
   if (batch * out == 0) return;
   for (auto [p, what] : {std::pair<const void*, const char*>{x, "x"}, {wq, "wq"}, {scales, "scales"}, {y, "y"}})
     if (p == nullptr) fail(std::string(what) + " is a null pointer");

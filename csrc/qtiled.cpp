@@ -39,6 +39,7 @@ constexpr int kStepBytes = 64;
 
 void check_tiled(int dtype, int64_t out, int64_t in, int group_size, int bits) {
   check_quant_args(dtype, out, in, group_size, bits);
+  if (group_size == 16) fail("the tiled layout takes groups of 32, 64 or 128, not 16");
   if (!tiled_supported(bits, kModeAffine, out))
     fail("the tiled layout takes affine 4- or 8-bit codes and a multiple of " + std::to_string(kTileRows) +
          " rows, not " + std::to_string(bits) + "-bit codes and " + std::to_string(out) + " rows");

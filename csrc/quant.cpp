@@ -147,6 +147,22 @@ void dequantize_groups(const uint32_t* wq, const void* scales, const void* biase
   }
 }
 
+// Groups of 16 (GGUF's Q6_K, Q3_K, Q2_K read exactly): 16 codes may end inside a word, so each 32-code run of
+// whole words is unpacked at once and its two groups take their own scale and bias. g0, g1 count runs of 32.
+template <int DT, int BITS>
+void dequantize_pairs(const uint32_t* wq, const void* scales, const void* biases, int64_t g0, int64_t g1, void* out,
+                      int out_dtype) {
+  alignas(64) uint32_t codes[32];
+  for (int64_t g = g0; g < g1; ++g) {
+    unpack32<BITS>(wq + g * BITS, codes);
+    for (int j = 0; j < 32; ++j) {
+      const int64_t group = 2 * g + j / 16;
+      const float y = affine_value(codes[j], load_float(scales, DT, group), load_float(biases, DT, group), DT);
+      store_float(out, out_dtype, g * 32 + j, y);
+    }
+  }
+}
+
 // Turns runtime (dtype, bits) into template arguments.
 template <template <int, int> class Fn, typename... Args>
 void dispatch(int dtype, int bits, Args&&... args) {
@@ -178,6 +194,12 @@ struct DequantizeFn {
   static void run(Args&&... args) { dequantize_groups<DT, BITS>(args...); }
 };
 
+template <int DT, int BITS>
+struct DequantizePairsFn {
+  template <typename... Args>
+  static void run(Args&&... args) { dequantize_pairs<DT, BITS>(args...); }
+};
+
 void check_pointer(const void* p, const char* what) {
   if (p == nullptr) fail(std::string(what) + " is a null pointer");
 }
@@ -194,8 +216,10 @@ void check_quant_args(int dtype, int64_t rows, int64_t cols, int group_size, int
   check_dtype(dtype, "input");
   if (bits != 2 && bits != 3 && bits != 4 && bits != 5 && bits != 6 && bits != 8)
     fail("bits " + std::to_string(bits) + " is not one of 2, 3, 4, 5, 6, 8");
-  if (group_size != 32 && group_size != 64 && group_size != 128)
-    fail("group_size " + std::to_string(group_size) + " is not one of 32, 64, 128");
+  if (group_size != 16 && group_size != 32 && group_size != 64 && group_size != 128)
+    fail("group_size " + std::to_string(group_size) + " is not one of 16, 32, 64, 128");
+  if (group_size == 16 && cols % 32 != 0)  // codes are packed 32 to a run of whole words
+    fail("group_size 16 needs a last dimension that is a multiple of 32, not " + std::to_string(cols));
   if (rows < 0 || cols < 0)
     fail("shape (" + std::to_string(rows) + ", " + std::to_string(cols) + ") is negative");
   if (cols % group_size != 0)
@@ -206,6 +230,7 @@ void check_quant_args(int dtype, int64_t rows, int64_t cols, int group_size, int
 void quantize(const void* w, int dtype, int64_t rows, int64_t cols, int group_size, int bits,
               uint32_t* wq, void* scales, void* biases, int threads) {
   check_quant_args(dtype, rows, cols, group_size, bits);
+  if (group_size == 16) fail("quantize makes groups of 32, 64 or 128; groups of 16 are only read (GGUF K-quants)");
   if (rows * cols == 0) return;
   check_pointer(w, "w");
   check_pointer(wq, "wq");
@@ -228,6 +253,12 @@ void dequantize(const uint32_t* wq, const void* scales, const void* biases, int 
   check_pointer(scales, "scales");
   check_pointer(biases, "biases");
   check_pointer(out, "out");
+  if (group_size == 16) {
+    parallel_for(rows * cols / 32, 32, threads, [&](int64_t g0, int64_t g1) {
+      dispatch<DequantizePairsFn>(dtype, bits, wq, scales, biases, g0, g1, out, out_dtype);
+    });
+    return;
+  }
   parallel_for(rows * cols / group_size, group_size, threads, [&](int64_t g0, int64_t g1) {
     dispatch<DequantizeFn>(dtype, bits, wq, scales, biases, group_size, g0, g1, out, out_dtype);
   });

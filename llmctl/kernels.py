@@ -12,6 +12,7 @@ import numpy as np
 from llmctl.errors import BackendUnavailable, LlmctlError
 
 GROUP_SIZES = (32, 64, 128)
+READ_GROUP_SIZE = 16  # groups of 16 (GGUF's Q6_K, Q3_K, Q2_K read exactly) are dequantized and multiplied, not made
 BITS = (2, 3, 4, 5, 6, 8)
 FLOAT_DTYPES = ("float32", "float16", "bfloat16")
 TILE_ROWS = 16  # output rows a tile of the tiled layout interleaves (csrc/qmatmul.h)
@@ -137,13 +138,22 @@ def _check_threads(threads: int) -> None:
         raise KernelArgumentError(f"threads={threads}; pass a positive count, or 0 for every core.")
 
 
-def _check_params(group_size: int, bits: int, threads: int) -> None:
+def _check_params(group_size: int, bits: int, threads: int, read: bool = False) -> None:
+    """read: the kernel reads existing codes (dequantize, qmatmul), so groups of 16 are accepted too."""
     _check_threads(threads)
     if bits not in BITS:
         raise KernelArgumentError(f"bits={bits} is not supported; choose one of {', '.join(map(str, BITS))}.")
-    if group_size not in GROUP_SIZES:
+    if group_size not in GROUP_SIZES and not (read and group_size == READ_GROUP_SIZE):
         raise KernelArgumentError(
             f"group_size={group_size} is not supported; choose one of {', '.join(map(str, GROUP_SIZES))}."
+        )
+
+
+def _refuse_groups_of_16_on_cuda(group_size: int) -> None:
+    if group_size == READ_GROUP_SIZE:
+        raise KernelArgumentError(
+            "groups of 16 (GGUF Q6_K, Q3_K, Q2_K) run on the CPU kernels only.",
+            hint="Run the model on the CPU, or convert it to an mlx-lm folder (groups of 32) first.",
         )
 
 
@@ -240,7 +250,7 @@ def dequantize(
     Values are computed in the scales' dtype (code * scale, rounded, + bias, rounded) and then cast
     to dtype (default: the scales' dtype). Returns (..., K) in the inputs' framework.
     """
-    _check_params(group_size, bits, threads)
+    _check_params(group_size, bits, threads, read=True)
     q, s, b = _wrap(wq, "wq"), _wrap(scales, "scales"), _wrap(biases, "biases")
     _check_same_place({"wq": q, "scales": s, "biases": b})
     _refuse_tiled(q, s, "dequantize", "dequantize_tiled")
@@ -267,6 +277,7 @@ def dequantize(
     rows = math.prod(s.shape[:-1])
     args = (q.buffer, s.buffer, b.buffer, _DTYPE_CODES[s.dtype], rows, cols, group_size, bits, out.buffer)
     if q.on_cuda:
+        _refuse_groups_of_16_on_cuda(group_size)
         import torch
 
         lib, stream = _cuda_call(q)
@@ -378,7 +389,7 @@ def qmatmul(
     Returns (..., N) in x's dtype and framework (torch CPU or CUDA, numpy, MLX). On the CPU, isa picks the
     kernel (auto, scalar, avx2, avx512, neon; default: $LLMCTL_ISA or auto); threads: 0 for all cores.
     """
-    _check_params(group_size, bits, threads)
+    _check_params(group_size, bits, threads, read=True)
     if mode not in MODES:
         raise KernelArgumentError(f"mode={mode!r} is not one of {', '.join(MODES)}.")
     if mode == "nf4" and bits != 4:
@@ -426,6 +437,7 @@ def qmatmul(
     args = (a.buffer, _DTYPE_CODES[a.dtype], batch, k, q.buffer, s.buffer, b.buffer if b is not None else (0, 0),
             _DTYPE_CODES[s.dtype], n, group_size, bits, MODES.index(mode), y.buffer, _DTYPE_CODES[a.dtype])
     if a.on_cuda:
+        _refuse_groups_of_16_on_cuda(group_size)
         import torch
 
         lib, stream = _cuda_call(a)
@@ -644,7 +656,7 @@ class QuantizedWeights:
         if self.tiled:
             _tiled_arrays(wq, scales, biases, group_size, bits, tiled=True)
         else:
-            _check_params(group_size, bits, 0)
+            _check_params(group_size, bits, 0, read=True)
             arrays = {"wq": _wrap(wq, "wq"), "scales": _wrap(scales, "scales")}
             if biases is not None:
                 arrays["biases"] = _wrap(biases, "biases")

@@ -169,7 +169,7 @@ def test_existing_out_is_refused_unless_force(float_folder, tmp_path):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--out", "{tmp}/m.gguf", "--type", "q6_k"], "q6_k"),
+        (["--out", "{tmp}/m.gguf", "--type", "q3_k"], "q3_k"),
         (["--out", "{tmp}/m.gguf", "--dtype", "fp32"], "--dtype is for folder outputs"),
         (["--out", "{tmp}/folder", "--type", "q4_0"], "--type is for .gguf outputs"),
         (["--out", "{tmp}/folder"], "is a model folder already: pass --dtype"),

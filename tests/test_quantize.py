@@ -89,18 +89,51 @@ def test_quantized_tensors_are_identical_from_both_backends(llama):
 
 
 @pytest.mark.parametrize("bits", (4, 8))
-@pytest.mark.parametrize("everything", (False, True), ids=("default-keep", "all-layers"))
-def test_mlx_lm_loads_our_folder_with_the_same_logits(bits, everything, tied, llama, tmp_path):
+@pytest.mark.parametrize("keep", ([], ["model.embed_tokens", "lm_head"]), ids=("default", "float-embeddings-and-head"))
+def test_mlx_lm_loads_our_folder_with_the_same_logits(bits, keep, tied, llama, tmp_path):
+    """mlx-lm reads the per-layer entries (the head at max(bits, 6) bits) and gets the logits llmctl gets."""
     mx = pytest.importorskip("mlx.core")
     utils = pytest.importorskip("mlx_lm.utils")
     for source in (llama, tied):
-        out = quantize(source, tmp_path / source.parent.name, f"quant.bits={bits}", *(["quant.keep="] if everything else []))
+        out = quantize(source, tmp_path / source.parent.name, f"quant.bits={bits}", f"quant.keep={','.join(keep)}")
         model, config = utils.load_model(out)
         assert config["quantization"]["bits"] == bits
+        head = model.model.embed_tokens if source is tied else model.lm_head
+        assert getattr(head, "bits", None) == (None if keep else max(bits, 6))
         theirs = np.array(model(mx.array(TOKENS)).astype(mx.float32))
         ours = get_backend("mlx").load(out).logits(TOKENS)
         assert_parity(ours, theirs, f"mlx_lm {source.parent.name}")
         assert_parity(get_backend("torch").load(out).logits(TOKENS), theirs, f"torch vs mlx_lm {source.parent.name}")
+
+
+@pytest.mark.parametrize("model", ["llama", "tied"])
+def test_default_quantizes_every_matrix_head_at_six_bits_with_16_bit_scales(model, request, tmp_path):
+    """`--bits 4`: embeddings too; the output head (a tied embedding once) at 6 bits; float16 scales and biases for
+    a float32 source; per-layer entries in config.json as mlx-lm writes them; smaller than keeping them in float."""
+    from llmctl.io.safetensors import load_folder_tensors
+
+    source = request.getfixturevalue(model)
+    out = quantize(source, tmp_path / "q", "quant.bits=4")
+    head = "model.embed_tokens" if model == "tied" else "lm_head"
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization"] == {"group_size": 64, "bits": 4, head: {"group_size": 64, "bits": 6}}
+    tensors = load_folder_tensors(out)
+    floats = load_folder_tensors(source)
+    matrices = [n for n, t in floats.items() if n.endswith(".weight") and len(t.shape) == 2]
+    assert ("lm_head.weight" in matrices) == (model == "llama")
+    for name in matrices:
+        module = name.removesuffix(".weight")
+        assert tensors[name].dtype == "U32", name
+        assert tensors[module + ".scales"].dtype == tensors[module + ".biases"].dtype == "F16", name
+        bits = 6 if module == head else 4
+        assert tensors[name].shape == (floats[name].shape[0], floats[name].shape[1] * bits // 32), name
+    kept = quantize(source, tmp_path / "kept", "quant.bits=4", "quant.keep=model.embed_tokens,lm_head")
+    assert "model.embed_tokens.scales" not in load_folder_tensors(kept)
+    size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    assert size < sum(f.stat().st_size for f in kept.glob("*.safetensors"))
+    logits = get_backend("torch").load(out).logits(TOKENS)
+    reference = get_backend("torch").load(source).logits(TOKENS)
+    assert 0 < np.abs(logits - reference).max() < 0.2 * np.abs(reference).max()
 
 
 def test_we_load_a_folder_mlx_lm_quantized(llama, tmp_path):
@@ -154,7 +187,7 @@ def _has_mlx() -> bool:
 def test_summary_reports_size_bits_and_time(llama, tmp_path):
     result = runner.invoke(app, ["quantize", "--model", str(llama), "--out", str(tmp_path / "q"), "--bits", "8", "--group-size", "32"])
     assert result.exit_code == 0, result.output
-    assert "layers quantized in" in result.output and "10.000 bits per quantized weight" in result.output  # 8 + 2 * 32 / 32 (float32 scales and biases)
+    assert "layers quantized in" in result.output and "9.000 bits per quantized weight" in result.output  # 8 + 2 * 16 / 32 (float16 scales and biases)
     assert (tmp_path / "q" / "llmctl_quantize.yaml").is_file()
     assert "bits: 8" in (tmp_path / "q" / "llmctl_quantize.yaml").read_text()
 

@@ -17,6 +17,8 @@ if TYPE_CHECKING:
 
 def to_folder(source: ModelFolder, out: Path, dtype: str | None) -> ConversionReport:
     """Write `source` as a model folder: quantized as it is (GGUF -> affine), or every tensor as float `dtype`."""
+    from collections import Counter
+
     import numpy as np
 
     from llmctl.io.gguf import (
@@ -45,7 +47,15 @@ def to_folder(source: ModelFolder, out: Path, dtype: str | None) -> ConversionRe
                 report.lossy[name] = error_stats(reference, changed)
         quantization = None
     else:
-        report.exact.extend(name for name in source.tensors if not name.endswith((".scales", ".biases")))
+        from llmctl.quant import config_entry, quantized_layers, regroup_to_32
+
+        tensors, layers = dict(tensors), quantized_layers(quantization, tensors)
+        regrouped = regroup_to_32(tensors, layers, "an mlx-lm folder")
+        if regrouped is not None:
+            report.notices.append(regrouped[0])
+            report.lossy.update(regrouped[1])
+            quantization = config_entry(Counter(layers.values()).most_common(1)[0][0], layers)
+        report.exact.extend(n for n in source.tensors if not n.endswith((".scales", ".biases")) and n not in report.lossy)
     with replacing(out) as staged:  # an existing OUT (--force) is removed only once the new one is complete
         # mlx-lm reads RoPE's theta only from the older top-level key, not from rope_parameters
         extra = {"rope_theta": source.spec.rope_theta}

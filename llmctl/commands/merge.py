@@ -50,12 +50,13 @@ def merge(
     entry = None
     if bits is not None:
         from llmctl.backends.torch.quant import quantize_tensors
-        from llmctl.commands.quantize import QuantConfig, _params, plan_layers
+        from llmctl.commands.quantize import QuantConfig, _params, _sixteen_bit_scales, plan_layers
         from llmctl.quant import config_entry
 
         q = QuantConfig(bits=bits)
-        layers, _, _ = plan_layers(tensors, q)
+        layers, _, _ = plan_layers(tensors, q, module.spec.tie_embeddings)  # as `llmctl quantize --bits` does
         tensors = quantize_tensors(tensors, layers)
+        _sixteen_bit_scales(tensors, layers)
         entry = config_entry(_params(q), layers)
     with replacing(out) as staged:
         write_model(staged, module.spec, tensors, folder.folder, dtype, quantization=entry)

@@ -29,6 +29,11 @@ class GGUFType(str, enum.Enum):
     q4_1 = "q4_1"
     q5_0 = "q5_0"
     q5_1 = "q5_1"
+    q4_k = "q4_k"
+    q5_k = "q5_k"
+    q6_k = "q6_k"
+    q4_k_m = "q4_k_m"  # llama.cpp's mixes: Q4_K/Q5_K, with Q6_K for the head and some attn_v, ffn_down
+    q5_k_m = "q5_k_m"
 
 
 class DistillLoss(str, enum.Enum):

@@ -25,6 +25,9 @@ class Method(str, enum.Enum):
     qat = "qat"    # quantization-aware training on --data: the quantizer in the forward pass, scales learned
 
 
+HEAD_BITS = 6  # the least bits of the output head (or tied embedding) in an affine --bits B folder: max(B, 6)
+
+
 class Format(str, enum.Enum):
     folder = "folder"  # a model folder in mlx-lm's quantized layout
     gguf = "gguf"      # one .gguf file for llama.cpp / ollama
@@ -36,7 +39,7 @@ class QuantConfig:
     group_size: int = 64           # values sharing one scale (and bias): 32, 64 or 128
     method: Method = Method.rtn
     double_quant: bool = False     # nf4: store the block scales in 8 bits too (QLoRA's double quantization)
-    keep: list[str] = field(default_factory=lambda: ["model.embed_tokens", "lm_head"])  # module globs left in float
+    keep: list[str] = field(default_factory=list)  # module globs left in float (default: every matrix quantized)
 
 
 @dataclass
@@ -71,7 +74,7 @@ def quantize(
     calib: Annotated[str | None, typer.Option(help="Calibration text for awq/gptq (default: built-in).")] = None,
     data: Annotated[list[str] | None, typer.Option(help="qat: training text (files, folders, globs; repeatable).")] = None,
     steps: Annotated[int | None, typer.Option(help="qat: optimizer steps.")] = None,
-    keep: Annotated[list[str] | None, typer.Option(help="Module glob to keep in float (repeatable; replaces the default embeddings + head).")] = None,
+    keep: Annotated[list[str] | None, typer.Option(help="Module glob to keep in float (repeatable); by default every matrix is quantized.")] = None,
     double_quant: Annotated[bool | None, typer.Option("--double-quant", help="nf4: quantize the block scales too.")] = None,
     format_: Annotated[Format | None, typer.Option("--format", help="folder (mlx-lm layout) or gguf.")] = None,
     type_: Annotated[GGUFType | None, typer.Option("--type", help="GGUF tensor type with --format gguf.")] = None,
@@ -119,14 +122,14 @@ def run(cfg: QuantizeConfig, backend: Backend | str = Backend.auto, force: bool 
     check_model_job(folder, "quantizing", 6)
     if cfg.format == Format.gguf:
         return _write_gguf(cfg, folder)
-    layers, kept, misfits = plan_layers(folder.tensors, cfg.quant)
+    layers, kept, misfits = plan_layers(folder.tensors, cfg.quant, folder.spec.tie_embeddings)
     if not layers:
         from llmctl.errors import ConfigError
 
         raise ConfigError(
             f"no layer of {cfg.model} would be quantized: --keep {' '.join(cfg.quant.keep)} keeps "
             f"{len(kept)} and {len(misfits)} do not fit group size {cfg.quant.group_size}.",
-            hint="Keep fewer modules in float (the default keeps model.embed_tokens and lm_head).",
+            hint="Keep fewer modules in float (by default none is kept).",
         )
     for path in misfits:
         ui.warn(f"{path} is left in float: its width is not a multiple of group size {cfg.quant.group_size}.")
@@ -143,19 +146,25 @@ def run(cfg: QuantizeConfig, backend: Backend | str = Backend.auto, force: bool 
         if any(n.removesuffix(".weight") in layers for n in broken):
             raise CheckpointError(message + "; such weights cannot be quantized.", hint="Quantize a healthy checkpoint (an earlier one of the run).")
         ui.warn(message + "; they stay in float as they are.")
-    name = resolve_name(backend)
-    run_folder = None
-    if cfg.quant.method in (Method.awq, Method.gptq):
-        tensors = _calibrated(cfg, folder, layers, kept + misfits)
-    elif cfg.quant.method == Method.qat:
-        tensors, run_folder = _qat(cfg, folder, layers)
-    else:
-        import importlib
+    import importlib
 
-        quant = importlib.import_module(f"llmctl.backends.{name}.quant")
-        with ui.progress(len(layers), f"{cfg.quant.method.value} {cfg.quant.bits}-bit") as bar:
-            tensors = quant.quantize_tensors(folder.tensors, layers, on_layer=lambda path: bar.update(layer=path))
+    quant = importlib.import_module(f"llmctl.backends.{resolve_name(backend)}.quant")
     default = _params(cfg.quant)
+    rounded = layers  # quantized by round-to-nearest (or NF4)
+    tensors = folder.tensors
+    run_folder = None
+    if cfg.quant.method in (Method.awq, Method.gptq, Method.qat):
+        # the blocks' linear layers are calibrated (or trained); embeddings and the head (at more bits) are rounded
+        calibrated = {path: p for path, p in layers.items() if p == default and ".layers." in f".{path}."}
+        rounded = {path: p for path, p in layers.items() if path not in calibrated}
+        if cfg.quant.method == Method.qat:
+            tensors, run_folder = _qat(cfg, folder, calibrated)
+        else:
+            tensors = _calibrated(cfg, folder, calibrated, kept + misfits + list(rounded))
+        layers = calibrated | rounded
+    with ui.progress(len(rounded), f"{cfg.quant.method.value} {cfg.quant.bits}-bit") as bar:
+        tensors = quant.quantize_tensors(tensors, rounded, on_layer=lambda path: bar.update(layer=path))
+    _sixteen_bit_scales(tensors, layers)
     entry = config_entry(default, layers)
     try:
         with replacing(cfg.out) as staged:  # the old output (--force) stays until the new one is complete
@@ -266,8 +275,13 @@ def _check(cfg: QuantizeConfig, force: bool) -> None:
         raise ConfigError(f"--out {out} is a folder; a GGUF output is a file.", hint="Choose another --out, ending in .gguf.")
 
 
-def plan_layers(tensors: dict[str, Any], q: QuantConfig) -> tuple[dict[str, Any], list[str], list[str]]:
-    """(layers to quantize -> params, paths kept by --keep, paths whose width does not fit the group size)."""
+def plan_layers(tensors: dict[str, Any], q: QuantConfig, tied: bool = False) -> tuple[dict[str, Any], list[str], list[str]]:
+    """(layers to quantize -> params, paths kept by --keep, paths whose width does not fit the group size).
+
+    The output head (the embedding matrix when `tied`: one matrix, quantized once) takes max(bits, 6) bits, as
+    llama.cpp gives it Q6_K: its error reaches every logit directly. NF4 has one width, so its head stays NF4."""
+    from llmctl.quant import QuantParams
+
     params = _params(q)
     layers, kept, misfits = {}, [], []
     for name, t in tensors.items():
@@ -280,7 +294,24 @@ def plan_layers(tensors: dict[str, Any], q: QuantConfig) -> tuple[dict[str, Any]
             misfits.append(path)
         else:
             layers[path] = params
+    head = "model.embed_tokens" if tied else "lm_head"
+    if head in layers and params.mode == "affine" and params.bits < HEAD_BITS:
+        layers[head] = QuantParams(params.group_size, HEAD_BITS)
     return layers, sorted(kept), sorted(misfits)
+
+
+def _sixteen_bit_scales(tensors: dict[str, Any], layers: dict[str, Any]) -> None:
+    """Affine scales and biases of a float32 source rounded to float16, in place, as mlx-lm stores them (a bfloat16 or
+    float16 source's are already in its dtype): 16 of their 32 bits are half the size of the scales at no measurable cost."""
+    import numpy as np
+
+    from llmctl.io.safetensors import RawTensor
+
+    for path, p in layers.items():
+        for suffix in (".scales", ".biases") if p.mode == "affine" else ():
+            tensor = tensors[path + suffix]
+            if tensor.dtype == "F32":
+                tensors[path + suffix] = RawTensor.from_numpy(tensor.data.astype(np.float16))
 
 
 def _calibrated(cfg: QuantizeConfig, folder: Any, layers: dict[str, Any], skip: list[str]) -> dict[str, Any]:

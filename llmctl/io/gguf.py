@@ -17,6 +17,7 @@ from llmctl.errors import CheckpointError, SpecError, UnsupportedModel
 from llmctl.io.hf import check_size, check_tensors
 from llmctl.io.model import ModelFolder
 from llmctl.io.safetensors import RawTensor
+from llmctl.quant import AFFINE16, QuantParams, config_entry
 from llmctl.spec import ModelSpec, RopeScaling
 
 if TYPE_CHECKING:
@@ -57,10 +58,34 @@ BLOCK_TYPES = {
         BlockType("Q8_0", 8, 128, 34),
     )
 }
+# K-quants: super-blocks of 256 values whose sub-blocks of `group_size` have their own scale (and min), each exactly
+# an affine group: Q4_K/Q5_K scale d * sc, bias -dmin * m (groups of 32); Q6_K/Q3_K scale d * sc, bias -offset * scale
+# and Q2_K bias -dmin * m (groups of 16, llmctl's own "affine16" mode). Products of a float16 and a 4- to 8-bit
+# integer, so float32 scales and biases hold them exactly, and scale * code + bias is ggml's value to the bit.
+@dataclass(frozen=True)
+class KQuantType:
+    name: str
+    bits: int
+    group_size: int
+    nbytes: int  # bytes per super-block of 256 values
+
+
+QK_K = 256
+K_TYPES = {
+    t.name: t
+    for t in (
+        KQuantType("Q2_K", 2, 16, 84),
+        KQuantType("Q3_K", 3, 16, 110),
+        KQuantType("Q4_K", 4, 32, 144),
+        KQuantType("Q5_K", 5, 32, 176),
+        KQuantType("Q6_K", 6, 16, 210),
+    )
+}
 # What `--type` may ask for when writing, and the order in which exact types are preferred (smallest first).
-WRITE_TYPES = ("f32", "f16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
+WRITE_TYPES = ("f32", "f16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k", "q4_k_m", "q5_k_m")
 _EXACT_PREFERENCE = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
-_FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "BF16": 32}
+_FILE_TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q4_K": 14, "Q5_K": 16, "Q6_K": 18,
+               "BF16": 32}  # fmt: skip
 
 
 def is_gguf(path: str | Path) -> bool:
@@ -172,6 +197,68 @@ def encode_blocks(d: np.ndarray, m: np.ndarray | None, codes: np.ndarray, block:
     return np.concatenate(parts, axis=1).reshape(-1)
 
 
+def _half(blocks: np.ndarray, start: int) -> np.ndarray:
+    return _halves(blocks, start).astype(np.float32)[:, None]
+
+
+def _k_scales_mins(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K/Q5_K's twelve bytes -> eight 6-bit scales and eight 6-bit mins per super-block (ggml's get_scale_min_k4)."""
+    d, m, low = (packed[:, i : i + 4] for i in (0, 4, 8))
+    scales = np.concatenate([d & 0x3F, (low & 0x0F) | ((d >> 2) & 0x30)], axis=1)
+    mins = np.concatenate([m & 0x3F, (low >> 4) | ((m >> 2) & 0x30)], axis=1)
+    return scales.astype(np.float32), mins.astype(np.float32)
+
+
+def _bit_planes(packed: np.ndarray, shifts: int, width: int, mask: int) -> np.ndarray:
+    """Bytes (n, k * width) holding `shifts` fields of 8 / shifts bits -> (n, k * shifts * width): chunk j of `width`
+    bytes gives values [j][shift][width], as ggml lays them out."""
+    n = packed.shape[0]
+    steps = (np.arange(shifts, dtype=np.uint8) * (8 // shifts)).reshape(1, 1, shifts, 1)
+    return ((packed.reshape(n, -1, 1, width) >> steps) & mask).reshape(n, -1)
+
+
+def decode_k_blocks(raw: np.ndarray, kind: KQuantType) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """K-quant super-blocks (..., n * nbytes) uint8 -> scales, biases (n, 256 / group_size) float32, codes (n, 256)
+    uint8, with ggml's value of code c in group g being scales[g] * c + biases[g] (exactly, in float32)."""
+    b = raw.reshape(-1, kind.nbytes)
+    if kind.name in ("Q4_K", "Q5_K"):  # d, dmin, 12 bytes of scales and mins, [qh (32)], qs (128)
+        sc, m = _k_scales_mins(b[:, 4:16])
+        scales, biases = _half(b, 0) * sc, -(_half(b, 2) * m)
+        codes = _bit_planes(b[:, -128:], 2, 32, 0x0F)
+        if kind.name == "Q5_K":
+            codes |= _bit_planes(b[:, 16:48], 8, 32, 1) << 4  # fifth bits: qh's bit j for values [32 j, 32 j + 32)
+        return scales, biases, codes
+    if kind.name == "Q6_K":  # ql (128), qh (64), int8 scales (16), d: value d * sc * (code - 32)
+        codes = _bit_planes(b[:, :128], 2, 64, 0x0F) | (_bit_planes(b[:, 128:192], 4, 32, 0x03) << 4)
+        scales = _half(b, 208) * b[:, 192:208].view(np.int8).astype(np.float32)
+        return scales, -32 * scales, codes
+    if kind.name == "Q3_K":  # hmask (32), qs (64), 12 bytes of 6-bit scales, d: value d * (sc - 32) * (code - 4)
+        packed = b[:, 96:108]
+        low = _bit_planes(packed[:, :8], 2, 8, 0x0F)
+        high = _bit_planes(packed[:, 8:12], 4, 4, 0x03)
+        scales = _half(b, 108) * ((low | (high << 4)).astype(np.float32) - 32)
+        codes = _bit_planes(b[:, 32:96], 4, 32, 0x03) | (_bit_planes(b[:, :32], 8, 32, 1) << 2)
+        return scales, -4 * scales, codes
+    # Q2_K: scales and mins (16, 4 bits each), qs (64), d, dmin: value d * sc * code - dmin * m
+    packed = b[:, :16]
+    scales = _half(b, 80) * (packed & 0x0F).astype(np.float32)
+    biases = -(_half(b, 82) * (packed >> 4).astype(np.float32))
+    return scales, biases, _bit_planes(b[:, 16:80], 4, 32, 0x03)
+
+
+def k_blocks_to_affine(raw: np.ndarray, kind: KQuantType, rows: int, cols: int) -> dict[str, np.ndarray]:
+    """One K-quant tensor -> weight (rows, cols * bits / 32) uint32, scales and biases (rows, cols / group_size)."""
+    from llmctl import kernels
+
+    scales, biases, codes = decode_k_blocks(raw, kind)
+    groups = cols // kind.group_size
+    return {
+        "weight": kernels.pack(codes.reshape(rows, cols), kind.bits),
+        "scales": scales.reshape(rows, groups),
+        "biases": biases.reshape(rows, groups),
+    }
+
+
 def blocks_to_affine(raw: np.ndarray, block: BlockType, rows: int, cols: int) -> dict[str, np.ndarray]:
     """One GGUF tensor of `block` type -> MLX layout: weight (rows, cols*bits/32) uint32, scales and biases
     (rows, cols/32).
@@ -267,7 +354,7 @@ def layer_quantization(quantization: dict[str, Any], module: str) -> tuple[int, 
     """(group_size, bits) of one quantized module: its own entry in the quantization dict, else the defaults."""
     own = quantization.get(module)
     entry = quantization | own if isinstance(own, dict) else quantization
-    if entry.get("mode", "affine") != "affine":
+    if entry.get("mode", "affine") not in ("affine", AFFINE16):
         raise CheckpointError(
             f"{module} is quantized with mode {entry['mode']!r}; llmctl converts only the affine layout here.",
             hint="Dequantize the model with the tool that wrote it, or start from the float model.",
@@ -451,9 +538,12 @@ def _read_tensor(t: gguf.ReaderTensor, shape: tuple[int, ...], heads: int | None
     if qtype in ("F32", "F16", "BF16"):
         values = (data.view(np.uint16) if qtype == "BF16" else data).reshape(shape)  # BF16 stays bits
         return {"": RawTensor(qtype, shape, np.ascontiguousarray(values[order]))}, "float"
-    if qtype in BLOCK_TYPES and len(shape) == 2:
+    if (qtype in BLOCK_TYPES or qtype in K_TYPES) and len(shape) == 2:
         blocks = data.reshape(shape[0], -1)[order]
-        arrays = blocks_to_affine(blocks, BLOCK_TYPES[qtype], *shape)
+        if qtype in K_TYPES:
+            arrays = k_blocks_to_affine(blocks, K_TYPES[qtype], *shape)
+        else:
+            arrays = blocks_to_affine(blocks, BLOCK_TYPES[qtype], *shape)
         return {suffix: RawTensor.from_numpy(array) for suffix, array in arrays.items()}, "affine"
     try:
         values = gguf.quants.dequantize(data, t.tensor_type).reshape(shape).astype(np.float32)
@@ -472,21 +562,18 @@ def _float_dtype(tensors: dict[str, RawTensor]) -> str:
     return names[floats.most_common(1)[0][0]] if floats else "float16"
 
 
-def _quantization(bits_of: dict[str, int]) -> dict[str, Any] | None:
-    """config.json's quantization entry for the quantized matrices: the most common bits, others as per-layer entries."""
-    if not bits_of:
+def _quantization(layers: dict[str, QuantParams]) -> dict[str, Any] | None:
+    """config.json's quantization entry for the quantized matrices: the most common format, others per layer."""
+    if not layers:
         return None
-    default_bits = Counter(bits_of.values()).most_common(1)[0][0]
-    quantization: dict[str, Any] = {"group_size": GROUP_SIZE, "bits": default_bits}
-    for module, bits in bits_of.items():
-        if bits != default_bits:
-            quantization[module] = {"group_size": GROUP_SIZE, "bits": bits}
-    return quantization
+    default = Counter(layers.values()).most_common(1)[0][0]
+    return config_entry(default, layers)
 
 
 def read_gguf(path: str | Path) -> ModelFolder:
-    """Read a Llama-family GGUF file: F32/F16/BF16 as they are, Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 exactly into the affine
-    layout at group size 32, other types dequantized to float32 (with a notice); q/k rows in transformers' order."""
+    """Read a Llama-family GGUF file: F32/F16/BF16 as they are, Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 and Q4_K/Q5_K exactly into
+    the affine layout at group size 32, Q6_K/Q3_K/Q2_K exactly at group size 16 (mode affine16), other types (IQ)
+    dequantized to float32 (with a notice); q/k rows in transformers' order."""
     path = Path(path)
     reader = _open(path)
     meta = _metadata(reader)
@@ -500,7 +587,7 @@ def read_gguf(path: str | Path) -> ModelFolder:
     check_size(spec, {hf: shapes[g] for g in shapes if (hf := _hf_name(g)) is not None}, path)
 
     tensors: dict[str, RawTensor] = {}
-    bits_of: dict[str, int] = {}  # quantized module -> bits
+    formats: dict[str, QuantParams] = {}  # quantized module -> its group size and bits
     dequantized: Counter[str] = Counter()  # ggml type -> tensors dequantized
     unknown = []
     for t in reader.tensors:
@@ -518,7 +605,9 @@ def read_gguf(path: str | Path) -> ModelFolder:
             raise CheckpointError(f"{path}: {e.message}", hint=e.hint) from None
         tensors |= {f"{module}.{suffix or kind}": tensor for suffix, tensor in parts.items()}
         if how == "affine":
-            bits_of[module] = BLOCK_TYPES[t.tensor_type.name].bits
+            qtype = t.tensor_type.name
+            kind = K_TYPES.get(qtype)
+            formats[module] = QuantParams(kind.group_size, kind.bits) if kind else QuantParams(GROUP_SIZE, BLOCK_TYPES[qtype].bits)
         elif how == "dequantized":
             dequantized[t.tensor_type.name] += 1
     if unknown:
@@ -527,7 +616,8 @@ def read_gguf(path: str | Path) -> ModelFolder:
             f"{path} has tensors llmctl does not know for a llama model: {', '.join(unknown[:6])}{more}.",
             hint="This may be a variant of the architecture llmctl does not implement.",
         )
-    logical = logical_shapes(tensors, {"group_size": GROUP_SIZE, "bits": 4})
+    quantization = _quantization(formats)
+    logical = logical_shapes(tensors, quantization)
     try:
         extra = check_tensors(spec, logical, path, {name: "" for name in logical})
     except CheckpointError as e:
@@ -546,7 +636,7 @@ def read_gguf(path: str | Path) -> ModelFolder:
             f"{path.name}: {kinds} tensors have no exact affine equivalent; they were dequantized to float32."
         )
         ui.warn(notices[-1])
-    return ModelFolder(path, spec, tensors, _quantization(bits_of), _float_dtype(tensors), notices, meta)
+    return ModelFolder(path, spec, tensors, quantization, _float_dtype(tensors), notices, meta)
 
 
 def read_gguf_metadata(path: str | Path) -> dict[str, Any]:
@@ -611,6 +701,10 @@ def error_stats(reference: np.ndarray, changed: np.ndarray) -> tuple[float, floa
 
 
 def _quantize_rows(values: np.ndarray, qtype: str) -> np.ndarray:
+    if qtype in K_TYPES:
+        from llmctl.io.kquants import quantize_k
+
+        return quantize_k(values, qtype)
     gguf = _gguf()
     return gguf.quants.quantize(np.ascontiguousarray(values, dtype=np.float32), gguf.GGMLQuantizationType[qtype])
 
@@ -694,7 +788,8 @@ def write_gguf(
     """Write a model as a llama-architecture GGUF file that llama.cpp loads; returns what stayed exact.
 
     target: None keeps every tensor exact where a ggml type can (floats as they are, 4-/5-/8-bit groups of 32
-    with float16 scales as Q4_0/Q4_1/Q5_0/Q5_1/Q8_0); one of WRITE_TYPES converts the matrices to that type.
+    with float16 scales as Q4_0/Q4_1/Q5_0/Q5_1/Q8_0); one of WRITE_TYPES converts the matrices to that type, or for
+    the K-quants (q4_k, q5_k, q6_k, mixes q4_k_m, q5_k_m) to the types llama.cpp's quantizer gives each tensor.
     general: general.* metadata to carry over (name, license, ... of a GGUF being rewritten).
     The file is written under a temporary name and renamed into place when complete.
     """
@@ -710,20 +805,27 @@ def write_gguf(
     report = ConversionReport()
     if spec.sliding_window:
         report.notices.append(f"llama.cpp ignores the sliding window ({spec.sliding_window}) of this model.")
+    from llmctl.io.kquants import FILE_TYPES, tensor_type
+
     planned: list[tuple[str, np.ndarray, str]] = []
-    for hf in _hf_weight_names(tensors):
-        stem, _, kind = hf.rpartition(".")
-        module = gguf_module(stem)
-        if module is None:
-            raise CheckpointError(f"Tensor {hf} has no GGUF name; llmctl writes the tensors of a Llama model.")
-        if spec.tie_embeddings and stem == "lm_head":
-            continue
-        data, qtype = _plan_tensor(hf, tensors, quantization, target, report)
-        heads = _rope_heads(spec, stem)
-        if heads and kind == "weight":
-            data = data[rope_row_order(data.shape[0], heads, to_gguf=True)]
-        report.types[qtype] += 1
-        planned.append((f"{module}.{kind}", np.ascontiguousarray(data), qtype))
+    shapes = logical_shapes(tensors, quantization)
+    names = [n for n in _hf_weight_names(tensors) if not (spec.tie_embeddings and n.startswith("lm_head."))]
+    with ui.progress(len(names), f"GGUF {target or 'exact'}") as bar:
+        for hf in names:
+            stem, _, kind = hf.rpartition(".")
+            module = gguf_module(stem)
+            if module is None:
+                raise CheckpointError(f"Tensor {hf} has no GGUF name; llmctl writes the tensors of a Llama model.")
+            wanted = target
+            if target in FILE_TYPES:  # K-quants: llama.cpp's type for this tensor, with its fallbacks
+                wanted = tensor_type(target, f"{module}.{kind}", shapes[hf][-1], spec.n_layers, spec.tie_embeddings).lower()
+            data, qtype = _plan_tensor(hf, tensors, quantization, wanted, report)
+            heads = _rope_heads(spec, stem)
+            if heads and kind == "weight":
+                data = data[rope_row_order(data.shape[0], heads, to_gguf=True)]
+            report.types[qtype] += 1
+            planned.append((f"{module}.{kind}", np.ascontiguousarray(data), qtype))
+            bar.update(tensor=hf)
     if spec.rope_scaling is not None and spec.rope_scaling.rope_type == "llama3":
         planned.append(
             ("rope_freqs.weight", llama3_rope_factors(spec.rope_scaling, spec.rope_theta, spec.head_dim), "F32")
@@ -732,7 +834,7 @@ def write_gguf(
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     writer = gguf.GGUFWriter(tmp, "llama")
     try:
-        _write_metadata(writer, spec, report, tokenizer, name or out.stem, general or {})
+        _write_metadata(writer, spec, report, tokenizer, name or out.stem, general or {}, FILE_TYPES.get(target or ""))
         for gname, data, qtype in planned:
             raw = gguf.GGMLQuantizationType[qtype]
             if qtype in ("F32", "F16"):
@@ -757,10 +859,10 @@ _OWN_GENERAL = ("general.architecture", "general.file_type", "general.quantizati
 
 def _write_metadata(
     writer: gguf.GGUFWriter, spec: ModelSpec, report: ConversionReport, tokenizer: Tokenizer | None, name: str,
-    general: dict[str, Any],
+    general: dict[str, Any], file_type: int | None = None,
 ) -> None:  # fmt: skip
     matrices = Counter({t: n for t, n in report.types.items() if t != "F32"}) or Counter({"F32": 1})
-    file_type = _FILE_TYPES[matrices.most_common(1)[0][0]]
+    file_type = _FILE_TYPES[matrices.most_common(1)[0][0]] if file_type is None else file_type
     writer.add_type("model")
     writer.add_name(str(general.get("general.name", name)))
     for key, value in general.items():  # descriptive text (organization, license, languages, ...)
@@ -771,7 +873,7 @@ def _write_metadata(
         elif isinstance(value, list) and value and all(isinstance(v, str) for v in value):
             writer.add_array(key, value)
     writer.add_file_type(file_type)
-    if any(t in BLOCK_TYPES for t in report.types):
+    if any(t in BLOCK_TYPES or t in K_TYPES for t in report.types):
         writer.add_quantization_version(2)
     writer.add_vocab_size(spec.vocab_size)
     writer.add_context_length(spec.max_seq_len)

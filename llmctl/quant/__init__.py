@@ -3,7 +3,9 @@
 The layout is mlx-lm's: a quantized layer `p` stores `p.weight` (uint32 codes), `p.scales` and (affine) `p.biases`;
 config.json holds `"quantization": {"group_size", "bits", ["mode"], "<p>": {...} | false}` and the same under
 `"quantization_config"`. NF4 is `"mode": "nf4"` (llmctl's own): no biases, and with `"double_quant": true` the
-scales are uint8 codes plus `p.scales_absmax` and `p.scales_offset` (see llmctl.quant.nf4).
+scales are uint8 codes plus `p.scales_absmax` and `p.scales_offset` (see llmctl.quant.nf4). Affine groups of 16
+(GGUF's Q6_K, Q3_K and Q2_K read exactly) are `"mode": "affine16"`, also llmctl's own: MLX has no groups of 16, so
+mlx-lm refuses the mode rather than misreading the layer.
 
 AWQ and GPTQ live in llmctl.quant.awq / llmctl.quant.gptq with the signature of `CalibratedQuantizer`.
 """
@@ -26,6 +28,7 @@ if TYPE_CHECKING:
 BITS = (2, 3, 4, 5, 6, 8)
 GROUP_SIZES = (32, 64, 128)
 MODES = ("affine", "nf4")
+AFFINE16 = "affine16"  # config.json's mode for affine groups of 16; in memory they are mode "affine", group_size 16
 AUX_SUFFIXES = (".scales", ".biases", ".scales_absmax", ".scales_offset")  # stored beside a quantized `.weight`
 QUANT_KEYS = ("quantization", "quantization_config")  # where config.json records the quantization (mlx-lm writes both)
 
@@ -44,6 +47,8 @@ class QuantParams:
         out: dict[str, Any] = {"group_size": self.group_size, "bits": self.bits}
         if self.mode != "affine":
             out["mode"] = self.mode
+        elif self.group_size == 16:
+            out["mode"] = AFFINE16
         if self.double_quant:
             out["double_quant"] = True
         return out
@@ -86,8 +91,14 @@ def quantization_of(config: Mapping[str, Any], where: Any = "config.json") -> di
 
 def _params(entry: Mapping[str, Any]) -> QuantParams:
     mode = entry.get("mode", "affine")
+    if mode == AFFINE16 or (mode == "affine" and int(entry["group_size"]) == 16):
+        if int(entry["group_size"]) != 16 or mode != AFFINE16:
+            raise CheckpointError(
+                f"quantization {dict(entry)}: mode {AFFINE16!r} goes with group_size 16, and group_size 16 with it."
+            )
+        return QuantParams(16, int(entry["bits"]))
     if mode not in MODES:
-        raise CheckpointError(f"quantization mode {mode!r} is not one llmctl runs ({', '.join(MODES)}).")
+        raise CheckpointError(f"quantization mode {mode!r} is not one llmctl runs ({', '.join(MODES + (AFFINE16,))}).")
     return QuantParams(int(entry["group_size"]), int(entry["bits"]), mode, bool(entry.get("double_quant", False)))
 
 
@@ -150,3 +161,37 @@ def config_entry(default: QuantParams, layers: Mapping[str, QuantParams]) -> dic
         if p != default:
             entry[path] = p.entry()
     return entry
+
+
+def regroup_to_32(
+    tensors: dict[str, RawTensor], layers: dict[str, QuantParams], target: str
+) -> tuple[str, dict[str, tuple[float, float, float, int]]] | None:
+    """Requantize the layers in affine groups of 16 (GGUF's Q6_K, Q3_K, Q2_K) to groups of 32 at the same bits, in
+    place (`tensors` and `layers`), for `target` (MLX, an mlx-lm folder), which has no groups of 16. Returns a notice
+    giving the error that adds and each weight's error_stats, or None when no layer is in groups of 16."""
+    from llmctl import kernels
+    from llmctl.io.gguf import error_stats, float32_of
+    from llmctl.io.safetensors import RawTensor
+
+    moved = [path for path, p in layers.items() if p.group_size == 16]
+    if not moved:
+        return None
+    worst, squares, reference, count = 0.0, 0.0, 0.0, 0
+    stats = {}
+    for path in moved:
+        bits = layers[path].bits
+        parts = [tensors[path + suffix] for suffix in (".weight", ".scales", ".biases")]
+        values = kernels.dequantize(parts[0].data, float32_of(parts[1]), float32_of(parts[2]), 16, bits, dtype="float32")
+        wq, scales, biases = kernels.quantize(values, 32, bits)
+        changed = kernels.dequantize(wq, scales, biases, 32, bits, dtype="float32")
+        stats[path + ".weight"] = most, rms, norm, n = error_stats(values, changed)
+        worst, squares, reference, count = max(worst, most), squares + rms**2 * n, reference + norm**2 * n, count + n
+        for suffix, array in zip((".weight", ".scales", ".biases"), (wq, scales, biases)):
+            tensors[path + suffix] = RawTensor.from_numpy(array)
+        layers[path] = QuantParams(32, bits)
+    rms, norm = (squares / count) ** 0.5, (reference / count) ** 0.5
+    return (
+        f"{len(moved)} layers quantized in groups of 16 (GGUF Q6_K, Q3_K, Q2_K) were regrouped to groups of 32 at the "
+        f"same bits for {target}, which has no groups of 16: their weights moved by RMS {rms:.3g} "
+        f"({100 * rms / max(norm, 1e-30):.2f}% of their RMS), at most {worst:.3g}."
+    ), stats

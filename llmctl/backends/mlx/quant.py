@@ -10,7 +10,7 @@ import mlx.nn as nn
 from llmctl import kernels
 from llmctl.io.model import ModelFolder
 from llmctl.io.safetensors import RawTensor, from_mlx, to_mlx
-from llmctl.quant import AUX_SUFFIXES, QuantParams, expand_double_quant, quantized_layers
+from llmctl.quant import AUX_SUFFIXES, QuantParams, expand_double_quant, quantized_layers, regroup_to_32
 from llmctl.quant.nf4 import NF4_LEVELS
 
 
@@ -122,12 +122,19 @@ def quantize_tensors(
 
 
 def prepare_quantized(module: nn.Module, folder: ModelFolder, dtype: mx.Dtype | None = None) -> set[str]:
-    """For a quantized folder: swap in quantized layers and expand NF4 double-quantized scales.
+    """For a quantized folder: swap in quantized layers, expand NF4 double-quantized scales and regroup groups of 16
+    (GGUF K-quants) to 32, which MLX has, with a notice.
 
     Returns the tensor names to load as stored (codes, scales, biases), not cast to the model's dtype `dtype`
     (None: as stored), which quantized embeddings still produce.
     """
     layers = quantized_layers(folder.quantization, folder.tensors)
+    regrouped = regroup_to_32(folder.tensors, layers, "MLX")
+    if regrouped is not None:
+        from llmctl import ui
+
+        ui.warn(regrouped[0])
+        folder.notices.append(regrouped[0])
     expand_double_quant(folder.tensors, layers)
     apply_quantized_layers(module, layers, dtype)
     return {path + suffix for path in layers for suffix in (".weight", *AUX_SUFFIXES)}

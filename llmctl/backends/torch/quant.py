@@ -134,7 +134,8 @@ class QuantizedLinear(nn.Module):
         weight, scales = self._buffers["weight"], self._buffers["scales"]
         isa_tiles = kernels.tiled_fast() if self.isa == 0 else kernels.ISAS[self.isa] in TILED_ISAS
         return (
-            self.mode == "affine" and weight.device.type == "cpu" and isa_tiles and scales.dtype in _DTYPE_CODES
+            self.mode == "affine" and self.group_size != kernels.READ_GROUP_SIZE and weight.device.type == "cpu"
+            and isa_tiles and scales.dtype in _DTYPE_CODES
             and all(t.is_contiguous() for t in (weight, scales, self.biases))
             and kernels.tiled_supported(self.bits, self.mode, self.out_features)
         )  # fmt: skip
