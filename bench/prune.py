@@ -85,7 +85,7 @@ def main() -> None:
         scores = json.loads(out[out.index("{"):])
         # unstructured zeros are stored (and multiplied) dense: their speed is the original's, measured once
         dense = name != "full" and name not in ("depth-0.25", "width-0.25")
-        row = {"name": name, "prune_s": seconds, "bytes": size(model), **scores}
+        row = {"name": name, "prune_s": seconds, **scores, "file_bytes": size(model)}  # eval's "bytes" is the text's
         row |= {k: results[0][k] for k in SPEED} if dense else speed(model)
         results.append(row)
         print(f"  {name:16s} ppl {row['perplexity']:9.3f}  kl {row.get('kl_mean', 0.0):.4f}  prune {seconds:6.1f}s  "
@@ -99,7 +99,7 @@ def main() -> None:
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in results:
         print(f"| {r['name']} | {r['perplexity']:.3f} | {r.get('kl_mean', 0.0):.4f} | {r.get('top1_agreement', 1.0):.3f} | "
-              f"{r['prune_s']:.1f} | {r['bytes'] / 1e6:.1f} | {r['decode_tokens_per_s']:.1f} "
+              f"{r['prune_s']:.1f} | {r['file_bytes'] / 1e6:.1f} | {r['decode_tokens_per_s']:.1f} "
               f"({r['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f}) | {r['prompt_tokens_per_s']:.1f} "
               f"({r['prompt_tokens_per_s'] / base['prompt_tokens_per_s']:.2f}) |")
 
