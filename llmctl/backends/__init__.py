@@ -113,11 +113,10 @@ def describe_quantization(entry: dict[str, Any] | None) -> str:
 def attach_adapter(model: Any, adapter: str, backend: str) -> None:
     """`--adapter DIR` (PEFT layout, or a finetune-lora run folder) on a loaded model."""
     from llmctl import ui
-    from llmctl.errors import LlmctlError
 
-    if resolve_name(backend) != "torch":
-        raise LlmctlError("--adapter runs on the torch backend so far.", hint="Pass --backend torch.")
-    from llmctl.backends.torch.lora import apply_adapter
-
+    if resolve_name(backend) == "torch":
+        from llmctl.backends.torch.lora import apply_adapter
+    else:
+        from llmctl.backends.mlx.lora import apply_adapter
     apply_adapter(model.module, adapter)
     ui.info(f"[dim]adapter {adapter}[/]")
