@@ -33,6 +33,7 @@ class LoraSettings:
     targets: list[str] = field(default_factory=lambda: ["all-linear"])  # leaf names (q_proj, ...) or all-linear
     dora: bool = False
     rslora: bool = False
+    tokens: dict[str, list[int]] = field(default_factory=dict)  # trained rows: embed_tokens (lm_head if untied) -> ids
 
     @property
     def scale(self) -> float:
@@ -56,7 +57,17 @@ def peft_config(settings: LoraSettings, names: Sequence[str], base: str | None) 
         "use_dora": settings.dora, "use_rslora": settings.rslora, "base_model_name_or_path": base, "bias": "none",
         "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True, "modules_to_save": None,
         "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None, "layers_pattern": None,
+        "trainable_token_indices": dict(settings.tokens) or None,
     }
+
+
+def token_span(ids: Sequence[int], where: str) -> tuple[int, int]:
+    """(first id, count) of trained token rows, which are consecutive (a tokenizer appends the tokens it adds)."""
+    ids = sorted(ids)
+    if ids != list(range(ids[0], ids[0] + len(ids))):
+        raise LlmctlError(f"{where}: trained token rows {ids} are not consecutive; llmctl trains the rows of tokens "
+                          "added at the end of a vocabulary.")
+    return ids[0], len(ids)
 
 
 def pick_targets(layers: Mapping[str, tuple[int, int]], settings: LoraSettings) -> list[str]:
@@ -124,12 +135,19 @@ def read_peft(folder: str | Path) -> tuple[LoraSettings, dict[str, Any]]:
         name = name.replace(".lora_magnitude_vector.default", ".lora_magnitude_vector")
         if name.endswith(".lora_magnitude_vector.weight"):
             name = name.removesuffix(".weight")
-        tensors[name] = t
+        tensors[name.replace(".token_adapter.trainable_tokens_delta", ".trainable_tokens_delta")] = t
     rank = next((int(t.shape[0]) for k, t in tensors.items() if k.endswith(".lora_A.weight")), int(config.get("r", 8)))
     targets = sorted({k.rsplit(".lora_", 1)[0] for k in tensors if ".lora_A." in k})
     settings = LoraSettings(rank=rank, alpha=float(config.get("lora_alpha", 8)), dropout=float(config.get("lora_dropout", 0.0)),
                             targets=targets, dora=bool(config.get("use_dora", False)),
                             rslora=bool(config.get("use_rslora", False)))
+    tokens = config.get("trainable_token_indices") or {}
+    if isinstance(tokens, list):  # PEFT's short form: the input embedding's rows
+        tokens = {"embed_tokens": tokens}
+    settings.tokens = {str(k): [int(i) for i in v] for k, v in tokens.items()}
+    if config.get("modules_to_save"):
+        raise LlmctlError(f"{config_path}: modules_to_save {config['modules_to_save']} (whole trained copies of layers) "
+                          "are not loaded by llmctl; it reads trained token rows as trainable_token_indices.")
     return settings, tensors
 
 

@@ -136,7 +136,7 @@ def build_data(cfg: FinetuneConfig, tokenizer: Any, seq_len: int) -> tuple[Any, 
 
 def run(cfg: FinetuneConfig, backend: str, force: bool = False, resume: bool = False) -> Path | None:
     """Fine-tune adapters; the adapter folder, or None when stopped early (train.stop_at)."""
-    from llmctl.data.chat import PackedBatches
+    from llmctl.data.chat import PackedBatches, add_template_tokens
     from llmctl.io.model_folder import load_tokenizer, read_model
     from llmctl.run import RunFolder
     from llmctl.training import loop
@@ -146,6 +146,7 @@ def run(cfg: FinetuneConfig, backend: str, force: bool = False, resume: bool = F
     base = resolve_base(cfg)
     spec = read_model(base).spec
     tokenizer = load_tokenizer(base)
+    added = add_template_tokens(tokenizer)  # their embedding rows train beside the adapters
     seq_len = min(cfg.data.seq_len, spec.max_seq_len)
     engines, lora, objectives = _backend_modules(backend, "engine", "lora", "objectives")
     engine = engines.Engine(cfg.train, cfg.optim)
@@ -170,9 +171,14 @@ def run(cfg: FinetuneConfig, backend: str, force: bool = False, resume: bool = F
                     ui.info(f"--quantize-base {cfg.quantize_base}: {len(done)} layers quantized (group 64); layers whose "
                             "width is not a multiple of 64 stay in float")
                 names.extend(lora.add_adapters(model, settings))
+                if added:
+                    settings.tokens = lora.add_token_rows(model, added)
 
             engine.load(base, trainable=lora.is_adapter_param, prepare=prepare)
             trained = sum(math.prod(t.shape) for t in lora.peft_tensors(engine.model).values())
+            if added:
+                ui.info(f"the chat template's tokens {[tokenizer.id_to_token(i) for i in added]} were missing from the "
+                        f"tokenizer: added as ids {added}; their rows of {', '.join(settings.tokens)} train too")
             ui.info(f"{len(names)} layers adapted (rank {settings.rank}), {trained / 1e6:.3g}M trained parameters; "
                     f"{counts['examples']} examples in {counts['rows']} rows of {seq_len} tokens, "
                     f"{counts['val_examples']} held out; {cfg.train.steps} steps -> {run_folder.path}")

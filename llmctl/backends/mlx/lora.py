@@ -8,12 +8,14 @@ exactly as PEFT computes it. The base layer (a Linear or a QuantizedLinear) stay
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from llmctl.adapters import LoraSettings, check_adapter_fits, peft_config, pick_targets, read_peft, resolve_adapter_folder
+from llmctl.adapters import (LoraSettings, check_adapter_fits, peft_config, pick_targets, read_peft, resolve_adapter_folder,
+                             token_span)
 from llmctl.backends.mlx.quant import QuantizedEmbedding, QuantizedLinear, _parent
 
 PEFT_PREFIX = "base_model.model."
@@ -81,6 +83,64 @@ class LoraLinear(nn.Module):
         return w
 
 
+class TokenRows(nn.Module):
+    """An embedding (or untied output head) whose rows start .. start + n - 1 are trained (PEFT's trainable tokens):
+    `trainable_tokens_delta` holds those rows whole, the base stays frozen; rows past the base's end extend it."""
+
+    def __init__(self, base: nn.Module, start: int, n: int) -> None:
+        super().__init__()
+        self.base_layer, self.start = base, start
+        self.is_embedding = isinstance(base, (nn.Embedding, QuantizedEmbedding))
+        rows = self.base_matrix()
+        # new tokens start at the mean of the existing rows (a neutral point; the rows they replace, if any, were unused)
+        self.trainable_tokens_delta = mx.repeat(rows.astype(mx.float32).mean(0, keepdims=True), n, axis=0)
+
+    def base_matrix(self) -> mx.array:
+        base = self.base_layer
+        return base.dequantized(mx.float32) if isinstance(base, QuantizedLinear) else base.weight
+
+    @property
+    def weight(self) -> mx.array:
+        """The whole (V', D) matrix, V' = max(base rows, start + n)."""
+        w, delta = self.base_matrix(), self.trainable_tokens_delta
+        return mx.concatenate([w[: self.start], delta.astype(w.dtype), w[self.start + delta.shape[0] :]])
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.weight[x] if self.is_embedding else self.as_linear(x)
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        return x @ self.weight.T
+
+
+def token_rows(model: nn.Module) -> dict[str, TokenRows]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, TokenRows)}
+
+
+def add_token_rows(model: nn.Module, ids: Sequence[int]) -> dict[str, list[int]]:
+    """Train the embedding rows of tokens `ids` (added to the tokenizer), and the output head's if it is untied; the
+    model's vocabulary grows to hold them. PEFT's trainable_token_indices: layer leaf name -> ids."""
+    import dataclasses
+
+    start, n = token_span(ids, "added tokens")
+    leaves = ["embed_tokens"] + ([] if model.spec.tie_embeddings else ["lm_head"])
+    for leaf in leaves:
+        path = "model.embed_tokens" if leaf == "embed_tokens" else "lm_head"
+        parent, name = _parent(model, path)
+        setattr(parent, name, TokenRows(parent[name], start, n))
+    model.spec = dataclasses.replace(model.spec, vocab_size=max(model.spec.vocab_size, start + n))
+    return {leaf: list(range(start, start + n)) for leaf in leaves}
+
+
+def merge_token_rows(model: nn.Module) -> None:
+    """Replace each TokenRows by a plain float layer holding its whole matrix (inference at the base's speed)."""
+    for name, layer in token_rows(model).items():
+        weight = layer.weight.astype(mx.float32)
+        new: nn.Module = nn.Embedding(*weight.shape) if layer.is_embedding else nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+        new.weight = weight
+        new.freeze()
+        _set(model, name, new)
+
+
 def linear_names(model: nn.Module) -> dict[str, nn.Module]:
     """Every adaptable linear layer inside the blocks (the output head and embeddings excluded), by full name."""
     return {name: m for name, m in model.named_modules() if name.startswith("model.layers.") and _is_linear(m)}
@@ -109,7 +169,7 @@ def adapters(model: nn.Module) -> dict[str, LoraLinear]:
 
 
 def is_adapter_param(name: str) -> bool:
-    return ".lora_A." in name or ".lora_B." in name or name.endswith(".lora_magnitude_vector")
+    return ".lora_A." in name or ".lora_B." in name or name.endswith((".lora_magnitude_vector", ".trainable_tokens_delta"))
 
 
 # --- PEFT's layout ----------------------------------------------------------------------------------------------------
@@ -123,6 +183,8 @@ def peft_tensors(model: nn.Module) -> dict[str, mx.array]:
         out[f"{PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_B.weight.astype(mx.float32)
         if layer.dora:
             out[f"{PEFT_PREFIX}{name}.lora_magnitude_vector"] = layer.lora_magnitude_vector.astype(mx.float32)
+    for name, rows in token_rows(model).items():
+        out[f"{PEFT_PREFIX}{name}.token_adapter.trainable_tokens_delta"] = rows.trainable_tokens_delta.astype(mx.float32)
     return out
 
 
@@ -150,6 +212,10 @@ def load_adapter(model: nn.Module, folder: str | Path) -> list[str]:
     names = settings.targets
     layers = linear_names(model)
     check_adapter_fits(Path(folder), tensors, {n: _features(m) for n, m in layers.items()}, names)
+    if settings.tokens:
+        add_token_rows(model, settings.tokens["embed_tokens"])
+        for name, rows in token_rows(model).items():
+            rows.trainable_tokens_delta = tensors[f"{name}.trainable_tokens_delta"]
     for name in names:
         layer = LoraLinear(layers[name], settings)
         layer.lora_A.weight = tensors[f"{name}.lora_A.weight"]
@@ -214,6 +280,7 @@ def apply_adapter(model: nn.Module, folder: str | Path) -> None:
 
     folder = resolve_adapter_folder(folder)
     load_adapter(model, folder)
+    merge_token_rows(model)
     if all(type(layer.base_layer) is nn.Linear for layer in adapters(model).values()):
         merge_adapters(model)
     prepare_inference(model)

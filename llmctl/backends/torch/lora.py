@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from llmctl.adapters import LoraSettings, check_adapter_fits, peft_config, pick_targets, read_peft, resolve_adapter_folder
+from llmctl.adapters import (LoraSettings, check_adapter_fits, peft_config, pick_targets, read_peft, resolve_adapter_folder,
+                             token_span)
 
 PEFT_PREFIX = "base_model.model."
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
@@ -80,6 +82,69 @@ class LoraLinear(nn.Module):
         return w
 
 
+class TokenRows(nn.Module):
+    """An embedding (or untied output head) whose rows start .. start + n - 1 are trained (PEFT's trainable tokens):
+    `trainable_tokens_delta` holds those rows whole, the base stays frozen; rows past the base's end extend it."""
+
+    def __init__(self, base: nn.Module, start: int, n: int) -> None:
+        super().__init__()
+        self.base_layer, self.start = base, start
+        rows = self.base_matrix()
+        # new tokens start at the mean of the existing rows (a neutral point; the rows they replace, if any, were unused)
+        self.trainable_tokens_delta = nn.Parameter(rows.float().mean(0, keepdim=True).repeat(n, 1))
+
+    def base_matrix(self) -> Tensor:
+        base = self.base_layer
+        return base.dequantized(torch.float32) if hasattr(base, "dequantized") else base.weight
+
+    @property
+    def weight(self) -> Tensor:
+        """The whole (V', D) matrix, V' = max(base rows, start + n)."""
+        w, delta = self.base_matrix(), self.trainable_tokens_delta
+        return torch.cat([w[: self.start], delta.to(w.dtype), w[self.start + len(delta) :]])
+
+    def forward(self, x: Tensor) -> Tensor:
+        if isinstance(self.base_layer, nn.Embedding) or hasattr(self.base_layer, "as_linear"):
+            return F.embedding(x, self.weight)
+        return F.linear(x, self.weight)
+
+    def as_linear(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight)
+
+
+def token_rows(model: nn.Module) -> dict[str, TokenRows]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, TokenRows)}
+
+
+def add_token_rows(model: nn.Module, ids: Sequence[int]) -> dict[str, list[int]]:
+    """Train the embedding rows of tokens `ids` (added to the tokenizer), and the output head's if it is untied; the
+    model's vocabulary grows to hold them. PEFT's trainable_token_indices: layer leaf name -> ids."""
+    import dataclasses
+
+    start, n = token_span(ids, "added tokens")
+    leaves = ["embed_tokens"] + ([] if model.spec.tie_embeddings else ["lm_head"])
+    for leaf in leaves:
+        path = "model.embed_tokens" if leaf == "embed_tokens" else "lm_head"
+        parent, name = _parent(model, path)
+        setattr(parent, name, TokenRows(getattr(parent, name), start, n))
+    model.spec = dataclasses.replace(model.spec, vocab_size=max(model.spec.vocab_size, start + n))
+    return {leaf: list(range(start, start + n)) for leaf in leaves}
+
+
+def merge_token_rows(model: nn.Module) -> None:
+    """Replace each TokenRows by a plain float layer holding its whole matrix (inference at the base's speed)."""
+    for name, layer in token_rows(model).items():
+        weight = layer.weight.detach().float()
+        if isinstance(layer.base_layer, nn.Embedding) or hasattr(layer.base_layer, "as_linear"):
+            new: nn.Module = nn.Embedding(*weight.shape)
+        else:
+            new = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+        new.weight.data = weight
+        new.requires_grad_(False)
+        parent, leaf = _parent(model, name)
+        setattr(parent, leaf, new)
+
+
 def linear_names(model: nn.Module) -> dict[str, nn.Module]:
     """Every adaptable linear layer inside the blocks (the output head and embeddings excluded), by full name."""
     return {name: m for name, m in model.named_modules() if name.startswith("model.layers.") and _is_linear(m)}
@@ -105,7 +170,7 @@ def adapters(model: nn.Module) -> dict[str, LoraLinear]:
 
 
 def is_adapter_param(name: str) -> bool:
-    return ".lora_A." in name or ".lora_B." in name or name.endswith(".lora_magnitude_vector")
+    return ".lora_A." in name or ".lora_B." in name or name.endswith((".lora_magnitude_vector", ".trainable_tokens_delta"))
 
 
 # --- PEFT's layout ----------------------------------------------------------------------------------------------------
@@ -119,6 +184,8 @@ def peft_tensors(model: nn.Module) -> dict[str, Tensor]:
         out[f"{PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_B.weight.detach().float().cpu().contiguous()
         if layer.dora:
             out[f"{PEFT_PREFIX}{name}.lora_magnitude_vector"] = layer.lora_magnitude_vector.detach().float().cpu().contiguous()
+    for name, rows in token_rows(model).items():
+        out[f"{PEFT_PREFIX}{name}.token_adapter.trainable_tokens_delta"] = rows.trainable_tokens_delta.detach().float().cpu().contiguous()
     return out
 
 
@@ -147,6 +214,11 @@ def load_adapter(model: nn.Module, folder: str | Path) -> list[str]:
     layers = {n: (m.in_features, m.out_features) for n, m in linear_names(model).items()}
     check_adapter_fits(Path(folder), tensors, layers, names)
     model.requires_grad_(False)
+    if settings.tokens:
+        add_token_rows(model, settings.tokens["embed_tokens"])
+        with torch.no_grad():
+            for name, rows in token_rows(model).items():
+                rows.trainable_tokens_delta.copy_(tensors[f"{name}.trainable_tokens_delta"])
     for name in names:
         parent, leaf = _parent(model, name)
         layer = LoraLinear(getattr(parent, leaf), settings)
@@ -211,6 +283,7 @@ def apply_adapter(model: nn.Module, folder: str | Path) -> None:
 
     folder = resolve_adapter_folder(folder)
     load_adapter(model, folder)
+    merge_token_rows(model)
     if all(type(layer.base_layer) is nn.Linear for layer in adapters(model).values()):
         merge_adapters(model)
     prepare_inference(model)
