@@ -11,13 +11,14 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from llmctl.errors import LlmctlError
+from llmctl.errors import ConfigError, LlmctlError
 
 PEFT_PREFIX = "base_model.model."
 PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -32,6 +33,7 @@ class LoraSettings:
     targets: list[str] = field(default_factory=lambda: ["all-linear"])  # leaf names (q_proj, ...) or all-linear
     dora: bool = False
     rslora: bool = False
+    tokens: dict[str, list[int]] = field(default_factory=dict)  # trained rows: embed_tokens (lm_head if untied) -> ids
 
     @property
     def scale(self) -> float:
@@ -55,8 +57,115 @@ def peft_config(settings: LoraSettings, names: Sequence[str], base: str | None) 
         "use_dora": settings.dora, "use_rslora": settings.rslora, "base_model_name_or_path": base, "bias": "none",
         "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True, "modules_to_save": None,
         "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None, "layers_pattern": None,
+        "trainable_token_indices": dict(settings.tokens) or None,
     }
 
+
+def token_span(ids: Sequence[int], where: str) -> tuple[int, int]:
+    """(first id, count) of trained token rows, which are consecutive (a tokenizer appends the tokens it adds)."""
+    ids = sorted(ids)
+    if ids != list(range(ids[0], ids[0] + len(ids))):
+        raise LlmctlError(f"{where}: trained token rows {ids} are not consecutive; llmctl trains the rows of tokens "
+                          "added at the end of a vocabulary.")
+    return ids[0], len(ids)
+
+
+def pick_targets(layers: Mapping[str, tuple[int, int]], settings: LoraSettings) -> list[str]:
+    """Full names of the layers `settings.targets` pick (all-linear, or leaf names / name suffixes as PEFT matches
+    them) among `layers` (name -> (in, out) features), each wide enough for the rank."""
+    targets = settings.targets
+    if "all-linear" in targets:
+        names = list(layers)
+    else:
+        picked, unknown = set(), []
+        for target in targets:
+            hits = [n for n in layers if n == target or n.endswith("." + target)]
+            (picked.update(hits) if hits else unknown.append(target))
+        if unknown:
+            leaves = sorted({name.rsplit(".", 1)[-1] for name in layers})
+            raise ConfigError(f"--targets: no layer of this model is called {', '.join(unknown)}.",
+                              hint=f"Valid targets: all-linear, {', '.join(leaves)}.")
+        names = [n for n in layers if n in picked]
+    for name in names:
+        n_in, n_out = layers[name]
+        if settings.rank > min(n_in, n_out):
+            width = min(n_in, n_out)
+            raise ConfigError(f"--rank {settings.rank} is larger than layer {name}'s width ({n_in} -> {n_out}); a rank "
+                              f"above {width} adds nothing.", hint=f"Use --rank {width} or less.")
+    return names
+
+
+def resolve_adapter_folder(folder: str | Path) -> Path:
+    """An adapter folder, or a finetune-lora run folder (its adapter/)."""
+    folder = Path(folder)
+    if not (folder / PEFT_FILES[0]).is_file() and (folder / "adapter" / PEFT_FILES[0]).is_file():
+        return folder / "adapter"
+    return folder
+
+
+def read_peft(folder: str | Path) -> tuple[LoraSettings, dict[str, Any]]:
+    """An adapter folder (PEFT layout, or mlx-lm's read through it): its settings and raw tensors keyed by layer name
+    + PEFT suffix (`model.layers.0.self_attn.q_proj.lora_A.weight`, no base_model.model. and no .default)."""
+    from llmctl.io.safetensors import read_safetensors
+
+    folder = Path(folder)
+    if not (folder / PEFT_FILES[1]).is_file() and (folder / MLX_FILES[1]).is_file():
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:  # mlx-lm's layout, read through PEFT's
+            mlx_to_peft(folder, Path(tmp))
+            return read_peft(tmp)
+    config_path = folder / PEFT_FILES[0]
+    if not config_path.is_file():
+        raise LlmctlError(f"{folder} holds no {PEFT_FILES[0]}; an adapter folder is what `finetune-lora` writes "
+                          "(OUT/adapter) or PEFT's save_pretrained.", hint="Pass the adapter's folder to --adapter.")
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise LlmctlError(f"{config_path} cannot be read: {e}") from None
+    if config.get("peft_type", "LORA") != "LORA":
+        raise LlmctlError(f"{config_path}: peft_type {config.get('peft_type')!r}; llmctl loads LORA adapters.")
+    weights = folder / PEFT_FILES[1]
+    if not weights.is_file():
+        raise LlmctlError(f"{folder} holds no {PEFT_FILES[1]}.")
+    tensors = {}
+    for key, t in read_safetensors(weights).items():
+        name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
+        name = name.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
+        name = name.replace(".lora_magnitude_vector.default", ".lora_magnitude_vector")
+        if name.endswith(".lora_magnitude_vector.weight"):
+            name = name.removesuffix(".weight")
+        tensors[name.replace(".token_adapter.trainable_tokens_delta", ".trainable_tokens_delta")] = t
+    rank = next((int(t.shape[0]) for k, t in tensors.items() if k.endswith(".lora_A.weight")), int(config.get("r", 8)))
+    targets = sorted({k.rsplit(".lora_", 1)[0] for k in tensors if ".lora_A." in k})
+    settings = LoraSettings(rank=rank, alpha=float(config.get("lora_alpha", 8)), dropout=float(config.get("lora_dropout", 0.0)),
+                            targets=targets, dora=bool(config.get("use_dora", False)),
+                            rslora=bool(config.get("use_rslora", False)))
+    tokens = config.get("trainable_token_indices") or {}
+    if isinstance(tokens, list):  # PEFT's short form: the input embedding's rows
+        tokens = {"embed_tokens": tokens}
+    settings.tokens = {str(k): [int(i) for i in v] for k, v in tokens.items()}
+    if config.get("modules_to_save"):
+        raise LlmctlError(f"{config_path}: modules_to_save {config['modules_to_save']} (whole trained copies of layers) "
+                          "are not loaded by llmctl; it reads trained token rows as trainable_token_indices.")
+    return settings, tensors
+
+
+def check_adapter_fits(folder: Path, tensors: Mapping[str, Any], layers: Mapping[str, tuple[int, int]],
+                       targets: Sequence[str]) -> None:
+    """Refuse an adapter made for another model, naming the first layer or shape that does not match; `layers` maps
+    each adaptable layer's name to its (in, out) features."""
+    for name in targets:
+        if name not in layers:
+            raise LlmctlError(f"the adapter in {folder} adapts {name}, which this model does not have "
+                              f"(it has {len(layers)} linear layers, e.g. {next(iter(layers), '-')}).",
+                              hint="Use the adapter with the model it was trained on.")
+        (n_in, n_out), a, b = layers[name], tensors[f"{name}.lora_A.weight"], tensors[f"{name}.lora_B.weight"]
+        want_a, want_b = (a.shape[0], n_in), (n_out, a.shape[0])
+        if tuple(a.shape) != want_a or tuple(b.shape) != want_b:
+            raise LlmctlError(f"the adapter in {folder} does not fit this model: {name}.lora_A is {list(a.shape)} and "
+                              f"lora_B {list(b.shape)}, but the layer needs {list(want_a)} and {list(want_b)}.",
+                              hint="Use the adapter with the model it was trained on.")
 
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from llmctl import ui
 from llmctl.config import to_dict, to_yaml
-from llmctl.errors import ConfigError, DataError, LlmctlError
+from llmctl.errors import ConfigError, DataError
 from llmctl.training.config import LoopConfig, OptimConfig, at_least, check
 
 DEFAULT_TASKS = "builtin:tasks"  # data.train's value for the generated tasks with checkable answers
@@ -136,24 +136,20 @@ def build_data(cfg: FinetuneConfig, tokenizer: Any, seq_len: int) -> tuple[Any, 
 
 def run(cfg: FinetuneConfig, backend: str, force: bool = False, resume: bool = False) -> Path | None:
     """Fine-tune adapters; the adapter folder, or None when stopped early (train.stop_at)."""
-    from llmctl.data.chat import PackedBatches
+    from llmctl.data.chat import PackedBatches, add_template_tokens
     from llmctl.io.model_folder import load_tokenizer, read_model
     from llmctl.run import RunFolder
     from llmctl.training import loop
     from llmctl.training.loop import Job
 
     check_config(cfg)
-    if backend != "torch":
-        raise LlmctlError("finetune-lora runs on the torch backend so far.", hint="Pass --backend torch.")
     base = resolve_base(cfg)
     spec = read_model(base).spec
     tokenizer = load_tokenizer(base)
+    added = add_template_tokens(tokenizer)  # their embedding rows train beside the adapters
     seq_len = min(cfg.data.seq_len, spec.max_seq_len)
-    from llmctl.backends.torch.engine import Engine
-    from llmctl.backends.torch.lora import add_adapters, is_adapter_param, write_peft
-    from llmctl.backends.torch.objectives import NextToken
-
-    engine = Engine(cfg.train, cfg.optim)
+    engines, lora, objectives = _backend_modules(backend, "engine", "lora", "objectives")
+    engine = engines.Engine(cfg.train, cfg.optim)
     try:
         run_folder = RunFolder(cfg.out, force=force, resume=resume, inputs=[*cfg.data.train, *cfg.data.val, str(base)])
         try:
@@ -171,15 +167,18 @@ def run(cfg: FinetuneConfig, backend: str, force: bool = False, resume: bool = F
 
             def prepare(model: Any) -> None:
                 if cfg.quantize_base:
-                    from llmctl.backends.torch.lora import quantize_base
-
-                    done = quantize_base(model, cfg.quantize_base)
+                    done = lora.quantize_base(model, cfg.quantize_base)
                     ui.info(f"--quantize-base {cfg.quantize_base}: {len(done)} layers quantized (group 64); layers whose "
                             "width is not a multiple of 64 stay in float")
-                names.extend(add_adapters(model, settings))
+                names.extend(lora.add_adapters(model, settings))
+                if added:
+                    settings.tokens = lora.add_token_rows(model, added)
 
-            engine.load(base, trainable=is_adapter_param, prepare=prepare)
-            trained = sum(p.numel() for p in engine.model.parameters() if p.requires_grad)
+            engine.load(base, trainable=lora.is_adapter_param, prepare=prepare)
+            trained = sum(math.prod(t.shape) for t in lora.peft_tensors(engine.model).values())
+            if added:
+                ui.info(f"the chat template's tokens {[tokenizer.id_to_token(i) for i in added]} were missing from the "
+                        f"tokenizer: added as ids {added}; their rows of {', '.join(settings.tokens)} train too")
             ui.info(f"{len(names)} layers adapted (rank {settings.rank}), {trained / 1e6:.3g}M trained parameters; "
                     f"{counts['examples']} examples in {counts['rows']} rows of {seq_len} tokens, "
                     f"{counts['val_examples']} held out; {cfg.train.steps} steps -> {run_folder.path}")
@@ -187,7 +186,7 @@ def run(cfg: FinetuneConfig, backend: str, force: bool = False, resume: bool = F
             run_folder.restore()
             raise
         adapter_dir = run_folder.path / "adapter"
-        before = exact_match(engine.model, tokenizer, held) if held and not resume else None
+        before = exact_match(engine.model, tokenizer, held, backend) if held and not resume else None
 
         def export() -> None:
             if ui.is_main_process():
@@ -195,13 +194,13 @@ def run(cfg: FinetuneConfig, backend: str, force: bool = False, resume: bool = F
 
                 with replacing(adapter_dir) as staged:
                     staged.mkdir(parents=True, exist_ok=True)
-                    write_peft(staged, engine.model, settings, str(cfg.model))
+                    lora.write_peft(staged, engine.model, settings, str(cfg.model))
                     tokenizer.save(staged)
 
         key = {"model": str(base), "lora": to_dict(cfg.lora), "data.seq_len": seq_len, "data.batch_size": cfg.data.batch_size,
                "data.train": list(cfg.data.train), "train.steps": cfg.train.steps, "train.grad_accum": cfg.train.grad_accum,
                "train.seed": cfg.train.seed, "quantize_base": cfg.quantize_base, "processes": engine.world}
-        job = Job(loop=cfg.train, optim=cfg.optim, run=run_folder, source=source, objective=NextToken(), resume_key=key,
+        job = Job(loop=cfg.train, optim=cfg.optim, run=run_folder, source=source, objective=objectives.NextToken(), resume_key=key,
                   config_text=to_yaml(cfg), resume=resume, tokens_per_step=cfg.data.batch_size * seq_len,
                   flops_per_unit=spec.flops_per_token(seq_len, training=True), started=run_folder.settle, export=export)
         try:
@@ -213,7 +212,7 @@ def run(cfg: FinetuneConfig, backend: str, force: bool = False, resume: bool = F
         if not finished:
             return None
         if held:
-            after = exact_match(engine.model, tokenizer, held)
+            after = exact_match(engine.model, tokenizer, held, backend)
             shown = "" if before is None else f"{before:.0%} before, "
             ui.info(f"held-out exact match on {len(held)} built-in tasks: {shown}{after:.0%} after")
             if ui.is_main_process():
@@ -224,22 +223,26 @@ def run(cfg: FinetuneConfig, backend: str, force: bool = False, resume: bool = F
         engine.close()
 
 
-def exact_match(model: Any, tokenizer: Any, convs: list, max_new: int = 12) -> float:
-    """Share of held-out conversations whose reply greedy decoding reproduces exactly (up to the end of turn)."""
-    import torch
+def _backend_modules(backend: str, *names: str) -> list[Any]:
+    """`llmctl.backends.<backend>.<name>` for each name (imported here: torch or MLX only when asked for)."""
+    import importlib
 
-    from llmctl.backends.torch.generate import Generator
+    return [importlib.import_module(f"llmctl.backends.{backend}.{name}") for name in names]
+
+
+def exact_match(model: Any, tokenizer: Any, convs: list, backend: str = "torch", max_new: int = 12) -> float:
+    """Share of held-out conversations whose reply greedy decoding reproduces exactly (up to the end of turn)."""
     from llmctl.data.chat import ChatEncoder
     from llmctl.generation import SamplingParams
 
+    (generate,) = _backend_modules(backend, "generate")
     encoder = ChatEncoder(tokenizer)
     end_texts = [t for t in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", tokenizer.eos_token) if t]
     was_training = model.training
     model.eval()
     prompts = [tokenizer.encode(encoder.render(conv[:-1], True), add_special_tokens=False) for conv in convs]
     params = SamplingParams(max_tokens=max_new, stop_ids=frozenset(tokenizer.eos_token_ids))
-    with torch.no_grad():
-        outs = Generator(model).generate_batch(prompts, params)
+    outs = generate.Generator(model).generate_batch(prompts, params)
     model.train(was_training)
     right = 0
     for conv, out in zip(convs, outs):

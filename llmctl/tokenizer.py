@@ -69,6 +69,11 @@ class Tokenizer:
             )
         return token_id
 
+    def add_special_tokens(self, tokens: Sequence[str]) -> list[int]:
+        """Add `tokens` (special: matched whole in raw text) at the end of the vocabulary; their ids."""
+        self.backend.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in tokens])
+        return [self.backend.token_to_id(t) for t in tokens]
+
     @property
     def vocab_size(self) -> int:
         """Number of ids, added tokens included."""

@@ -73,7 +73,7 @@ def test_finetune_writes_a_peft_adapter_and_resumes_exactly(tmp_path):
     a = full["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"]
     assert a.dtype == torch.float32 and a.shape == (4, 64)
     assert full["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"].shape == (64, 4)
-    assert len(full) == 2 * 2 * 5  # A and B of q and v in each of 5 layers
+    assert len(full) == 2 * 2 * 5 + 1  # A and B of q and v in each of 5 layers, and the added ChatML tokens' rows
     half = _run(tmp_path, tmp_path / "half", "--steps", "4", "--rank", "4", "--targets", "q_proj,v_proj", "train.stop_at=2", data=data)
     assert half.exit_code == 0, half.output
     assert not (tmp_path / "half" / "adapter").exists()

@@ -80,9 +80,9 @@ def open_model(name: str | None, backend: str, dtype: str | None, adapter: str |
     _check_memory(folder, dtype)
     tokenizer = load_tokenizer(folder)
     model = get_backend(backend).load(folder, dtype=dtype)
-    check_vocab(tokenizer, model.spec, folder)
     if adapter is not None:
-        attach_adapter(model, adapter, backend)
+        model, tokenizer = attach_adapter(model, adapter, backend), adapter_tokenizer(adapter, tokenizer)
+    check_vocab(tokenizer, model.spec, folder)
     what = "the latest model (--model not given)" if latest_used else "model"
     ui.info(
         f"[dim]{what} {folder} ({model.spec.family}, {model.spec.param_count() / 1e6:.3g}M parameters, "
@@ -110,14 +110,27 @@ def describe_quantization(entry: dict[str, Any] | None) -> str:
     return f"{entry['bits']}-bit, group {entry.get('group_size')}"
 
 
-def attach_adapter(model: Any, adapter: str, backend: str) -> None:
-    """`--adapter DIR` (PEFT layout, or a finetune-lora run folder) on a loaded model."""
+def attach_adapter(model: Any, adapter: str, backend: str) -> Any:
+    """`--adapter DIR` (PEFT layout, or a finetune-lora run folder) on a loaded model; the model to use from now on
+    (a new one when the adapter's trained token rows grew the vocabulary)."""
     from llmctl import ui
-    from llmctl.errors import LlmctlError
 
-    if resolve_name(backend) != "torch":
-        raise LlmctlError("--adapter runs on the torch backend so far.", hint="Pass --backend torch.")
-    from llmctl.backends.torch.lora import apply_adapter
-
+    if resolve_name(backend) == "torch":
+        from llmctl.backends.torch.lora import apply_adapter
+    else:
+        from llmctl.backends.mlx.lora import apply_adapter
     apply_adapter(model.module, adapter)
     ui.info(f"[dim]adapter {adapter}[/]")
+    if model.module.spec != model.spec:
+        return type(model)(model.module, model.source, model.quantization)
+    return model
+
+
+def adapter_tokenizer(adapter: str, tokenizer: Tokenizer) -> Tokenizer:
+    """The tokenizer saved with an adapter (finetune-lora writes it: it may hold tokens the chat template added),
+    else `tokenizer`."""
+    from llmctl.adapters import resolve_adapter_folder
+    from llmctl.io.model_folder import load_tokenizer
+
+    folder = resolve_adapter_folder(adapter)
+    return load_tokenizer(folder) if (folder / "tokenizer.json").is_file() else tokenizer

@@ -110,7 +110,7 @@ def eval_command(
     if adapter is not None:
         from llmctl.backends import attach_adapter
 
-        attach_adapter(scored, adapter, runtime.name)
+        scored = attach_adapter(scored, adapter, runtime.name)
     reference = runtime.load(base) if base is not None else None
     if reference is not None and reference.spec.vocab_size != scored.spec.vocab_size:
         raise ConfigError(
@@ -125,6 +125,10 @@ def eval_command(
     from llmctl.generation import check_vocab
 
     tokenizer = load_tokenizer(Path(scored.source or model))
+    if adapter is not None:
+        from llmctl.backends import adapter_tokenizer
+
+        tokenizer = adapter_tokenizer(adapter, tokenizer)
     check_vocab(tokenizer, scored.spec, Path(scored.source or model))
     ids, n_bytes = tokens_and_bytes(tokenizer, text, max_tokens)
     if len(ids) < 2:

@@ -124,6 +124,22 @@ def assistant_spans(template_render: Any, messages: list[dict[str, str]]) -> tup
     return text, spans
 
 
+def add_template_tokens(tokenizer: Any) -> list[int]:
+    """Add to a tokenizer without a chat template the ChatML markers it lacks (the default template's turns begin and
+    end with them; as text they would be several pieces the model must learn to read as one); their ids. The end
+    marker becomes an end-of-text id, so generation stops at the end of a turn."""
+    from llmctl.tokenizer import IM_END, IM_START
+
+    if tokenizer.chat_template:
+        return []
+    missing = [t for t in (IM_START, IM_END) if tokenizer.token_to_id(t) is None]
+    if not missing:
+        return []
+    ids = tokenizer.add_special_tokens(missing)
+    tokenizer.eos_token_ids.add(tokenizer.token_to_id(IM_END))
+    return ids
+
+
 class ChatEncoder:
     """Conversations and text to `Example`s with a tokenizer and its chat template (ChatML by default)."""
 

@@ -136,11 +136,15 @@ class Engine:
             model.set_dtype(self.amp)
         self._attach(model)
 
-    def load(self, folder: str | Path, trainable: Callable[[str], bool] | None = None) -> None:
+    def load(self, folder: str | Path, trainable: Callable[[str], bool] | None = None,
+             prepare: Callable[[Transformer], Any] | None = None) -> None:
         """A model folder (float, affine-quantized or NF4) with the parameters `trainable(name)` picks trained and the
-        rest frozen (None: every float parameter); quantized layers stay frozen, and gradients pass through them."""
+        rest frozen (None: every float parameter); quantized layers stay frozen, and gradients pass through them.
+        `prepare(model)` changes the loaded model first (e.g. wraps layers in adapters), seeded like the rest."""
         mx.random.seed(self.loop.seed)
         model = load_module(folder, "float32")
+        if prepare is not None:
+            prepare(model)
         if trainable is not None:
             chosen = [name for name, _ in tree_flatten(model.trainable_parameters()) if trainable(name)]
             model.freeze()
@@ -195,7 +199,8 @@ class Engine:
             return micro
         # The parameters are implicit inputs and outputs of the compiled graph (value_and_grad swaps the model's
         # parameters for its own while tracing, so it must hand them back).
-        return mx.compile(micro, inputs=[model.state], outputs=[model.state])
+        # The random state too: dropout draws a new mask at each step.
+        return mx.compile(micro, inputs=[model.state, mx.random.state], outputs=[model.state, mx.random.state])
 
     def _update_function(self) -> Callable:
         model, opt = self.net, self.opt
@@ -271,7 +276,9 @@ class Engine:
         params, optim_sd = snapshot
         self._write_model(folder if self.partial else folder / "model", params, "trainable.safetensors")
         write_safetensors(folder / "optimizer.safetensors", {k: from_mlx(v) for k, v in optim_sd.items()})
-        return {}  # no RNG state: after initialisation the MLX loop draws no random numbers
+        # no RNG state (MLX cannot set its key back): only dropout (lora.dropout > 0) draws numbers after initialisation,
+        # and its masks after a resume differ from an uninterrupted run's
+        return {}
 
     def load_checkpoint(self, folder: Path, state: dict[str, Any]) -> None:
         if (folder / "trainable.safetensors").is_file():

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from llmctl.adapters import LoraSettings, peft_config
-from llmctl.errors import ConfigError, LlmctlError
+from llmctl.adapters import (LoraSettings, check_adapter_fits, peft_config, pick_targets, read_peft, resolve_adapter_folder,
+                             token_span)
 
 PEFT_PREFIX = "base_model.model."
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
@@ -85,25 +85,72 @@ class LoraLinear(nn.Module):
         return w
 
 
+class TokenRows(nn.Module):
+    """An embedding (or untied output head) whose rows start .. start + n - 1 are trained (PEFT's trainable tokens):
+    `trainable_tokens_delta` holds those rows whole, the base stays frozen; rows past the base's end extend it."""
+
+    def __init__(self, base: nn.Module, start: int, n: int) -> None:
+        super().__init__()
+        self.base_layer, self.start = base, start
+        rows = self.base_matrix()
+        # new tokens start at the mean of the existing rows (a neutral point; the rows they replace, if any, were unused)
+        self.trainable_tokens_delta = nn.Parameter(rows.float().mean(0, keepdim=True).repeat(n, 1))
+
+    def base_matrix(self) -> Tensor:
+        base = self.base_layer
+        return base.dequantized(torch.float32) if hasattr(base, "dequantized") else base.weight
+
+    @property
+    def weight(self) -> Tensor:
+        """The whole (V', D) matrix, V' = max(base rows, start + n)."""
+        w, delta = self.base_matrix(), self.trainable_tokens_delta
+        return torch.cat([w[: self.start], delta.to(w.dtype), w[self.start + len(delta) :]])
+
+    def forward(self, x: Tensor) -> Tensor:
+        if isinstance(self.base_layer, nn.Embedding) or hasattr(self.base_layer, "as_linear"):
+            return F.embedding(x, self.weight)
+        return F.linear(x, self.weight)
+
+    def as_linear(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight)
+
+
+def token_rows(model: nn.Module) -> dict[str, TokenRows]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, TokenRows)}
+
+
+def add_token_rows(model: nn.Module, ids: Sequence[int]) -> dict[str, list[int]]:
+    """Train the embedding rows of tokens `ids` (added to the tokenizer), and the output head's if it is untied; the
+    model's vocabulary grows to hold them. PEFT's trainable_token_indices: layer leaf name -> ids."""
+    import dataclasses
+
+    start, n = token_span(ids, "added tokens")
+    leaves = ["embed_tokens"] + ([] if model.spec.tie_embeddings else ["lm_head"])
+    for leaf in leaves:
+        path = "model.embed_tokens" if leaf == "embed_tokens" else "lm_head"
+        parent, name = _parent(model, path)
+        setattr(parent, name, TokenRows(getattr(parent, name), start, n))
+    model.spec = dataclasses.replace(model.spec, vocab_size=max(model.spec.vocab_size, start + n))
+    return {leaf: list(range(start, start + n)) for leaf in leaves}
+
+
+def merge_token_rows(model: nn.Module) -> None:
+    """Replace each TokenRows by a plain float layer holding its whole matrix (inference at the base's speed)."""
+    for name, layer in token_rows(model).items():
+        weight = layer.weight.detach().float()
+        if isinstance(layer.base_layer, nn.Embedding) or hasattr(layer.base_layer, "as_linear"):
+            new: nn.Module = nn.Embedding(*weight.shape)
+        else:
+            new = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+        new.weight.data = weight
+        new.requires_grad_(False)
+        parent, leaf = _parent(model, name)
+        setattr(parent, leaf, new)
+
+
 def linear_names(model: nn.Module) -> dict[str, nn.Module]:
     """Every adaptable linear layer inside the blocks (the output head and embeddings excluded), by full name."""
     return {name: m for name, m in model.named_modules() if name.startswith("model.layers.") and _is_linear(m)}
-
-
-def resolve_targets(model: nn.Module, targets: Sequence[str]) -> list[str]:
-    """Full names of the layers `targets` pick: all-linear, or leaf names / name suffixes as PEFT matches them."""
-    layers = linear_names(model)
-    if list(targets) == ["all-linear"] or "all-linear" in targets:
-        return list(layers)
-    leaves = sorted({name.rsplit(".", 1)[-1] for name in layers})
-    picked, unknown = [], []
-    for target in targets:
-        hits = [n for n in layers if n == target or n.endswith("." + target)]
-        (picked.extend(hits) if hits else unknown.append(target))
-    if unknown:
-        raise ConfigError(f"--targets: no layer of this model is called {', '.join(unknown)}.",
-                          hint=f"Valid targets: all-linear, {', '.join(leaves)}.")
-    return [n for n in layers if n in set(picked)]
 
 
 def _parent(root: nn.Module, path: str) -> tuple[nn.Module, str]:
@@ -113,13 +160,7 @@ def _parent(root: nn.Module, path: str) -> tuple[nn.Module, str]:
 
 def add_adapters(model: nn.Module, settings: LoraSettings) -> list[str]:
     """Wrap the target layers in LoraLinear (in place), freeze everything else; the adapted layers' names."""
-    names = resolve_targets(model, settings.targets)
-    for name in names:
-        layer = model.get_submodule(name)
-        width = min(layer.in_features, layer.out_features)
-        if settings.rank > width:
-            raise ConfigError(f"--rank {settings.rank} is larger than layer {name}'s width ({layer.in_features} -> "
-                              f"{layer.out_features}); a rank above {width} adds nothing.", hint=f"Use --rank {width} or less.")
+    names = pick_targets({n: (m.in_features, m.out_features) for n, m in linear_names(model).items()}, settings)
     model.requires_grad_(False)
     for name in names:
         parent, leaf = _parent(model, name)
@@ -132,7 +173,7 @@ def adapters(model: nn.Module) -> dict[str, LoraLinear]:
 
 
 def is_adapter_param(name: str) -> bool:
-    return ".lora_A." in name or ".lora_B." in name or name.endswith(".lora_magnitude_vector")
+    return ".lora_A." in name or ".lora_B." in name or name.endswith((".lora_magnitude_vector", ".trainable_tokens_delta"))
 
 
 # --- PEFT's layout ----------------------------------------------------------------------------------------------------
@@ -146,6 +187,8 @@ def peft_tensors(model: nn.Module) -> dict[str, Tensor]:
         out[f"{PEFT_PREFIX}{name}.lora_B.weight"] = layer.lora_B.weight.detach().float().cpu().contiguous()
         if layer.dora:
             out[f"{PEFT_PREFIX}{name}.lora_magnitude_vector"] = layer.lora_magnitude_vector.detach().float().cpu().contiguous()
+    for name, rows in token_rows(model).items():
+        out[f"{PEFT_PREFIX}{name}.token_adapter.trainable_tokens_delta"] = rows.trainable_tokens_delta.detach().float().cpu().contiguous()
     return out
 
 
@@ -159,69 +202,26 @@ def write_peft(folder: Path, model: nn.Module, settings: LoraSettings, base: str
 
 
 def read_adapter(folder: str | Path) -> tuple[LoraSettings, dict[str, Tensor]]:
-    """A PEFT adapter folder: its settings and tensors keyed by layer name + PEFT suffix (no base_model.model.)."""
-    from llmctl.io.safetensors import read_safetensors, to_torch
+    """A PEFT (or mlx-lm) adapter folder: its settings and float32 tensors keyed by layer name + PEFT suffix."""
+    from llmctl.io.safetensors import to_torch
 
-    folder = Path(folder)
-    if not (folder / ADAPTER_WEIGHTS).is_file() and (folder / "adapters.safetensors").is_file():
-        import tempfile
-
-        from llmctl.adapters import mlx_to_peft
-
-        with tempfile.TemporaryDirectory() as tmp:  # mlx-lm's layout, read through PEFT's
-            mlx_to_peft(folder, Path(tmp))
-            return read_adapter(tmp)
-    config_path = folder / ADAPTER_CONFIG
-    if not config_path.is_file():
-        raise LlmctlError(f"{folder} holds no {ADAPTER_CONFIG}; an adapter folder is what `finetune-lora` writes "
-                          "(OUT/adapter) or PEFT's save_pretrained.", hint="Pass the adapter's folder to --adapter.")
-    try:
-        config = json.loads(config_path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise LlmctlError(f"{config_path} cannot be read: {e}") from None
-    if config.get("peft_type", "LORA") != "LORA":
-        raise LlmctlError(f"{config_path}: peft_type {config.get('peft_type')!r}; llmctl loads LORA adapters.")
-    weights = folder / ADAPTER_WEIGHTS
-    if not weights.is_file():
-        raise LlmctlError(f"{folder} holds no {ADAPTER_WEIGHTS}.")
-    tensors = {}
-    for key, t in read_safetensors(weights).items():
-        name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
-        name = name.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
-        name = name.replace(".lora_magnitude_vector.default", ".lora_magnitude_vector")
-        if name.endswith(".lora_magnitude_vector.weight"):
-            name = name.removesuffix(".weight")
-        tensors[name] = to_torch(t).float()
-    rank = next((int(t.shape[0]) for k, t in tensors.items() if k.endswith(".lora_A.weight")), int(config.get("r", 8)))
-    settings = LoraSettings(rank=rank, alpha=float(config.get("lora_alpha", 8)), dropout=float(config.get("lora_dropout", 0.0)),
-                            targets=_targets_of(tensors), dora=bool(config.get("use_dora", False)),
-                            rslora=bool(config.get("use_rslora", False)))
-    return settings, tensors
-
-
-def _targets_of(tensors: dict[str, Tensor]) -> list[str]:
-    return sorted({k.rsplit(".lora_", 1)[0] for k in tensors if ".lora_A." in k})
+    settings, raw = read_peft(folder)
+    return settings, {k: to_torch(t).float() for k, t in raw.items()}
 
 
 def load_adapter(model: nn.Module, folder: str | Path) -> list[str]:
     """Add the adapter in `folder` (PEFT layout) to `model` in place (frozen, eval): the layers it adapts.
     An adapter made for another model is refused with the first mismatching shape named."""
     settings, tensors = read_adapter(folder)
-    layers = linear_names(model)
     names = settings.targets
-    for name in names:
-        if name not in layers:
-            raise LlmctlError(f"the adapter in {folder} adapts {name}, which this model does not have "
-                              f"(it has {len(layers)} linear layers, e.g. {next(iter(layers), '-')}).",
-                              hint="Use the adapter with the model it was trained on.")
-        layer = layers[name]
-        a, b = tensors[f"{name}.lora_A.weight"], tensors[f"{name}.lora_B.weight"]
-        want_a, want_b = (a.shape[0], layer.in_features), (layer.out_features, a.shape[0])
-        if tuple(a.shape) != want_a or tuple(b.shape) != want_b:
-            raise LlmctlError(f"the adapter in {folder} does not fit this model: {name}.lora_A is {list(a.shape)} and "
-                              f"lora_B {list(b.shape)}, but the layer needs {list(want_a)} and {list(want_b)}.",
-                              hint="Use the adapter with the model it was trained on.")
+    layers = {n: (m.in_features, m.out_features) for n, m in linear_names(model).items()}
+    check_adapter_fits(Path(folder), tensors, layers, names)
     model.requires_grad_(False)
+    if settings.tokens:
+        add_token_rows(model, settings.tokens["embed_tokens"])
+        with torch.no_grad():
+            for name, rows in token_rows(model).items():
+                rows.trainable_tokens_delta.copy_(tensors[f"{name}.trainable_tokens_delta"])
     for name in names:
         parent, leaf = _parent(model, name)
         layer = LoraLinear(getattr(parent, leaf), settings)
@@ -286,17 +286,10 @@ def apply_adapter(model: nn.Module, folder: str | Path) -> None:
 
     folder = resolve_adapter_folder(folder)
     load_adapter(model, folder)
+    merge_token_rows(model)
     if all(type(layer.base_layer) is nn.Linear for layer in adapters(model).values()):
         merge_adapters(model)
     prepare_inference(model)
-
-
-def resolve_adapter_folder(folder: str | Path) -> Path:
-    """An adapter folder, or a finetune-lora run folder (its adapter/)."""
-    folder = Path(folder)
-    if not (folder / ADAPTER_CONFIG).is_file() and (folder / "adapter" / ADAPTER_CONFIG).is_file():
-        return folder / "adapter"
-    return folder
 
 
 def dequantize_all(model: nn.Module) -> int:
