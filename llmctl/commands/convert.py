@@ -47,7 +47,8 @@ def to_folder(source: ModelFolder, out: Path, dtype: str | None) -> ConversionRe
                 report.lossy[name] = error_stats(reference, changed)
         quantization = None
     else:
-        from llmctl.quant import config_entry, quantized_layers, regroup_to_32
+        from llmctl.io.gguf import regroup_to_32
+        from llmctl.quant import config_entry, quantized_layers
 
         tensors, layers = dict(tensors), quantized_layers(quantization, tensors)
         regrouped = regroup_to_32(tensors, layers, "an mlx-lm folder")

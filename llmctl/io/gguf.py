@@ -201,14 +201,6 @@ def _half(blocks: np.ndarray, start: int) -> np.ndarray:
     return _halves(blocks, start).astype(np.float32)[:, None]
 
 
-def _k_scales_mins(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Q4_K/Q5_K's twelve bytes -> eight 6-bit scales and eight 6-bit mins per super-block (ggml's get_scale_min_k4)."""
-    d, m, low = (packed[:, i : i + 4] for i in (0, 4, 8))
-    scales = np.concatenate([d & 0x3F, (low & 0x0F) | ((d >> 2) & 0x30)], axis=1)
-    mins = np.concatenate([m & 0x3F, (low >> 4) | ((m >> 2) & 0x30)], axis=1)
-    return scales.astype(np.float32), mins.astype(np.float32)
-
-
 def _bit_planes(packed: np.ndarray, shifts: int, width: int, mask: int) -> np.ndarray:
     """Bytes (n, k * width) holding `shifts` fields of 8 / shifts bits -> (n, k * shifts * width): chunk j of `width`
     bytes gives values [j][shift][width], as ggml lays them out."""
@@ -222,7 +214,9 @@ def decode_k_blocks(raw: np.ndarray, kind: KQuantType) -> tuple[np.ndarray, np.n
     uint8, with ggml's value of code c in group g being scales[g] * c + biases[g] (exactly, in float32)."""
     b = raw.reshape(-1, kind.nbytes)
     if kind.name in ("Q4_K", "Q5_K"):  # d, dmin, 12 bytes of scales and mins, [qh (32)], qs (128)
-        sc, m = _k_scales_mins(b[:, 4:16])
+        from llmctl.io.kquants import k_scales_mins
+
+        sc, m = k_scales_mins(b[:, 4:16])
         scales, biases = _half(b, 0) * sc, -(_half(b, 2) * m)
         codes = _bit_planes(b[:, -128:], 2, 32, 0x0F)
         if kind.name == "Q5_K":
@@ -698,6 +692,38 @@ def error_stats(reference: np.ndarray, changed: np.ndarray) -> tuple[float, floa
         float(np.sqrt(np.mean(reference**2))),
         diff.size,
     )
+
+
+def regroup_to_32(
+    tensors: dict[str, RawTensor], layers: dict[str, QuantParams], target: str
+) -> tuple[str, dict[str, tuple[float, float, float, int]]] | None:
+    """Requantize the layers in affine groups of 16 (GGUF's Q6_K, Q3_K, Q2_K) to groups of 32 at the same bits, in
+    place (`tensors` and `layers`), for `target` (MLX, an mlx-lm folder), which has no groups of 16. Returns a notice
+    giving the error that adds and each weight's error_stats, or None when no layer is in groups of 16."""
+    from llmctl import kernels
+
+    moved = [path for path, p in layers.items() if p.group_size == 16]
+    if not moved:
+        return None
+    worst, squares, reference, count = 0.0, 0.0, 0.0, 0
+    stats = {}
+    for path in moved:
+        bits = layers[path].bits
+        parts = [tensors[path + suffix] for suffix in (".weight", ".scales", ".biases")]
+        values = kernels.dequantize(parts[0].data, float32_of(parts[1]), float32_of(parts[2]), 16, bits, dtype="float32")
+        wq, scales, biases = kernels.quantize(values, 32, bits)
+        changed = kernels.dequantize(wq, scales, biases, 32, bits, dtype="float32")
+        stats[path + ".weight"] = most, rms, norm, n = error_stats(values, changed)
+        worst, squares, reference, count = max(worst, most), squares + rms**2 * n, reference + norm**2 * n, count + n
+        for suffix, array in zip((".weight", ".scales", ".biases"), (wq, scales, biases)):
+            tensors[path + suffix] = RawTensor.from_numpy(array)
+        layers[path] = QuantParams(32, bits)
+    rms, norm = (squares / count) ** 0.5, (reference / count) ** 0.5
+    return (
+        f"{len(moved)} layers quantized in groups of 16 (GGUF Q6_K, Q3_K, Q2_K) were regrouped to groups of 32 at the "
+        f"same bits for {target}, which has no groups of 16: their weights moved by RMS {rms:.3g} "
+        f"({100 * rms / max(norm, 1e-30):.2f}% of their RMS), at most {worst:.3g}."
+    ), stats
 
 
 def _quantize_rows(values: np.ndarray, qtype: str) -> np.ndarray:

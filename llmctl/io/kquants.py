@@ -15,6 +15,14 @@ MIXES = {"q4_k_m": "Q4_K", "q5_k_m": "Q5_K"}  # a mix by name -> the type of mos
 FILE_TYPES = {"q4_k": 14, "q4_k_m": 15, "q5_k": 16, "q5_k_m": 17, "q6_k": 18}  # llama_ftype: Q4_K_S ... Q6_K
 
 
+def k_scales_mins(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K/Q5_K's twelve bytes -> eight 6-bit scales and eight 6-bit mins per super-block (ggml's get_scale_min_k4)."""
+    d, m, low = (packed[:, i : i + 4] for i in (0, 4, 8))
+    scales = np.concatenate([d & 0x3F, (low & 0x0F) | ((d >> 2) & 0x30)], axis=1)
+    mins = np.concatenate([m & 0x3F, (low >> 4) | ((m >> 2) & 0x30)], axis=1)
+    return scales.astype(np.float32), mins.astype(np.float32)
+
+
 def _f32(x: float) -> np.float32:
     return np.float32(x)
 
@@ -98,7 +106,6 @@ def _pack_scales_mins(scales: np.ndarray, mins: np.ndarray) -> np.ndarray:
 
 def _quantize_qk(x: np.ndarray, bits: int) -> np.ndarray:
     """(n, 256) float32 -> Q4_K (bits 4) or Q5_K (bits 5) super-blocks (n, 144 | 176) uint8."""
-    from llmctl.io.gguf import _k_scales_mins
 
     n = len(x)
     nmax = (1 << bits) - 1
@@ -115,7 +122,7 @@ def _quantize_qk(x: np.ndarray, bits: int) -> np.ndarray:
         np.minimum(63, _rint(inv_scale[:, None] * scales)), np.minimum(63, _rint(inv_min[:, None] * mins))
     )
     d, dmin = _fp16(max_scale / _f32(63)), _fp16(max_min / _f32(63))
-    sc, m = _k_scales_mins(packed)
+    sc, m = k_scales_mins(packed)
     step = d.astype(np.float32)[:, None] * sc  # (n, 8): each sub-block's scale as stored
     offset = dmin.astype(np.float32)[:, None] * m
     with np.errstate(divide="ignore", invalid="ignore"):

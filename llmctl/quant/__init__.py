@@ -161,37 +161,3 @@ def config_entry(default: QuantParams, layers: Mapping[str, QuantParams]) -> dic
         if p != default:
             entry[path] = p.entry()
     return entry
-
-
-def regroup_to_32(
-    tensors: dict[str, RawTensor], layers: dict[str, QuantParams], target: str
-) -> tuple[str, dict[str, tuple[float, float, float, int]]] | None:
-    """Requantize the layers in affine groups of 16 (GGUF's Q6_K, Q3_K, Q2_K) to groups of 32 at the same bits, in
-    place (`tensors` and `layers`), for `target` (MLX, an mlx-lm folder), which has no groups of 16. Returns a notice
-    giving the error that adds and each weight's error_stats, or None when no layer is in groups of 16."""
-    from llmctl import kernels
-    from llmctl.io.gguf import error_stats, float32_of
-    from llmctl.io.safetensors import RawTensor
-
-    moved = [path for path, p in layers.items() if p.group_size == 16]
-    if not moved:
-        return None
-    worst, squares, reference, count = 0.0, 0.0, 0.0, 0
-    stats = {}
-    for path in moved:
-        bits = layers[path].bits
-        parts = [tensors[path + suffix] for suffix in (".weight", ".scales", ".biases")]
-        values = kernels.dequantize(parts[0].data, float32_of(parts[1]), float32_of(parts[2]), 16, bits, dtype="float32")
-        wq, scales, biases = kernels.quantize(values, 32, bits)
-        changed = kernels.dequantize(wq, scales, biases, 32, bits, dtype="float32")
-        stats[path + ".weight"] = most, rms, norm, n = error_stats(values, changed)
-        worst, squares, reference, count = max(worst, most), squares + rms**2 * n, reference + norm**2 * n, count + n
-        for suffix, array in zip((".weight", ".scales", ".biases"), (wq, scales, biases)):
-            tensors[path + suffix] = RawTensor.from_numpy(array)
-        layers[path] = QuantParams(32, bits)
-    rms, norm = (squares / count) ** 0.5, (reference / count) ** 0.5
-    return (
-        f"{len(moved)} layers quantized in groups of 16 (GGUF Q6_K, Q3_K, Q2_K) were regrouped to groups of 32 at the "
-        f"same bits for {target}, which has no groups of 16: their weights moved by RMS {rms:.3g} "
-        f"({100 * rms / max(norm, 1e-30):.2f}% of their RMS), at most {worst:.3g}."
-    ), stats

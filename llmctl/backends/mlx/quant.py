@@ -8,9 +8,10 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from llmctl import kernels
+from llmctl.io.gguf import regroup_to_32
 from llmctl.io.model import ModelFolder
 from llmctl.io.safetensors import RawTensor, from_mlx, to_mlx
-from llmctl.quant import AUX_SUFFIXES, QuantParams, expand_double_quant, quantized_layers, regroup_to_32
+from llmctl.quant import AUX_SUFFIXES, QuantParams, expand_double_quant, quantized_layers
 from llmctl.quant.nf4 import NF4_LEVELS
 
 
