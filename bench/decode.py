@@ -7,7 +7,7 @@ The Llama config of issue #5 (vocab 32000, hidden 768, 12 layers, 12 heads, 4 KV
 parameters with the untied head), random weights saved as a model folder with the Llama 2 BPE tokenizer from
 shared/tokenizers/llama2, and GGUF f32/f16 copies written by `llmctl convert`. Batch 1, 2 threads, greedy.
 Quantized engines (issue #6) run every matrix, embeddings and head included, at 4.5 or 8.5 bits per weight on each
-side: llmctl's and mlx-lm's on one folder from `llmctl quantize --bits 4|8 --group-size 64 quant.keep=` of the
+side: llmctl's and mlx-lm's on one folder from `llmctl quantize --bits 4|8 --group-size 64 quant.keep= quant.head_bits=4|8` of the
 bfloat16 weights (bfloat16 scales and biases), llama.cpp on `llmctl quantize --format gguf --type q4_0|q8_0`.
 Each engine runs in a fresh process (its own thread pool and memory), once per round; rounds interleave the engines
 and the best of all rounds counts, so a busy machine slows everyone alike. Per engine:
@@ -229,7 +229,7 @@ def make_model(work: Path) -> None:
     _run([*llmctl, "convert", str(folder), "--out", str(work / "model-bf16"), "--dtype", "bf16"])
     for name, bits in QUANTIZED.items():
         _run([*llmctl, "quantize", "--model", str(work / "model-bf16"), "--out", str(work / f"model-{name}"), "--bits", str(bits),
-              "--group-size", str(GROUP), "quant.keep="])
+              "--group-size", str(GROUP), "quant.keep=", f"quant.head_bits={bits}"])
         _run([*llmctl, "quantize", "--model", str(folder), "--format", "gguf", "--type", f"{name}_0",
               "--out", str(work / f"model-{name}_0.gguf")])
         for extra in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"):

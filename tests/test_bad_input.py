@@ -271,6 +271,7 @@ CASES = [
     Case("quantize-out-holds-calib", ["quantize", "--model", "zoo/llama", "--out", "corpus", "--calib", "corpus/shk.txt", "--method", "awq", "--force"], ["holds the input corpus/shk.txt"]),
     Case("quantize-out-exists", ["quantize", "--model", "zoo/llama", "--out", "q4old"], ["q4old already exists"]),
     Case("quantize-force-bad-bits", ["quantize", "--model", "zoo/llama", "--out", "q4old", "--force", "--bits", "7"], ["--bits 7"]),
+    Case("quantize-bad-head-bits", ["quantize", "--model", "zoo/llama", "--out", "q4new", "quant.head_bits=7"], ["quant.head_bits=7"]),
     Case("quantize-force-corrupt-source", ["quantize", "--model", "zoo/llama", "--out", "q4old", "--force"], ["model.safetensors"], setup=[write(WEIGHTS, b"\x10\x00")]),
     Case("quantize-force-disk-full", ["quantize", "--model", "zoo/llama", "--out", "q4old", "--force"], ["cannot write q4old", "the disk is full", "model.safetensors"], patch=_disk_full),
     Case("quantize-out-under-file", ["quantize", "--model", "zoo/llama", "--out", "zoo/notes.txt/q4"], ["cannot write zoo/notes.txt/q4: zoo/notes.txt is a file, not a folder"]),

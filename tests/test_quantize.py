@@ -134,6 +134,8 @@ def test_default_quantizes_every_matrix_head_at_six_bits_with_16_bit_scales(mode
     logits = get_backend("torch").load(out).logits(TOKENS)
     reference = get_backend("torch").load(source).logits(TOKENS)
     assert 0 < np.abs(logits - reference).max() < 0.2 * np.abs(reference).max()
+    same = quantize(source, tmp_path / "same", "quant.bits=4", "quant.head_bits=4")  # the head at --bits, as asked
+    assert json.loads((same / "config.json").read_text())["quantization"] == {"group_size": 64, "bits": 4}
 
 
 def test_we_load_a_folder_mlx_lm_quantized(llama, tmp_path):

@@ -40,6 +40,7 @@ class QuantConfig:
     method: Method = Method.rtn
     double_quant: bool = False     # nf4: store the block scales in 8 bits too (QLoRA's double quantization)
     keep: list[str] = field(default_factory=list)  # module globs left in float (default: every matrix quantized)
+    head_bits: int = 0             # the output head's (or tied embedding's) bits; 0: max(bits, 6)
 
 
 @dataclass
@@ -250,6 +251,8 @@ def _check(cfg: QuantizeConfig, force: bool) -> None:
         problems.append(f"--method nf4 stores 4 bits per weight, not --bits {q.bits}")
     elif q.bits not in BITS:
         problems.append(f"--bits {q.bits} is not supported; choose one of {', '.join(map(str, BITS))}")
+    if q.head_bits and q.head_bits not in BITS:
+        problems.append(f"quant.head_bits={q.head_bits} is not supported; choose one of {', '.join(map(str, BITS))} (0: max(bits, 6))")
     if q.group_size not in GROUP_SIZES:
         problems.append(f"--group-size {q.group_size} is not supported; choose one of {', '.join(map(str, GROUP_SIZES))}")
     if q.double_quant and q.method != Method.nf4:
@@ -278,8 +281,8 @@ def _check(cfg: QuantizeConfig, force: bool) -> None:
 def plan_layers(tensors: dict[str, Any], q: QuantConfig, tied: bool = False) -> tuple[dict[str, Any], list[str], list[str]]:
     """(layers to quantize -> params, paths kept by --keep, paths whose width does not fit the group size).
 
-    The output head (the embedding matrix when `tied`: one matrix, quantized once) takes max(bits, 6) bits, as
-    llama.cpp gives it Q6_K: its error reaches every logit directly. NF4 has one width, so its head stays NF4."""
+    The output head (the embedding matrix when `tied`: one matrix, quantized once) takes max(bits, 6) bits (or
+    quant.head_bits), as llama.cpp gives it Q6_K: its error reaches every logit directly. NF4 has one width, so its head stays NF4."""
     from llmctl.quant import QuantParams
 
     params = _params(q)
@@ -295,8 +298,9 @@ def plan_layers(tensors: dict[str, Any], q: QuantConfig, tied: bool = False) -> 
         else:
             layers[path] = params
     head = "model.embed_tokens" if tied else "lm_head"
-    if head in layers and params.mode == "affine" and params.bits < HEAD_BITS:
-        layers[head] = QuantParams(params.group_size, HEAD_BITS)
+    head_bits = q.head_bits or max(params.bits, HEAD_BITS)
+    if head in layers and params.mode == "affine" and head_bits != params.bits:
+        layers[head] = QuantParams(params.group_size, head_bits)
     return layers, sorted(kept), sorted(misfits)
 
 
