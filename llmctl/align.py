@@ -18,7 +18,7 @@ import numpy as np
 from llmctl import ui
 from llmctl.config import to_dict, to_yaml
 from llmctl.errors import ConfigError, DataError, LlmctlError
-from llmctl.finetune import LoraConfig, resolve_base
+from llmctl.finetune import LoraConfig, data_problems, resolve_base
 from llmctl.preference import REFERENCE_FREE, PreferenceSettings
 from llmctl.training.config import LoopConfig, OptimConfig, at_least
 
@@ -36,10 +36,7 @@ class AlignData:
     batch_size: int = 8          # pairs (KTO: examples) per optimizer step, over processes and accumulation steps
 
     def problems(self) -> list[str]:
-        out = at_least(self, "data", seq_len=2, batch_size=1)
-        if not 0 < self.val_fraction < 1 and not self.val:
-            out.append(f"data.val_fraction={self.val_fraction}: must be between 0 and 1.")
-        return out
+        return data_problems(self)
 
 
 @dataclass

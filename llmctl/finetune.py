@@ -20,6 +20,14 @@ DEFAULT_TASKS = "builtin:tasks"  # data.train's value for the generated tasks wi
 TASK_CHECKS = 50                 # held-out built-in tasks whose answers are checked before and after
 
 
+
+def data_problems(data: Any) -> list[str]:
+    """The checks of a `data` group with seq_len, batch_size, val and val_fraction (finetune-lora's, align's)."""
+    out = at_least(data, "data", seq_len=2, batch_size=1)
+    if not 0 < data.val_fraction < 1 and not data.val:
+        out.append(f"data.val_fraction={data.val_fraction}: must be between 0 and 1.")
+    return out
+
 @dataclass
 class FinetuneData:
     train: list[str] = field(default_factory=list)  # JSONL files (messages, prompt/completion, instruction, text); empty: built-in tasks
@@ -30,10 +38,7 @@ class FinetuneData:
     train_on_prompt: bool = False
 
     def problems(self) -> list[str]:
-        out = at_least(self, "data", seq_len=2, batch_size=1)
-        if not 0 < self.val_fraction < 1 and not self.val:
-            out.append(f"data.val_fraction={self.val_fraction}: must be between 0 and 1.")
-        return out
+        return data_problems(self)
 
 
 @dataclass

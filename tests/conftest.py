@@ -59,6 +59,18 @@ def backend(request):
     return get_backend(request.param)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: a second intra-op thread only adds synchronisation (and spins when cores are busy). A module
+    takes it with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _private_cache(tmp_path_factory):
     """Token caches and the last-model marker go to a temporary folder, not the user's ~/.cache."""

@@ -25,16 +25,7 @@ DENSE = ModelSpec(vocab_size=256, dim=128, n_layers=2, n_heads=4, n_kv_heads=4, 
 MOE = ModelSpec(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, n_experts=4, family="mixtral",
                 tie_embeddings=True)
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The models here are tiny: a second intra-op thread only adds synchronisation (and spins when cores are busy)."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_model(spec: ModelSpec, seed: int = 0) -> Transformer:

@@ -15,16 +15,7 @@ from llmctl.cli import app
 
 SEQ_LEN = 32
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The models here are tiny: a second intra-op thread only adds synchronisation (and spins when cores are busy)."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run_eval(*args: str) -> tuple[int, str]:

@@ -26,13 +26,7 @@ runner = CliRunner()
 SHAKESPEARE = SHARED / "data" / "tinyshakespeare.txt"
 TOKENS = [[1, 17, 42, 7, 3, 99, 300, 5, 61]]
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_model(seed: int = 0) -> Transformer:

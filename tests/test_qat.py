@@ -18,13 +18,7 @@ from test_awq_gptq import STORIES, perplexity, stories  # noqa: F401  (the train
 
 runner = CliRunner()
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
