@@ -134,6 +134,8 @@ struct TiledX {
   std::vector<float> xf, sx, xsum;  // (batch, in), (batch, groups), (batch, groups)
   std::vector<int8_t> high, low;    // (batch, in + 64) each: 256 * high + low = x / sx, rounded
   std::vector<int16_t> q;           // (batch, in + 64): x / sx rounded, for the AVX2 kernels
+  std::vector<int8_t> b;            // (batch, in + 64): x / sx rounded to int8 (|b| <= 127, sx = largest |x| / 127),
+                                    // for the AVX2 prompt kernel of 4-bit codes
 };
 
 #ifdef LLMCTL_TILED_X86
@@ -218,14 +220,79 @@ LLMCTL_AVX2 bool prepare_avx2(TiledX& p, const float* x, int64_t batch, int64_t 
 }
 #endif
 
-// What the kernels read of x besides its float32 copy: nothing (the portable loop), int16 (AVX2) or bytes (AVX-512).
-enum XForm { kXFloat, kXInt16, kXBytes };
+#ifdef LLMCTL_TILED_X86
+// x as int8 for the AVX2 prompt kernel: per group sx = largest |x| / 127, xsum, and x / sx rounded to nearest even
+// (|x / sx| <= 127, so the error of each value is at most sx / 2 = largest |x| / 254). Rows are split over the pool's
+// threads: a prompt's x (hundreds of rows) costs as much to prepare as a decode step's whole product.
+// Rows [r0, r1) of prepare_int8_avx2's work; false at the first group holding inf or NaN.
+LLMCTL_AVX2 bool prepare_int8_rows_avx2(TiledX& p, const float* x, int64_t r0, int64_t r1, int64_t in, int group_size) {
+  const int64_t groups = in / group_size, stride = in + 64;
+  const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  const __m256 hi = _mm256_set1_ps(127.0f), lo = _mm256_set1_ps(-127.0f);
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  for (int64_t r = r0; r < r1; ++r)
+    for (int64_t g = 0; g < groups; ++g) {
+      const float* v = x + r * in + g * group_size;
+      __m256 sum = _mm256_setzero_ps(), amax = sum;
+      for (int i = 0; i < group_size; i += 8) {
+        const __m256 a = _mm256_loadu_ps(v + i);
+        sum = _mm256_add_ps(sum, a);
+        amax = _mm256_max_ps(amax, _mm256_and_ps(a, magnitude));
+      }
+      alignas(32) float s[8], m[8];
+      _mm256_store_ps(s, sum);
+      _mm256_store_ps(m, amax);
+      float total = 0.0f, largest = 0.0f;
+      for (int j = 0; j < 8; ++j) total += s[j], largest = std::max(largest, m[j]);
+      if (!std::isfinite(total) || !std::isfinite(largest)) return false;
+      p.xsum[size_t(r * groups + g)] = total;
+      p.sx[size_t(r * groups + g)] = largest / 127.0f;
+      const __m256 inv = _mm256_set1_ps(largest > 0.0f ? 127.0f / largest : 0.0f);
+      int8_t* q = p.b.data() + r * stride + g * group_size;
+      for (int i = 0; i < group_size; i += 32) {  // cvtps rounds to nearest even; the packs interleave 128-bit lanes
+        __m256i c[4];
+        for (int j = 0; j < 4; ++j)
+          c[j] = _mm256_cvtps_epi32(_mm256_min_ps(hi, _mm256_max_ps(lo, _mm256_mul_ps(_mm256_loadu_ps(v + i + 8 * j), inv))));
+        const __m256i w = _mm256_packs_epi16(_mm256_packs_epi32(c[0], c[1]), _mm256_packs_epi32(c[2], c[3]));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + i), _mm256_permutevar8x32_epi32(w, order));
+      }
+    }
+  return true;
+}
+
+bool prepare_int8_avx2(TiledX& p, const float* x, int64_t batch, int64_t in, int group_size, int threads) {
+  const int64_t groups = in / group_size;
+  p.sx.resize(size_t(batch * groups));
+  p.xsum.resize(size_t(batch * groups));
+  p.b.resize(size_t(batch * (in + 64)));
+  const int n = int(std::min<int64_t>(batch, detail::threads_for(threads, double(batch) * double(in) * 4.0)));
+  std::vector<char> finite(size_t(n), 1);
+  detail::parallel_for(n, n, [&](int k) {
+    finite[size_t(k)] = prepare_int8_rows_avx2(p, x, batch * k / n, batch * (k + 1) / n, in, group_size);
+  });
+  return std::all_of(finite.begin(), finite.end(), [](char f) { return f != 0; });
+}
+#endif
+
+// What the kernels read of x besides its float32 copy: nothing (the portable loop), int16 (AVX2), bytes (AVX-512) or
+// int8 (the AVX2 prompt kernel).
+enum XForm { kXFloat, kXInt16, kXBytes, kXInt8 };
 
 // Returns false when x holds inf or NaN (then only xf is filled).
-bool prepare(TiledX& p, const void* x, int x_dtype, int64_t batch, int64_t in, int group_size, XForm form) {
+bool prepare(TiledX& p, const void* x, int x_dtype, int64_t batch, int64_t in, int group_size, XForm form, int threads) {
   const int64_t groups = in / group_size, stride = in + 64;
   const bool bytes = form == kXBytes;
 #ifdef LLMCTL_TILED_X86
+  if (form == kXInt8) {
+    const float* xf = static_cast<const float*>(x);
+    if (x_dtype != kFloat32) {
+      p.xf.resize(size_t(batch * in));
+      for (int64_t i = 0; i < batch * in; ++i) p.xf[size_t(i)] = load_float(x, x_dtype, i);
+      xf = p.xf.data();
+    }
+    if (prepare_int8_avx2(p, xf, batch, in, group_size, threads)) return true;
+    form = kXFloat;  // inf or NaN: the portable loop below carries them
+  }
   if (bytes && x_dtype == kFloat32 && prepare_avx512(p, static_cast<const float*>(x), batch, in, group_size)) return true;
   if (form == kXInt16 && x_dtype == kFloat32 && prepare_avx2(p, static_cast<const float*>(x), batch, in, group_size)) return true;
 #endif
@@ -463,89 +530,189 @@ LLMCTL_AVX2 inline __m256 load_params_avx2(const void* p, int dtype, int64_t at)
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));  // bfloat16: its bits, shifted
 }
 
-// One tile against one x row: rows 0-7 of the tile in the lanes of y[0], rows 8-15 in y[1]. Each 32-byte half of a
-// step holds 4 codes (8-bit) or 4 code pairs (4-bit nibbles) of 8 rows; unpacking its bytes against zero gives per
-// 128-bit lane 2 rows' 4 codes as int16 (low: rows 0, 1 | 4, 5; high: rows 2, 3 | 6, 7), and vpmaddwd against the
-// 4 matching x values repeated sums them in pairs; one vphaddd per group puts each row's two pairs together, in
-// row order.
-template <int BITS, int DTYPE>
-LLMCTL_AVX2 void tile_avx2(const TiledJob& job, int64_t t, int64_t r, __m256* y) {
+// One tile against NR x rows from r: rows 0-7 of the tile in the lanes of y[2i], rows 8-15 in y[2i + 1] for x row
+// r + i. Each 32-byte half of a step holds 4 codes (8-bit) or 4 code pairs (4-bit nibbles) of 8 rows; unpacking its
+// bytes against zero gives per 128-bit lane 2 rows' 4 codes as int16 (low: rows 0, 1 | 4, 5; high: rows 2, 3 | 6, 7),
+// and vpmaddwd against the 4 matching x values repeated sums them in pairs; one vphaddd per group puts each row's two
+// pairs together, in row order. The unpacked codes serve NR x rows (NR = 2 for several rows: 8 int32 sums and 4
+// code vectors fill the 16 registers).
+template <int BITS, int DTYPE, int NR>
+LLMCTL_AVX2 inline __attribute__((always_inline)) void tile_avx2(const TiledJob& job, int64_t t, int64_t r, __m256* y) {
   const int G = job.group_size;
   constexpr int kPerStep = BITS == 8 ? 4 : 8;
   const int steps = G / kPerStep;
   const uint8_t* w = job.w + t * (kTileRows * job.in * BITS / 8);
   const int16_t* xq = job.x->q.data() + r * (job.in + 64);
-  const float* sx = job.x->sx.data() + r * job.groups;
-  const float* xs = job.x->xsum.data() + r * job.groups;
+  const int64_t stride = job.in + 64;
   const __m256i zero = _mm256_setzero_si256(), nibble = _mm256_set1_epi8(0x0F);
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = acc0;
+  __m256 acc[2 * NR];
+  for (auto& a : acc) a = _mm256_setzero_ps();
   for (int64_t g = 0; g < job.groups; ++g) {
-    __m256i a_lo = zero, a_hi = zero, b_lo = zero, b_hi = zero;  // rows 0-7 (a), 8-15 (b); unpacked low/high bytes
+    __m256i a_lo[NR], a_hi[NR], b_lo[NR], b_hi[NR];  // rows 0-7 (a), 8-15 (b); unpacked low/high bytes
+    for (int i = 0; i < NR; ++i) a_lo[i] = a_hi[i] = b_lo[i] = b_hi[i] = zero;
     const uint8_t* wg = w + g * steps * kStepBytes;
     const int16_t* xg = xq + g * G;
     for (int s = 0; s < steps; ++s) {
       const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + s * kStepBytes));
       const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + s * kStepBytes + 32));
-      int64_t x4;
-      std::memcpy(&x4, xg + s * kPerStep, 8);
-      const __m256i x0 = _mm256_set1_epi64x(x4);
       if constexpr (BITS == 8) {
-        a_lo = _mm256_add_epi32(a_lo, _mm256_madd_epi16(_mm256_unpacklo_epi8(a, zero), x0));
-        a_hi = _mm256_add_epi32(a_hi, _mm256_madd_epi16(_mm256_unpackhi_epi8(a, zero), x0));
-        b_lo = _mm256_add_epi32(b_lo, _mm256_madd_epi16(_mm256_unpacklo_epi8(b, zero), x0));
-        b_hi = _mm256_add_epi32(b_hi, _mm256_madd_epi16(_mm256_unpackhi_epi8(b, zero), x0));
+        const __m256i al = _mm256_unpacklo_epi8(a, zero), ah = _mm256_unpackhi_epi8(a, zero);
+        const __m256i bl = _mm256_unpacklo_epi8(b, zero), bh = _mm256_unpackhi_epi8(b, zero);
+        for (int i = 0; i < NR; ++i) {
+          int64_t x4;
+          std::memcpy(&x4, xg + i * stride + s * kPerStep, 8);
+          const __m256i x0 = _mm256_set1_epi64x(x4);
+          a_lo[i] = _mm256_add_epi32(a_lo[i], _mm256_madd_epi16(al, x0));
+          a_hi[i] = _mm256_add_epi32(a_hi[i], _mm256_madd_epi16(ah, x0));
+          b_lo[i] = _mm256_add_epi32(b_lo[i], _mm256_madd_epi16(bl, x0));
+          b_hi[i] = _mm256_add_epi32(b_hi[i], _mm256_madd_epi16(bh, x0));
+        }
       } else {
-        std::memcpy(&x4, xg + s * kPerStep + 4, 8);
-        const __m256i x1 = _mm256_set1_epi64x(x4);
         const __m256i a0 = _mm256_and_si256(a, nibble), a1 = _mm256_and_si256(_mm256_srli_epi16(a, 4), nibble);
         const __m256i b0 = _mm256_and_si256(b, nibble), b1 = _mm256_and_si256(_mm256_srli_epi16(b, 4), nibble);
-        a_lo = _mm256_add_epi32(a_lo, _mm256_add_epi32(_mm256_madd_epi16(_mm256_unpacklo_epi8(a0, zero), x0),
-                                                       _mm256_madd_epi16(_mm256_unpacklo_epi8(a1, zero), x1)));
-        a_hi = _mm256_add_epi32(a_hi, _mm256_add_epi32(_mm256_madd_epi16(_mm256_unpackhi_epi8(a0, zero), x0),
-                                                       _mm256_madd_epi16(_mm256_unpackhi_epi8(a1, zero), x1)));
-        b_lo = _mm256_add_epi32(b_lo, _mm256_add_epi32(_mm256_madd_epi16(_mm256_unpacklo_epi8(b0, zero), x0),
-                                                       _mm256_madd_epi16(_mm256_unpacklo_epi8(b1, zero), x1)));
-        b_hi = _mm256_add_epi32(b_hi, _mm256_add_epi32(_mm256_madd_epi16(_mm256_unpackhi_epi8(b0, zero), x0),
-                                                       _mm256_madd_epi16(_mm256_unpackhi_epi8(b1, zero), x1)));
+        for (int i = 0; i < NR; ++i) {
+          int64_t x4;
+          std::memcpy(&x4, xg + i * stride + s * kPerStep, 8);
+          const __m256i x0 = _mm256_set1_epi64x(x4);
+          std::memcpy(&x4, xg + i * stride + s * kPerStep + 4, 8);
+          const __m256i x1 = _mm256_set1_epi64x(x4);
+          a_lo[i] = _mm256_add_epi32(a_lo[i], _mm256_add_epi32(_mm256_madd_epi16(_mm256_unpacklo_epi8(a0, zero), x0),
+                                                               _mm256_madd_epi16(_mm256_unpacklo_epi8(a1, zero), x1)));
+          a_hi[i] = _mm256_add_epi32(a_hi[i], _mm256_add_epi32(_mm256_madd_epi16(_mm256_unpackhi_epi8(a0, zero), x0),
+                                                               _mm256_madd_epi16(_mm256_unpackhi_epi8(a1, zero), x1)));
+          b_lo[i] = _mm256_add_epi32(b_lo[i], _mm256_add_epi32(_mm256_madd_epi16(_mm256_unpacklo_epi8(b0, zero), x0),
+                                                               _mm256_madd_epi16(_mm256_unpacklo_epi8(b1, zero), x1)));
+          b_hi[i] = _mm256_add_epi32(b_hi[i], _mm256_add_epi32(_mm256_madd_epi16(_mm256_unpackhi_epi8(b0, zero), x0),
+                                                               _mm256_madd_epi16(_mm256_unpackhi_epi8(b1, zero), x1)));
+        }
       }
     }
     // |sum| <= 128 * 255 * 32639 < 2^31 for groups of up to 128 codes
-    const __m256i da = _mm256_hadd_epi32(a_lo, a_hi), db = _mm256_hadd_epi32(b_lo, b_hi);
     const int64_t at = (t * job.groups + g) * kTileRows;
-    const __m256 step = _mm256_set1_ps(sx[g]), sum = _mm256_set1_ps(xs[g]);
-    acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(da), _mm256_mul_ps(load_params_avx2(job.scales, DTYPE, at), step), acc0);
-    acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(db), _mm256_mul_ps(load_params_avx2(job.scales, DTYPE, at + 8), step), acc1);
-    acc0 = _mm256_fmadd_ps(load_params_avx2(job.biases, DTYPE, at), sum, acc0);
-    acc1 = _mm256_fmadd_ps(load_params_avx2(job.biases, DTYPE, at + 8), sum, acc1);
+    const __m256 s0 = load_params_avx2(job.scales, DTYPE, at), s1 = load_params_avx2(job.scales, DTYPE, at + 8);
+    const __m256 c0 = load_params_avx2(job.biases, DTYPE, at), c1 = load_params_avx2(job.biases, DTYPE, at + 8);
+    for (int i = 0; i < NR; ++i) {
+      const __m256i da = _mm256_hadd_epi32(a_lo[i], a_hi[i]), db = _mm256_hadd_epi32(b_lo[i], b_hi[i]);
+      const int64_t rg = (r + i) * job.groups + g;
+      const __m256 step = _mm256_set1_ps(job.x->sx[size_t(rg)]), sum = _mm256_set1_ps(job.x->xsum[size_t(rg)]);
+      acc[2 * i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(da), _mm256_mul_ps(s0, step), acc[2 * i]);
+      acc[2 * i + 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(db), _mm256_mul_ps(s1, step), acc[2 * i + 1]);
+      acc[2 * i] = _mm256_fmadd_ps(c0, sum, acc[2 * i]);
+      acc[2 * i + 1] = _mm256_fmadd_ps(c1, sum, acc[2 * i + 1]);
+    }
   }
-  y[0] = acc0, y[1] = acc1;
+  for (int i = 0; i < 2 * NR; ++i) y[i] = acc[i];
 }
 
-template <int BITS, int DTYPE>
+// The prompt kernel of 4-bit codes: one tile against NR x rows of int8 (TiledX::b). The nibbles of each 32-byte half
+// of a step go into vpmaddubsw as the unsigned bytes they are (4 codes of 8 rows), against 4 x bytes broadcast: each
+// int16 lane sums 2 products (|.| <= 2 * 15 * 127), so the low and high nibbles' sums of 4 steps (32 codes) add up in
+// int16 without overflow (<= 8 * 3810 = 30480 < 2^15); one vpmaddwd by ones per 32 codes then gives each row's int32
+// sum, in row order. One multiply takes 32 products, twice vpmaddwd's 16: the int8 x this needs is the price.
+template <int DTYPE, int NR>
+LLMCTL_AVX2 inline __attribute__((always_inline)) void tile_q4_int8_avx2(const TiledJob& job, int64_t t, int64_t r,
+                                                                         __m256* y) {
+  const int G = job.group_size, steps = G / 8;
+  const uint8_t* w = job.w + t * (kTileRows * job.in / 2);
+  const int64_t stride = job.in + 64;
+  const int8_t* xb = job.x->b.data() + r * stride;
+  const __m256i nibble = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  __m256 acc[2 * NR];
+  for (auto& a : acc) a = _mm256_setzero_ps();
+  for (int64_t g = 0; g < job.groups; ++g) {
+    __m256i d[2 * NR];
+    for (auto& v : d) v = _mm256_setzero_si256();
+    const uint8_t* wg = w + g * steps * kStepBytes;
+    const int8_t* xg = xb + g * G;
+    for (int c = 0; c < steps; c += 4) {  // 32 codes a chunk
+      __m256i h[2 * NR];
+      for (auto& v : h) v = _mm256_setzero_si256();
+      for (int s = c; s < c + 4; ++s) {
+        const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + s * kStepBytes));
+        const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + s * kStepBytes + 32));
+        const __m256i a0 = _mm256_and_si256(a, nibble), a1 = _mm256_and_si256(_mm256_srli_epi16(a, 4), nibble);
+        const __m256i b0 = _mm256_and_si256(b, nibble), b1 = _mm256_and_si256(_mm256_srli_epi16(b, 4), nibble);
+        for (int i = 0; i < NR; ++i) {
+          int32_t x4;
+          std::memcpy(&x4, xg + i * stride + s * 8, 4);
+          const __m256i x0 = _mm256_set1_epi32(x4);
+          std::memcpy(&x4, xg + i * stride + s * 8 + 4, 4);
+          const __m256i x1 = _mm256_set1_epi32(x4);
+          h[2 * i] = _mm256_add_epi16(h[2 * i], _mm256_add_epi16(_mm256_maddubs_epi16(a0, x0), _mm256_maddubs_epi16(a1, x1)));
+          h[2 * i + 1] = _mm256_add_epi16(h[2 * i + 1], _mm256_add_epi16(_mm256_maddubs_epi16(b0, x0), _mm256_maddubs_epi16(b1, x1)));
+        }
+      }
+      for (int i = 0; i < 2 * NR; ++i) d[i] = _mm256_add_epi32(d[i], _mm256_madd_epi16(h[i], ones));
+    }
+    const int64_t at = (t * job.groups + g) * kTileRows;
+    const __m256 s0 = load_params_avx2(job.scales, DTYPE, at), s1 = load_params_avx2(job.scales, DTYPE, at + 8);
+    const __m256 c0 = load_params_avx2(job.biases, DTYPE, at), c1 = load_params_avx2(job.biases, DTYPE, at + 8);
+    for (int i = 0; i < NR; ++i) {
+      const int64_t rg = (r + i) * job.groups + g;
+      const __m256 step = _mm256_set1_ps(job.x->sx[size_t(rg)]), sum = _mm256_set1_ps(job.x->xsum[size_t(rg)]);
+      acc[2 * i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d[2 * i]), _mm256_mul_ps(s0, step), acc[2 * i]);
+      acc[2 * i + 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d[2 * i + 1]), _mm256_mul_ps(s1, step), acc[2 * i + 1]);
+      acc[2 * i] = _mm256_fmadd_ps(c0, sum, acc[2 * i]);
+      acc[2 * i + 1] = _mm256_fmadd_ps(c1, sum, acc[2 * i + 1]);
+    }
+  }
+  for (int i = 0; i < 2 * NR; ++i) y[i] = acc[i];
+}
+
+// y's 16 outputs of x row r from two vectors
+LLMCTL_AVX2 inline void store_avx2(const TiledJob& job, int64_t t, int64_t r, const __m256* y) {
+  const int64_t at = r * job.out + t * kTileRows;
+  if (job.y_dtype == kFloat32) {
+    _mm256_storeu_ps(static_cast<float*>(job.y) + at, y[0]);
+    _mm256_storeu_ps(static_cast<float*>(job.y) + at + 8, y[1]);
+  } else {
+    alignas(32) float v[kTileRows];
+    _mm256_store_ps(v, y[0]);
+    _mm256_store_ps(v + 8, y[1]);
+    store(job, r, t * kTileRows, v);
+  }
+}
+
+// Tiles [t0, t1) against every x row: KIND 0 the int16 kernel, x rows two at a time; KIND 1 the int8 prompt kernel
+// (4-bit codes), x rows kPromptRows at a time. x rows in blocks of kXBlock, so that a block's x stays in L2 while
+// every tile of the range passes over it (the tiles' codes then stream from memory once per block).
+constexpr int kPromptRows = 4;
+constexpr int64_t kXBlock = 128;
+
+template <int BITS, int DTYPE, int KIND>
 LLMCTL_AVX2 void tiles_avx2(const TiledJob& job, int64_t t0, int64_t t1) {
-  for (int64_t t = t0; t < t1; ++t)
-    for (int64_t r = 0; r < job.batch; ++r) {
-      __m256 y[2];
-      tile_avx2<BITS, DTYPE>(job, t, r, y);
-      const int64_t at = r * job.out + t * kTileRows;
-      if (job.y_dtype == kFloat32) {
-        _mm256_storeu_ps(static_cast<float*>(job.y) + at, y[0]);
-        _mm256_storeu_ps(static_cast<float*>(job.y) + at + 8, y[1]);
-      } else {
-        alignas(32) float v[kTileRows];
-        _mm256_store_ps(v, y[0]);
-        _mm256_store_ps(v + 8, y[1]);
-        store(job, r, t * kTileRows, v);
+  constexpr int NR = KIND == 1 ? kPromptRows : 2;
+  __m256 y[2 * NR];
+  for (int64_t r0 = 0; r0 < job.batch; r0 += kXBlock) {
+    const int64_t r1 = std::min(job.batch, r0 + kXBlock);
+    for (int64_t t = t0; t < t1; ++t) {
+      int64_t r = r0;
+      for (; r + NR <= r1; r += NR) {
+        if constexpr (KIND == 1) {
+          tile_q4_int8_avx2<DTYPE, NR>(job, t, r, y);
+        } else {
+          tile_avx2<BITS, DTYPE, NR>(job, t, r, y);
+        }
+        for (int i = 0; i < NR; ++i) store_avx2(job, t, r + i, y + 2 * i);
+      }
+      for (; r < r1; ++r) {
+        if constexpr (KIND == 1) {
+          tile_q4_int8_avx2<DTYPE, 1>(job, t, r, y);
+        } else {
+          tile_avx2<BITS, DTYPE, 1>(job, t, r, y);
+        }
+        store_avx2(job, t, r, y);
       }
     }
+  }
 }
 
-template <int BITS>
+template <int BITS, int KIND>
 void tiles_avx2_dtype(const TiledJob& job, int64_t t0, int64_t t1) {
   switch (job.dtype) {
-    case kFloat32: tiles_avx2<BITS, kFloat32>(job, t0, t1); break;
-    case kFloat16: tiles_avx2<BITS, kFloat16>(job, t0, t1); break;
-    default: tiles_avx2<BITS, kBFloat16>(job, t0, t1); break;
+    case kFloat32: tiles_avx2<BITS, kFloat32, KIND>(job, t0, t1); break;
+    case kFloat16: tiles_avx2<BITS, kFloat16, KIND>(job, t0, t1); break;
+    default: tiles_avx2<BITS, kBFloat16, KIND>(job, t0, t1); break;
   }
 }
 
@@ -608,14 +775,17 @@ void qmatmul_tiled(const void* x, int x_dtype, int64_t batch, int64_t in, const 
     return;
   }
   static thread_local TiledX prepared;  // reused: decoding makes ~100 calls a token
-  const XForm form = isa == kIsaAvx512 ? kXBytes : isa == kIsaAvx2 ? kXInt16 : kXFloat;
-  const bool finite = prepare(prepared, x, x_dtype, batch, in, group_size, form);
+  // Several rows of x with 4-bit codes on AVX2 (a prompt): the int8 kernel, twice the products a multiply
+  const bool int8 = isa == kIsaAvx2 && bits == 4 && batch >= kPromptRows;
+  const XForm form = isa == kIsaAvx512 ? kXBytes : int8 ? kXInt8 : isa == kIsaAvx2 ? kXInt16 : kXFloat;
+  const bool finite = prepare(prepared, x, x_dtype, batch, in, group_size, form, threads);
   TiledJob job{reinterpret_cast<const uint8_t*>(wq), scales, biases, w_dtype, group_size, bits, y_dtype,
                batch, in, out, in / group_size, &prepared, y};
   void (*tiles)(const TiledJob&, int64_t, int64_t) = tiles_scalar;
 #ifdef LLMCTL_TILED_X86
   if (form == kXBytes && finite) tiles = bits == 4 ? tiles_avx512_dtype<4> : tiles_avx512_dtype<8>;
-  if (form == kXInt16 && finite) tiles = bits == 4 ? tiles_avx2_dtype<4> : tiles_avx2_dtype<8>;
+  if (form == kXInt16 && finite) tiles = bits == 4 ? tiles_avx2_dtype<4, 0> : tiles_avx2_dtype<8, 0>;
+  if (form == kXInt8 && finite) tiles = tiles_avx2_dtype<4, 1>;
 #endif
   const int64_t n_tiles = out / kTileRows;
   const int n = int(std::min<int64_t>(n_tiles, detail::threads_for(threads, double(out) * double(in) * (bits / 8.0 + double(batch)))));

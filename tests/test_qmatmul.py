@@ -226,13 +226,49 @@ def test_tiled_kernels_match_dequantize_then_matmul(bits, group_size, scale_dtyp
         mlx, tiled, w = _tiled(rows, cols, group_size, bits, scale_dtype, seed=rows)
         assert tiled[0].shape == (rows // 16, cols * bits // 32, 16) and tiled[1].shape == (rows // 16, cols // group_size, 16)
         assert not torch.equal(tiled[0].reshape(rows, -1), mlx[0]), "the codes were not rearranged"
-        for batch in (1, 3, 17):
+        for batch in (1, 2, 3):  # the decode kernels (one row, or two at a time); prompts: the test below
             x = torch.randn(batch, cols, generator=torch.Generator().manual_seed(batch))
             x[0, 0] = 30.0  # an outlier in one group of x
             want = (x.double() @ w.double().T).numpy()
             for isa in kernels.cpu_isas():  # every path this CPU runs (AVX-512 VNNI has its own, others the loop)
                 got = _qmatmul_tiled(x, tiled, group_size, bits, isa).numpy()
                 close(got, want, f"tiled isa={isa} bits={bits} group={group_size} {scale_dtype} {rows}x{cols} batch={batch}")
+
+
+def x_rounding_bound(x, w, group_size: int, levels: int):
+    """The error bound of kernels that round x to integers of at most `levels` per group (step = largest |x| / levels):
+    half a step per value times sum |w| over the group, summed over groups; plus 1e-5 of sum |x| |w| for float32 sums."""
+    x, w = x.double(), w.double()
+    step = x.abs().reshape(len(x), -1, group_size).amax(-1) / levels
+    return (step / 2) @ w.abs().reshape(len(w), -1, group_size).sum(-1).T + 1e-5 * (x.abs() @ w.abs().T)
+
+
+@pytest.mark.parametrize("scale_dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("group_size", GROUP_SIZES)
+@pytest.mark.parametrize("bits", [4, 8])
+def test_tiled_prompt_kernels_stay_within_their_bound(bits, group_size, scale_dtype):
+    """Several rows of x (a prompt). On AVX2, 4-bit codes multiply int8 x (largest |x| / 127 a step per group): each
+    output within x_rounding_bound(127); 8-bit codes, and every other kernel, keep int16 x (32639 steps)."""
+    torch = pytest.importorskip("torch")
+    rows, cols = 48, 2 * max(group_size, 128)
+    _, tiled, w = _tiled(rows, cols, group_size, bits, scale_dtype, seed=group_size)
+    for batch in (4, 7, 133):  # whole blocks of 4 rows, a remainder, past a block of 128 x rows
+        x = torch.randn(batch, cols, generator=torch.Generator().manual_seed(batch))
+        x[0, 0] = 30.0  # an outlier in one group of x
+        want = x.double() @ w.double().T
+        for isa in kernels.cpu_isas():
+            for x_dtype in (torch.float32, torch.bfloat16):
+                xs = x.to(x_dtype)
+                got = _qmatmul_tiled(xs, tiled, group_size, bits, isa)
+                assert got.dtype == x_dtype
+                want = xs.double() @ w.double().T
+                levels = 127 if isa == "avx2" and bits == 4 else 32639
+                bound = x_rounding_bound(xs, w, group_size, levels)
+                if x_dtype == torch.bfloat16:  # y rounded to bfloat16 too
+                    bound = bound + want.abs() * 2.0**-8
+                err = (got.double() - want).abs()
+                worst = (err / bound).max().item()
+                assert worst <= 1.0, f"{isa} bits={bits} group={group_size} {scale_dtype} batch={batch} {x_dtype}: {worst:.3g} x the bound"
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -259,10 +295,11 @@ def test_tiled_threads_do_not_change_the_result():
 def test_tiled_nonfinite_activations_propagate():
     torch = pytest.importorskip("torch")
     _, tiled, _ = _tiled(16, 128, 64, 4, "float32")
-    x = torch.ones(2, 128)
-    x[1, 5] = float("inf")
-    y = _qmatmul_tiled(x, tiled, 64, 4)
-    assert torch.isfinite(y[0]).all() and not torch.isfinite(y[1]).any()
+    for batch in (2, 6):  # the decode kernels' x and the prompt kernel's (int8 on AVX2)
+        x = torch.ones(batch, 128)
+        x[1, 5] = float("inf")
+        y = _qmatmul_tiled(x, tiled, 64, 4)
+        assert torch.isfinite(y[0]).all() and not torch.isfinite(y[1]).any()
 
 
 def test_tiled_layout_refuses_what_it_cannot_hold():
