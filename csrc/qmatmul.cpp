@@ -22,6 +22,13 @@
 #endif
 #if defined(__aarch64__)
 #include <arm_neon.h>
+#if defined(__linux__)
+#include <sys/auxv.h>
+#ifndef HWCAP_ASIMDDP
+#define HWCAP_ASIMDDP (1 << 20)
+#endif
+#endif
+#define LLMCTL_DOTPROD __attribute__((target("arch=armv8.2-a+dotprod")))
 #endif
 #if defined(__unix__) || defined(__APPLE__)
 #include <pthread.h>
@@ -370,9 +377,94 @@ void qmatmul_rows_neon(const QJob& job, int64_t o0, int64_t o1) {
     for (int64_t r = 0; r < job.batch; ++r) store_y(job, r, o, acc[size_t(r)]);
   }
 }
+
+// NEON's dot-product kernel, affine 4-/8-bit codes in MLX's layout: the codes of a group, offset to signed bytes
+// (c - 8 or c - 128), go into sdot against x's high and low bytes (xq = 256 * high + low, the same int16 x as the x86
+// kernels), and sum(c * xq) = 256 * sum(c' * high) + sum(c' * low) + offset * sum(xq): exact in int32 (|.| <= 128 *
+// 128 * 32639 * 257 / 256 < 2^31 for groups of up to 128), so the same error bound as the other int16 kernels. The
+// 4-bit codes are zipped from their nibbles into x's order; a group's codes serve every row of x.
+template <int BITS>
+LLMCTL_DOTPROD void rows_neon_dot(const QJob& job, int64_t o0, int64_t o1) {
+  const int G = job.group_size;
+  const int64_t K = job.in, ng = job.groups, row_bytes = K * BITS / 8, stride = 2 * job.in_pad;
+  constexpr int kOffset = BITS == 8 ? 128 : 8;
+  std::vector<float> acc(size_t(job.batch));
+  std::vector<float32x4_t> lanes(size_t(job.batch));
+  int8x16_t c[8];  // a group's codes, offset
+  for (int64_t o = o0; o < o1; ++o) {
+    const uint8_t* w = reinterpret_cast<const uint8_t*>(job.wq) + o * row_bytes;
+    std::fill(acc.begin(), acc.end(), 0.0f);
+    std::fill(lanes.begin(), lanes.end(), vdupq_n_f32(0.0f));
+    for (int64_t g = 0; g < ng; ++g) {
+      const uint8_t* wg = w + g * G * BITS / 8;
+      if constexpr (BITS == 8) {
+        for (int k = 0; k < G / 16; ++k) c[k] = vreinterpretq_s8_u8(veorq_u8(vld1q_u8(wg + 16 * k), vdupq_n_u8(0x80)));
+      } else {
+        for (int k = 0; k < G / 32; ++k) {
+          const uint8x16_t b = vld1q_u8(wg + 16 * k), eight = vdupq_n_u8(8);
+          const uint8x16_t lo = vandq_u8(b, vdupq_n_u8(0x0F)), hi = vshrq_n_u8(b, 4);
+          c[2 * k] = vreinterpretq_s8_u8(vsubq_u8(vzip1q_u8(lo, hi), eight));
+          c[2 * k + 1] = vreinterpretq_s8_u8(vsubq_u8(vzip2q_u8(lo, hi), eight));
+        }
+      }
+      const float s = load_float(job.scales, job.w_dtype, o * ng + g), b = load_float(job.biases, job.w_dtype, o * ng + g);
+      for (int64_t r = 0; r < job.batch; ++r) {
+        const int8_t* xh = job.xb.data() + r * stride + g * G;
+        const int8_t* xl = xh + job.in_pad;
+        int32x4_t h = vdupq_n_s32(0), l = vdupq_n_s32(0);
+        for (int k = 0; k < G / 16; ++k) {
+          h = vdotq_s32(h, c[k], vld1q_s8(xh + 16 * k));
+          l = vdotq_s32(l, c[k], vld1q_s8(xl + 16 * k));
+        }
+        const int64_t rg = r * (ng + 1) + g;
+        const float step = s * job.sx[size_t(rg)];
+        const int32x4_t d = vaddq_s32(vshlq_n_s32(h, 8), l);
+        lanes[size_t(r)] = vfmaq_n_f32(lanes[size_t(r)], vcvtq_f32_s32(d), step);
+        acc[size_t(r)] += step * float(kOffset * job.xqsum[size_t(rg)]) + b * job.xsum[size_t(rg)];
+      }
+    }
+    for (int64_t r = 0; r < job.batch; ++r) store_y(job, r, o, acc[size_t(r)] + vaddvq_f32(lanes[size_t(r)]));
+  }
+}
+
+void qmatmul_rows_neon_dot(const QJob& job, int64_t o0, int64_t o1) {
+  if (job.bits == 4) {
+    rows_neon_dot<4>(job, o0, o1);
+  } else {
+    rows_neon_dot<8>(job, o0, o1);
+  }
+}
+
+bool neon_dotprod() {
+#if defined(__linux__)
+  static const bool has = (getauxval(AT_HWCAP) & HWCAP_ASIMDDP) != 0;
+  return has;
+#elif defined(__APPLE__)
+  return true;  // every Apple silicon core has them
+#else
+  return false;
+#endif
+}
 #else
 void qmatmul_rows_neon(const QJob&, int64_t, int64_t) { fail("NEON kernels exist only on arm64"); }
+void qmatmul_rows_neon_dot(const QJob&, int64_t, int64_t) { fail("NEON kernels exist only on arm64"); }
+bool neon_dotprod() { return false; }
 #endif
+
+void split_x_bytes(QJob& job) {
+  const int64_t B = job.batch, ng = job.groups, G = job.group_size, pad = job.in_pad;
+  job.xb.assign(size_t(B * 2 * pad), 0);
+  job.xqsum.assign(size_t(B * (ng + 1)), 0);
+  for (int64_t r = 0; r < B; ++r) {
+    const int16_t* q = job.xq.data() + r * pad;
+    int8_t* high = job.xb.data() + r * 2 * pad;
+    for (int64_t i = 0; i < job.in; ++i) {
+      high[i] = high_byte(q[i]);
+      high[pad + i] = low_byte(q[i]);
+      job.xqsum[size_t(r * (ng + 1) + i / G)] += q[i];
+    }
+  }
+}
 
 }  // namespace detail
 
@@ -433,12 +525,17 @@ void qmatmul(const void* x, int x_dtype, int64_t batch, int64_t in, const uint32
   job.group_size = group_size, job.bits = bits, job.mode = mode, job.w_dtype = w_dtype, job.y_dtype = y_dtype;
   job.wq = wq, job.scales = scales, job.biases = mode == kModeNF4 ? nullptr : biases, job.y = y;
   const bool simd = isa == kIsaAvx2 || isa == kIsaAvx512;
-  const int phases = bits == 4 || bits == 8 ? 16 / bits : 1, lanes = isa == kIsaAvx512 ? 32 : 16;
+  const bool dot = isa == kIsaNeon && mode == kModeAffine && (bits == 4 || bits == 8) && detail::neon_dotprod();
+  const int phases = simd && (bits == 4 || bits == 8) ? 16 / bits : 1, lanes = isa == kIsaAvx512 ? 32 : 16;
   const bool bytes = isa == kIsaAvx512 && batch == 1 && mode == kModeAffine && (bits == 4 || bits == 8);
-  if (!prepare_x(job, x, x_dtype, simd, phases, lanes, bytes)) isa = kIsaScalar;  // inf/NaN: let float32 carry them
+  if (!prepare_x(job, x, x_dtype, simd || dot, phases, lanes, bytes)) {
+    isa = kIsaScalar;  // inf/NaN: let float32 carry them
+  } else if (dot) {
+    detail::split_x_bytes(job);
+  }
   auto rows = isa == kIsaAvx512 ? detail::qmatmul_rows_avx512
               : isa == kIsaAvx2 ? detail::qmatmul_rows_avx2
-              : isa == kIsaNeon ? detail::qmatmul_rows_neon
+              : isa == kIsaNeon ? (dot ? detail::qmatmul_rows_neon_dot : detail::qmatmul_rows_neon)
                                 : qmatmul_rows_scalar;
 
   // Threads only where each reads at least ~64 KiB of weights or does as much work; four tasks per

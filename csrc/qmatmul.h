@@ -87,7 +87,9 @@ struct QJob {
   int64_t in_pad = 0;         // row stride of xq: in rounded up to 128
   std::vector<float> xf;      // (batch, in) x as float32
   std::vector<int16_t> xq;    // (batch, in_pad) x / sx per group, laid out as the kernel reads it
-  std::vector<int8_t> xb;     // (batch, 2 * in_pad) the same values split in bytes, xq = 256 * high + low (byte kernels)
+  std::vector<int8_t> xb;     // (batch, 2 * in_pad) the same values split in bytes, xq = 256 * high + low (byte kernels;
+                              // NEON's dot-product kernel: a row's high bytes, then its low bytes, in x's order)
+  std::vector<int32_t> xqsum; // (batch, groups + 1) sum of each group's int16 x (NEON's dot-product kernel)
   std::vector<float> sx;      // (batch, groups + 1) int16 step of each group of x (0 padded)
   std::vector<float> xsum;    // (batch, groups + 1) float32 sum of each group of x
 };
@@ -123,6 +125,12 @@ int hardware_threads();
 void qmatmul_rows_avx2(const QJob& job, int64_t o0, int64_t o1);
 void qmatmul_rows_avx512(const QJob& job, int64_t o0, int64_t o1);
 void qmatmul_rows_neon(const QJob& job, int64_t o0, int64_t o1);
+// NEON with the dot-product instructions (sdot), affine 4-/8-bit codes: x as xb and xqsum (split_x_bytes).
+void qmatmul_rows_neon_dot(const QJob& job, int64_t o0, int64_t o1);
+// Whether this CPU has the dot-product instructions (arm64: HWCAP_ASIMDDP; elsewhere false).
+bool neon_dotprod();
+// job.xq (natural order, rows of in_pad) into job.xb as [high bytes | low bytes] per row, and job.xqsum.
+void split_x_bytes(QJob& job);
 
 // NF4 levels times 2^13, rounded: what the SIMD kernels multiply int16 x by (8 such products of
 // |x| <= 32767 still fit an int32 lane).

@@ -36,6 +36,8 @@ namespace {
 
 // Bytes of one step: 4 codes of each of the tile's 16 rows (8-bit), 8 codes in two nibbles (4-bit).
 constexpr int kStepBytes = 64;
+// x rows from which AVX2 multiplies 4-bit codes by int8 x (the prompt kernel), and how many it takes a tile pass
+constexpr int kPromptRows = 4;
 
 void check_tiled(int dtype, int64_t out, int64_t in, int group_size, int bits) {
   check_quant_args(dtype, out, in, group_size, bits);
@@ -676,9 +678,7 @@ LLMCTL_AVX2 inline void store_avx2(const TiledJob& job, int64_t t, int64_t r, co
 // Tiles [t0, t1) against every x row: KIND 0 the int16 kernel, x rows two at a time; KIND 1 the int8 prompt kernel
 // (4-bit codes), x rows kPromptRows at a time. x rows in blocks of kXBlock, so that a block's x stays in L2 while
 // every tile of the range passes over it (the tiles' codes then stream from memory once per block).
-constexpr int kPromptRows = 4;
 constexpr int64_t kXBlock = 128;
-
 template <int BITS, int DTYPE, int KIND>
 LLMCTL_AVX2 void tiles_avx2(const TiledJob& job, int64_t t0, int64_t t1) {
   constexpr int NR = KIND == 1 ? kPromptRows : 2;

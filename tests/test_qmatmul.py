@@ -356,7 +356,8 @@ def test_simd_kernels_keep_their_stated_error_bound(bits, group_size, scale_dtyp
     """The SIMD kernels (tiled or MLX's layout, forced one by one) round each group of x to int16 with step
     sx = max|x in group| / 32639 and sum exactly in int32: per output o the error is at most
     sum over groups of sx / 2 * sum |w_oi|, plus float32 rounding of the group sums (held here to 1e-6 of
-    sum |x_i w_oi|). Checked per output, against float64 dequantize-then-matmul."""
+    sum |x_i w_oi|). Checked per output, against float64 dequantize-then-matmul. The exception: 4-bit tiled codes
+    against several rows of x on AVX2 (a prompt), whose x is int8 (x_rounding_bound with 127 steps)."""
     torch = pytest.importorskip("torch")
     rows, cols = 48, 4 * group_size
     mlx, tiled, w = _tiled(rows, cols, group_size, bits, scale_dtype, seed=bits + group_size)
@@ -370,11 +371,13 @@ def test_simd_kernels_keep_their_stated_error_bound(bits, group_size, scale_dtyp
     if not simd:
         pytest.skip("this CPU runs only the scalar kernels")
     for isa in simd:
+        int8 = isa == "avx2" and bits == 4  # the prompt kernel takes the tiled product of these 5 rows
         for layout, got in (("tiled", _qmatmul_tiled(x, tiled, group_size, bits, isa)),
                             ("mlx", kernels.qmatmul(x, *mlx, group_size, bits, isa=isa))):  # fmt: skip
             err = (got.double() - want).abs()
-            assert (err <= bound).all(), f"{isa} {layout}: error {(err / bound).max():.3g}x the bound"
-        for batch in (1, 5):  # one row (decode) and several: the tiled and MLX layouts' paths sum the same int16 x
+            limit = x_rounding_bound(x, w, group_size, 127) if int8 and layout == "tiled" else bound
+            assert (err <= limit).all(), f"{isa} {layout}: error {(err / limit).max():.3g}x the bound"
+        for batch in (1, 3) if int8 else (1, 5):  # one row (decode) and several: both layouts sum the same int16 x
             assert torch.allclose(_qmatmul_tiled(x[:batch], tiled, group_size, bits, isa),
                                   kernels.qmatmul(x[:batch], *mlx, group_size, bits, isa=isa), rtol=1e-5, atol=1e-5)  # fmt: skip
 

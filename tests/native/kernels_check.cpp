@@ -95,6 +95,7 @@ int main() {
   std::printf("%s: %d products checked on", failures ? "FAILED" : "ok", checked);
   for (int isa : {kIsaScalar, kIsaAvx2, kIsaAvx512, kIsaNeon})
     if (cpu_runs(isa)) std::printf(" %s", isa_name(isa));
-  std::printf(" (best: %s), %d failures\n", isa_name(best_isa()), failures);
+  std::printf(" (best: %s; NEON dot product: %s), %d failures\n", isa_name(best_isa()),
+              detail::neon_dotprod() ? "yes" : "no", failures);
   return failures ? 1 : 0;
 }
