@@ -287,9 +287,10 @@ def test_tiled_layout_round_trips_and_dequantizes_exactly(bits):
 def test_tiled_threads_do_not_change_the_result():
     torch = pytest.importorskip("torch")
     _, tiled, _ = _tiled(256, 512, 64, 4, "bfloat16")
-    x = torch.randn(1, 512)
-    one = _qmatmul_tiled(x, tiled, 64, 4, threads=1)
-    assert torch.equal(_qmatmul_tiled(x, tiled, 64, 4, threads=2), one)
+    for batch in (1, 6):  # a decode step and a prompt (int8 x on AVX2, prepared on both threads)
+        x = torch.randn(batch, 512)
+        one = _qmatmul_tiled(x, tiled, 64, 4, threads=1)
+        assert torch.equal(_qmatmul_tiled(x, tiled, 64, 4, threads=2), one)
 
 
 def test_tiled_nonfinite_activations_propagate():
