@@ -629,6 +629,7 @@ LLMCTL_AVX2 inline __attribute__((always_inline)) void tile_q4_int8_avx2(const T
     for (int c = 0; c < steps; c += 4) {  // 32 codes a chunk
       __m256i h[2 * NR];
       for (auto& v : h) v = _mm256_setzero_si256();
+#pragma GCC unroll 1  // unrolled, GCC computes every product of the 4 steps first and spills them all
       for (int s = c; s < c + 4; ++s) {
         const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + s * kStepBytes));
         const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + s * kStepBytes + 32));
