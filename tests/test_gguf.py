@@ -418,6 +418,29 @@ def test_k_quant_file_reads_exactly_and_runs_on_the_kernels(tmp_path):
     assert quantized.greedy([1, 5, 9], 8) == get_backend("torch").load(float_folder, dtype="float32").greedy([1, 5, 9], 8)
 
 
+def test_k_quant_file_decodes_on_the_native_step(tmp_path):
+    """Groups of 16 and 5-bit codes run in the C++ decode step (it refused groups of 16, so such files decoded op by
+    op in torch at half the speed), with the torch path's logits token by token."""
+    import torch
+
+    from llmctl.backends import get_backend
+    from llmctl.backends.torch.generate import Generator
+
+    _k_gguf(tmp_path / "k.gguf")
+    model = get_backend("torch").load(tmp_path / "k.gguf", dtype="float32").module
+    logits = []
+    for native in (True, False):
+        generator = Generator(model)
+        assert generator.native is not None
+        if not native:
+            generator.native = None
+        cache = generator.new_cache().layers
+        with torch.inference_mode():
+            generator.forward(torch.tensor([[1, 5, 9, 22]]), cache, last_only=True)
+            logits.append(torch.stack([generator.forward(torch.tensor([[t]]), cache)[0, -1] for t in (40, 3, 7, 11)]))
+    np.testing.assert_allclose(logits[0].numpy(), logits[1].numpy(), atol=1e-3 * float(logits[1].abs().max()))
+
+
 def test_groups_of_16_regroup_to_32_with_a_notice_for_mlx(tmp_path, monkeypatch):
     """Converting a K-quant file to an mlx-lm folder requantizes groups of 16 at group 32 and says what that costs,
     leaving no llmctl-only mode; the MLX backend does the same as it loads the file, with the same logits."""
