@@ -82,6 +82,30 @@ struct Scratch {
   alignas(16) uint8_t tail[32];
 };
 
+// Group g of one output row (codes at w) against NR x rows: into[i] += (s * sx_i) * sum(xq_i * q).
+template <int BITS, int G, int NR>
+LLMCTL_AVX2 inline __attribute__((always_inline)) void group_k(const uint8_t* w, int64_t row_bytes, int64_t safe_chunks,
+                                                               int64_t g, const int16_t* const* xq, const float* const* c,
+                                                               __m256i shuffle, __m256i mul, uint8_t* tail, __m256* into) {
+  constexpr int kChunks = G / 16;  // chunks of 16 codes per group
+  __m256i d[NR];
+  for (int i = 0; i < NR; ++i) d[i] = _mm256_setzero_si256();
+  for (int k = 0; k < kChunks; ++k) {
+    const int64_t chunk = g * kChunks + k;
+    const uint8_t* p = w + chunk * 2 * BITS;
+    if (chunk >= safe_chunks) {  // the last row's last codes: read from a copy, not past the buffer
+      std::memcpy(tail, p, size_t(row_bytes - chunk * 2 * BITS));
+      p = tail;
+    }
+    const __m256i q = unpack16<BITS>(p, shuffle, mul);
+    for (int i = 0; i < NR; ++i) {
+      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq[i] + chunk * 16));
+      d[i] = _mm256_add_epi32(d[i], _mm256_madd_epi16(q, x));
+    }
+  }
+  for (int i = 0; i < NR; ++i) into[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d[i]), _mm256_broadcast_ss(c[i] + g), into[i]);
+}
+
 // Output row o against x rows r0 .. r0 + NR - 1.
 template <int BITS, int G, int NR>
 LLMCTL_AVX2 void row_k(const QJob& job, int64_t o, int64_t r0, Scratch& t, __m256i shuffle, __m256i mul) {
@@ -113,25 +137,16 @@ LLMCTL_AVX2 void row_k(const QJob& job, int64_t o, int64_t r0, Scratch& t, __m25
   }
   // The last row's last 16 codes may end less than 16 bytes before the buffer does: they are read from a copy.
   const int64_t safe_chunks = o + 1 < job.out ? K / 16 : row_bytes < 16 ? 0 : (row_bytes - 16) / (2 * BITS) + 1;
-  constexpr int kChunks = G / 16;  // chunks of 16 codes per group
-  for (int64_t g = 0; g < ng; ++g) {
-    __m256i d[NR];
-    for (int i = 0; i < NR; ++i) d[i] = _mm256_setzero_si256();
-    for (int k = 0; k < kChunks; ++k) {
-      const int64_t chunk = g * kChunks + k;
-      const uint8_t* p = w + chunk * 2 * BITS;
-      if (chunk >= safe_chunks) {
-        std::memcpy(t.tail, p, size_t(row_bytes - chunk * 2 * BITS));
-        p = t.tail;
-      }
-      const __m256i q = unpack16<BITS>(p, shuffle, mul);
-      for (int i = 0; i < NR; ++i) {
-        const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq[i] + chunk * 16));
-        d[i] = _mm256_add_epi32(d[i], _mm256_madd_epi16(q, x));
-      }
-    }
-    for (int i = 0; i < NR; ++i) acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d[i]), _mm256_broadcast_ss(c[i] + g), acc[i]);
+  // Even and odd groups add into separate accumulators: two chains of vfmadd instead of one.
+  __m256 odd[NR];
+  for (int i = 0; i < NR; ++i) odd[i] = _mm256_setzero_ps();
+  int64_t g = 0;
+  for (; g + 2 <= ng; g += 2) {
+    group_k<BITS, G, NR>(w, row_bytes, safe_chunks, g, xq, c, shuffle, mul, t.tail, acc);
+    group_k<BITS, G, NR>(w, row_bytes, safe_chunks, g + 1, xq, c, shuffle, mul, t.tail, odd);
   }
+  if (g < ng) group_k<BITS, G, NR>(w, row_bytes, safe_chunks, g, xq, c, shuffle, mul, t.tail, acc);
+  for (int i = 0; i < NR; ++i) acc[i] = _mm256_add_ps(acc[i], odd[i]);
   for (int i = 0; i < NR; ++i) store_y(job, r0 + i, o, sum8(acc[i]) + bias[i]);
 }
 
