@@ -9,8 +9,9 @@ does), scored on the same tinyshakespeare slice with the same windows (quantize_
   - llama.cpp rows: Q4_0, Q8_0 and Q4_K_M made by llama.cpp's own quantizer (llama_model_quantize, from an F32 GGUF
     of the full model), run by llama-cpp-python.
 Then decode tokens/s (after a 128-token prompt) and prompt tokens/s (512 tokens) of llama.cpp's Q4_K_M file in llmctl
-(torch backend) and in llama.cpp, measured in the same run (bench/decode.py's runners), with the ratio, the CPU's
-name and llmctl's kernel ISA. KL(full || q) is per token, against llmctl's torch full model. The child processes run
+(torch backend) and in llama.cpp, measured in the same run (bench/decode.py's runners) in alternating rounds (others
+load this machine from minute to minute: each round's ratio compares engines measured side by side), with each
+round's ratio, the CPU's name and llmctl's kernel ISA. `--speed-only FILE.gguf` measures only that. KL(full || q) is per token, against llmctl's torch full model. The child processes run
 this checkout's llmctl (PYTHONPATH), as the speed runs in this process do; $LLMCTL_SHARED names shared/ as the tests'
 conftest reads it.
 """
@@ -43,12 +44,41 @@ def llama_cpp_quantize(source: Path, out: Path, ftype: str) -> float:
     return time.perf_counter() - start
 
 
+def speed_lines(path: Path, text: Path, opts: argparse.Namespace) -> tuple[list[str], list[dict]]:
+    """Decode and prompt tokens/s of a GGUF file in llmctl (torch) and llama.cpp, alternating, one ratio per round."""
+    import torch
+
+    from llmctl import kernels
+    from llmctl.io.gguf import read_tokenizer
+
+    torch.set_num_threads(D.THREADS)
+    ids = read_tokenizer(path).encode(text.read_text()[-200_000:], add_special_tokens=False)
+    prompts = {"decode": ids[: D.DECODE_PROMPT], "prefill": ids[: D.PREFILL_PROMPT]}
+    lines = [f"CPU: {D.cpu_name()}; llmctl kernels: {kernels.cpu_isa()}; {D.THREADS} threads; {path.name}", "",
+             f"| round | decode llmctl | decode llama.cpp | ratio | prompt ({D.PREFILL_PROMPT}) llmctl | llama.cpp | ratio |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    rounds = []
+    for r in range(opts.rounds):
+        ours, theirs = D.run_llmctl("torch", "q4", path, prompts, opts.new_tokens), D.run_llama_cpp(path, prompts, opts.new_tokens)
+        rounds.append({"llmctl": ours, "llama.cpp": theirs})
+        lines.append(f"| {r + 1} | {ours['decode']:.1f} | {theirs['decode']:.1f} | {ours['decode'] / theirs['decode']:.2f} | "
+                     f"{ours['prefill']:.1f} | {theirs['prefill']:.1f} | {ours['prefill'] / theirs['prefill']:.2f} |")
+        print(lines[-1], file=sys.stderr, flush=True)
+    return lines, rounds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokens", type=int, default=2048, help="tokens of tinyshakespeare scored")
     parser.add_argument("--new-tokens", type=int, default=64, help="decode: new tokens per measurement")
+    parser.add_argument("--rounds", type=int, default=3, help="speed: alternating rounds of llmctl and llama.cpp")
+    parser.add_argument("--speed-only", type=Path, help="measure only the speed of this GGUF file (no table)")
     parser.add_argument("--out-dir", type=Path, default=Path(tempfile.gettempdir()) / "llmctl-bench-kquant")
     opts = parser.parse_args()
+    if opts.speed_only:
+        print("\n".join(speed_lines(opts.speed_only, Path(os.environ.get("LLMCTL_SHARED", Q.SHARED)) / "data" /
+                                     "tinyshakespeare.txt", opts)[0]))
+        return
     opts.calib_samples, opts.stories_text = 0, None
     Q.ENV["PYTHONPATH"] = str(Q.ROOT)  # this checkout's llmctl in the child processes, as the speed runs import it
     Q.SHAKESPEARE = Path(os.environ.get("LLMCTL_SHARED", Q.SHARED)) / "data" / "tinyshakespeare.txt"
@@ -86,28 +116,13 @@ def main() -> None:
     theirs = work / "llama-Q4_K_M.gguf"
     row("llmctl", "Q4_K_M (llama.cpp's file)", llmctl_eval(theirs), Q.gguf_bits(theirs)[:2], 0.0)
 
-    # speed of the real Q4_K_M file: llmctl (torch) against llama.cpp, the same prompts and threads
-    import torch
-
-    from llmctl import kernels
-    from llmctl.io.model_folder import load_tokenizer
-
-    torch.set_num_threads(D.THREADS)
-    ids = load_tokenizer(full).encode(text.read_text(), add_special_tokens=False)
-    prompts = {"decode": ids[: D.DECODE_PROMPT], "prefill": ids[: D.PREFILL_PROMPT]}
-    speed = {"llmctl": D.run_llmctl("torch", "q4", theirs, prompts, opts.new_tokens),
-             "llama.cpp": D.run_llama_cpp(theirs, prompts, opts.new_tokens)}
     lines = [f"SmolLM2-135M-Instruct, {rows[0]['tokens']:,} tokens of {setup['source']}", "",
              "| engine | file | perplexity | KL(full‖q) mean | bpw (quantized) | bpw (whole model) |",
              "| --- | --- | ---: | ---: | ---: | ---: |"]
     lines += [f"| {r['engine']} | {r['what']} | {r['perplexity']:.4f} | {r.get('kl_mean', 0):.5f} | {r['bpw_quantized']:.3f} | "
               f"{r['bpw_model']:.3f} |" for r in rows]
-    ratio = {k: speed["llmctl"][k] / speed["llama.cpp"][k] for k in ("decode", "prefill")}
-    lines += ["", f"CPU: {D.cpu_name()}; llmctl kernels: {kernels.cpu_isa()}; {D.THREADS} threads; llama.cpp's Q4_K_M file",
-              f"- decode: llmctl {speed['llmctl']['decode']:.1f} tokens/s, llama.cpp {speed['llama.cpp']['decode']:.1f} "
-              f"(ratio {ratio['decode']:.2f})",
-              f"- prompt ({D.PREFILL_PROMPT} tokens): llmctl {speed['llmctl']['prefill']:.1f} tokens/s, llama.cpp "
-              f"{speed['llama.cpp']['prefill']:.1f} (ratio {ratio['prefill']:.2f})"]
+    speed_part, speed = speed_lines(theirs, text, opts)
+    lines += ["", *speed_part]
     print("\n".join(lines))
     opts.out_dir.mkdir(parents=True, exist_ok=True)
     (opts.out_dir / "kquant.json").write_text(json.dumps({"rows": rows, "speed": speed}, indent=2))

@@ -507,7 +507,11 @@ void qmatmul(const void* x, int x_dtype, int64_t batch, int64_t in, const uint32
   if (batch < 0) fail("batch " + std::to_string(batch) + " is negative");
   if (threads < 0) fail("threads must be >= 0 (0: all hardware threads)");
   isa = resolve_isa(isa);
-  if (group_size == 16) isa = kIsaScalar;  // the SIMD kernels unpack whole groups of 32 or more
+  // Groups of 16 (AVX2 and AVX-512 CPUs) and 2/3/5/6-bit codes (AVX2) take qmatmul_k.cpp's kernels; the other SIMD
+  // kernels unpack whole groups of 32 or more, so groups of 16 run the scalar loop on NEON.
+  const bool k_kernel = mode == kModeAffine && ((isa == kIsaAvx2 && (bits != 4 && bits != 8)) ||
+                                                ((isa == kIsaAvx2 || isa == kIsaAvx512) && group_size == 16));
+  if (group_size == 16 && !k_kernel) isa = kIsaScalar;
   if (batch * out == 0) return;
   for (auto [p, what] : {std::pair<const void*, const char*>{x, "x"}, {wq, "wq"}, {scales, "scales"}, {y, "y"}})
     if (p == nullptr) fail(std::string(what) + " is a null pointer");
@@ -526,14 +530,16 @@ void qmatmul(const void* x, int x_dtype, int64_t batch, int64_t in, const uint32
   job.wq = wq, job.scales = scales, job.biases = mode == kModeNF4 ? nullptr : biases, job.y = y;
   const bool simd = isa == kIsaAvx2 || isa == kIsaAvx512;
   const bool dot = isa == kIsaNeon && mode == kModeAffine && (bits == 4 || bits == 8) && detail::neon_dotprod();
-  const int phases = simd && (bits == 4 || bits == 8) ? 16 / bits : 1, lanes = isa == kIsaAvx512 ? 32 : 16;
-  const bool bytes = isa == kIsaAvx512 && batch == 1 && mode == kModeAffine && (bits == 4 || bits == 8);
+  const int phases = simd && (bits == 4 || bits == 8) && !k_kernel ? 16 / bits : 1, lanes = isa == kIsaAvx512 ? 32 : 16;
+  const bool bytes = isa == kIsaAvx512 && batch == 1 && mode == kModeAffine && (bits == 4 || bits == 8) && !k_kernel;
   if (!prepare_x(job, x, x_dtype, simd || dot, phases, lanes, bytes)) {
     isa = kIsaScalar;  // inf/NaN: let float32 carry them
   } else if (dot) {
     detail::split_x_bytes(job);
   }
-  auto rows = isa == kIsaAvx512 ? detail::qmatmul_rows_avx512
+  auto rows = isa == kIsaScalar ? qmatmul_rows_scalar
+              : k_kernel        ? detail::qmatmul_rows_k_avx2
+              : isa == kIsaAvx512 ? detail::qmatmul_rows_avx512
               : isa == kIsaAvx2 ? detail::qmatmul_rows_avx2
               : isa == kIsaNeon ? (dot ? detail::qmatmul_rows_neon_dot : detail::qmatmul_rows_neon)
                                 : qmatmul_rows_scalar;

@@ -131,6 +131,8 @@ void qmatmul_rows_neon_dot(const QJob& job, int64_t o0, int64_t o1);
 bool neon_dotprod();
 // job.xq (natural order, rows of in_pad) into job.xb as [high bytes | low bytes] per row, and job.xqsum.
 void split_x_bytes(QJob& job);
+// AVX2, affine codes of any width in groups of 16 or more, x in natural order (qmatmul_k.cpp)
+void qmatmul_rows_k_avx2(const QJob& job, int64_t o0, int64_t o1);
 
 // NF4 levels times 2^13, rounded: what the SIMD kernels multiply int16 x by (8 such products of
 // |x| <= 32767 still fit an int32 lane).

@@ -726,7 +726,7 @@ class DecodeMatrix:
             self.tuple = (self.out, self.inputs, check(weight, "weight"), _torch_code(weight.dtype), (0, 0), (0, 0),
                           (0, 0), 0, 0, 0, 0, bias_buffer, bias_code, False)  # fmt: skip
             return
-        _check_params(group_size, bits, 0)
+        _check_params(group_size, bits, 0, read=True)  # groups of 16 (GGUF K-quants) too
         tiled = is_tiled(wq)
         if scales.dim() != wq.dim() or (biases is None) != (mode == "nf4"):
             raise KernelArgumentError(f"wq {tuple(wq.shape)} and scales {tuple(scales.shape)} do not fit together.")

@@ -397,3 +397,33 @@ def test_tiled_kernels_are_a_different_path_from_the_portable_loop():
         got = _qmatmul_tiled(x, tiled, 64, 4, isa)
         assert not torch.equal(got, scalar), isa
         assert torch.allclose(got, scalar, rtol=1e-3, atol=1e-3), isa
+
+
+@pytest.mark.parametrize("group_size", [16, 32])
+@pytest.mark.parametrize("bits", BITS)
+def test_k_quant_codes_keep_the_stated_error_bound(bits, group_size):
+    """Groups of 16 (GGUF's Q6_K, Q3_K, Q2_K as read) at every width, and 2/3/5/6-bit codes in groups of 32 (Q5_0,
+    Q5_K), run SIMD kernels (qmatmul_k.cpp on AVX2, forced one by one) with the bound of the test above, per output,
+    against float64 dequantize-then-matmul; one x row (decode) and several, float32 and float16 scales, and a last
+    row whose codes end the buffer. They are not the scalar loop (their int16 x rounds)."""
+    rng = np.random.default_rng(bits * group_size)
+    rows, cols = 37, 6 * group_size + 64
+    codes = rng.integers(0, 2**bits, (rows, cols), dtype=np.uint8)
+    wq = kernels.pack(codes, bits)
+    for dtype in (np.float32, np.float16):
+        scales = (rng.random((rows, cols // group_size)) * 0.01 + 1e-3).astype(dtype)
+        biases = (-rng.random((rows, cols // group_size)) * 0.05).astype(dtype)
+        w = codes * np.repeat(scales.astype(np.float64), group_size, 1) + np.repeat(biases.astype(np.float64), group_size, 1)
+        x = rng.standard_normal((5, cols)).astype(np.float32)
+        x[0, 1] = 40.0
+        want = x.astype(np.float64) @ w.T
+        step = np.abs(x).astype(np.float64).reshape(5, -1, group_size).max(-1) / 32639
+        scaled = (codes * np.repeat(np.abs(scales.astype(np.float64)), group_size, 1)).reshape(rows, -1, group_size)
+        bound = (step / 2) @ scaled.sum(-1).T + 1e-6 * (np.abs(x).astype(np.float64) @ np.abs(w).T)
+        for isa in simd_isas():
+            for batch in (1, 5):
+                got = kernels.qmatmul(x[:batch], wq, scales, biases, group_size, bits, isa=isa)
+                err = np.abs(got - want[:batch])
+                assert (err <= bound[:batch]).all(), f"{isa} batch {batch}: error {(err / bound[:batch]).max():.3g}x the bound"
+                if isa != "scalar" and (group_size == 16 or bits not in (4, 8)):
+                    assert not np.array_equal(got, kernels.qmatmul(x[:batch], wq, scales, biases, group_size, bits, isa="scalar"))

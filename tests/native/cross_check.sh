@@ -11,7 +11,7 @@ fi
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 aarch64-linux-gnu-g++ -O2 -std=c++17 -pthread -Icsrc tests/native/kernels_check.cpp csrc/quant.cpp csrc/qmatmul.cpp \
-  csrc/qmatmul_x86.cpp csrc/qtiled.cpp -o "$out/kernels_check"
+  csrc/qmatmul_x86.cpp csrc/qmatmul_k.cpp csrc/qtiled.cpp -o "$out/kernels_check"
 # twice: a CPU with the dot-product instructions (qemu's max: the sdot kernel) and one without (Cortex-A57, ARMv8.0:
 # the float NEON kernel), so both NEON paths are checked
 qemu-aarch64 -cpu max -L /usr/aarch64-linux-gnu "$out/kernels_check" | tee "$out/max.txt"
