@@ -1,0 +1,244 @@
+"""GRPO (`llmctl align --method grpo`): its advantages and loss equal hand-written formulas and TRL's GRPOTrainer code
+on fixed inputs (gradient included); completions sampled inside training are the tokens `llmctl generate` gives with
+the same seed and settings; bad prompts and failing reward functions are clear errors naming the example."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import sys
+import types
+from collections import defaultdict
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import SHARED, needs_shared
+from llmctl.backends.torch.rl import grpo_token_loss
+from llmctl.cli import app
+from llmctl.rewards import exact, format_reward, group_advantages
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+BASE = SHARED / "models" / "stories260K-hf"
+REWARDS = np.array([1.0, 0.0, 0.0, 1.0, 0.5, 0.5, 0.5, 0.5, 2.0, -1.0, math.nan, 0.25])  # 3 groups of 4
+G = 4
+
+
+# --- advantages and loss on fixed inputs --------------------------------------------------------------------------
+
+
+def test_advantages_equal_the_formula_and_trl():
+    from trl.trainer.utils import nanstd
+
+    ours, spread = group_advantages(REWARDS, G)
+    want = []
+    for group in REWARDS.reshape(-1, G):
+        kept = [r for r in group if not math.isnan(r)]
+        mean, std = statistics.fmean(kept), statistics.stdev(kept)
+        want += [0.0 if math.isnan(r) else (r - mean) / (std + 1e-4) for r in group]
+    np.testing.assert_allclose(ours, want, rtol=1e-6, atol=1e-6)
+    assert spread[1] == 0.0 and ours[4:8].tolist() == [0.0] * 4  # a group whose completions all score the same teaches nothing
+    # TRL's GRPOTrainer._generate_and_score_completions, scale_rewards="group", one reward function:
+    rewards = torch.tensor(REWARDS)
+    mean = torch.nanmean(rewards.view(-1, G), dim=1).repeat_interleave(G, dim=0)
+    std = nanstd(rewards.view(-1, G), dim=1).repeat_interleave(G, dim=0)
+    theirs = torch.nan_to_num((rewards - mean) / (std + 1e-4), nan=0.0)
+    np.testing.assert_allclose(ours, theirs.numpy(), rtol=1e-6, atol=1e-6)
+
+
+def _inputs(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    B, T = 4, 6
+    logps = -torch.rand(B, T, generator=g, dtype=torch.float64) * 3
+    old = logps + torch.randn(B, T, generator=g, dtype=torch.float64) * 0.3  # a ratio off 1: the clip engages
+    ref = logps + torch.randn(B, T, generator=g, dtype=torch.float64) * 0.5
+    advantages = torch.tensor([1.2, -0.7, 0.4, -0.9], dtype=torch.float64)
+    mask = torch.ones(B, T)
+    mask[0, 4:] = 0
+    mask[2, 2:] = 0
+    return logps, old, ref, advantages, mask
+
+
+def _trl_loss(logps, old, ref, advantages, mask, beta, eps, eps_high):
+    """TRL's GRPOTrainer._compute_loss on these tensors (loss_type "dapo", its default), with a stand-in trainer whose
+    model returns `logps` as the completion's per-token log-probabilities."""
+    from trl.trainer.grpo_trainer import GRPOTrainer
+
+    acc = types.SimpleNamespace(num_processes=1, gather=lambda x: x, reduce=lambda x, reduction: x,
+                                gather_for_metrics=lambda x: x)
+    args = types.SimpleNamespace(use_bias_correction_kl=False, delta=None, steps_per_generation=1)
+    trainer = types.SimpleNamespace(
+        top_entropy_quantile=1.0, off_policy_mask_threshold=None, importance_sampling_level="token", beta=beta,
+        loss_type="dapo", epsilon_low=eps, epsilon_high=eps_high, use_vllm=False, aux_loss_enabled=False,
+        model=types.SimpleNamespace(training=True), current_gradient_accumulation_steps=1, accelerator=acc, args=args,
+        _entropy_bonus_enabled=False, _metrics=defaultdict(lambda: defaultdict(list)),
+        _get_per_token_logps_and_entropies=lambda *a, **k: (logps, torch.zeros_like(logps), None))
+    B, T = logps.shape
+    inputs = {"prompt_ids": torch.zeros(B, 2, dtype=torch.long), "prompt_mask": torch.ones(B, 2, dtype=torch.long),
+              "completion_ids": torch.zeros(B, T, dtype=torch.long), "completion_mask": mask, "advantages": advantages,
+              "num_items_in_batch": mask.sum()}
+    if old is not None:
+        inputs["old_per_token_logps"] = old
+    if beta:
+        inputs["ref_per_token_logps"] = ref
+    return GRPOTrainer._compute_loss(trainer, None, inputs), trainer._metrics["train"]
+
+
+@pytest.mark.parametrize("beta, eps_high", [(0.0, 0.2), (0.04, 0.2), (0.1, 0.28)])
+def test_loss_equals_the_formula_and_trl(beta, eps_high):
+    logps, old, ref, advantages, mask = _inputs()
+    per_token, kl, clipped = grpo_token_loss(logps, old, advantages, ref if beta else None, beta, 0.2, eps_high)
+    ours = (per_token * mask).sum() / mask.sum()
+    hand, n, clips = 0.0, 0, 0
+    for b in range(len(logps)):
+        for t in range(logps.shape[1]):
+            if mask[b, t]:
+                r, A = math.exp(logps[b, t] - old[b, t]), float(advantages[b])
+                x = float(ref[b, t] - logps[b, t])
+                hand += -min(r * A, min(max(r, 0.8), 1 + eps_high) * A) + (beta * (math.exp(x) - x - 1) if beta else 0.0)
+                clips += (r < 0.8 and A < 0) or (r > 1 + eps_high and A > 0)
+                n += 1
+    assert float(ours) == pytest.approx(hand / n, rel=1e-12)
+    assert clips > 0 and float((clipped * mask).sum()) == clips
+    theirs, metrics = _trl_loss(logps, old, ref, advantages, mask, beta, 0.2, eps_high)
+    assert float(ours) == pytest.approx(float(theirs), rel=1e-12)
+    assert float((clipped * mask).sum() / mask.sum()) == pytest.approx(metrics["clip_ratio/region_mean"][0])
+    if beta:
+        assert float((kl * mask).sum() / mask.sum()) == pytest.approx(metrics["kl"][0], rel=1e-12)
+
+
+def test_gradient_equals_trl_on_policy():
+    """One update per sample (TRL's num_iterations 1): the ratio is 1 and the gradient that of -A log p + beta KL."""
+    logps, _, ref, advantages, mask = _inputs(1)
+    ours_in = logps.clone().requires_grad_(True)
+    per_token, _, _ = grpo_token_loss(ours_in, ours_in.detach(), advantages, ref, 0.04, 0.2, 0.2)
+    ((per_token * mask).sum() / mask.sum()).backward()
+    theirs_in = logps.clone().requires_grad_(True)
+    _trl_loss(theirs_in, None, ref, advantages, mask, 0.04, 0.2, 0.2)[0].backward()
+    torch.testing.assert_close(ours_in.grad, theirs_in.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_builtin_rewards():
+    example = {"answer": "42"}
+    assert exact("q", " 42 ", example) == 1.0 and exact("q", "41", example) == 0.0
+    assert format_reward("q", "41", example) == 1.0 and format_reward("q", "forty", example) == 0.0
+    assert format_reward("q", "1 2 3", {"answer": "3 5 7"}) == 1.0 and format_reward("q", "123", {"answer": "3 5 7"}) == 0.0
+    assert format_reward("q", "ABC", {"answer": "XYZW"}) == 1.0 and format_reward("q", "abc", {"answer": "XYZW"}) == 0.0
+
+
+# --- runs ---------------------------------------------------------------------------------------------------------
+
+RECORDER = '''
+import json, os
+
+def record(prompt, completion, example):
+    with open(os.environ["GRPO_SEEN"], "a") as f:
+        f.write(json.dumps({"prompt": prompt, "completion": completion}) + "\\n")
+    return float(len(completion) % 3)
+
+def broken(prompt, completion, example):
+    if example.get("bad"):
+        raise ValueError("cannot score this one")
+    return 1.0
+
+def wordy(prompt, completion, example):
+    return "many"
+'''
+PROMPTS = ["Once upon a time", "The little dog", "Lily and Tom", "One sunny day"]
+
+
+@pytest.fixture
+def reward_module(tmp_path, monkeypatch):
+    (tmp_path / "grpo_rewards_t.py").write_text(RECORDER)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("GRPO_SEEN", str(tmp_path / "seen.jsonl"))
+    sys.modules.pop("grpo_rewards_t", None)
+    return tmp_path
+
+
+def _prompt_file(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def _align(tmp_path, *args):
+    prompts = _prompt_file(tmp_path / "prompts.jsonl", [{"prompt": p} for p in PROMPTS])
+    return CliRunner().invoke(app, ["align", "--method", "grpo", "--model", str(BASE), "--prompts", str(prompts),
+                                    "--out", str(tmp_path / "run"), "--backend", "torch", "--group-size", "4",
+                                    "rl.max_tokens=12", "train.dtype=fp32", *args])
+
+
+@needs_shared
+def test_sampling_inside_training_equals_llmctl_generate(tmp_path, reward_module):
+    held = _prompt_file(tmp_path / "held.jsonl", [{"prompt": "Held out"}])
+    result = _align(tmp_path, "--reward-fn", "grpo_rewards_t:record", "--steps", "1", "data.batch_size=8",
+                    f"data.val={held}", "rl.temperature=0.9", "rl.top_k=50")
+    assert result.exit_code == 0, result.output
+    seen = [json.loads(line) for line in (tmp_path / "seen.jsonl").read_text().splitlines()]
+    trained = [s for s in seen if s["prompt"] != "Held out"]  # step 1's two prompts x 4 completions
+    assert len(trained) == 8
+    assert len({s["completion"] for s in trained}) > 4  # sampled, not greedy
+    file = _prompt_file(tmp_path / "again.jsonl", [{"prompt": s["prompt"]} for s in trained])
+    # step 1 samples with seed rl.step_seed(train.seed 0, step 0) = 0, all 8 rows in one batch
+    out = CliRunner().invoke(app, ["generate", "--model", str(BASE), "--prompt-file", str(file), "--batch-size", "8",
+                                   "--seed", "0", "--temperature", "0.9", "--top-k", "50", "--top-p", "1",
+                                   "--max-tokens", "12", "--backend", "torch"])
+    assert out.exit_code == 0, out.output
+    generated = [json.loads(line)["text"] for line in out.stdout.splitlines() if line.startswith("{")]
+    assert generated == [s["completion"] for s in trained]
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    step = metrics[0]
+    for key in ("loss", "reward", "reward_std", "completion_len", "clip_fraction", "sample_s", "train_s"):
+        assert key in step, key
+    assert step["reward"] == pytest.approx(np.mean([len(s["completion"]) % 3 for s in trained]))
+
+
+@needs_shared
+def test_a_failing_reward_function_names_the_example(tmp_path, reward_module):
+    prompts = _prompt_file(tmp_path / "p.jsonl", [{"prompt": "Once upon a time"}, {"prompt": "The dog", "bad": True},
+                                                  {"prompt": "Lily"}])
+    args = ["align", "--method", "grpo", "--model", str(BASE), "--prompts", str(prompts), "--backend", "torch",
+            "--group-size", "2", "--steps", "2", "data.batch_size=4", "rl.max_tokens=4", "data.val_fraction=0.3"]
+    result = CliRunner().invoke(app, [*args, "--reward-fn", "grpo_rewards_t:broken", "--out", str(tmp_path / "a"),
+                                      "data.val=" + str(prompts)])
+    assert result.exit_code != 0
+    assert f"{prompts}:2" in result.output and "cannot score this one" in result.output, result.output
+    result = CliRunner().invoke(app, [*args, "--reward-fn", "grpo_rewards_t:wordy", "--out", str(tmp_path / "b")])
+    assert result.exit_code != 0 and "returned 'many', not a finite number" in result.output, result.output
+    result = CliRunner().invoke(app, [*args, "--reward-fn", "grpo_rewards_t:broken", "--on-reward-error", "skip",
+                                      "--out", str(tmp_path / "c"), "data.val=" + str(prompts)])
+    assert result.exit_code == 0, result.output
+    metrics = [json.loads(line) for line in (tmp_path / "c" / "metrics.jsonl").read_text().splitlines()]
+    assert sum(m.get("reward_errors", 0) for m in metrics) > 0
+
+
+@needs_shared
+@pytest.mark.parametrize("records, expected", [
+    (['{"prompt": "ok"}', "not json"], "prompts.jsonl:2: not JSON"),
+    (['{"prompt": "ok"}', '{"question": "x"}'], 'prompts.jsonl:2: "prompt" is missing'),
+    (['{"prompt": "ok", "answer": 3}'], 'prompts.jsonl:1: "answer" must be a string'),
+])
+def test_bad_prompt_files_name_the_line(tmp_path, records, expected):
+    (tmp_path / "prompts.jsonl").write_text("\n".join(records) + "\n")
+    result = CliRunner().invoke(app, ["align", "--method", "grpo", "--model", str(BASE), "--prompts",
+                                      str(tmp_path / "prompts.jsonl"), "--reward-fn", "exact", "--out", str(tmp_path / "run"),
+                                      "--backend", "torch"])
+    assert result.exit_code != 0 and expected in result.output, result.output
+    assert not (tmp_path / "run").exists()
+
+
+@needs_shared
+@pytest.mark.parametrize("args, expected", [
+    ([], "exactly one of --reward-fn"),
+    (["--reward-fn", "exact", "--group-size", "3"], "multiple of --group-size 3"),
+    (["--reward-fn", "exact", "--group-size", "1"], "rl.group_size=1"),
+    (["--reward-fn", "nosuchmodule_x:f"], "cannot import nosuchmodule_x"),
+    (["--reward-fn", "exact", "--on-reward-error", "ignore"], "expected stop or skip"),
+])
+def test_bad_settings_are_refused(tmp_path, args, expected):
+    result = CliRunner().invoke(app, ["align", "--method", "grpo", "--model", str(BASE), "--out", str(tmp_path / "run"),
+                                      "--backend", "torch", *args])
+    assert result.exit_code != 0 and expected in result.output, result.output
