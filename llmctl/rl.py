@@ -227,8 +227,9 @@ def run(cfg: AlignConfig, backend: str, force: bool = False, resume: bool = Fals
     from llmctl.training.loop import Job
 
     s = cfg.rl
-    if backend == "mlx":
-        raise LlmctlError("--method grpo runs on the torch backend so far.", hint="Pass --backend torch.")
+    if backend == "mlx" and (cfg.use_lora or s.reward):
+        raise LlmctlError("--method grpo on the MLX backend trains full weights with --reward-fn (no --lora, no "
+                          "--reward model) so far.", hint="Pass --backend torch.")
     base = resolve_base(cfg)
     spec = read_model(base).spec
     tokenizer = load_tokenizer(base)
