@@ -165,6 +165,7 @@ def _prompt_file(path, records):
 
 
 def _align(tmp_path, *args):
+    tmp_path.mkdir(parents=True, exist_ok=True)
     prompts = _prompt_file(tmp_path / "prompts.jsonl", [{"prompt": p} for p in PROMPTS])
     return CliRunner().invoke(app, ["align", "--method", "grpo", "--model", str(BASE), "--prompts", str(prompts),
                                     "--out", str(tmp_path / "run"), "--backend", "torch", "--group-size", "4",
@@ -172,10 +173,13 @@ def _align(tmp_path, *args):
 
 
 @needs_shared
-def test_sampling_inside_training_equals_llmctl_generate(tmp_path, reward_module):
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+def test_sampling_inside_training_equals_llmctl_generate(tmp_path, reward_module, backend):
+    if backend == "mlx":
+        pytest.importorskip("mlx.core")
     held = _prompt_file(tmp_path / "held.jsonl", [{"prompt": "Held out"}])
     result = _align(tmp_path, "--reward-fn", "grpo_rewards_t:record", "--steps", "1", "data.batch_size=8",
-                    f"data.val={held}", "rl.temperature=0.9", "rl.top_k=50")
+                    f"data.val={held}", "rl.temperature=0.9", "rl.top_k=50", "--backend", backend)
     assert result.exit_code == 0, result.output
     seen = [json.loads(line) for line in (tmp_path / "seen.jsonl").read_text().splitlines()]
     trained = [s for s in seen if s["prompt"] != "Held out"]  # step 1's two prompts x 4 completions
@@ -185,7 +189,7 @@ def test_sampling_inside_training_equals_llmctl_generate(tmp_path, reward_module
     # step 1 samples with seed rl.step_seed(train.seed 0, step 0) = 0, all 8 rows in one batch
     out = CliRunner().invoke(app, ["generate", "--model", str(BASE), "--prompt-file", str(file), "--batch-size", "8",
                                    "--seed", "0", "--temperature", "0.9", "--top-k", "50", "--top-p", "1",
-                                   "--max-tokens", "12", "--backend", "torch"])
+                                   "--max-tokens", "12", "--backend", backend])
     assert out.exit_code == 0, out.output
     generated = [json.loads(line)["text"] for line in out.stdout.splitlines() if line.startswith("{")]
     assert generated == [s["completion"] for s in trained]
@@ -194,6 +198,40 @@ def test_sampling_inside_training_equals_llmctl_generate(tmp_path, reward_module
     for key in ("loss", "reward", "reward_std", "completion_len", "clip_fraction", "sample_s", "train_s"):
         assert key in step, key
     assert step["reward"] == pytest.approx(np.mean([len(s["completion"]) % 3 for s in trained]))
+
+
+@needs_shared
+def test_resume_is_exact(tmp_path, reward_module):
+    """Stopped after step 2 and resumed, a run samples the same completions and ends where an uninterrupted one does."""
+    args = ["--reward-fn", "grpo_rewards_t:record", "--steps", "4", "data.batch_size=8", "optim.lr=1e-3",
+            "train.save_every=2", "--lora"]
+    straight = _align(tmp_path / "a", *args)
+    assert straight.exit_code == 0, straight.output
+    assert _align(tmp_path / "b", *args, "train.stop_at=2").exit_code == 0
+    resumed = _align(tmp_path / "b", *args, "--resume")
+    assert resumed.exit_code == 0, resumed.output
+
+    def steps(folder):
+        return [{k: r[k] for k in ("step", "loss", "reward", "grad_norm")}
+                for r in map(json.loads, (folder / "run" / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+    assert steps(tmp_path / "b") == steps(tmp_path / "a")
+    assert len(steps(tmp_path / "a")) == 4
+
+
+@pytest.mark.skipif("mlx" not in __import__("conftest").BACKENDS, reason="MLX is not installed")
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+def test_mlx_loss_equals_torch(beta):
+    import mlx.core as mx
+
+    from llmctl.backends.mlx.rl import grpo_token_loss as mlx_loss
+
+    logps, old, ref, advantages, _ = (t.float() for t in _inputs(2))
+    theirs = grpo_token_loss(logps, old, advantages, ref if beta else None, beta, 0.2, 0.28)
+    ours = mlx_loss(*(mx.array(t.numpy()) for t in (logps, old, advantages)), mx.array(ref.numpy()) if beta else None,
+                    beta, 0.2, 0.28)
+    for a, b in zip(ours, theirs):
+        np.testing.assert_allclose(np.array(a), b.numpy(), rtol=1e-5, atol=1e-6)
 
 
 @needs_shared
@@ -242,3 +280,46 @@ def test_bad_settings_are_refused(tmp_path, args, expected):
     result = CliRunner().invoke(app, ["align", "--method", "grpo", "--model", str(BASE), "--out", str(tmp_path / "run"),
                                       "--backend", "torch", *args])
     assert result.exit_code != 0 and expected in result.output, result.output
+
+
+# --- learning: held-out exact match rises on a built-in task ------------------------------------------------------
+
+
+def _count_prompts(tmp_path) -> tuple:
+    """The built-in "How many letters are in X?" task: the fine-tune's training questions to train on, and 50 new
+    ones (never in the fine-tune's data) held out."""
+    from llmctl.data.tasks import task_records
+
+    def records(convs):
+        return [{"prompt": c[:1], "answer": c[1]["content"]} for c in convs if c[0]["content"].startswith("How many letters")]
+
+    train, val = task_records(0)
+    seen = {c[0]["content"] for c in train + val}
+    fresh = [r for r in records(sum(task_records(7), [])) if r["prompt"][0]["content"] not in seen][:50]
+    return _prompt_file(tmp_path / "count.jsonl", records(train)), _prompt_file(tmp_path / "count_val.jsonl", fresh)
+
+
+@needs_shared
+@pytest.mark.slow
+def test_grpo_raises_held_out_exact_match_above_the_fine_tuned_model(tmp_path_factory):
+    """Start: stories260K after test_finetune_accuracy's LoRA fine-tune, merged (it counts letters right about 60% of
+    the time and does no other task). GRPO with --reward-fn exact, LoRA, beta 0.04, 40 steps of 2 prompts x 8.
+    Measured (AMD EPYC, AVX2): held-out exact match 58% -> 74% (50 new questions), KL to the start at most 0.59."""
+    from test_finetune_accuracy import finetuned_run
+
+    run = finetuned_run(tmp_path_factory, "torch")
+    work = tmp_path_factory.mktemp("grpo-count")
+    merged = CliRunner().invoke(app, ["merge", "--model", str(BASE), "--adapter", str(run), "--out", str(work / "start")])
+    assert merged.exit_code == 0, merged.output
+    train, val = _count_prompts(work)
+    result = CliRunner().invoke(app, [
+        "align", "--method", "grpo", "--model", str(work / "start"), "--prompts", str(train), "--reward-fn", "exact",
+        "--lora", "--rank", "16", "--alpha", "32", "--beta", "0.04", "--group-size", "8", "--steps", "40",
+        "--out", str(work / "grpo"), "--backend", "torch", "data.batch_size=16", "rl.max_tokens=6", "optim.lr=1e-3",
+        "optim.warmup_steps=2", "train.dtype=fp32", "train.save_every=0", f"data.val={val}"])
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in (work / "grpo" / "metrics.jsonl").read_text().splitlines()]
+    held = records[-1]
+    assert held["reward_before"] >= 0.3, held  # the fine-tuned start already counts, sometimes
+    assert held["reward_after"] >= held["reward_before"] + 0.08, held  # 4 more right answers of 50, at least
+    assert max(r["kl"] for r in records if "kl" in r) < 1.0
