@@ -22,7 +22,7 @@ from llmctl.training.batch import IGNORE, Batch
 if TYPE_CHECKING:
     from llmctl.align import AlignConfig
 
-RL_METHODS = ("grpo",)
+RL_METHODS = ("grpo", "ppo")
 EVAL_PROMPTS = 50  # held-out prompts whose greedy completions are scored before and after
 
 
@@ -39,6 +39,12 @@ class RLSettings:
     reward_fn: str = ""            # exact, format or module:function; or reward: a reward model folder
     reward: str = ""
     on_reward_error: str = "stop"  # stop, or skip: a completion whose reward fails gets none (advantage 0)
+    kl_coef: float = 0.05          # ppo: the KL penalty to the reference, in the per-token reward (as TRL's PPO)
+    ppo_epochs: int = 4            # ppo: optimizer steps on each rollout (train.steps counts optimizer steps)
+    vf_coef: float = 0.1           # ppo: weight of the value loss
+    cliprange_value: float = 0.2   # ppo: the value prediction is clipped to old value +- this
+    gamma: float = 1.0             # ppo: GAE's discount and lambda
+    lam: float = 0.95
 
     def problems(self) -> list[str]:
         out = []
@@ -53,24 +59,59 @@ class RLSettings:
             out.append(f"rl.temperature={self.temperature}: must be more than 0 (completions of a group must differ).")
         if not 0 < self.top_p <= 1 or self.top_k < 0:
             out.append(f"rl.top_p={self.top_p}, rl.top_k={self.top_k}: top_p in (0, 1], top_k 0 or more.")
+        if self.kl_coef < 0 or self.vf_coef < 0 or self.cliprange_value <= 0 or self.ppo_epochs < 1:
+            out.append(f"rl.kl_coef={self.kl_coef}, rl.vf_coef={self.vf_coef}, rl.cliprange_value={self.cliprange_value}, "
+                       f"rl.ppo_epochs={self.ppo_epochs}: coefficients 0 or more, the clip range above 0, epochs 1 or more.")
+        if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
+            out.append(f"rl.gamma={self.gamma}, rl.lam={self.lam}: must be in [0, 1].")
         if self.on_reward_error not in ("stop", "skip"):
             out.append(f"--on-reward-error {self.on_reward_error}: expected stop or skip.")
         return out
 
 
 def check_rl(cfg: AlignConfig) -> list[str]:
-    """The problems of a GRPO configuration (beside the groups every align run checks)."""
-    s = cfg.rl
+    """The problems of a GRPO or PPO configuration (beside the groups every align run checks)."""
+    s, method = cfg.rl, cfg.pref.method
     out = s.problems()
-    if bool(s.reward_fn) == bool(s.reward):
-        out.append("--method grpo needs exactly one of --reward-fn NAME|module:function and --reward RM_DIR.")
-    if cfg.data.batch_size % s.group_size:
-        out.append(f"data.batch_size={cfg.data.batch_size}: counts completions a step; it must be a multiple of "
-                   f"--group-size {s.group_size}.")
+    if method == "ppo":
+        if not s.reward or s.reward_fn:
+            out.append("--method ppo scores with a reward model: pass --reward RM_DIR (and no --reward-fn).")
+        k = s.ppo_epochs
+        if cfg.train.save_every % k or cfg.train.stop_at % k or (cfg.train.steps > 0 and cfg.train.steps % k):
+            out.append(f"train.steps={cfg.train.steps}, train.save_every={cfg.train.save_every}, train.stop_at="
+                       f"{cfg.train.stop_at}: must be multiples of rl.ppo_epochs={k} (a checkpoint falls between "
+                       "rollouts, so --resume is exact).")
+    else:
+        if bool(s.reward_fn) == bool(s.reward):
+            out.append("--method grpo needs exactly one of --reward-fn NAME|module:function and --reward RM_DIR.")
+        if cfg.data.batch_size % s.group_size:
+            out.append(f"data.batch_size={cfg.data.batch_size}: counts completions a step; it must be a multiple of "
+                       f"--group-size {s.group_size}.")
     if cfg.ref or cfg.precompute_ref:
-        out.append("--ref/--precompute-ref with --method grpo: the reference is the starting model (with --lora, its "
-                   "adapters off), used only when --beta > 0.")
+        out.append(f"--ref/--precompute-ref with --method {method}: the reference is the starting model (with --lora, "
+                   "its adapters off).")
     return out
+
+
+def gae(rewards: np.ndarray, values: np.ndarray, mask: np.ndarray, gamma: float, lam: float) -> tuple[np.ndarray, np.ndarray]:
+    """(advantages, returns) per token, (B, T), by generalized advantage estimation over each row's masked positions
+    (its completion, in order), as TRL's PPO computes them, with the value after the last token 0 (the episode ends)."""
+    advantages = np.zeros_like(values, dtype=np.float64)
+    for b in range(len(values)):
+        positions = np.flatnonzero(mask[b])
+        last, following = 0.0, 0.0
+        for t in positions[::-1]:
+            delta = rewards[b, t] + gamma * following - values[b, t]
+            last = delta + gamma * lam * last
+            advantages[b, t], following = last, values[b, t]
+    return advantages, advantages + values * mask
+
+
+def whiten(values: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """(x - mean) / sqrt(var + 1e-8) over the masked entries, Bessel's variance, 0 elsewhere (TRL's masked_whiten)."""
+    kept = values[mask > 0]
+    mean, var = kept.mean(), kept.var(ddof=1) if kept.size > 1 else 0.0
+    return np.where(mask > 0, (values - mean) / np.sqrt(var + 1e-8), 0.0)
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -134,6 +175,59 @@ class GroupBatches:
 
     def val_batches(self, rows: int) -> list[Batch]:
         return []  # held out: greedy completions of held-out prompts are scored before and after (run)
+
+
+@dataclass
+class RolloutBatches(GroupBatches):
+    """The batch source of PPO: `batch_size` prompts sampled once each every `ppo_epochs` steps (the rollout), scored
+    by the reward model; the policy's and the reference's log-probabilities and the values of the rollout, its
+    per-token rewards (-kl_coef * (logp - ref) at each token, the score added at the last) and GAE advantages
+    (whitened) and returns ride in the batch for the `ppo_epochs` optimizer steps that train on it."""
+
+    settings: Any = None
+    reference: Any = None          # the frozen reference, or "adapters" (the policy with its adapters off)
+
+    def steps_per_epoch(self) -> int:
+        return max(1, -(-len(self.prompts) // self.batch_size)) * self.settings.ppo_epochs
+
+    def step_prompts(self, step: int) -> list[Prompt]:
+        rollout = step // self.settings.ppo_epochs
+        return [self.prompts[self._index(rollout * self.batch_size + i)] for i in range(self.batch_size)]
+
+    def sample(self, step: int) -> tuple[list[Prompt], list[list[int]]]:
+        prompts = self.step_prompts(step)
+        seed = step_seed(self.seed, step - step % self.settings.ppo_epochs)
+        return prompts, self.engine.sample([p.ids for p in prompts], self.params.with_updates(seed=seed))
+
+    def batch(self, step: int, part: int, parts: int) -> Batch:
+        rollout = step - step % self.settings.ppo_epochs
+        if rollout != self._step:
+            self._rows, self._step = self._make(rollout), rollout
+        elif step != rollout:
+            self.stats = {k: v for k, v in self.stats.items() if k not in ("sample_s", "reward_s")} | {"sample_s": 0.0, "reward_s": 0.0}
+        n = self.batch_size // parts
+        return self._rows.slice(part * n, (part + 1) * n)
+
+    def _make(self, step: int) -> Batch:
+        s = self.settings
+        t0 = time.perf_counter()
+        prompts, completions = self.sample(step)
+        t1 = time.perf_counter()
+        scores = self.reward(prompts, completions)
+        rows = completion_rows(prompts, completions, np.zeros(len(prompts), np.float32), self.pad_id)
+        logps, ref_logps, values = self.engine.rollout(rows, self.reference)   # each (B, T), 0 off the completion
+        mask = rows.loss_mask.astype(np.float64)
+        kl = (logps - ref_logps) * mask
+        rewards = -s.kl_coef * kl
+        last = mask.shape[1] - 1 - np.argmax(mask[:, ::-1], axis=1)   # each row's last completion position
+        rewards[np.arange(len(last)), last] += scores
+        advantages, returns = gae(rewards, values * mask, mask, s.gamma, s.lam)
+        rows.extras = {"old_logps": logps.astype(np.float32), "old_values": (values * mask).astype(np.float32),
+                       "advantages": whiten(advantages, mask).astype(np.float32), "returns": returns.astype(np.float32)}
+        self.stats = {"reward": float(np.mean(scores)), "reward_std": float(np.std(scores)),
+                      "rollout_kl": float(kl.sum(1).mean()), "completion_len": float(np.mean([len(c) for c in completions])),
+                      "sample_s": round(t1 - t0, 4), "reward_s": round(time.perf_counter() - t1, 4)}
+        return rows
 
 
 def completion_rows(prompts: list[Prompt], completions: list[list[int]], advantages: np.ndarray, pad_id: int) -> Batch:
@@ -214,7 +308,7 @@ def build_prompts(cfg: AlignConfig, tokenizer: Any, max_len: int) -> tuple[list[
 
 
 def run(cfg: AlignConfig, backend: str, force: bool = False, resume: bool = False) -> Path | None:
-    """GRPO; the adapter or model folder, or None when stopped early (train.stop_at)."""
+    """GRPO or PPO; the adapter or model folder, or None when stopped early (train.stop_at)."""
     import importlib
 
     from llmctl.chat_session import turn_end
@@ -226,10 +320,10 @@ def run(cfg: AlignConfig, backend: str, force: bool = False, resume: bool = Fals
     from llmctl.training import loop
     from llmctl.training.loop import Job
 
-    s = cfg.rl
-    if backend == "mlx" and (cfg.use_lora or s.reward):
-        raise LlmctlError("--method grpo on the MLX backend trains full weights with --reward-fn (no --lora, no "
-                          "--reward model) so far.", hint="Pass --backend torch.")
+    s, ppo = cfg.rl, cfg.pref.method == "ppo"
+    if backend == "mlx" and (cfg.use_lora or s.reward or ppo):
+        raise LlmctlError("on the MLX backend, align runs --method grpo on full weights with --reward-fn (no --lora, "
+                          "no --reward model, no ppo) so far.", hint="Pass --backend torch.")
     base = resolve_base(cfg)
     spec = read_model(base).spec
     tokenizer = load_tokenizer(base)
@@ -243,19 +337,27 @@ def run(cfg: AlignConfig, backend: str, force: bool = False, resume: bool = Fals
             if cfg.data.batch_size % (cfg.train.grad_accum * engine.world):
                 raise ConfigError(f"data.batch_size={cfg.data.batch_size} does not split into train.grad_accum="
                                   f"{cfg.train.grad_accum} x {engine.world} process(es).")
-            engine.setup(base, cfg.lora.settings() if cfg.use_lora else None, False)
+            engine.setup_policy(base, cfg.lora.settings() if cfg.use_lora else None, ppo)
             stops = frozenset(tokenizer.eos_token_ids) | frozenset(spec.eos_token_ids) | turn_end(tokenizer)[0]
             params = SamplingParams(max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
                                     stop_ids=stops)
             reward, said = make_reward(cfg, engine, tokenizer, stops)
             pad = tokenizer.pad_id if tokenizer.pad_id is not None else (tokenizer.eos_id or 0)
-            source = GroupBatches(engine, train, reward, params, s.group_size, cfg.data.batch_size, cfg.train.seed, pad)
+            if ppo:  # a reference always: the KL penalty is part of the reward
+                reference = "adapters" if cfg.use_lora else engine.load_frozen(base)
+                source = RolloutBatches(engine, train, reward, params, 1, cfg.data.batch_size, cfg.train.seed, pad,
+                                        settings=s, reference=reference)
+                objective = engine.objective(s, "ppo")
+                shape = f"{cfg.data.batch_size} prompts a rollout, {s.ppo_epochs} steps on each"
+            else:
+                source = GroupBatches(engine, train, reward, params, s.group_size, cfg.data.batch_size, cfg.train.seed, pad)
+                reference = None if s.beta == 0 else "adapters" if cfg.use_lora else engine.load_frozen(base)
+                objective = engine.objective(s, reference)
+                shape = f"{s.group_size} completions a prompt, {cfg.data.batch_size // s.group_size} prompt(s) a step"
             if cfg.train.steps <= 0:
-                cfg.train.steps = max(1, math.ceil(cfg.epochs * source.steps_per_epoch()))
-            reference = None if s.beta == 0 else "adapters" if cfg.use_lora else engine.load_frozen(base)
-            objective = engine.objective(s, reference)
-            ui.info(f"align --method grpo: {len(train)} prompts x {s.group_size} completions, "
-                    f"{cfg.data.batch_size // s.group_size} prompt(s) a step, {said}; "
+                k = s.ppo_epochs if ppo else 1
+                cfg.train.steps = max(1, math.ceil(cfg.epochs * source.steps_per_epoch() / k)) * k
+            ui.info(f"align --method {cfg.pref.method}: {len(train)} prompts, {shape}, {said}; "
                     f"{engine.trained_parameters() / 1e6:.3g}M trained parameters; reference: "
                     f"{'none (beta 0)' if reference is None else 'the base (adapters off)' if cfg.use_lora else str(base)}; "
                     f"{cfg.train.steps} steps -> {run_folder.path}")
@@ -272,7 +374,7 @@ def run(cfg: AlignConfig, backend: str, force: bool = False, resume: bool = Fals
             stats = source.stats
             return stats | {"train_s": round(record["step_s"] - stats["sample_s"] - stats["reward_s"], 4)}
 
-        key = {"method": "grpo", "model": str(base), "rl": to_dict(s), "use_lora": cfg.use_lora, "lora": to_dict(cfg.lora),
+        key = {"method": cfg.pref.method, "model": str(base), "rl": to_dict(s), "use_lora": cfg.use_lora, "lora": to_dict(cfg.lora),
                "data.seq_len": seq_len, "data.batch_size": cfg.data.batch_size, "data.train": list(cfg.data.train),
                "train.steps": cfg.train.steps, "train.grad_accum": cfg.train.grad_accum, "train.seed": cfg.train.seed,
                "processes": engine.world}

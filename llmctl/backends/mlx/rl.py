@@ -70,6 +70,10 @@ class RLEngine(AlignEngine):
 
     _generator: Generator | None = None
 
+    def setup_policy(self, base: Path, lora: Any | None, value_head: bool) -> None:
+        """The policy, every weight trained (align refuses --lora and ppo on MLX before this)."""
+        self.setup(base, None, False)
+
     def objective(self, settings: Any, reference: Any) -> GRPO:
         return GRPO(settings, reference)
 

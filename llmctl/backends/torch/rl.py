@@ -77,13 +77,98 @@ class GRPO:
         return (loss * mask).sum(), metrics
 
 
+def ppo_token_loss(logps: Tensor, old_logps: Tensor, advantages: Tensor, values: Tensor, old_values: Tensor,
+                   returns: Tensor, epsilon: float, cliprange_value: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-token clipped policy loss, clipped value loss and clipped flags, each (B, T), as TRL's PPO computes them:
+    max(-A r, -A clip(r, 1 - eps, 1 + eps)) and 1/2 max((v - R)^2, (old_v + clip(v - old_v, +-c) - R)^2)."""
+    ratio = torch.exp(logps - old_logps)
+    policy = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - epsilon, 1 + epsilon))
+    clipped_values = old_values + (values - old_values).clamp(-cliprange_value, cliprange_value)
+    value = 0.5 * torch.max((values - returns) ** 2, (clipped_values - returns) ** 2)
+    return policy, value, (-advantages * ratio.clamp(1 - epsilon, 1 + epsilon) > -advantages * ratio)
+
+
+def add_value_head(model: torch.nn.Module) -> None:
+    """PPO's value head, `v_head` (1, dim): a scalar value of each position's hidden state."""
+    model.v_head = torch.nn.Linear(model.spec.dim, 1, bias=False)
+    torch.nn.init.zeros_(model.v_head.weight)
+
+
+def logps_and_values(model: torch.nn.Module, batch: DeviceBatch) -> tuple[Tensor, Tensor]:
+    """Per-token log-probabilities of the targets and the value head's values, each (B, T), 0 off the loss mask."""
+    h, _ = model(batch.input_ids, head=False, return_aux=True, **batch.model_inputs())
+    inner = unwrap(model)
+    logps = token_logprobs(h, inner.head_weight(), batch.targets, batch.loss_mask)
+    return logps, inner.v_head(h.float())[..., 0] * batch.loss_mask
+
+
+class PPO:
+    """TRL's PPO objective on a rollout: the clipped policy loss plus vf_coef times the clipped value loss, averaged
+    over the rollout's completion tokens (the KL penalty is in the rollout's rewards, not here)."""
+
+    def __init__(self, settings: Any) -> None:
+        self.settings = settings
+
+    def units(self, batch: Batch) -> int:
+        return batch.target_count
+
+    def __call__(self, model: torch.nn.Module, batch: DeviceBatch) -> tuple[Tensor, dict[str, Tensor]]:
+        s, mask, x = self.settings, batch.loss_mask, batch.extras
+        logps, values = logps_and_values(model, batch)
+        policy, value, clipped = ppo_token_loss(logps, x["old_logps"], x["advantages"], values, x["old_values"],
+                                                x["returns"], s.epsilon, s.cliprange_value)
+        loss = ((policy + s.vf_coef * value) * mask).sum()
+        metrics = {"loss": loss.detach(), "policy_loss": (policy * mask).sum().detach(),
+                   "value_loss": (value * mask).sum().detach(), "clip_fraction": (clipped * mask).sum().float()}
+        return loss, metrics
+
+
 class RLEngine(AlignEngine):
     """The policy being trained, sampled between steps by the same Generator `llmctl generate` runs."""
 
     _generator: Generator | None = None
+    _exporting = False
 
-    def objective(self, settings: Any, reference: Any) -> GRPO:
-        return GRPO(settings, reference)
+    def setup_policy(self, base: Path, lora: Any | None, value_head: bool) -> None:
+        """The policy (every weight, or LoRA adapters on a frozen base), with PPO's value head trained beside it."""
+        from llmctl.backends.torch.lora import add_adapters, is_adapter_param
+
+        def prepare(model: torch.nn.Module) -> None:
+            if lora is not None:
+                add_adapters(model, lora)
+            if value_head:
+                add_value_head(model)
+
+        trainable = None if lora is None else (lambda name: is_adapter_param(name) or name.startswith("v_head."))
+        self.load(base, trainable=trainable, prepare=prepare)
+
+    def objective(self, settings: Any, reference: Any) -> GRPO | PPO:
+        return PPO(settings) if reference == "ppo" else GRPO(settings, reference)
+
+    def rollout(self, batch: Batch, reference: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The policy's and the reference's per-token log-probabilities and the values of a rollout, (B, T) each."""
+        model = unwrap(self.net)
+        db = DeviceBatch.of(batch, self.device)
+        with torch.no_grad():
+            logps, values = logps_and_values(model, db)
+            if reference == "adapters":
+                with adapters_off(model):
+                    ref = token_logps(model, db)
+            else:
+                ref = token_logps(reference, db)
+        return tuple(t.double().cpu().numpy() for t in (logps, ref, values))
+
+    def _model_tensors(self, model_sd: dict) -> dict:
+        tensors = super()._model_tensors(model_sd)
+        return {k: v for k, v in tensors.items() if not k.startswith("v_head.")} if self._exporting else tensors
+
+    def export(self, folder: Path) -> None:
+        """The policy's model folder, without PPO's value head."""
+        self._exporting = True
+        try:
+            super().export(folder)
+        finally:
+            self._exporting = False
 
     def sample(self, prompts: list[list[int]], params: Any) -> list[list[int]]:
         """New ids for each prompt from the policy as it is now (`Generator.generate_batch`, seeded by params.seed)."""
