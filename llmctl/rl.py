@@ -23,7 +23,8 @@ if TYPE_CHECKING:
     from llmctl.align import AlignConfig
 
 RL_METHODS = ("grpo", "ppo")
-EVAL_PROMPTS = 50  # held-out prompts whose greedy completions are scored before and after
+EVAL_PROMPTS = 50  # held-out prompts whose completions are scored before and after
+EVAL_SAMPLES = 4   # ppo: completions sampled per held-out prompt
 
 
 @dataclass
@@ -276,11 +277,15 @@ def make_reward(cfg: AlignConfig, engine: Any, tokenizer: Any, stop_ids: frozens
     return rewards, f"reward function {s.reward_fn}"
 
 
-def held_out_reward(source: GroupBatches, prompts: list[Prompt]) -> float:
-    """Mean reward of greedy completions of held-out prompts (with --reward-fn exact: held-out exact match)."""
+def held_out_reward(source: GroupBatches, prompts: list[Prompt], samples: int = 0) -> float:
+    """Mean reward on held-out prompts of greedy completions (with --reward-fn exact: held-out exact match), or of
+    `samples` completions of each sampled as in training (seeded: before and after compare like with like)."""
     if not prompts:
         return math.nan
-    completions = source.engine.sample([p.ids for p in prompts], source.params.with_updates(temperature=0.0, seed=None))
+    if samples:
+        prompts = [p for p in prompts for _ in range(samples)]
+    params = source.params.with_updates(seed=source.seed) if samples else source.params.with_updates(temperature=0.0, seed=None)
+    completions = source.engine.sample([p.ids for p in prompts], params)
     return float(np.nanmean(source.reward(prompts, completions)))
 
 
@@ -364,7 +369,8 @@ def run(cfg: AlignConfig, backend: str, force: bool = False, resume: bool = Fals
         except BaseException:
             run_folder.restore()
             raise
-        before = held_out_reward(source, val) if not resume else None
+        samples = EVAL_SAMPLES if ppo else 0  # PPO: the expected score of sampled completions; GRPO: greedy answers
+        before = held_out_reward(source, val, samples) if not resume else None
         out_dir = run_folder.path / ("adapter" if cfg.use_lora else "model")
 
         def export() -> None:
@@ -390,9 +396,10 @@ def run(cfg: AlignConfig, backend: str, force: bool = False, resume: bool = Fals
         run_folder.settle()
         if not finished:
             return None
-        after = held_out_reward(source, val)
+        after = held_out_reward(source, val, samples)
         shown = "" if before is None else f"{before:.3g} before, "
-        ui.info(f"held-out mean reward of greedy completions on {len(val)} prompts: {shown}{after:.3g} after")
+        what = f"{samples} sampled completions each" if samples else "greedy completions"
+        ui.info(f"held-out mean reward of {what} on {len(val)} prompts: {shown}{after:.3g} after")
         if ui.is_main_process():
             run_folder.log({"step": cfg.train.steps, "reward_before": before, "reward_after": after})
         ui.info(f"{'adapter' if cfg.use_lora else 'model'} written to {out_dir}")

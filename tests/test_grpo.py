@@ -323,3 +323,84 @@ def test_grpo_raises_held_out_exact_match_above_the_fine_tuned_model(tmp_path_fa
     assert held["reward_before"] >= 0.3, held  # the fine-tuned start already counts, sometimes
     assert held["reward_after"] >= held["reward_before"] + 0.08, held  # 4 more right answers of 50, at least
     assert max(r["kl"] for r in records if "kl" in r) < 1.0
+
+
+# --- PPO --------------------------------------------------------------------------------------------------------
+
+
+def test_gae_and_whitening_equal_the_formulas():
+    from llmctl.rl import gae, whiten
+
+    rewards = np.array([[0.1, -0.2, 1.5, 0.0], [0.0, 0.3, 0.0, 0.0]])
+    values = np.array([[0.5, 0.4, 0.9, 0.0], [0.2, -0.1, 0.0, 0.0]])
+    mask = np.array([[1, 1, 1, 0], [0, 1, 0, 0]], np.float32)  # row 2: a prompt token, then a one-token completion
+    advantages, returns = gae(rewards, values, mask, 1.0, 0.95)
+    # row 1 by hand, backwards: the value after the last token is 0
+    d2 = 1.5 + 0 - 0.9
+    d1 = -0.2 + 0.9 - 0.4
+    d0 = 0.1 + 0.4 - 0.5
+    a2, a1 = d2, d1 + 0.95 * d2
+    np.testing.assert_allclose(advantages[0], [d0 + 0.95 * a1, a1, a2, 0.0])
+    np.testing.assert_allclose(advantages[1], [0.0, 0.3 + 0.1, 0.0, 0.0])
+    np.testing.assert_allclose(returns, (advantages + values) * mask)
+    white = whiten(advantages, mask)
+    kept = advantages[mask > 0]
+    np.testing.assert_allclose(white[mask > 0], (kept - kept.mean()) / math.sqrt(kept.var(ddof=1) + 1e-8))
+    assert (white[mask == 0] == 0).all()
+
+
+def test_ppo_loss_equals_the_formula():
+    from llmctl.backends.torch.rl import ppo_token_loss
+
+    logps, old, _, _, _ = _inputs(3)
+    g = torch.Generator().manual_seed(4)
+    advantages, values, old_values, returns = (torch.randn(logps.shape, generator=g, dtype=torch.float64) for _ in range(4))
+    policy, value, clipped = ppo_token_loss(logps, old, advantages, values, old_values, returns, 0.2, 0.2)
+    for b in range(logps.shape[0]):
+        for t in range(logps.shape[1]):
+            r, A = math.exp(logps[b, t] - old[b, t]), float(advantages[b, t])
+            assert float(policy[b, t]) == pytest.approx(max(-A * r, -A * min(max(r, 0.8), 1.2)), rel=1e-12)
+            v, ov, R = float(values[b, t]), float(old_values[b, t]), float(returns[b, t])
+            vc = ov + min(max(v - ov, -0.2), 0.2)
+            assert float(value[b, t]) == pytest.approx(0.5 * max((v - R) ** 2, (vc - R) ** 2), rel=1e-12)
+            assert bool(clipped[b, t]) == (-A * min(max(r, 0.8), 1.2) > -A * r)
+    assert clipped.any() and not clipped.all()
+
+
+@needs_shared
+@pytest.mark.parametrize("args, expected", [
+    (["--reward-fn", "exact"], "--method ppo scores with a reward model"),
+    (["--reward", "x", "--steps", "6"], "must be multiples of rl.ppo_epochs=4"),
+])
+def test_bad_ppo_settings_are_refused(tmp_path, args, expected):
+    result = CliRunner().invoke(app, ["align", "--method", "ppo", "--model", str(BASE), "--out", str(tmp_path / "run"),
+                                      "--backend", "torch", *args])
+    assert result.exit_code != 0 and expected in " ".join(result.output.split()), result.output
+
+
+@needs_shared
+@pytest.mark.slow
+def test_ppo_raises_a_reward_models_score_on_held_out_prompts(tmp_path):
+    """A reward model trained here prefers kind descriptions to unkind ones ("Tell me about the cat." -> "The cat was
+    kind." over "... rude."); PPO from stories260K, 40 steps (10 rollouts of 8 prompts, 4 epochs each), full weights.
+    Measured (AMD EPYC, AVX2): the mean score of 4 sampled completions of each of 6 held-out prompts (nouns never
+    trained on) 0.89 -> 2.74, KL to the start 3.6 nats a completion at the last rollout."""
+    from test_align import NOUNS, _style_pairs
+
+    pairs = _style_pairs(tmp_path / "pairs.jsonl", NOUNS)
+    rm = CliRunner().invoke(app, ["align", "--method", "reward", "--model", str(BASE), "--data", str(pairs), "--out",
+                                  str(tmp_path / "rm"), "--steps", "30", "data.batch_size=8", "optim.lr=2e-3",
+                                  "data.seq_len=64", "train.dtype=fp32", "train.eval_every=1000", "--backend", "torch"])
+    assert rm.exit_code == 0, rm.output
+    prompts = [{"prompt": f"Tell me about the {n}.\n"} for n in NOUNS]
+    train, val = _prompt_file(tmp_path / "p.jsonl", prompts[:14]), _prompt_file(tmp_path / "v.jsonl", prompts[14:])
+    result = CliRunner().invoke(app, [
+        "align", "--method", "ppo", "--model", str(BASE), "--prompts", str(train), "--reward", str(tmp_path / "rm" / "model"),
+        "--out", str(tmp_path / "ppo"), "--steps", "40", "--backend", "torch", "data.batch_size=8", "rl.max_tokens=12",
+        "optim.lr=1e-4", "optim.warmup_steps=2", "train.dtype=fp32", "train.save_every=0", f"data.val={val}"])
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in (tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    held = records[-1]
+    assert held["reward_after"] >= held["reward_before"] + 0.5, held
+    for key in ("policy_loss", "value_loss", "clip_fraction", "rollout_kl", "sample_s", "train_s"):
+        assert key in records[0], key
