@@ -128,7 +128,7 @@ class GroupBatches:
 
     engine: Any                    # the backend's RLEngine: sample(prompts, params) and, for --reward, scores
     prompts: list[Prompt]
-    reward: Any                    # (prompts, completion ids, texts) -> rewards (N,), NaN where skipped
+    reward: Any                    # (prompts, completions' ids) -> rewards (N,), NaN where skipped
     params: Any                    # SamplingParams without the seed
     group_size: int
     batch_size: int
@@ -227,7 +227,7 @@ class RolloutBatches(GroupBatches):
                        "advantages": whiten(advantages, mask).astype(np.float32), "returns": returns.astype(np.float32)}
         self.stats = {"reward": float(np.mean(scores)), "reward_std": float(np.std(scores)),
                       "rollout_kl": float(kl.sum(1).mean()), "completion_len": float(np.mean([len(c) for c in completions])),
-                      "sample_s": round(t1 - t0, 4), "reward_s": round(time.perf_counter() - t1, 4)}
+                      "sample_s": round(t1 - t0, 4), "reward_s": round(time.perf_counter() - t1, 4)}  # scores and the rollout's forwards
         return rows
 
 
