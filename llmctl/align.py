@@ -20,6 +20,7 @@ from llmctl.config import to_dict, to_yaml
 from llmctl.errors import ConfigError, DataError, LlmctlError
 from llmctl.finetune import LoraConfig, data_problems, resolve_base
 from llmctl.preference import REFERENCE_FREE, PreferenceSettings
+from llmctl.rl import RL_METHODS, RLSettings, check_rl
 from llmctl.training.config import LoopConfig, OptimConfig, at_least
 
 DEFAULT_PAIRS = "builtin:tasks"  # data.train's value for the built-in task pairs (correct answer chosen)
@@ -44,10 +45,11 @@ class AlignConfig:
     model: str | None = None     # the policy's start: folder, Hugging Face id or .gguf; empty: the latest llmctl made
     ref: str | None = None       # the reference model; empty: the starting model (with lora: its adapters switched off)
     pref: PreferenceSettings = field(default_factory=PreferenceSettings)
+    rl: RLSettings = field(default_factory=RLSettings)  # --method grpo: sampling, rewards, the GRPO loss
     use_lora: bool = False       # train LoRA adapters (lora.*) instead of every weight
     lora: LoraConfig = field(default_factory=LoraConfig)
     precompute_ref: bool = False  # reference log-probabilities computed once and cached; the reference freed
-    data: AlignData = field(default_factory=AlignData)
+    data: AlignData = field(default_factory=AlignData)  # grpo: data.train the prompt files, data.batch_size completions
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=0.0))  # lr 0: 5e-6, or 5e-5 with lora
     train: LoopConfig = field(default_factory=lambda: LoopConfig(steps=0, eval_every=50, save_every=100))
     epochs: float = 1.0          # passes over the training pairs, when train.steps is 0
@@ -63,7 +65,9 @@ def check_config(cfg: AlignConfig) -> None:
         problems.append(f"epochs={cfg.epochs}: must be greater than 0.")
     if cfg.pref.method == "reward" and cfg.use_lora:
         problems.append("--lora with --method reward: a reward model trains every weight and its score head.")
-    if cfg.pref.method in REFERENCE_FREE and (cfg.ref or cfg.precompute_ref):
+    if cfg.pref.method in RL_METHODS:
+        problems += check_rl(cfg)
+    elif cfg.pref.method in REFERENCE_FREE and (cfg.ref or cfg.precompute_ref):
         problems.append(f"--ref/--precompute-ref with --method {cfg.pref.method}: this method uses no reference.")
     if problems:
         raise ConfigError("the recipe has values no run can use:\n  " + "\n  ".join(problems),
@@ -135,6 +139,10 @@ def run(cfg: AlignConfig, backend: str, force: bool = False, resume: bool = Fals
 
     check_config(cfg)
     s = cfg.pref
+    if s.method in RL_METHODS:
+        from llmctl import rl
+
+        return rl.run(cfg, backend, force=force, resume=resume)
     if backend == "mlx" and (cfg.use_lora or s.method in ("reward", "kto") or cfg.precompute_ref):
         raise LlmctlError("the MLX backend aligns full weights with the pair methods so far (no --lora, kto, reward "
                           "or --precompute-ref).", hint="Pass --backend torch.")

@@ -242,17 +242,21 @@ def exact_match(model: Any, tokenizer: Any, convs: list, backend: str = "torch",
 
     (generate,) = _backend_modules(backend, "generate")
     encoder = ChatEncoder(tokenizer)
-    end_texts = [t for t in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", tokenizer.eos_token) if t]
     was_training = model.training
     model.eval()
     prompts = [tokenizer.encode(encoder.render(conv[:-1], True), add_special_tokens=False) for conv in convs]
     params = SamplingParams(max_tokens=max_new, stop_ids=frozenset(tokenizer.eos_token_ids))
     outs = generate.Generator(model).generate_batch(prompts, params)
     model.train(was_training)
-    right = 0
-    for conv, out in zip(convs, outs):
-        text = tokenizer.decode([t for t in out if t not in tokenizer.eos_token_ids])
-        for t in end_texts:
-            text = text.split(t)[0]
-        right += text.strip() == conv[-1]["content"].strip()
+    right = sum(reply_text(tokenizer, [t for t in out if t not in tokenizer.eos_token_ids]).strip()
+                == conv[-1]["content"].strip() for conv, out in zip(convs, outs))
     return right / max(1, len(convs))
+
+
+def reply_text(tokenizer: Any, ids: list[int]) -> str:
+    """A generated reply's text, up to its first end-of-turn marker (what the built-in tasks' checks compare)."""
+    text = tokenizer.decode(ids)
+    for end in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", tokenizer.eos_token):
+        if end:
+            text = text.split(end)[0]
+    return text

@@ -5,13 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 PAIR_METHODS = ("dpo", "ipo", "hinge", "robust", "simpo", "orpo")
-METHODS = (*PAIR_METHODS, "kto", "reward")
+METHODS = (*PAIR_METHODS, "kto", "reward", "grpo", "ppo")  # grpo, ppo: online RL (llmctl.rl)
 REFERENCE_FREE = ("simpo", "orpo", "reward")  # no reference model: no second copy, nothing to precompute
 
 
 @dataclass
 class PreferenceSettings:
-    method: str = "dpo"            # dpo, ipo, hinge, robust, simpo, orpo, kto or reward
+    method: str = "dpo"            # dpo, ipo, hinge, robust, simpo, orpo, kto, reward, grpo or ppo
     beta: float = 0.1              # DPO's beta (IPO's tau; ORPO's lambda, the weight of its odds-ratio term)
     label_smoothing: float = 0.1   # robust: the assumed share of flipped labels
     gamma: float = 0.5             # simpo: the target reward margin

@@ -13,6 +13,7 @@ The bar is 10% (5 of 50), a margin of two answers for other CPUs.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -23,6 +24,7 @@ SETTINGS = ["--rank", "16", "--alpha", "32", "--steps", "120", "data.seq_len=128
             "train.dtype=fp32", "train.eval_every=1000", "train.save_every=1000"]
 MIN_AFTER = 0.10
 RUNS: dict[tuple[str, str], dict] = {}
+FOLDERS: dict[tuple[str, str], Path] = {}  # each run's folder (test_grpo starts from the fine-tuned torch model)
 
 
 def _exact_match(tmp_path_factory, backend: str, quantize: str = "") -> dict:
@@ -40,7 +42,14 @@ def _exact_match(tmp_path_factory, backend: str, quantize: str = "") -> dict:
         assert result.exit_code == 0, result.output
         records = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
         RUNS[key] = next(r for r in records if "exact_match_after" in r)
+        FOLDERS[key] = out / "run"
     return RUNS[key]
+
+
+def finetuned_run(tmp_path_factory, backend: str = "torch") -> Path:
+    """The run folder of the LoRA fine-tune above (run once per session, whichever test asks first)."""
+    _exact_match(tmp_path_factory, backend)
+    return FOLDERS[(backend, "")]
 
 
 @needs_shared

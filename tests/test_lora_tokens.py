@@ -95,3 +95,25 @@ def test_tokenizer_with_the_template_tokens_gets_none_added(tmp_path):
     trained.chat_template = None  # ChatML by default, whose two tokens train_bpe made
     size = trained.vocab_size
     assert add_template_tokens(trained) == [] and trained.vocab_size == size
+
+
+@needs_shared
+def test_merge_folds_the_added_token_rows_and_carries_the_tokenizer(tmp_path):
+    from typer.testing import CliRunner
+
+    from llmctl.backends.torch.engine import load_module
+    from llmctl.backends.torch.lora import load_adapter
+    from llmctl.cli import app
+    from llmctl.io.model_folder import load_tokenizer
+
+    adapter = _finetune(tmp_path, STORIES, "torch")
+    result = CliRunner().invoke(app, ["merge", "--model", str(STORIES), "--adapter", str(adapter), "--out", str(tmp_path / "merged")])
+    assert result.exit_code == 0, result.output
+    unmerged = load_module(STORIES)
+    load_adapter(unmerged, adapter)
+    merged = load_module(tmp_path / "merged")
+    assert merged.spec.vocab_size == 514
+    assert load_tokenizer(tmp_path / "merged").token_to_id("<|im_end|>") == IM_END
+    tokens = torch.tensor([[1, IM_START, 300, 301, 13, IM_END, 13, IM_START, 400]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(tokens), unmerged(tokens), atol=1e-4, rtol=1e-4)

@@ -17,11 +17,14 @@ def merge(
 ) -> None:
     """Write base + adapter as one float model folder (a quantized base is dequantized first), or with --bits N a
     re-quantized one, reporting its KL divergence to the unmerged model on a built-in text sample."""
+    import shutil
+
     import torch
 
     from llmctl import ui
     from llmctl.backends.torch.engine import load_module
-    from llmctl.backends.torch.lora import dequantize_all, load_adapter, merge_adapters, resolve_adapter_folder
+    from llmctl.backends.torch.lora import (dequantize_all, load_adapter, merge_adapters, merge_token_rows,
+                                            resolve_adapter_folder, token_rows)
     from llmctl.errors import LlmctlError
     from llmctl.io.hub import resolve_model
     from llmctl.io.model_folder import read_model, write_model
@@ -42,6 +45,8 @@ def merge(
     sample = _sample_logprobs(module, source) if bits is not None else None
     quantized = dequantize_all(module) if folder.quantization else 0
     merge_adapters(module)
+    added_tokens = bool(token_rows(module))  # the adapter trains rows of tokens its own tokenizer added
+    merge_token_rows(module)
     with torch.no_grad():
         state = module.state_dict()
     tensors = {k: from_torch(v.detach().contiguous()) for k, v in state.items()
@@ -60,6 +65,9 @@ def merge(
         entry = config_entry(_params(q), layers)
     with replacing(out) as staged:
         write_model(staged, module.spec, tensors, folder.folder, dtype, quantization=entry)
+        for name in ("tokenizer.json", "tokenizer_config.json") if added_tokens else ():
+            if (adapter_dir / name).is_file():
+                shutil.copyfile(adapter_dir / name, staged / name)
     remember_model(Path(out))
     note = f"; {quantized} quantized layers written in float" if quantized else ""
     ui.info(f"merged {len(names)} adapted layers of {adapter_dir} into {source} -> {out}{note}")
@@ -80,6 +88,8 @@ def merge(
 
 def _sample_logprobs(module, source):  # type: ignore[no-untyped-def]
     """Built-in text tokens (1, T) and the unmerged model's log-probabilities on them."""
+    import shutil
+
     import torch
 
     from llmctl.io.model_folder import load_tokenizer

@@ -96,6 +96,8 @@ class Job:
     save_extras: Callable[[Path], None] | None = None   # e.g. the tokenizer, beside each saved model
     started: Callable[[], None] | None = None   # called once the first step is logged (the run folder then stays)
     export: Callable[[], None] | None = None    # the final export instead of the engine's model folder (an adapter)
+    step_metrics: Callable[[dict[str, Any]], dict[str, Any]] | None = None  # more of a step's record, given the record
+    validate: bool = True                       # the validation loss every eval_every steps (False: the command checks)
     resume: bool = False
     state: dict[str, Any] = field(default_factory=dict)
 
@@ -180,7 +182,9 @@ def run(engine: Engine, job: Job) -> bool:
                       "mfu": round(job.flops_per_unit * tok_s / (engine.peak_flops * engine.world), 4)}
             record |= {k: v for k, v in totals.items() if k != "loss"}
             done = step + 1
-            if done % cfg.eval_every == 0 or done == cfg.steps:
+            if job.step_metrics is not None:
+                record |= job.step_metrics(record)  # e.g. online RL's rewards and its sampling time
+            if job.validate and (done % cfg.eval_every == 0 or done == cfg.steps):
                 engine.set_train(False)
                 val = engine.evaluate(job.objective, job.source.val_batches(max(1, _rows(batches))))
                 engine.set_train(True)
