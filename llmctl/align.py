@@ -19,7 +19,7 @@ from llmctl import ui
 from llmctl.config import to_dict, to_yaml
 from llmctl.errors import ConfigError, DataError, LlmctlError
 from llmctl.finetune import LoraConfig, data_problems, resolve_base
-from llmctl.preference import REFERENCE_FREE, PreferenceSettings
+from llmctl.preference import REFERENCE_FREE, PreferenceSettings, same_tokenizer
 from llmctl.rl import RL_METHODS, RLSettings, check_rl
 from llmctl.training.config import LoopConfig, OptimConfig, at_least
 
@@ -72,16 +72,6 @@ def check_config(cfg: AlignConfig) -> None:
     if problems:
         raise ConfigError("the recipe has values no run can use:\n  " + "\n  ".join(problems),
                           hint="Fix these keys in the recipe or the key=value overrides.")
-
-
-def same_tokenizer(policy: Any, reference: Any, where: str) -> None:
-    """Refuse a reference whose tokenizer differs: its log-probabilities would be of other tokens."""
-    a, b = policy.backend.get_vocab(with_added_tokens=True), reference.backend.get_vocab(with_added_tokens=True)
-    if a != b:
-        diff = sorted(set(a.items()) ^ set(b.items()), key=lambda kv: kv[1])[:3]
-        raise ConfigError(f"--ref {where} has a different tokenizer from the policy's ({len(a)} and {len(b)} tokens; "
-                          f"e.g. {', '.join(f'{t!r}={i}' for t, i in diff)} is in one only).",
-                          hint="Pass as --ref a model with the policy's tokenizer (usually the model the policy started from).")
 
 
 def build_examples(cfg: AlignConfig, tokenizer: Any, seq_len: int) -> tuple[list, list, Any]:
@@ -155,7 +145,7 @@ def run(cfg: AlignConfig, backend: str, force: bool = False, resume: bool = Fals
 
         ref_folder = resolve_model(cfg.ref) if cfg.ref else base
         if cfg.ref:
-            same_tokenizer(tokenizer, load_tokenizer(ref_folder), cfg.ref)
+            same_tokenizer(tokenizer, load_tokenizer(ref_folder), f"--ref {cfg.ref}")
     seq_len = min(cfg.data.seq_len, spec.max_seq_len)
     import importlib
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
+
+from llmctl.errors import ConfigError
 
 PAIR_METHODS = ("dpo", "ipo", "hinge", "robust", "simpo", "orpo")
 METHODS = (*PAIR_METHODS, "kto", "reward", "grpo", "ppo")  # grpo, ppo: online RL (llmctl.rl)
@@ -30,3 +33,13 @@ class PreferenceSettings:
             if not getattr(self, name) >= 0:
                 out.append(f"pref.{name}={getattr(self, name)}: must be 0 or more.")
         return out
+
+
+def same_tokenizer(policy: Any, reference: Any, flag: str) -> None:
+    """Refuse a reference whose tokenizer differs: its log-probabilities would be of other tokens."""
+    a, b = policy.backend.get_vocab(with_added_tokens=True), reference.backend.get_vocab(with_added_tokens=True)
+    if a != b:
+        diff = sorted(set(a.items()) ^ set(b.items()), key=lambda kv: kv[1])[:3]
+        raise ConfigError(f"{flag} has a different tokenizer from the policy's ({len(a)} and {len(b)} tokens; "
+                          f"e.g. {', '.join(f'{t!r}={i}' for t, i in diff)} is in one only).",
+                          hint=f"Pass as {flag.split()[0]} a model with the policy's tokenizer (usually the model the policy started from).")

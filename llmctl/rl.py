@@ -16,6 +16,7 @@ import numpy as np
 
 from llmctl import ui
 from llmctl.errors import ConfigError, DataError, LlmctlError
+from llmctl.preference import same_tokenizer
 from llmctl.rewards import Prompt, group_advantages, score
 from llmctl.training.batch import IGNORE, Batch
 
@@ -257,12 +258,11 @@ def make_reward(cfg: AlignConfig, engine: Any, tokenizer: Any, stop_ids: frozens
     """(prompts, completions) -> rewards (N,) from --reward-fn or --reward, and what it is, for the summary."""
     s = cfg.rl
     if s.reward:
-        from llmctl.align import same_tokenizer
         from llmctl.io.hub import resolve_model
         from llmctl.io.model_folder import load_tokenizer
 
         folder = resolve_model(s.reward)
-        same_tokenizer(tokenizer, load_tokenizer(folder), s.reward)
+        same_tokenizer(tokenizer, load_tokenizer(folder), f"--reward {s.reward}")
         scorer = engine.reward_model(folder)
         return (lambda prompts, completions: scorer([p.ids + c for p, c in zip(prompts, completions)])), f"reward model {folder}"
     from llmctl.rewards import load_reward_fn
