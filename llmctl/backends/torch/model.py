@@ -365,14 +365,8 @@ class Rope(nn.Module):
         else:  # each token's own position (packed examples restart at 0), (B, T)
             cos, sin = self.table(int(positions.max()) + 1, x)
             cos, sin = cos[positions][:, None], sin[positions][:, None]    # (B, 1, T, D)
-        # x * cos + rotate_half(x) * sin, rotate_half(x) = (-x2, x1), made in place on x * cos: no negated copy and
-        # no concatenation (3-8x faster on a 512-token prompt's q, measured on an AVX2 EPYC)
         x1, x2 = x.chunk(2, dim=-1)
-        half = x1.shape[-1]
-        out = x * cos
-        out[..., :half].addcmul_(x2, sin[..., :half], value=-1)
-        out[..., half:].addcmul_(x1, sin[..., half:])
-        return out
+        return x * cos + torch.cat([-x2, x1], -1) * sin
 
     def table(self, n: int, x: Tensor) -> tuple[Tensor, Tensor]:
         """cos and sin of positions 0..>=n, (N, D) in x's dtype; kept between calls so decoding computes none per token."""
