@@ -11,6 +11,7 @@
 #include <utility>
 
 #include "decode.h"
+#include "fmatmul.h"
 #include "qmatmul.h"
 #include "quant.h"
 
@@ -182,6 +183,24 @@ PYBIND11_MODULE(_C, m) {
       py::arg("words"), py::arg("rows"), py::arg("cols"), py::arg("bits"), py::arg("codes"),
       py::arg("threads") = 0, release,
       "Unpack the first cols codes of each row of uint32 words into uint8 codes (rows, cols).");
+
+  m.def(
+      "fmatmul",
+      [](Buffer x, int x_dtype, int64_t batch, int64_t in_features, Buffer w, int w_dtype, int64_t out_features,
+         Buffer bias, int bias_dtype, Buffer y, int y_dtype, int threads, int isa) {
+        const void* xp = span<const void>(x, bytes_of({batch, in_features, dtype_bytes(x_dtype, "x")}, "x"), "x");
+        const void* wp = span<const void>(w, bytes_of({out_features, in_features, dtype_bytes(w_dtype, "w")}, "w"), "w");
+        const void* bp = bias.first == 0 ? nullptr
+                                         : span<const void>(bias, bytes_of({out_features, dtype_bytes(bias_dtype, "bias")}, "bias"), "bias");
+        void* yp = span<void>(y, bytes_of({batch, out_features, dtype_bytes(y_dtype, "y")}, "y"), "y");
+        llmctl::fmatmul(xp, x_dtype, batch, in_features, wp, w_dtype, out_features, bp, bias_dtype, yp, y_dtype,
+                        check_threads(threads), isa);
+      },
+      py::arg("x"), py::arg("x_dtype"), py::arg("batch"), py::arg("in_features"), py::arg("w"), py::arg("w_dtype"),
+      py::arg("out_features"), py::arg("bias"), py::arg("bias_dtype"), py::arg("y"), py::arg("y_dtype"),
+      py::arg("threads") = 0, py::arg("isa") = 0, release,
+      "y (batch, out_features) = x (batch, in_features) @ W^T (+ bias; (0, 0): none) for dense float W (out_features,\n"
+      "in_features): the few-row products of decoding (fmatmul.h); isa ISA_AUTO picks the best.");
 
   m.def(
       "qmatmul",

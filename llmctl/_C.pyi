@@ -35,6 +35,12 @@ def pack(codes: Buffer, rows: int, cols: int, bits: int, words: Buffer, threads:
 def unpack(words: Buffer, rows: int, cols: int, bits: int, codes: Buffer, threads: int = 0) -> None:
     """Unpack the first cols codes of each row of uint32 words into uint8 codes (rows, cols)."""
 
+def fmatmul(
+    x: Buffer, x_dtype: int, batch: int, in_features: int, w: Buffer, w_dtype: int, out_features: int, bias: Buffer,
+    bias_dtype: int, y: Buffer, y_dtype: int, threads: int = 0, isa: int = 0,
+) -> None:
+    """y (batch, out_features) = x @ W^T (+ bias; (0, 0): none) for dense float W: decoding's few-row products."""
+
 def qmatmul(
     x: Buffer, x_dtype: int, batch: int, in_features: int, wq: Buffer, scales: Buffer, biases: Buffer, w_dtype: int,
     out_features: int, group_size: int, bits: int, mode: int, y: Buffer, y_dtype: int, threads: int = 0,

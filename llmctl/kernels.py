@@ -643,6 +643,29 @@ def _nbytes(t: Any) -> tuple[int, int]:
     return t.data_ptr(), t.nbytes
 
 
+def fmatmul(x: Any, weight: Any, bias: Any = None, *, threads: int = 0, isa: int = 0) -> Any:
+    """x (..., in_features) @ weight.T (+ bias) for torch CPU tensors of float32/float16/bfloat16, in x's dtype, on the
+    decode kernels (csrc/fmatmul.h): the weights read once per call as stored, a block of rows per pass, float32
+    sums (error <= in_features * 2^-24 * sum |w x|). Made for few rows of x (decoding); isa: an ISA code
+    (`isa_code`). O(1) checks here, every byte count again in C++."""
+    x_code, w_code = _torch_code(x.dtype), _torch_code(weight.dtype)
+    b_code = 0 if bias is None else _torch_code(bias.dtype)
+    k = weight.shape[-1] if weight.ndim == 2 else -1
+    if (x_code is None or w_code is None or b_code is None or x.is_cuda or weight.is_cuda or not x.ndim
+            or x.shape[-1] != k or not weight.is_contiguous() or (bias is not None and (bias.is_cuda or bias.shape != weight.shape[:1]))):  # fmt: skip
+        raise KernelArgumentError(f"fmatmul takes float CPU tensors x (..., {k}), a contiguous 2-D weight and a bias of "
+                                  f"its rows; got x {x.dtype} {tuple(x.shape)}, weight {weight.dtype} "
+                                  f"{tuple(weight.shape)}{'' if bias is None else f', bias {bias.dtype} {tuple(bias.shape)}'}.")
+    x, bias = x.contiguous(), None if bias is None else bias.contiguous()
+    y = x.new_empty((*x.shape[:-1], weight.shape[0]))
+    try:
+        _lib().fmatmul(_nbytes(x), x_code, x.numel() // k if k else 0, k, _nbytes(weight), w_code, weight.shape[0],
+                       (0, 0) if bias is None else _nbytes(bias), b_code, _nbytes(y), x_code, threads, isa)  # fmt: skip
+    except ValueError as error:
+        raise KernelArgumentError(f"{error}.") from None
+    return y
+
+
 class QuantizedWeights:
     """Quantized weights of one layer (torch CPU tensors, MLX's layout or the tiled one), checked once for the many
     small products of decoding (~100 a token): `matmul` then checks only x, in O(1), and the C++ side every byte

@@ -163,12 +163,31 @@ def half_products() -> bool:
 WIDENED_ROWS = 16  # 16-bit products with at least this many rows of x run in float32 on CPUs without bfloat16 arithmetic
 
 
+@functools.cache
+def native_products() -> bool:
+    """Whether llmctl._C is built: its float kernels (csrc/fmatmul.h) then multiply decoding's few rows of x."""
+    try:
+        from llmctl import _C  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def dense_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """x @ weight.T + bias, no autograd. float32 on the CPU runs in oneDNN (inductor's linear op): torch's default
-    (MKL) measured here 10-35% slower on training's products and ~40% slower on decoding's one-row products.
+    """x @ weight.T + bias, no autograd. Fewer than WIDENED_ROWS rows of x (decoding) of bfloat16/float16 weights on
+    a CPU without bfloat16 arithmetic run in llmctl's float kernels (`kernels.fmatmul`: weights read once as stored,
+    float32 sums; LLMCTL_ISA picks them): a bfloat16 row in torch measured up to 10x slower on an AVX2 EPYC, its
+    products emulated (float32 rows stay in oneDNN, which measured as fast). Other float32 products on the CPU run
+    in oneDNN (inductor's linear op): torch's default (MKL) measured here 10-35% slower on training's products.
     bfloat16/float16 products of many rows (prompts) on a CPU without bfloat16 arithmetic (AVX2, most ARM) are
     widened to float32 (exactly) and multiplied there, then rounded back: the 16-bit products are emulated there,
     about 5x slower than float32's (the bfloat16 prompt measured 0.16x llama.cpp's on an AVX2 EPYC)."""
+    if (weight.dtype in (torch.bfloat16, torch.float16) and weight.device.type == "cpu"
+            and x.numel() < WIDENED_ROWS * weight.shape[-1] and weight.is_contiguous() and not half_products()
+            and native_products()):  # fmt: skip
+        from llmctl import kernels
+
+        return kernels.fmatmul(x, weight, bias, threads=torch.get_num_threads(), isa=kernels.isa_code(None))
     if (weight.dtype in (torch.bfloat16, torch.float16) and weight.device.type == "cpu"
             and x.numel() >= WIDENED_ROWS * weight.shape[-1] and not half_products()):  # fmt: skip
         return dense_linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
