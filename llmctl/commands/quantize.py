@@ -41,6 +41,7 @@ class QuantConfig:
     double_quant: bool = False     # nf4: store the block scales in 8 bits too (QLoRA's double quantization)
     keep: list[str] = field(default_factory=list)  # module globs left in float (default: every matrix quantized)
     head_bits: int = 0             # the output head's (or tied embedding's) bits; 0: max(bits, 6)
+    qat_loss: str = "kl"           # qat: kl (to the float model's next-token distribution) or ce (next-token loss on --data)
 
 
 @dataclass
@@ -259,6 +260,8 @@ def _check(cfg: QuantizeConfig, force: bool) -> None:
         problems.append("--double-quant applies to --method nf4 only")
     if q.method == Method.qat and not cfg.data.train:
         problems.append("--method qat trains the model: pass its training text with --data")
+    if q.qat_loss not in ("kl", "ce"):
+        problems.append(f"quant.qat_loss={q.qat_loss!r}: expected kl (distil the float model) or ce (next-token loss)")
     if q.method == Method.qat and cfg.format == Format.gguf:
         problems.append("--method qat writes a model folder; convert it to GGUF afterwards with `llmctl convert`")
     if problems:
