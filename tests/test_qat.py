@@ -71,3 +71,11 @@ def test_qat_needs_training_text(tmp_path):
     assert result.exit_code == 1
     assert "--method qat trains the model: pass its training text with --data" in " ".join(result.output.split())
     assert not (tmp_path / "q").exists()
+
+
+def test_an_unknown_qat_loss_is_refused(tmp_path):
+    result = quantize_cli("--model", STORIES, "--out", tmp_path / "q", "--method", "qat", "--bits", "3", "--data",
+                          STORIES, "quant.qat_loss=mse")
+    assert result.exit_code == 1
+    assert "quant.qat_loss='mse': expected kl (distil the float model) or ce" in " ".join(result.output.split())
+    assert not (tmp_path / "q").exists()
