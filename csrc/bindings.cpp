@@ -290,17 +290,19 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "qmatmul_tiled",
       [](Buffer x, int x_dtype, int64_t batch, int64_t in_features, Buffer wq, Buffer scales, Buffer biases,
-         int w_dtype, int64_t out_features, int group_size, int bits, Buffer y, int y_dtype, int threads, int isa) {
+         int w_dtype, int64_t out_features, int group_size, int bits, Buffer y, int y_dtype, int threads, int isa,
+         bool x_int8) {
         auto q = quant_buffers(wq, scales, biases, w_dtype, out_features, in_features, group_size, bits, true);
         const void* xp = span<const void>(x, bytes_of({batch, in_features, dtype_bytes(x_dtype, "x")}, "x"), "x");
         void* yp = span<void>(y, bytes_of({batch, out_features, dtype_bytes(y_dtype, "y")}, "y"), "y");
         llmctl::qmatmul_tiled(xp, x_dtype, batch, in_features, q.wq, q.scales, q.biases, w_dtype, out_features,
-                              group_size, bits, yp, y_dtype, check_threads(threads), isa);
+                              group_size, bits, yp, y_dtype, check_threads(threads), isa, x_int8);
       },
       py::arg("x"), py::arg("x_dtype"), py::arg("batch"), py::arg("in_features"), py::arg("wq"),
       py::arg("scales"), py::arg("biases"), py::arg("w_dtype"), py::arg("out_features"),
       py::arg("group_size"), py::arg("bits"), py::arg("y"), py::arg("y_dtype"), py::arg("threads") = 0,
-      py::arg("isa") = 0, release, "qmatmul for weights in the tiled layout (affine 4-/8-bit).");
+      py::arg("isa") = 0, py::arg("x_int8") = false, release,
+      "qmatmul for weights in the tiled layout (affine 4-/8-bit); x_int8: the AVX2 int8 prompt kernel for 4-bit codes.");
 
   m.def(
       "cpu_isa", [] { return std::string(llmctl::isa_name(llmctl::best_isa())); },

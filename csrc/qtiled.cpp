@@ -247,17 +247,27 @@ LLMCTL_AVX2 bool prepare_int8_rows_avx2(TiledX& p, const float* x, int64_t r0, i
       float total = 0.0f, largest = 0.0f;
       for (int j = 0; j < 8; ++j) total += s[j], largest = std::max(largest, m[j]);
       if (!std::isfinite(total) || !std::isfinite(largest)) return false;
-      p.xsum[size_t(r * groups + g)] = total;
       p.sx[size_t(r * groups + g)] = largest / 127.0f;
       const __m256 inv = _mm256_set1_ps(largest > 0.0f ? 127.0f / largest : 0.0f);
       int8_t* q = p.b.data() + r * stride + g * group_size;
+      __m256i rounded = _mm256_setzero_si256();  // the sum of the rounded x, in steps
       for (int i = 0; i < group_size; i += 32) {  // cvtps rounds to nearest even; the packs interleave 128-bit lanes
         __m256i c[4];
-        for (int j = 0; j < 4; ++j)
+        for (int j = 0; j < 4; ++j) {
           c[j] = _mm256_cvtps_epi32(_mm256_min_ps(hi, _mm256_max_ps(lo, _mm256_mul_ps(_mm256_loadu_ps(v + i + 8 * j), inv))));
+          rounded = _mm256_add_epi32(rounded, c[j]);
+        }
         const __m256i w = _mm256_packs_epi16(_mm256_packs_epi32(c[0], c[1]), _mm256_packs_epi32(c[2], c[3]));
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + i), _mm256_permutevar8x32_epi32(w, order));
       }
+      // The biases multiply the sum of the same rounded x the codes do, so the product is (scale * code + bias) times
+      // the rounded x: its error goes with |w| (the stated bound), where the exact sum would leave it with |scale *
+      // code|, several times larger for codes that sit far from zero (4-bit codes 0..15 with a bias near -8 scales).
+      alignas(32) int32_t n[8];
+      _mm256_store_si256(reinterpret_cast<__m256i*>(n), rounded);
+      int32_t steps = 0;
+      for (int j = 0; j < 8; ++j) steps += n[j];
+      p.xsum[size_t(r * groups + g)] = float(steps) * (largest / 127.0f);
     }
   return true;
 }
@@ -762,7 +772,7 @@ void dequantize_tiled(const uint32_t* wq, const void* scales, const void* biases
 
 void qmatmul_tiled(const void* x, int x_dtype, int64_t batch, int64_t in, const uint32_t* wq, const void* scales,
                    const void* biases, int w_dtype, int64_t out, int group_size, int bits, void* y, int y_dtype,
-                   int threads, int isa) {
+                   int threads, int isa, bool x_int8) {
   check_tiled(w_dtype, out, in, group_size, bits);
   check_dtype(x_dtype, "x");
   check_dtype(y_dtype, "y");
@@ -776,8 +786,8 @@ void qmatmul_tiled(const void* x, int x_dtype, int64_t batch, int64_t in, const 
     return;
   }
   static thread_local TiledX prepared;  // reused: decoding makes ~100 calls a token
-  // Several rows of x with 4-bit codes on AVX2 (a prompt): the int8 kernel, twice the products a multiply
-  const bool int8 = isa == kIsaAvx2 && bits == 4 && batch >= kPromptRows;
+  // Several rows of x with 4-bit codes on AVX2 (a prompt), where the caller asks: the int8 kernel
+  const bool int8 = x_int8 && isa == kIsaAvx2 && bits == 4 && batch >= kPromptRows;
   const XForm form = isa == kIsaAvx512 ? kXBytes : int8 ? kXInt8 : isa == kIsaAvx2 ? kXInt16 : kXFloat;
   const bool finite = prepare(prepared, x, x_dtype, batch, in, group_size, form, threads);
   TiledJob job{reinterpret_cast<const uint8_t*>(wq), scales, biases, w_dtype, group_size, bits, y_dtype,

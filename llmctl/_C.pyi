@@ -90,8 +90,10 @@ def dequantize_tiled(
 def qmatmul_tiled(
     x: Buffer, x_dtype: int, batch: int, in_features: int, wq: Buffer, scales: Buffer, biases: Buffer, w_dtype: int,
     out_features: int, group_size: int, bits: int, y: Buffer, y_dtype: int, threads: int = 0, isa: int = 0,
+    x_int8: bool = False,
 ) -> None:
-    """qmatmul for weights in the tiled layout (affine 4-/8-bit), with the same int16 x and error bound."""
+    """qmatmul for weights in the tiled layout (affine 4-/8-bit), with the same int16 x and error bound; x_int8: the
+    AVX2 int8 prompt kernel for 4-bit codes (x rounded to int8 per group)."""
 
 def cpu_isa() -> str:
     """The instruction set qmatmul uses by default here: avx512, avx2, neon or scalar."""

@@ -25,30 +25,18 @@ def test_16_bit_prompts_multiply_widened_to_float32_where_the_cpu_has_no_bfloat1
 
 
 def test_a_tiled_layer_multiplies_a_prompt_as_its_mlx_layout_does():
-    """Many rows of x (a prompt): on AVX2 the tiled kernels take them (int8 x for 4-bit codes: within its rounding
-    bound, as in tests/test_qmatmul.py), elsewhere the dequantize-then-matmul path, which reads the tiled
-    layout block by block (the same products as MLX's layout)."""
+    """Many rows of x (a prompt) take the dequantize-then-matmul path, which reads the tiled layout block by block."""
     from llmctl import kernels
     from llmctl.backends.torch.quant import DEQUANTIZED_ROWS, QuantizedLinear
     from llmctl.quant import QuantParams
 
     g = torch.Generator().manual_seed(0)
-    for bits in (4, 8):
-        layer = QuantizedLinear(128, 32, False, QuantParams(group_size=64, bits=bits), dtype=torch.float32)
-        wq, scales, biases = kernels.quantize(torch.randn(32, 128, generator=g) * 0.05, 64, bits)
-        layer.weight.copy_(wq), layer.scales.copy_(scales), layer.biases.copy_(biases)
-        x = torch.randn(DEQUANTIZED_ROWS, 128, generator=g)
-        want = layer(x)  # MLX's layout: dequantized, then a float32 product
-        if not layer.can_tile():
-            pytest.skip("no tiled kernels on this CPU: the layer keeps MLX's layout")
-        assert layer.tile()
-        if layer._kernel_isa() != "avx2":
-            torch.testing.assert_close(layer(x), want)
-            continue
-        w = layer.dequantized()
-        got = layer(x)
-        exact = x.double() @ w.double().T
-        step = x.double().abs().reshape(len(x), -1, 64).amax(-1) / (127 if bits == 4 else 32639)  # as x_rounding_bound
-        bound = (step / 2) @ w.double().abs().reshape(32, -1, 64).sum(-1).T + (want.double() - exact).abs() + 1e-6
-        assert ((got.double() - exact).abs() <= bound).all(), bits
-        assert not torch.equal(got, want), "the prompt was not multiplied by the tiled kernels"
+    layer = QuantizedLinear(128, 32, False, QuantParams(group_size=64, bits=4), dtype=torch.float32)
+    wq, scales, biases = kernels.quantize(torch.randn(32, 128, generator=g) * 0.05, 64, 4)
+    layer.weight.copy_(wq), layer.scales.copy_(scales), layer.biases.copy_(biases)
+    x = torch.randn(DEQUANTIZED_ROWS, 128, generator=g)
+    want = layer(x)
+    if not layer.can_tile():
+        pytest.skip("no tiled kernels on this CPU: the layer keeps MLX's layout")
+    assert layer.tile()
+    torch.testing.assert_close(layer(x), want)

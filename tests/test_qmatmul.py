@@ -213,8 +213,8 @@ def _tiled(rows: int, cols: int, group_size: int, bits: int, scale_dtype: str, s
     return (wq, scales, biases), tiled, want
 
 
-def _qmatmul_tiled(x, tiled, group_size: int, bits: int, isa: str = "auto", threads: int = 0):
-    return kernels.qmatmul_tiled(x, *tiled, group_size, bits, isa=isa, threads=threads)
+def _qmatmul_tiled(x, tiled, group_size: int, bits: int, isa: str = "auto", threads: int = 0, x_int8: bool = False):
+    return kernels.qmatmul_tiled(x, *tiled, group_size, bits, isa=isa, threads=threads, x_int8=x_int8)
 
 
 @pytest.mark.parametrize("scale_dtype", ["float32", "float16", "bfloat16"])
@@ -243,10 +243,11 @@ def x_rounding_bound(x, w, group_size: int, levels: int):
     return (step / 2) @ w.abs().reshape(len(w), -1, group_size).sum(-1).T + 1e-5 * (x.abs() @ w.abs().T)
 
 
+@pytest.mark.parametrize("x_int8", [False, True])
 @pytest.mark.parametrize("scale_dtype", ["float32", "float16", "bfloat16"])
 @pytest.mark.parametrize("group_size", GROUP_SIZES)
 @pytest.mark.parametrize("bits", [4, 8])
-def test_tiled_prompt_kernels_stay_within_their_bound(bits, group_size, scale_dtype):
+def test_tiled_prompt_kernels_stay_within_their_bound(bits, group_size, scale_dtype, x_int8):
     """Several rows of x (a prompt). On AVX2, 4-bit codes multiply int8 x (largest |x| / 127 a step per group): each
     output within x_rounding_bound(127); 8-bit codes, and every other kernel, keep int16 x (32639 steps)."""
     torch = pytest.importorskip("torch")
@@ -259,16 +260,22 @@ def test_tiled_prompt_kernels_stay_within_their_bound(bits, group_size, scale_dt
         for isa in kernels.cpu_isas():
             for x_dtype in (torch.float32, torch.bfloat16):
                 xs = x.to(x_dtype)
-                got = _qmatmul_tiled(xs, tiled, group_size, bits, isa)
+                got = _qmatmul_tiled(xs, tiled, group_size, bits, isa, x_int8=x_int8)
                 assert got.dtype == x_dtype
                 want = xs.double() @ w.double().T
-                levels = 127 if isa == "avx2" and bits == 4 else 32639
+                levels = 127 if x_int8 and isa == "avx2" and bits == 4 else 32639
                 bound = x_rounding_bound(xs, w, group_size, levels)
                 if x_dtype == torch.bfloat16:  # y rounded to bfloat16 too
                     bound = bound + want.abs() * 2.0**-8
                 err = (got.double() - want).abs()
                 worst = (err / bound).max().item()
                 assert worst <= 1.0, f"{isa} bits={bits} group={group_size} {scale_dtype} batch={batch} {x_dtype}: {worst:.3g} x the bound"
+                if levels == 127 and x_dtype == torch.float32:  # exactly the weights times the rounded x
+                    xg = xs.double().reshape(batch, -1, group_size)
+                    step = xg.abs().amax(-1, keepdim=True) / 127
+                    rounded = (torch.round(xg / step) * step).reshape(xs.shape) @ w.double().T
+                    off = ((got.double() - rounded).abs() / bound).max().item()
+                    assert off <= 0.02, f"bits={bits} group={group_size} {scale_dtype} batch={batch}: {off:.3g} of the bound off W @ rounded x"
 
 
 @pytest.mark.parametrize("bits", [4, 8])

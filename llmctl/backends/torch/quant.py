@@ -26,9 +26,7 @@ def _bf16_products() -> bool:
 
 
 # Products with at least this many rows of x (prompts) dequantize blocks of DEQUANTIZED_BLOCK weights and multiply
-# in float32 (or bfloat16, `_dequantized_matmul`): past ~100 rows a float matrix product outruns the quantized kernels
-# made for one row. Not on AVX2 with tiled weights: there the tiled kernels take several x rows per tile (int8 x for
-# 4-bit codes), faster than the dequantized weights' float32 product on a CPU without AVX-512.
+# in float32 (or bfloat16, `_dequantized_matmul`): past ~100 rows a float matrix product outruns the quantized kernels, which are made for one row.
 DEQUANTIZED_ROWS = 128
 TILED_ISAS = ("avx2", "avx512")  # the ISAs with tiled kernels (csrc/qtiled.cpp); others run a portable loop
 DEQUANTIZED_BLOCK = 1 << 20  # 4 MB of float32: smaller blocks made the products measurably slower
@@ -75,10 +73,7 @@ class QuantizedLinear(nn.Module):
         """x (..., in) @ W^T with no bias, in x's dtype; threads: the kernels' count (None: torch's)."""
         buffers = self._buffers  # direct: nn.Module.__getattr__ costs a microsecond per buffer
         weight, scales, biases = buffers["weight"], buffers["scales"], buffers.get("biases")
-        if (
-            x.numel() >= DEQUANTIZED_ROWS * self.in_features and self.mode == "affine" and not x.is_cuda
-            and x.shape[-1] == self.in_features and not (weight.dim() == 3 and self._kernel_isa() == "avx2")
-        ):  # fmt: skip
+        if x.numel() >= DEQUANTIZED_ROWS * self.in_features and self.mode == "affine" and not x.is_cuda and x.shape[-1] == self.in_features:
             return self._dequantized_matmul(x)
         if weight.dim() == 3 and _DTYPE_CODES.get(x.dtype) is None and x.shape[-1] == self.in_features:
             return self.matmul(x.float(), threads).to(x.dtype)  # the tiled kernels take float activations only
@@ -131,10 +126,6 @@ class QuantizedLinear(nn.Module):
                         linear._buffers[name] = view
             joint.register_buffer(name, tensor)
         return joint
-
-    def _kernel_isa(self) -> str:
-        """The ISA whose kernels this layer's products run (the best this CPU has, unless LLMCTL_ISA chose)."""
-        return kernels.cpu_isa() if self.isa == 0 else kernels.ISAS[self.isa]
 
     def can_tile(self) -> bool:
         """Whether `tile` would rearrange this layer: affine 4-/8-bit codes of a multiple of 16 rows on a CPU that
@@ -252,10 +243,6 @@ class QuantizedEmbedding(QuantizedLinear):
 
     def as_linear(self, x: Tensor) -> Tensor:
         return self.matmul(x)
-
-    def _kernel_isa(self) -> str:
-        """The ISA whose kernels this layer's products run (the best this CPU has, unless LLMCTL_ISA chose)."""
-        return kernels.cpu_isa() if self.isa == 0 else kernels.ISAS[self.isa]
 
     def can_tile(self) -> bool:
         return False  # rows are looked up one token at a time
