@@ -203,13 +203,7 @@ def run(cfg: AlignConfig, backend: str, force: bool = False, resume: bool = Fals
                   config_text=to_yaml(cfg), resume=resume, tokens_per_step=int(2 * cfg.data.batch_size * mean_tokens),
                   flops_per_unit=spec.flops_per_token(int(mean_tokens), training=True), started=run_folder.settle,
                   export=export)
-        try:
-            finished = loop.run(engine, job)
-        except BaseException:
-            run_folder.restore()
-            raise
-        run_folder.settle()
-        if not finished:
+        if not loop.run_settled(engine, job):
             return None
         engine.set_train(False)
         after = engine.evaluate(objective, source.val_batches(2 * max(1, cfg.data.batch_size)))

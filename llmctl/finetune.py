@@ -208,13 +208,7 @@ def run(cfg: FinetuneConfig, backend: str, force: bool = False, resume: bool = F
         job = Job(loop=cfg.train, optim=cfg.optim, run=run_folder, source=source, objective=objectives.NextToken(), resume_key=key,
                   config_text=to_yaml(cfg), resume=resume, tokens_per_step=cfg.data.batch_size * seq_len,
                   flops_per_unit=spec.flops_per_token(seq_len, training=True), started=run_folder.settle, export=export)
-        try:
-            finished = loop.run(engine, job)
-        except BaseException:
-            run_folder.restore()
-            raise
-        run_folder.settle()
-        if not finished:
+        if not loop.run_settled(engine, job):
             return None
         if held:
             after = exact_match(engine.model, tokenizer, held, backend)

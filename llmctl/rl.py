@@ -388,13 +388,7 @@ def run(cfg: AlignConfig, backend: str, force: bool = False, resume: bool = Fals
         job = Job(loop=cfg.train, optim=cfg.optim, run=run_folder, source=source, objective=objective, resume_key=key,
                   config_text=to_yaml(cfg), resume=resume, tokens_per_step=int(cfg.data.batch_size * (mean_prompt + s.max_tokens)),
                   flops_per_unit=0.0, started=run_folder.settle, export=export, step_metrics=step_metrics, validate=False)
-        try:
-            finished = loop.run(engine, job)
-        except BaseException:
-            run_folder.restore()
-            raise
-        run_folder.settle()
-        if not finished:
+        if not loop.run_settled(engine, job):
             return None
         after = held_out_reward(source, val, samples)
         shown = "" if before is None else f"{before:.3g} before, "

@@ -119,6 +119,18 @@ def resume_point(run: RunFolder) -> tuple[Path, dict[str, Any]]:
                       hint="Drop --resume (with --force) to start the run afresh.")
 
 
+def run_settled(engine: Engine, job: Job) -> bool:
+    """`run`, then the run folder settled (it replaces what --force or --resume found there); on any failure it is
+    restored instead, so the user's previous run comes back (a no-op once the first step settled the folder)."""
+    try:
+        finished = run(engine, job)
+    except BaseException:
+        job.run.restore()
+        raise
+    job.run.settle()
+    return finished
+
+
 def run(engine: Engine, job: Job) -> bool:
     """Train to the end (True) or to `train.stop_at` (False)."""
     cfg, optim = job.loop, job.optim
