@@ -185,29 +185,35 @@ LLMCTL_AVX512 bool prepare_avx512(TiledX& p, const float* x, int64_t batch, int6
 #endif
 
 #ifdef LLMCTL_TILED_X86
+// One group of x: its float32 sum and largest |x|; false where either is inf or NaN.
+LLMCTL_AVX2 inline bool group_sum_max_avx2(const float* v, int group_size, float& total, float& largest) {
+  const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  __m256 sum = _mm256_setzero_ps(), amax = sum;
+  for (int i = 0; i < group_size; i += 8) {
+    const __m256 a = _mm256_loadu_ps(v + i);
+    sum = _mm256_add_ps(sum, a);
+    amax = _mm256_max_ps(amax, _mm256_and_ps(a, magnitude));
+  }
+  alignas(32) float s[8], m[8];
+  _mm256_store_ps(s, sum);
+  _mm256_store_ps(m, amax);
+  total = 0.0f, largest = 0.0f;
+  for (int j = 0; j < 8; ++j) total += s[j], largest = std::max(largest, m[j]);
+  return std::isfinite(total) && std::isfinite(largest);
+}
+
 // prepare's work for the AVX2 kernels on float32 x: per group sx and xsum, then x / sx as int16 (as x_int16).
 LLMCTL_AVX2 bool prepare_avx2(TiledX& p, const float* x, int64_t batch, int64_t in, int group_size) {
   const int64_t groups = in / group_size, stride = in + 64;
   p.sx.resize(size_t(batch * groups));
   p.xsum.resize(size_t(batch * groups));
   p.q.resize(size_t(batch * stride));
-  const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
   const __m256 hi = _mm256_set1_ps(detail::kXMax), lo = _mm256_set1_ps(-detail::kXMax);
   for (int64_t r = 0; r < batch; ++r)
     for (int64_t g = 0; g < groups; ++g) {
       const float* v = x + r * in + g * group_size;
-      __m256 sum = _mm256_setzero_ps(), amax = sum;
-      for (int i = 0; i < group_size; i += 8) {
-        const __m256 a = _mm256_loadu_ps(v + i);
-        sum = _mm256_add_ps(sum, a);
-        amax = _mm256_max_ps(amax, _mm256_and_ps(a, magnitude));
-      }
-      alignas(32) float s[8], m[8];
-      _mm256_store_ps(s, sum);
-      _mm256_store_ps(m, amax);
-      float total = 0.0f, largest = 0.0f;
-      for (int j = 0; j < 8; ++j) total += s[j], largest = std::max(largest, m[j]);
-      if (!std::isfinite(total) || !std::isfinite(largest)) return false;
+      float total, largest;
+      if (!group_sum_max_avx2(v, group_size, total, largest)) return false;
       p.xsum[size_t(r * groups + g)] = total;
       p.sx[size_t(r * groups + g)] = largest / detail::kXMax;
       const __m256 inv = _mm256_set1_ps(largest > 0.0f ? detail::kXMax / largest : 0.0f);
@@ -229,24 +235,13 @@ LLMCTL_AVX2 bool prepare_avx2(TiledX& p, const float* x, int64_t batch, int64_t 
 // Rows [r0, r1) of prepare_int8_avx2's work; false at the first group holding inf or NaN.
 LLMCTL_AVX2 bool prepare_int8_rows_avx2(TiledX& p, const float* x, int64_t r0, int64_t r1, int64_t in, int group_size) {
   const int64_t groups = in / group_size, stride = in + 64;
-  const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
   const __m256 hi = _mm256_set1_ps(127.0f), lo = _mm256_set1_ps(-127.0f);
   const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
   for (int64_t r = r0; r < r1; ++r)
     for (int64_t g = 0; g < groups; ++g) {
       const float* v = x + r * in + g * group_size;
-      __m256 sum = _mm256_setzero_ps(), amax = sum;
-      for (int i = 0; i < group_size; i += 8) {
-        const __m256 a = _mm256_loadu_ps(v + i);
-        sum = _mm256_add_ps(sum, a);
-        amax = _mm256_max_ps(amax, _mm256_and_ps(a, magnitude));
-      }
-      alignas(32) float s[8], m[8];
-      _mm256_store_ps(s, sum);
-      _mm256_store_ps(m, amax);
-      float total = 0.0f, largest = 0.0f;
-      for (int j = 0; j < 8; ++j) total += s[j], largest = std::max(largest, m[j]);
-      if (!std::isfinite(total) || !std::isfinite(largest)) return false;
+      float total, largest;
+      if (!group_sum_max_avx2(v, group_size, total, largest)) return false;
       p.sx[size_t(r * groups + g)] = largest / 127.0f;
       const __m256 inv = _mm256_set1_ps(largest > 0.0f ? 127.0f / largest : 0.0f);
       int8_t* q = p.b.data() + r * stride + g * group_size;
