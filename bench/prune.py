@@ -7,7 +7,8 @@ The model is SmolLM2-135M-Instruct's Q4_1 GGUF (the test suite's cached copy) ma
 and evaluation text are disjoint parts of shared/data/tinyshakespeare.txt: the eval text is its last 100 KB (the
 first --tokens tokens of it scored by `llmctl eval --json --base FULL`), calibration windows of 512 tokens come from
 before it. Rows: each of magnitude, wanda and sparsegpt at 25%, 50%, 70% and 2:4; depth and width at 25%
-(`llmctl prune`, timed in a fresh process). For each result: perplexity, mean KL to full and top-1 agreement, prune
+(`llmctl prune`, timed in a fresh process); sparsegpt-2:4, depth and width again as NAME+recover, pruned with
+`--recover --recover-steps` (steps of 8 calibration rows of 512 tokens: the recovery budget in tokens is printed). For each result: perplexity, mean KL to full and top-1 agreement, prune
 wall time, file size, and decode (64 new tokens after a short prompt) and prompt tokens/s from `llmctl generate
 --json` (best of 2), beside the original's in the same run. Unstructured zeros are stored dense, so only depth and
 width change size and speed (the other rows repeat the original's). 1 thread everywhere (a busy machine slows every row alike). Markdown tables are printed
@@ -33,6 +34,8 @@ quantize_quality.ENV["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])  #
 ROWS = {f"{method}-{target}": ["--method", method, *(["--pattern", target] if ":" in target else ["--sparsity", target])]
         for method in ("magnitude", "wanda", "sparsegpt") for target in ("0.25", "0.5", "0.7", "2:4")}
 ROWS |= {"depth-0.25": ["--structured", "depth", "--ratio", "0.25"], "width-0.25": ["--structured", "width", "--ratio", "0.25"]}
+RECOVERED = ("sparsegpt-2:4", "depth-0.25", "width-0.25")  # each also as NAME+recover: pruned, then `--recover STEPS`
+STRUCTURED = ("depth-0.25", "width-0.25")
 SPEED = ("decode_tokens_per_s", "prompt_tokens_per_s")
 PROMPT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\nFirst Citizen:\n"
 
@@ -64,9 +67,13 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=4096, help="eval tokens scored")
     parser.add_argument("--calib-samples", type=int, default=16, help="calibration windows of 512 tokens")
     parser.add_argument("--rows", default="all", help="comma-separated row names (e.g. wanda-0.5,depth-0.25)")
+    parser.add_argument("--recover-steps", type=int, default=8, help="distillation steps of the +recover rows")
     parser.add_argument("--out-dir", type=Path, default=Path(tempfile.gettempdir()) / "llmctl-bench-prune")
     opts = parser.parse_args()
-    rows = list(ROWS) if opts.rows == "all" else opts.rows.split(",")
+    every = [*ROWS, *(f"{name}+recover" for name in RECOVERED)]
+    rows = every if opts.rows == "all" else opts.rows.split(",")
+    if unknown := [r for r in rows if r not in every]:
+        parser.error(f"--rows: unknown row(s) {', '.join(unknown)}; rows: {', '.join(every)}")
     work = opts.out_dir
     work.mkdir(parents=True, exist_ok=True)
     print(f"CPU: {cpu_name()} ({isa()}); 1 thread; eval: last 100 KB of {SHAKESPEARE.name}, {opts.tokens} tokens",
@@ -79,21 +86,25 @@ def main() -> None:
         model, seconds = full, 0.0
         if name != "full":
             model = work / "smollm2" / name
+            pruned, _, recover = name.partition("+")
+            extra = ["--recover", str(opts.recover_steps)] if recover else []
             _, seconds = llmctl("prune", "--model", str(full), "--out", str(model), "--force", "--calib", str(setup["calib"]),
-                                f"calib.samples={opts.calib_samples}", *ROWS[name])
+                                f"calib.samples={opts.calib_samples}", *ROWS[pruned], *extra)
         out, _ = llmctl("eval", "--model", str(model), *eval_args)
         scores = json.loads(out[out.index("{"):])
         # unstructured zeros are stored (and multiplied) dense: their speed is the original's, measured once
-        dense = name != "full" and name not in ("depth-0.25", "width-0.25")
+        dense = name != "full" and name.partition("+")[0] not in STRUCTURED
         row = {"name": name, "prune_s": seconds, **scores, "file_bytes": size(model)}  # eval's "bytes" is the text's
         row |= {k: results[0][k] for k in SPEED} if dense else speed(model)
         results.append(row)
         print(f"  {name:16s} ppl {row['perplexity']:9.3f}  kl {row.get('kl_mean', 0.0):.4f}  prune {seconds:6.1f}s  "
               f"decode {row['decode_tokens_per_s']:.1f} tok/s", file=sys.stderr, flush=True)
     (work / "prune.json").write_text(json.dumps({"cpu": cpu_name(), "isa": isa(), "tokens": opts.tokens,
+                                                 "recover_steps": opts.recover_steps,
                                                  "calib_samples": opts.calib_samples, "rows": results}, indent=1))
     base = results[0]
-    print(f"\nSmolLM2-135M-Instruct (fp32), {opts.tokens} eval tokens, calibration {opts.calib_samples} x 512 tokens; "
+    print(f"\nSmolLM2-135M-Instruct (fp32), {opts.tokens} eval tokens, calibration {opts.calib_samples} x 512 tokens, "
+          f"+recover: {opts.recover_steps} steps x 8 x 512 = {opts.recover_steps * 8 * 512} distillation tokens; "
           f"{cpu_name()} ({isa()}), 1 thread\n")
     print("| result | perplexity | KL to full | top-1 agree | prune s | size MB | decode tok/s (x full) | prompt tok/s (x full) |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
