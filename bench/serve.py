@@ -36,8 +36,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(engine: str, folder: Path, port: int, max_batch: int, work: Path) -> subprocess.Popen:
-    env = os.environ | {"PYTHONPATH": str(ROOT)}
+def start(engine: str, folder: Path, port: int, max_batch: int, work: Path, threads: int) -> subprocess.Popen:
+    env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads)}  # torch's intra-op threads
     if engine.startswith("llmctl-"):
         cmd = [sys.executable, "-m", "llmctl", "serve", "--model", str(folder), "--port", str(port), "--model-name", "bench",
                "--backend", engine.removeprefix("llmctl-"), "--max-batch", str(max_batch)]  # fmt: skip
@@ -45,8 +45,8 @@ def start(engine: str, folder: Path, port: int, max_batch: int, work: Path) -> s
         cmd = [sys.executable, "-m", "mlx_lm", "server", "--model", str(folder), "--port", str(port), "--log-level", "WARNING"]
     elif engine == "llama-cpp":  # llama-cpp-python's server (pip install "llama-cpp-python[server]") on a GGUF copy
         gguf = folder if folder.suffix == ".gguf" else gguf_copy(folder, work)
-        cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--port", str(port), "--n_threads", "2",
-               "--n_threads_batch", "2", "--n_ctx", "2048"]  # fmt: skip
+        cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--port", str(port), "--n_threads", str(threads),
+               "--n_threads_batch", str(threads), "--n_ctx", "2048"]  # fmt: skip
     else:
         raise SystemExit(f"unknown engine {engine}")
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
@@ -156,6 +156,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--requests", type=int, default=2, help="requests per client at each level")
     parser.add_argument("--max-batch", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=2, help="compute threads of each server (MLX's CPU build uses one)")
     parser.add_argument("--engines", default="llmctl-torch,mlx-lm,llama-cpp")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="llmctl-bench-serve-"))
@@ -168,7 +169,7 @@ def main() -> None:
             print(f"{engine}: skipped ({need} is not installed)", file=sys.stderr)
             continue
         port = free_port()
-        proc = start(engine, folder, port, args.max_batch, work)
+        proc = start(engine, folder, port, args.max_batch, work, args.threads)
         url = f"http://127.0.0.1:{port}"
         try:
             wait_ready(url, proc)
@@ -181,7 +182,8 @@ def main() -> None:
             proc.terminate()
             proc.wait(timeout=30)
     isa = "AVX-512" if "avx512f" in Path("/proc/cpuinfo").read_text() else "AVX2/FMA" if "avx2" in Path("/proc/cpuinfo").read_text() else "?"
-    print(f"\n{cpu_name()} ({isa}), {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; model {folder}; "
+    print(f"\n{cpu_name()} ({isa}), {os.cpu_count()} CPUs ({len(os.sched_getaffinity(0))} allowed), "
+          f"{args.threads} thread(s) per server, load average {os.getloadavg()[0]:.1f}; model {folder}; "
           f"{args.new_tokens} new tokens per request, {args.requests} requests per client\n")
     print(f"| engine | clients | output tok/s (summed) | TTFT p50 ms | TTFT p99 ms |")
     print("|---|---:|---:|---:|---:|")
