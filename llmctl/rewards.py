@@ -9,7 +9,6 @@ example it failed on; with `on_reward_error=skip` that completion gets no reward
 from __future__ import annotations
 
 import importlib
-import json
 import math
 import re
 import warnings
@@ -59,21 +58,10 @@ def _check_record(record: Any, where: str) -> None:
 
 def read_prompts(path: Path) -> list[tuple[dict[str, Any], str]]:
     """The records of a prompt JSONL file with "file:line" for each; bad lines are errors naming the line."""
-    if not path.is_file():
-        raise DataError(f"{path} does not exist.", hint=f"Give a .jsonl file with one {PROMPT_FORMAT} a line.")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text (byte {e.start}).", hint="Save the file as UTF-8.") from None
+    from llmctl.data import jsonl
+
     out = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{where}: not JSON ({e.msg}).", hint=f"Each line is {PROMPT_FORMAT}.") from None
+    for where, record in jsonl.records(path, PROMPT_FORMAT):
         _check_record(record, where)
         out.append((record, where))
     if not out:

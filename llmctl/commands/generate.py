@@ -54,25 +54,14 @@ def _encode(tokenizer: Any, text: str, chat: bool, system: str | None) -> list[i
 
 
 def _read_prompt_file(path: Path) -> list[str]:
+    from llmctl.data import jsonl
     from llmctl.errors import DataError
 
-    if not path.is_file():
-        raise DataError(f"{path} does not exist.", hint='Give a .jsonl file with one {"prompt": "..."} per line.')
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        line = path.read_bytes()[: e.start].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: not UTF-8 text (byte {e.object[e.start]:#04x}).", hint="Save the file as UTF-8.") from None
+    expected = 'an object such as {"prompt": "Once upon a time"}'
     prompts = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{number}: not JSON ({e.msg}).", hint='Each line is an object such as {"prompt": "Once upon a time"}.') from None
+    for where, record in jsonl.records(path, expected):
         if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-            raise DataError(f'{path}:{number}: "prompt" is missing or not a string.', hint='Each line is an object such as {"prompt": "Once upon a time"}.')
+            raise DataError(f'{where}: "prompt" is missing or not a string.', hint=f"Each line holds {expected}.")
         prompts.append(record["prompt"])
     if not prompts:
         raise DataError(f"{path} holds no prompts.", hint='Give a .jsonl file with one {"prompt": "..."} per line.')

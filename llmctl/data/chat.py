@@ -14,7 +14,6 @@ to each assistant turn, so templates without markers for assistant spans still g
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from llmctl.data import jsonl
 from llmctl.errors import DataError, TokenizerError
 from llmctl.training.batch import Batch, pack
 
@@ -82,18 +82,7 @@ def _strings(record: dict, where: str, *keys: str) -> None:
 
 def read_records(path: Path) -> Iterator[tuple[str, list[dict[str, str]] | str]]:
     """(file:line, conversation or text) of each non-blank line of a JSONL file."""
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"cannot read {path}: {e}") from None
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{where}: not JSON ({e.msg}); expected one record a line: {FORMATS}.") from None
+    for where, record in jsonl.records(path, f"one of {FORMATS}"):
         yield where, to_messages(record, where)
 
 

@@ -14,7 +14,6 @@ counted, and so is a pair whose chosen and rejected are identical.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from llmctl.data import jsonl
 from llmctl.data.chat import ChatEncoder, assistant_spans, span_mask, to_messages
 from llmctl.errors import DataError
 from llmctl.training.batch import IGNORE, Batch
@@ -137,23 +137,8 @@ class PreferenceEncoder:
         return out
 
 
-def read_records(path: Path) -> Iterator[tuple[str, Any]]:
-    """(file:line, parsed JSON) of each non-blank line."""
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"cannot read {path}: {e}") from None
-    for number, line in enumerate(lines, 1):
-        if line.strip():
-            where = f"{path}:{number}"
-            try:
-                yield where, json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not JSON ({e.msg}); expected one record a line: {FORMATS}.") from None
-
-
 def encode_files(files: Sequence[Path], encoder: PreferenceEncoder, counts: Counts) -> list[Example]:
-    return [ex for path in files for where, record in read_records(path) for ex in encoder.encode(record, where, counts)]
+    return [ex for path in files for where, record in jsonl.records(path, f"one of {FORMATS}") for ex in encoder.encode(record, where, counts)]
 
 
 def unpair(examples: Sequence[Example]) -> list[Example]:

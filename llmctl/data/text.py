@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import json
 import os
 import sysconfig
 from collections.abc import Iterator
@@ -14,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from llmctl import ui
+from llmctl.data import jsonl
 from llmctl.errors import DataError
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".jsonl")
@@ -64,19 +64,12 @@ def read_documents(path: Path) -> Iterator[str]:
         except OSError as e:
             raise DataError(f"{path}: cannot read ({e.strerror}).") from None
         return
-    with path.open(encoding="utf-8", errors="replace") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg}).") from None
-            if not isinstance(record, dict) or "text" not in record:
-                raise DataError(f'{path}:{lineno}: "text" is missing (each line needs {{"text": ...}}).')
-            if not isinstance(record["text"], str):
-                raise DataError(f'{path}:{lineno}: "text" must be a string, found {type(record["text"]).__name__}.')
-            yield record["text"]
+    for where, record in jsonl.records(path, '{"text": ...}', replace=True):
+        if not isinstance(record, dict) or "text" not in record:
+            raise DataError(f'{where}: "text" is missing (each line needs {{"text": ...}}).')
+        if not isinstance(record["text"], str):
+            raise DataError(f'{where}: "text" must be a string, found {type(record["text"]).__name__}.')
+        yield record["text"]
 
 
 def _fingerprint(files: list[Path], tokenizer_json: str) -> str:
