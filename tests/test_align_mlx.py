@@ -126,23 +126,23 @@ def test_mlx_lora_dpo_raises_held_out_accuracy_and_its_adapter_loads_in_peft_and
 
 
 @needs_shared
-@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_mlx_precomputed_reference_gives_the_same_losses(tmp_path, lora):
-    """The reference log-probabilities computed once (from the starting model, or the adapters switched off) and
-    carried by the batches give the losses a live reference gives."""
-    data = _style_pairs(tmp_path / "train.jsonl", NOUNS[:6])
-    args = ["--data", str(data), "--method", "ipo" if lora else "dpo", "--steps", "2", "data.batch_size=4",
-            "optim.lr=1e-3", *(["--lora", "--rank", "4"] if lora else [])]
+@pytest.mark.parametrize("method, lora", [("dpo", False), ("ipo", True), ("kto", True)])
+def test_mlx_precomputed_reference_gives_the_same_losses(tmp_path, method, lora):
+    """The reference log-probabilities computed once (from the starting model, or the adapters switched off; KTO's
+    mismatched rows too) and carried by the batches give the losses a live reference gives."""
+    data = _style_pairs(tmp_path / "train.jsonl", NOUNS[:6])  # KTO: each pair as a desirable and an undesirable example
+    args = ["--data", str(data), "--method", method, "--steps", "2", "data.batch_size=4", "optim.lr=1e-3",
+            *(["--lora", "--rank", "4"] if lora else [])]
     live = _align(tmp_path / "live", *args)
     cached = _align(tmp_path / "cached", *args, "--precompute-ref")
     assert live.exit_code == 0 and cached.exit_code == 0, live.output + cached.output
     assert "reference: precomputed" in cached.output
     saved = np.load(tmp_path / "cached" / "reference_logps.npz")
-    assert saved["train"].shape == (11, 2) and np.all(saved["train"] < 0)  # 12 pairs, 1 held out: chosen, rejected
+    # 12 pairs, 1 held out: each pair's chosen and rejected, or each KTO example and its mismatched row
+    assert saved["train"].shape == (22 if method == "kto" else 11, 2) and np.all(saved["train"] < 0)
     want, got = _losses(tmp_path / "live"), _losses(tmp_path / "cached")
     assert len(want) == 2
-    if not lora:
-        assert got[0]["loss"] == pytest.approx(LOG2, abs=1e-6)
+    assert got[0]["loss"] == pytest.approx({"dpo": LOG2, "kto": 0.5}.get(method, got[0]["loss"]), abs=1e-6)
     for a, b in zip(want, got):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), (a, b)
         assert b["kl"] == pytest.approx(a["kl"], abs=1e-4), (a, b)
