@@ -126,6 +126,25 @@ def test_mlx_lora_dpo_raises_held_out_accuracy_and_its_adapter_loads_in_peft_and
 
 
 @needs_shared
+def test_mlx_lora_dpo_resumes_exactly(tmp_path):
+    from safetensors.numpy import load_file
+
+    data = _style_pairs(tmp_path / "train.jsonl", NOUNS[:8])
+    args = ["--data", str(data), "--lora", "--rank", "4", "--targets", "q_proj,v_proj", "--steps", "4",
+            "data.batch_size=2", "optim.lr=1e-2", "train.save_every=2"]
+    full = _align(tmp_path / "full", *args)
+    assert full.exit_code == 0, full.output
+    assert _align(tmp_path / "half", *args, "train.stop_at=2").exit_code == 0
+    assert not (tmp_path / "half" / "adapter").exists()
+    resumed = _align(tmp_path / "half", *args, "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    a = load_file(tmp_path / "full" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "half" / "adapter" / "adapter_model.safetensors")
+    assert len(a) == 2 * 2 * 5 and any(np.abs(v).max() > 0 for k, v in a.items() if "lora_B" in k)
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+@needs_shared
 @pytest.mark.parametrize("method, lora", [("dpo", False), ("ipo", True), ("kto", True)])
 def test_mlx_precomputed_reference_gives_the_same_losses(tmp_path, method, lora):
     """The reference log-probabilities computed once (from the starting model, or the adapters switched off; KTO's
