@@ -1,23 +1,36 @@
-"""The MLX side of `llmctl align`: the policy loaded for preference training (full weights, the pair methods), a
-frozen reference beside it, and the aligned model folder."""
+"""The MLX side of `llmctl align`: the policy loaded for preference training (full weights or LoRA adapters on a
+frozen base), a frozen reference beside it or reference log-probabilities computed once, and the output folder
+(adapter or model)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import mlx.core as mx
+import numpy as np
 from mlx.utils import tree_flatten
 
 from llmctl import ui
 from llmctl.backends.mlx.engine import Engine
-from llmctl.backends.mlx.preference import Preference
+from llmctl.backends.mlx.objectives import DeviceBatch, sequence_logprobs
+from llmctl.backends.mlx.preference import Preference, adapters_off
 from llmctl.preference import PreferenceSettings
+
+BATCH = 8  # examples per forward when computing reference log-probabilities
 
 
 class AlignEngine(Engine):
     def setup(self, base: Path, lora: Any | None, reward: bool) -> None:
-        """The policy, every weight trained (align refuses --lora and --method reward on MLX before this)."""
-        self.load(base)
+        """The policy: every weight trained, or LoRA adapters on a frozen base (align refuses --method reward on MLX
+        before this)."""
+        if lora is not None:
+            from llmctl.backends.mlx.lora import add_adapters, is_adapter_param
+
+            self.load(base, trainable=is_adapter_param, prepare=lambda m: add_adapters(m, lora))
+        else:
+            self.load(base)
 
     def trained_parameters(self) -> int:
         return sum(v.size for _, v in tree_flatten(self.model.trainable_parameters()))
@@ -25,11 +38,44 @@ class AlignEngine(Engine):
     def objective(self, settings: PreferenceSettings, reference: Any) -> Any:
         return Preference(settings, reference)
 
+    def reference_logps(self, reference: Any, rows: Any, examples: Sequence[Any]) -> np.ndarray:
+        """(N, 2) summed response log-probabilities of each example's two rows under the reference (a model, or
+        "adapters": the policy with its adapters off, which before training is the starting model)."""
+
+        def logps(batch: DeviceBatch) -> mx.array:
+            if reference != "adapters":
+                return sequence_logprobs(reference, batch)
+            with adapters_off(self.model):
+                return sequence_logprobs(self.model, batch)
+
+        return per_example(logps, rows, examples)
+
     def write_output(self, folder: Path, base: Path, tokenizer: Any, lora: Any | None, name: str, pad_id: int) -> None:
-        """The aligned model folder, with the tokenizer; it becomes the default model of generate and chat."""
+        """The adapter (PEFT layout, as finetune-lora writes it), or the aligned model folder with the tokenizer, which
+        becomes the default model of generate and chat."""
+        if lora is not None:
+            from llmctl.backends.mlx.lora import write_peft
+            from llmctl.io.outputs import replacing
+
+            if ui.is_main_process():
+                with replacing(folder) as staged:
+                    staged.mkdir(parents=True, exist_ok=True)
+                    write_peft(staged, self.model, lora, name)
+                    tokenizer.save(staged)
+            return
         self.export(folder)
         if ui.is_main_process():
             from llmctl.run import remember_model
 
             tokenizer.save(folder)
             remember_model(folder)
+
+
+def per_example(values: Callable[[DeviceBatch], mx.array], rows: Any, examples: Sequence[Any]) -> np.ndarray:
+    """(N, 2): `values` of each example's two rows (chosen and rejected), a few examples a forward pass."""
+    out = []
+    for start in range(0, len(examples), BATCH):
+        index = list(range(start, min(start + BATCH, len(examples))))
+        v = mx.stop_gradient(values(DeviceBatch.of(rows.batch(examples, index)))).astype(mx.float32)
+        out.append(np.stack([np.array(v[: len(index)]), np.array(v[len(index):])], 1))
+    return np.concatenate(out) if out else np.zeros((0, 2), np.float32)

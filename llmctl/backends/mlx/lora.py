@@ -43,6 +43,7 @@ class LoraLinear(nn.Module):
         self.in_features, self.out_features = _features(base)
         r = settings.rank
         self.scale, self.dora = settings.scale, settings.dora
+        self.disabled = False  # True: the base layer alone (preference.adapters_off: the reference without a copy)
         # as PEFT: A ~ kaiming_uniform(a=sqrt(5)), i.e. U(-1/sqrt(in), 1/sqrt(in)), MLX's Linear default; B = 0, so
         # training starts at the base
         self.lora_A = nn.Linear(self.in_features, r, bias=False)
@@ -62,6 +63,8 @@ class LoraLinear(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         y = self.base_layer(x)
+        if self.disabled:
+            return y
         xd = self.dropout(x)
         lora = self.lora_B(self.lora_A(xd.astype(self.lora_A.weight.dtype))) * self.scale
         if not self.dora:

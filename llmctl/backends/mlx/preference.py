@@ -1,18 +1,21 @@
-"""Preference objectives on the MLX backend: the DPO family's losses written as TRL defines them (the twin of
-backends/torch/preference.py) and the pair objective that feeds them per-sequence log-probabilities.
+"""Preference objectives on the MLX backend: the DPO family's and KTO's losses written as TRL defines them (the twin
+of backends/torch/preference.py) and the pair and KTO objectives that feed them per-sequence log-probabilities.
 
-A pair batch holds the chosen rows, then the rejected rows (one forward of both). Log-probabilities are summed over
-the response tokens (the loss mask); the methods that want them per token divide by the lengths.
+A pair batch holds the chosen rows, then the rejected rows (one forward of both); a KTO batch holds its examples,
+then the mismatched rows (prompt i with completion i + 1) whose log-ratios estimate the batch KL. Log-probabilities
+are summed over the response tokens (the loss mask); the methods that want them per token divide by the lengths.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from llmctl.backends.mlx.objectives import DeviceBatch, sequence_logprobs
+from llmctl.backends.mlx.objectives import DeviceBatch, sequence_logprobs, unwrap
 from llmctl.preference import REFERENCE_FREE, PreferenceSettings
 from llmctl.training.batch import Batch
 
@@ -50,6 +53,35 @@ def pair_loss(s: PreferenceSettings, chosen: mx.array, rejected: mx.array, ref_c
     return loss, mx.stop_gradient(beta * ratio_c), mx.stop_gradient(beta * ratio_r)
 
 
+def kto_loss(s: PreferenceSettings, logps: mx.array, ref_logps: mx.array, labels: mx.array, kl: mx.array) -> tuple[mx.array, mx.array]:
+    """Per-example KTO losses (desirable and undesirable weighted) and rewards; `kl` is the batch estimate (no
+    gradient, clamped at 0), labels 1 (desirable) or 0."""
+    ratio = logps - ref_logps
+    loss = mx.where(labels > 0.5, s.desirable_weight * (1 - mx.sigmoid(s.beta * (ratio - kl))),
+                    s.undesirable_weight * (1 - mx.sigmoid(s.beta * (kl - ratio))))
+    return loss, mx.stop_gradient(s.beta * ratio)
+
+
+def kto_kl(kl_logps: mx.array, ref_kl_logps: mx.array) -> mx.array:
+    """The batch KL estimate from the mismatched rows: their mean log-ratio, clamped at zero, no gradient."""
+    return mx.maximum(mx.stop_gradient(kl_logps - ref_kl_logps).mean(), 0)
+
+
+@contextlib.contextmanager
+def adapters_off(model: nn.Module) -> Iterator[None]:
+    """The base model's outputs from a model with LoRA adapters (the reference without a second copy)."""
+    from llmctl.backends.mlx.lora import adapters
+
+    layers = list(adapters(unwrap(model)).values())
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.disabled = False
+
+
 def accuracy(chosen: mx.array, rejected: mx.array) -> mx.array:
     """1 where the chosen reward is higher, 0 where lower, 1/2 for a tie (every pair ties before training)."""
     return (chosen > rejected).astype(mx.float32) + 0.5 * (chosen == rejected).astype(mx.float32)
@@ -60,24 +92,31 @@ def _lengths(batch: DeviceBatch) -> mx.array:
 
 
 class Preference:
-    """The DPO family on a policy; the reference log-probabilities come from the batch (precomputed) or a frozen
-    model beside it."""
+    """The DPO family and KTO on a policy; the reference log-probabilities come from the batch (precomputed), a frozen
+    model beside it, or the policy with its adapters switched off (`reference="adapters"`)."""
 
-    def __init__(self, settings: PreferenceSettings, reference: nn.Module | None = None) -> None:
+    def __init__(self, settings: PreferenceSettings, reference: nn.Module | str | None = None) -> None:
         self.settings, self.reference = settings, reference
 
     def units(self, batch: Batch) -> int:
+        if self.settings.method == "kto":
+            return int((batch.extras["label"] >= 0).sum())
         return batch.rows // 2
 
     def reference_logprobs(self, model: nn.Module, batch: DeviceBatch) -> mx.array:
         if "ref_logps" in batch.extras:
             return batch.extras["ref_logps"]
+        if self.reference == "adapters":
+            with adapters_off(model):
+                return mx.stop_gradient(sequence_logprobs(model, batch))
         return mx.stop_gradient(sequence_logprobs(self.reference, batch))
 
     def __call__(self, model: nn.Module, batch: DeviceBatch) -> tuple[mx.array, dict[str, mx.array]]:
         s = self.settings
         logps, lengths = sequence_logprobs(model, batch), _lengths(batch)
         ref = None if s.method in REFERENCE_FREE else self.reference_logprobs(model, batch)
+        if s.method == "kto":
+            return self._kto(logps, ref, lengths, batch.extras["label"])
         P = logps.shape[0] // 2
         c, r = logps[:P], logps[P:]
         rc, rr = (None, None) if ref is None else (ref[:P], ref[P:])
@@ -87,4 +126,17 @@ class Preference:
                    "len_chosen": lengths[:P].sum(), "len_rejected": lengths[P:].sum()}
         if ref is not None:  # the sequence-level estimate TRL logs as KL: the mean log-ratio of the responses
             metrics["kl"] = mx.stop_gradient((c - rc) + (r - rr)).sum() / 2
+        return loss.sum(), metrics
+
+    def _kto(self, logps: mx.array, ref: mx.array, lengths: mx.array, labels: mx.array) -> tuple[mx.array, dict[str, mx.array]]:
+        # a KTO batch holds n examples, then their n mismatched rows (labels -1): a static split, so mx.compile traces it
+        n = labels.shape[0] // 2
+        kl = kto_kl(logps[n:], ref[n:])
+        labels = labels[:n]
+        loss, reward = kto_loss(self.settings, logps[:n], ref[:n], labels, kl)
+        good = (labels > 0.5).astype(mx.float32)
+        signed = mx.where(good > 0, reward, -reward)  # a desirable example's reward should be above 0, the others' below
+        metrics = {"loss": mx.stop_gradient(loss.sum()), "accuracy": accuracy(signed, 0 * reward).sum(), "kl": kl * n,
+                   "reward_chosen": (reward * good).sum(), "reward_rejected": (reward * (1 - good)).sum(),
+                   "desirable": good.sum(), "len": lengths[:n].sum()}
         return loss.sum(), metrics

@@ -12,6 +12,7 @@ import mlx.nn as nn
 from llmctl.backends.mlx.align import AlignEngine
 from llmctl.backends.mlx.generate import Generator
 from llmctl.backends.mlx.objectives import DeviceBatch, token_logprobs, unwrap
+from llmctl.backends.mlx.preference import adapters_off
 from llmctl.errors import LlmctlError
 from llmctl.training.batch import Batch
 
@@ -43,19 +44,28 @@ class GRPO:
     """TRL's GRPO loss ("dapo": summed over the completion tokens of the step, the loop divides by their count).
 
     One optimizer step per sampled batch (TRL's num_iterations 1): the ratio is 1 in value and carries the gradient
-    of A * log p; the reference is a frozen model or None (beta 0: no KL term, as TRL skips it).
+    of A * log p; the reference is a frozen model, the policy with its adapters off (`"adapters"`), or None (beta 0:
+    no KL term, as TRL skips it).
     """
 
-    def __init__(self, settings: Any, reference: nn.Module | None = None) -> None:
+    def __init__(self, settings: Any, reference: nn.Module | str | None = None) -> None:
         self.settings, self.reference = settings, reference
 
     def units(self, batch: Batch) -> int:
         return batch.target_count
 
+    def reference_logps(self, model: nn.Module, batch: DeviceBatch) -> mx.array | None:
+        if self.reference is None:
+            return None
+        if self.reference == "adapters":
+            with adapters_off(model):
+                return mx.stop_gradient(token_logps(model, batch))
+        return mx.stop_gradient(token_logps(self.reference, batch))
+
     def __call__(self, model: nn.Module, batch: DeviceBatch) -> tuple[mx.array, dict[str, mx.array]]:
         s, mask = self.settings, batch.loss_mask
         logps = token_logps(model, batch)
-        ref = None if self.reference is None else mx.stop_gradient(token_logps(self.reference, batch))
+        ref = self.reference_logps(model, batch)
         loss, kl, clipped = grpo_token_loss(logps, mx.stop_gradient(logps), batch.extras["advantage"], ref, s.beta,
                                             s.epsilon, s.epsilon_high or s.epsilon)
         metrics = {"loss": mx.stop_gradient((loss * mask).sum()), "clip_fraction": (clipped * mask).sum()}
@@ -65,14 +75,14 @@ class GRPO:
 
 
 class RLEngine(AlignEngine):
-    """The policy being trained (every weight: MLX aligns full weights), sampled between steps by the same Generator
-    `llmctl generate` runs."""
+    """The policy being trained (every weight, or LoRA adapters on a frozen base), sampled between steps by the same
+    Generator `llmctl generate` runs."""
 
     _generator: Generator | None = None
 
     def setup_policy(self, base: Path, lora: Any | None, value_head: bool) -> None:
-        """The policy, every weight trained (align refuses --lora and ppo on MLX before this)."""
-        self.setup(base, None, False)
+        """The policy, every weight trained or LoRA adapters (align refuses ppo on MLX before this)."""
+        self.setup(base, lora, False)
 
     def objective(self, settings: Any, reference: Any) -> GRPO:
         return GRPO(settings, reference)
