@@ -133,9 +133,9 @@ def run(cfg: AlignConfig, backend: str, force: bool = False, resume: bool = Fals
         from llmctl import rl
 
         return rl.run(cfg, backend, force=force, resume=resume)
-    if backend == "mlx" and (cfg.use_lora or s.method in ("reward", "kto") or cfg.precompute_ref):
-        raise LlmctlError("the MLX backend aligns full weights with the pair methods so far (no --lora, kto, reward "
-                          "or --precompute-ref).", hint="Pass --backend torch.")
+    if backend == "mlx" and (cfg.use_lora or s.method == "kto" or cfg.precompute_ref):
+        raise LlmctlError("the MLX backend aligns full weights with the pair methods and reward models so far (no "
+                          "--lora, kto or --precompute-ref).", hint="Pass --backend torch.")
     base = resolve_base(cfg)
     spec = read_model(base).spec
     tokenizer = load_tokenizer(base)

@@ -326,9 +326,9 @@ def run(cfg: AlignConfig, backend: str, force: bool = False, resume: bool = Fals
     from llmctl.training.loop import Job
 
     s, ppo = cfg.rl, cfg.pref.method == "ppo"
-    if backend == "mlx" and (cfg.use_lora or s.reward or ppo):
-        raise LlmctlError("on the MLX backend, align runs --method grpo on full weights with --reward-fn (no --lora, "
-                          "no --reward model, no ppo) so far.", hint="Pass --backend torch.")
+    if backend == "mlx" and cfg.use_lora:
+        raise LlmctlError("on the MLX backend, align runs --method grpo and ppo on full weights (no --lora) so far.",
+                          hint="Pass --backend torch.")
     base = resolve_base(cfg)
     spec = read_model(base).spec
     tokenizer = load_tokenizer(base)

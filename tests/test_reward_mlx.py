@@ -1,0 +1,198 @@
+"""Reward models and PPO on the MLX backend: an MLX reward model loads in transformers with the same scores, a
+torch-made one scores the same in MLX, both backends' Bradley-Terry losses and reward functions agree, MLX's PPO loss
+equals torch's on fixed inputs, and MLX runs that learn (a reward model above chance, PPO raising its score)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import BACKENDS, SHARED, needs_shared
+from llmctl.cli import app
+from test_align import NOUNS, _style_pairs
+
+pytestmark = [pytest.mark.skipif("mlx" not in BACKENDS, reason="MLX is not installed"),
+              pytest.mark.usefixtures("one_thread")]
+BASE = SHARED / "models" / "stories260K-hf"
+SEQ = 64
+
+
+def _run(*args):
+    result = CliRunner().invoke(app, [*map(str, args), "train.dtype=fp32", "train.log_every=1000"])
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def _metrics(folder):
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def torch_reward_folder(tmp_path_factory):
+    """A reward model folder written by the torch backend: stories260K with a random score head."""
+    from llmctl.backends.torch.align import write_reward_model
+    from llmctl.backends.torch.preference import add_score_head
+    from llmctl.backends.torch.runtime import Runtime
+
+    folder = tmp_path_factory.mktemp("torch-rm") / "model"
+    torch.manual_seed(0)
+    model = Runtime().load(BASE).module
+    add_score_head(model)
+    with torch.no_grad():
+        model.score.weight.normal_(0, 0.5)  # scores far enough apart that the comparison means something
+    write_reward_model(folder, model, BASE, 0)
+    return folder
+
+
+def _examples(path):
+    from llmctl.data.preferences import Counts, PreferenceEncoder, encode_files
+    from llmctl.io.model_folder import load_tokenizer
+
+    return encode_files([path], PreferenceEncoder(load_tokenizer(BASE), SEQ), Counts())
+
+
+def _mlx_scores(folder, examples):
+    from llmctl.backends.mlx.align import load_reward_model, per_example
+    from llmctl.backends.mlx.preference import reward_scores
+    from llmctl.data.preferences import Rows
+
+    model, head, pad = load_reward_model(folder)
+    return per_example(lambda b: reward_scores(model, head, b), Rows("reward", pad, SEQ), examples)
+
+
+def _torch_scores(folder, examples):
+    from llmctl.backends.torch.align import load_reward_model, per_example
+    from llmctl.backends.torch.preference import reward_scores
+    from llmctl.data.preferences import Rows
+
+    model, head, pad = load_reward_model(folder)
+    return per_example(lambda b: reward_scores(model, head, b), Rows("reward", pad, SEQ), examples)
+
+
+# --- reward models ------------------------------------------------------------------------------------------------
+
+
+@needs_shared
+def test_mlx_reward_model_loads_in_transformers_with_the_same_scores(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    data = _style_pairs(tmp_path / "train.jsonl", NOUNS[:8])
+    _run("align", "--method", "reward", "--model", BASE, "--data", data, "--out", tmp_path / "rm", "--backend", "mlx",
+         "--steps", "3", "data.batch_size=4", "optim.lr=1e-3", f"data.seq_len={SEQ}")
+    folder = tmp_path / "rm" / "model"
+    config = json.loads((folder / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForSequenceClassification"] and config["num_labels"] == 1
+    records = [r for r in _metrics(tmp_path / "rm") if "loss" in r]
+    assert len(records) == 3 and all(np.isfinite(r["loss"]) for r in records)
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    examples = _examples(data)
+    ours = _mlx_scores(folder, examples)
+    with torch.no_grad():
+        theirs = [[hf(torch.tensor([r.tokens])).logits[0, 0].item() for r in (ex.chosen, ex.rejected)] for ex in examples]
+    np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4)
+    assert np.ptp(ours) > 1e-3  # the head was trained: the scores differ
+    # eval --pairs on MLX reads the same scores (and torch agrees)
+    for backend in ("mlx", "torch"):
+        out = CliRunner().invoke(app, ["eval", "--model", str(folder), "--pairs", str(data), "--json", "--seq-len", str(SEQ),
+                                       "--backend", backend])
+        assert out.exit_code == 0, out.output
+        result = json.loads(out.output)
+        c, r = np.array(theirs)[:, 0], np.array(theirs)[:, 1]
+        assert result["backend"] == backend and result["accuracy"] == pytest.approx(float(np.mean((c > r) + 0.5 * (c == r))))
+        assert result["mean_margin"] == pytest.approx(float(np.mean(c - r)), abs=1e-4)
+
+
+@needs_shared
+def test_a_torch_reward_folder_scores_the_same_in_mlx(tmp_path, torch_reward_folder):
+    examples = _examples(_style_pairs(tmp_path / "pairs.jsonl", NOUNS[:6]))
+    ours, theirs = _mlx_scores(torch_reward_folder, examples), _torch_scores(torch_reward_folder, examples)
+    assert np.ptp(theirs) > 0.1
+    np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+@needs_shared
+def test_bradley_terry_with_margins_equals_torch(tmp_path, torch_reward_folder):
+    """The same reward model, batch and per-pair margins give the same loss, metrics and score-head gradient."""
+    import mlx.nn as nn
+
+    from llmctl.backends.mlx.align import load_reward_model as mlx_load
+    from llmctl.backends.mlx.objectives import DeviceBatch as MlxBatch
+    from llmctl.backends.mlx.preference import BradleyTerry as MlxBT
+    from llmctl.backends.torch.align import load_reward_model as torch_load
+    from llmctl.backends.torch.objectives import DeviceBatch as TorchBatch
+    from llmctl.backends.torch.preference import BradleyTerry as TorchBT
+    from llmctl.data.preferences import Rows
+
+    examples = _examples(_style_pairs(tmp_path / "pairs.jsonl", NOUNS[:3]))
+    for ex, margin in zip(examples, (0.0, 1.5, -0.5, 2.0, 0.25, 3.0)):
+        ex.margin = margin
+    batch = Rows("reward", 0, SEQ).batch(examples, range(len(examples)))
+    assert batch.extras["margin"].any()
+
+    t_model, t_head, _ = torch_load(torch_reward_folder)
+    t_model.score = torch.nn.Linear(t_head.shape[1], 1, bias=False)
+    t_model.score.weight.data.copy_(t_head)
+    t_loss, t_metrics = TorchBT()(t_model, TorchBatch.of(batch, torch.device("cpu")))
+    t_loss.backward()
+
+    m_model, m_head, _ = mlx_load(torch_reward_folder)
+    m_model.score = nn.Linear(m_head.shape[1], 1, bias=False)
+    m_model.score.weight = m_head
+    m_model.unfreeze()
+    m_batch = MlxBatch.of(batch)
+    (m_loss, m_metrics), grads = nn.value_and_grad(m_model, lambda b: MlxBT()(m_model, b))(m_batch)
+    assert float(m_loss) == pytest.approx(t_loss.item(), rel=1e-5)
+    for key, value in t_metrics.items():
+        assert float(m_metrics[key]) == pytest.approx(float(value), rel=1e-4, abs=1e-5), key
+    np.testing.assert_allclose(np.array(grads["score"]["weight"]), t_model.score.weight.grad.numpy(), rtol=1e-4, atol=2e-5)
+    # by hand: -log sigmoid(r_c - r_r - margin), summed
+    scores = _torch_scores(torch_reward_folder, examples)
+    margins = np.array([ex.margin for ex in examples])
+    hand = np.sum(np.log1p(np.exp(-(scores[:, 0] - scores[:, 1] - margins))))
+    assert float(m_loss) == pytest.approx(hand, rel=1e-5)
+
+
+@needs_shared
+@pytest.mark.slow
+def test_mlx_reward_model_ranks_builtin_pairs_well_above_chance(tmp_path):
+    _run("align", "--method", "reward", "--model", BASE, "--out", tmp_path / "rm", "--backend", "mlx", "--steps", "20",
+         "data.batch_size=8", "optim.lr=3e-3", "train.eval_every=1000", f"data.seq_len={SEQ}")
+    final = _metrics(tmp_path / "rm")[-1]
+    assert final["accuracy_after"] >= 0.75, final  # MEASURED_BUILTIN
+
+
+# --- online RL: the reward model as a reward function, PPO ---------------------------------------------------------
+
+
+@needs_shared
+def test_mlx_reward_function_equals_torchs(torch_reward_folder):
+    from llmctl.backends.mlx.rl import RLEngine as MlxRL
+    from llmctl.backends.torch.rl import RLEngine as TorchRL
+    from llmctl.training.config import LoopConfig, OptimConfig
+
+    rng = np.random.default_rng(0)
+    rows = [rng.integers(3, 512, size=n).tolist() for n in (5, 17, 9, 30, 2, 12) * 3]  # 18 rows: two score batches
+    ours = MlxRL(LoopConfig(), OptimConfig()).reward_model(torch_reward_folder)(rows)
+    theirs = TorchRL(LoopConfig(), OptimConfig()).reward_model(torch_reward_folder)(rows)
+    assert ours.shape == (18,) and np.ptp(theirs) > 0.1
+    np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+def test_mlx_ppo_loss_equals_torchs():
+    import mlx.core as mx
+
+    from llmctl.backends.mlx.rl import ppo_token_loss as mlx_loss
+    from llmctl.backends.torch.rl import ppo_token_loss as torch_loss
+    from test_grpo import _inputs
+
+    logps, old, _, _, _ = (t.float() for t in _inputs(3))
+    g = torch.Generator().manual_seed(4)
+    advantages, values, old_values, returns = (torch.randn(logps.shape, generator=g) for _ in range(4))
+    theirs = torch_loss(logps, old, advantages, values, old_values, returns, 0.2, 0.2)
+    ours = mlx_loss(*(mx.array(t.numpy()) for t in (logps, old, advantages, values, old_values, returns)), 0.2, 0.2)
+    for a, b in zip(ours, theirs):
+        np.testing.assert_allclose(np.array(a), b.numpy(), rtol=1e-5, atol=1e-6)
+    assert theirs[2].any() and not theirs[2].all()  # some tokens clipped, some not
