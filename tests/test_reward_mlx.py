@@ -158,10 +158,11 @@ def test_bradley_terry_with_margins_equals_torch(tmp_path, torch_reward_folder):
 @needs_shared
 @pytest.mark.slow
 def test_mlx_reward_model_ranks_builtin_pairs_well_above_chance(tmp_path):
+    """The built-in task pairs (the correct answer chosen, a wrong one rejected), 100 held out."""
     _run("align", "--method", "reward", "--model", BASE, "--out", tmp_path / "rm", "--backend", "mlx", "--steps", "20",
-         "data.batch_size=8", "optim.lr=3e-3", "train.eval_every=1000", f"data.seq_len={SEQ}")
+         "data.batch_size=16", "optim.lr=4e-3", "train.eval_every=1000", "data.seq_len=48")
     final = _metrics(tmp_path / "rm")[-1]
-    assert final["accuracy_after"] >= 0.75, final  # MEASURED_BUILTIN
+    assert final["accuracy_after"] >= 0.75, final  # 53% before and 84% after on this machine
 
 
 # --- online RL: the reward model as a reward function, PPO ---------------------------------------------------------
@@ -196,3 +197,66 @@ def test_mlx_ppo_loss_equals_torchs():
     for a, b in zip(ours, theirs):
         np.testing.assert_allclose(np.array(a), b.numpy(), rtol=1e-5, atol=1e-6)
     assert theirs[2].any() and not theirs[2].all()  # some tokens clipped, some not
+
+
+@pytest.fixture(scope="module")
+def style_reward_model(tmp_path_factory):
+    """A reward model (trained on torch: quick) that prefers kind descriptions to unkind ones, as test_grpo's PPO
+    test trains it."""
+    work = tmp_path_factory.mktemp("style-rm")
+    pairs = _style_pairs(work / "pairs.jsonl", NOUNS)
+    _run("align", "--method", "reward", "--model", BASE, "--data", pairs, "--out", work / "rm", "--steps", "15",
+         "data.batch_size=8", "optim.lr=2e-3", f"data.seq_len={SEQ}", "train.eval_every=1000", "--backend", "torch")
+    return work / "rm" / "model"
+
+
+def _prompts(path, nouns):
+    path.write_text("".join(json.dumps({"prompt": f"Tell me about the {n}.\n"}) + "\n" for n in nouns))
+    return path
+
+
+@needs_shared
+def test_mlx_grpo_scores_completions_with_a_reward_model(tmp_path, style_reward_model):
+    """GRPO --reward on MLX: the held-out reward before training is the torch reward model's score of torch's greedy
+    completions (greedy decoding gives the same tokens on both backends)."""
+    from llmctl.backends.torch.rl import RLEngine
+    from llmctl.chat_session import turn_end
+    from llmctl.generation import SamplingParams
+    from llmctl.io.model_folder import load_tokenizer
+    from llmctl.training.config import LoopConfig, OptimConfig
+
+    train, val = _prompts(tmp_path / "p.jsonl", NOUNS[:4]), _prompts(tmp_path / "v.jsonl", NOUNS[14:17])
+    _run("align", "--method", "grpo", "--model", BASE, "--prompts", train, "--reward", style_reward_model, "--out",
+         tmp_path / "run", "--backend", "mlx", "--group-size", "4", "--steps", "1", "data.batch_size=8",
+         "rl.max_tokens=10", f"data.val={val}")
+    records = _metrics(tmp_path / "run")
+    assert records[0]["reward_std"] > 0 and np.isfinite(records[0]["reward"])
+    tokenizer = load_tokenizer(BASE)
+    prompts = [tokenizer.encode(f"Tell me about the {n}.\n") for n in NOUNS[14:17]]
+    stops = frozenset(tokenizer.eos_token_ids) | turn_end(tokenizer)[0]
+    engine = RLEngine(LoopConfig(), OptimConfig())
+    engine.setup_policy(BASE, None, False)
+    completions = engine.sample(prompts, SamplingParams(max_tokens=10, temperature=0.0, stop_ids=stops))
+    want = engine.reward_model(style_reward_model)([p + c for p, c in zip(prompts, completions)]).mean()
+    assert records[-1]["reward_before"] == pytest.approx(want, rel=1e-4, abs=1e-4)
+
+
+@needs_shared
+@pytest.mark.slow
+def test_mlx_ppo_raises_a_reward_models_score_on_held_out_prompts(tmp_path, style_reward_model):
+    """PPO on MLX from stories260K, 40 steps (10 rollouts of 8 prompts, 4 epochs each), full weights, the reward
+    model above. MEASURED_PPO"""
+    from safetensors import safe_open
+
+    train = _prompts(tmp_path / "p.jsonl", NOUNS[:14])
+    val = _prompts(tmp_path / "v.jsonl", NOUNS[14:])
+    _run("align", "--method", "ppo", "--model", BASE, "--prompts", train, "--reward", style_reward_model, "--out",
+         tmp_path / "ppo", "--steps", "40", "--backend", "mlx", "data.batch_size=8", "rl.max_tokens=12",
+         "optim.lr=1e-4", "optim.warmup_steps=2", "train.save_every=0", f"data.val={val}")
+    records = _metrics(tmp_path / "ppo")
+    held = records[-1]
+    assert held["reward_after"] >= held["reward_before"] + 0.4, held
+    for key in ("policy_loss", "value_loss", "clip_fraction", "rollout_kl", "sample_s", "train_s"):
+        assert key in records[0], key
+    with safe_open(tmp_path / "ppo" / "model" / "model.safetensors", "np") as f:
+        assert not [k for k in f.keys() if k.startswith("v_head")]  # the value head stays out of the policy's folder
