@@ -114,6 +114,33 @@ def test_a_torch_reward_folder_scores_the_same_in_mlx(tmp_path, torch_reward_fol
 
 
 @needs_shared
+def test_eval_pairs_implicit_rewards_agree_across_backends(tmp_path):
+    """eval --pairs on a policy against --base (log-probability ratios) gives torch's accuracy and margin on MLX."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    policy = tmp_path / "policy"
+    shutil.copytree(BASE, policy)
+    tensors = load_file(policy / "model.safetensors")
+    rng = np.random.default_rng(0)
+    for name in [k for k in tensors if k.endswith("mlp.down_proj.weight")]:  # a policy that moved off its base
+        tensors[name] = tensors[name] + rng.normal(0, 0.05, tensors[name].shape).astype(tensors[name].dtype)
+    save_file(tensors, policy / "model.safetensors")
+    pairs = _style_pairs(tmp_path / "pairs.jsonl", NOUNS[:10])
+    results = {}
+    for backend in ("torch", "mlx"):
+        out = CliRunner().invoke(app, ["eval", "--model", str(policy), "--pairs", str(pairs), "--base", str(BASE), "--json",
+                                       "--seq-len", str(SEQ), "--backend", backend])
+        assert out.exit_code == 0, out.output
+        results[backend] = json.loads(out.output)
+    assert results["torch"]["rewards"] == results["mlx"]["rewards"] == f"implicit rewards against {BASE}"
+    assert results["torch"]["mean_margin"] != 0
+    assert results["mlx"]["mean_margin"] == pytest.approx(results["torch"]["mean_margin"], rel=1e-3, abs=1e-4)
+    assert results["mlx"]["accuracy"] == results["torch"]["accuracy"]
+
+
+@needs_shared
 def test_bradley_terry_with_margins_equals_torch(tmp_path, torch_reward_folder):
     """The same reward model, batch and per-pair margins give the same loss, metrics and score-head gradient."""
     import mlx.nn as nn
