@@ -183,6 +183,22 @@ def test_bradley_terry_with_margins_equals_torch(tmp_path, torch_reward_folder):
 
 
 @needs_shared
+def test_mlx_reward_model_resumes_exactly(tmp_path):
+    from safetensors.numpy import load_file
+
+    data = _style_pairs(tmp_path / "train.jsonl", NOUNS[:6])
+    args = ["align", "--method", "reward", "--model", BASE, "--data", data, "--backend", "mlx", "--steps", "4",
+            "data.batch_size=2", "optim.lr=1e-3", "train.save_every=2", f"data.seq_len={SEQ}"]
+    _run(*args, "--out", tmp_path / "a")
+    _run(*args, "--out", tmp_path / "b", "train.stop_at=2")
+    _run(*args, "--out", tmp_path / "b", "--resume")
+    losses = [[r["loss"] for r in _metrics(tmp_path / run) if "loss" in r] for run in "ab"]
+    assert len(losses[0]) == 4 and losses[0] == losses[1]
+    a, b = (load_file(tmp_path / run / "model" / "model.safetensors") for run in "ab")
+    assert "score.weight" in a and a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+@needs_shared
 @pytest.mark.slow
 def test_mlx_reward_model_ranks_builtin_pairs_well_above_chance(tmp_path):
     """The built-in task pairs (the correct answer chosen, a wrong one rejected), 100 held out."""
@@ -207,6 +223,38 @@ def test_mlx_reward_function_equals_torchs(torch_reward_folder):
     theirs = TorchRL(LoopConfig(), OptimConfig()).reward_model(torch_reward_folder)(rows)
     assert ours.shape == (18,) and np.ptp(theirs) > 0.1
     np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+@needs_shared
+def test_mlx_rollout_equals_torchs():
+    """PPO's rollout on both backends: the policy's and the reference's per-token log-probabilities and the value
+    head's values of the same completions, from the same weights (a value head set to the same random numbers)."""
+    import mlx.core as mx
+
+    from llmctl.backends.mlx.rl import RLEngine as MlxRL
+    from llmctl.backends.torch.rl import RLEngine as TorchRL
+    from llmctl.rewards import Prompt
+    from llmctl.rl import completion_rows
+    from llmctl.training.config import DType, LoopConfig, OptimConfig
+
+    rng = np.random.default_rng(1)
+    prompts = [Prompt(rng.integers(3, 512, size=n).tolist(), "", {}, "") for n in (4, 7, 2)]
+    rows = completion_rows(prompts, [rng.integers(3, 512, size=n).tolist() for n in (5, 1, 9)], np.zeros(3), 0)
+    head = rng.normal(0, 0.3, (1, 64)).astype(np.float32)
+    out = []
+    for Engine in (MlxRL, TorchRL):
+        engine = Engine(LoopConfig(dtype=DType.fp32), OptimConfig())
+        engine.setup_policy(BASE, None, True)
+        if Engine is MlxRL:
+            engine.model.v_head.weight = mx.array(head)
+        else:
+            with torch.no_grad():
+                engine.model.v_head.weight.copy_(torch.from_numpy(head))
+        out.append(engine.rollout(rows, engine.load_frozen(BASE)))
+    for ours, theirs in zip(*out):
+        assert np.abs(theirs).max() > 0.1
+        np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4)
+    assert ((out[0][0] != 0) == (rows.loss_mask > 0)).all()  # each completion's tokens, nothing else
 
 
 def test_mlx_ppo_loss_equals_torchs():
