@@ -1,5 +1,6 @@
 """Preference objectives on the MLX backend: the DPO family's losses written as TRL defines them (the twin of
-backends/torch/preference.py) and the pair objective that feeds them per-sequence log-probabilities.
+backends/torch/preference.py), the pair objective that feeds them per-sequence log-probabilities, and the
+Bradley-Terry loss of a reward model.
 
 A pair batch holds the chosen rows, then the rejected rows (one forward of both). Log-probabilities are summed over
 the response tokens (the loss mask); the methods that want them per token divide by the lengths.

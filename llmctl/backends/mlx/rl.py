@@ -1,5 +1,6 @@
-"""Online RL on the MLX backend: the GRPO loss as TRL's GRPOTrainer computes it, the objective that feeds it
-per-token log-probabilities of sampled completions, and the engine that samples them with llmctl's generator."""
+"""Online RL on the MLX backend (the twin of backends/torch/rl.py): the GRPO and PPO losses as TRL computes them, the
+objectives that feed them per-token log-probabilities (and PPO's values) of sampled completions, and the engine that
+samples them with llmctl's generator and scores them with a reward model."""
 
 from __future__ import annotations
 
