@@ -17,7 +17,7 @@ import numpy as np
 
 from llmctl import ui
 from llmctl.config import to_dict, to_yaml
-from llmctl.errors import ConfigError, DataError, LlmctlError
+from llmctl.errors import ConfigError, DataError
 from llmctl.finetune import LoraConfig, data_problems, resolve_base
 from llmctl.preference import REFERENCE_FREE, PreferenceSettings, same_tokenizer
 from llmctl.rl import RL_METHODS, RLSettings, check_rl
@@ -133,8 +133,6 @@ def run(cfg: AlignConfig, backend: str, force: bool = False, resume: bool = Fals
         from llmctl import rl
 
         return rl.run(cfg, backend, force=force, resume=resume)
-    if backend == "mlx" and s.method == "reward":
-        raise LlmctlError("the MLX backend trains no reward model (--method reward) so far.", hint="Pass --backend torch.")
     base = resolve_base(cfg)
     spec = read_model(base).spec
     tokenizer = load_tokenizer(base)

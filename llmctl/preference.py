@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from llmctl.errors import ConfigError
@@ -43,3 +44,48 @@ def same_tokenizer(policy: Any, reference: Any, flag: str) -> None:
         raise ConfigError(f"{flag} has a different tokenizer from the policy's ({len(a)} and {len(b)} tokens; "
                           f"e.g. {', '.join(f'{t!r}={i}' for t, i in diff)} is in one only).",
                           hint=f"Pass as {flag.split()[0]} a model with the policy's tokenizer (usually the model the policy started from).")
+
+
+# --- reward model folders (both backends) ------------------------------------------------------------------------
+
+SCORE = "score.weight"  # the scalar head, (1, dim), as transformers' *ForSequenceClassification names it
+
+
+def write_reward_folder(folder: Path, spec: Any, tensors: dict[str, Any], base: Path, pad_id: int) -> None:
+    """The backbone and `score.weight` (RawTensors, no language-model head), with the config transformers'
+    *ForSequenceClassification reads: one label, and the padding id (it scores the last token that is not padding)."""
+    from llmctl.io.hf import ARCHITECTURES
+    from llmctl.io.model_folder import write_model
+
+    arch = ARCHITECTURES[spec.family].replace("ForCausalLM", "ForSequenceClassification")
+    extra = {"architectures": [arch], "num_labels": 1, "id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0},
+             "pad_token_id": pad_id, "problem_type": "regression"}
+    write_model(folder, spec, {k: v for k, v in tensors.items() if k != "lm_head.weight"}, source=base, extra_config=extra)
+
+
+def read_reward_folder(folder: str | Path) -> tuple[Any, dict[str, Any], Any, int]:
+    """A reward model folder: its spec, backbone tensors (checked against the spec; no language-model head), score
+    head (1, dim) and the padding id it scores by."""
+    from llmctl.errors import CheckpointError
+    from llmctl.io.hf import check_tensors, read_config, spec_from_config
+    from llmctl.io.safetensors import load_folder_tensors
+
+    folder = Path(folder)
+    config = read_config(folder)
+    tensors = load_folder_tensors(folder)
+    if SCORE not in tensors:
+        raise CheckpointError(f"{folder} holds no {SCORE}: it is not a reward model.",
+                              hint="Pass a folder written by `llmctl align --method reward` (OUT/model).")
+    score = tensors.pop(SCORE)
+    spec = spec_from_config({k: v for k, v in config.items() if k not in ("num_labels", "id2label", "label2id")},
+                            folder / "config.json")
+    shapes = {k: tuple(t.shape) for k, t in tensors.items()}
+    if not spec.tie_embeddings:  # a sequence classifier has no language-model head
+        shapes["lm_head.weight"] = (spec.vocab_size, spec.dim)
+    check_tensors(spec, shapes, folder, {})
+    pad = config.get("pad_token_id")
+    return spec, tensors, score, int(pad if pad is not None else 0)
+
+
+def is_reward_model(config: dict[str, Any]) -> bool:
+    return str((config.get("architectures") or [""])[0]).endswith("ForSequenceClassification")

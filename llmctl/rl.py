@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from llmctl import ui
-from llmctl.errors import ConfigError, DataError, LlmctlError
+from llmctl.errors import ConfigError, DataError
 from llmctl.preference import same_tokenizer
 from llmctl.rewards import Prompt, group_advantages, score
 from llmctl.training.batch import IGNORE, Batch
@@ -326,9 +326,6 @@ def run(cfg: AlignConfig, backend: str, force: bool = False, resume: bool = Fals
     from llmctl.training.loop import Job
 
     s, ppo = cfg.rl, cfg.pref.method == "ppo"
-    if backend == "mlx" and (s.reward or ppo):
-        raise LlmctlError("on the MLX backend, align runs --method grpo with --reward-fn (no --reward model, no ppo) "
-                          "so far.", hint="Pass --backend torch.")
     base = resolve_base(cfg)
     spec = read_model(base).spec
     tokenizer = load_tokenizer(base)

@@ -97,7 +97,7 @@ def eval_command(
     if (data is None) == (pairs is None):
         raise ConfigError("pass --data (a text file to score) or --pairs (preference pairs), one of them.")
     if pairs is not None:
-        return pairwise(model, pairs, base, adapter, seq_len or 1024, as_json)
+        return pairwise(model, pairs, base, adapter, seq_len or 1024, as_json, get_backend(backend).name)
 
     for name, value in (("--seq-len", seq_len), ("--stride", stride), ("--max-tokens", max_tokens)):
         if value < 0:
@@ -158,12 +158,14 @@ def eval_command(
         Console().print(_table(result))  # the report is the command's output: stdout
 
 
-def pairwise(model: str, pairs: Path, base: str | None, adapter: str | None, seq_len: int, as_json: bool) -> None:
+def pairwise(model: str, pairs: Path, base: str | None, adapter: str | None, seq_len: int, as_json: bool,
+             backend: str = "torch") -> None:
     """Pairwise accuracy on preference pairs: how often the chosen reply gets the higher reward (ties count half)."""
+    import importlib
+
     import numpy as np
 
     from llmctl import ui
-    from llmctl.backends.torch.align import pair_rewards
     from llmctl.data.preferences import Counts, PreferenceEncoder, encode_files
     from llmctl.errors import DataError
     from llmctl.io.hub import resolve_model
@@ -181,10 +183,11 @@ def pairwise(model: str, pairs: Path, base: str | None, adapter: str | None, seq
     if not examples:
         raise DataError(f"{pairs}: no pair to score ({counts.identical} identical, {counts.too_long} too long).")
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else (tokenizer.eos_id or 0)
+    pair_rewards = importlib.import_module(f"llmctl.backends.{backend}.align").pair_rewards
     rewards, what = pair_rewards(model, examples, seq_len, pad, base, adapter)
     c, r = rewards[:, 0], rewards[:, 1]
-    result = {"model": str(model), "pairs": str(pairs), "scored": len(examples), "skipped": counts.identical + counts.too_long,
-              "rewards": what, "accuracy": float(np.mean((c > r) + 0.5 * (c == r))), "mean_margin": float(np.mean(c - r))}
+    result = {"model": str(model), "pairs": str(pairs), "backend": backend, "scored": len(examples),
+              "skipped": counts.identical + counts.too_long, "rewards": what, "accuracy": float(np.mean((c > r) + 0.5 * (c == r))), "mean_margin": float(np.mean(c - r))}
     if as_json:
         typer.echo(json.dumps(result, indent=2))
         return

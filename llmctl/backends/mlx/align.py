@@ -1,6 +1,6 @@
-"""The MLX side of `llmctl align`: the policy loaded for preference training (full weights or LoRA adapters on a
-frozen base), a frozen reference beside it or reference log-probabilities computed once, and the output folder
-(adapter or model)."""
+"""The MLX side of `llmctl align`: the policy loaded for preference training (full weights, LoRA adapters on a frozen
+base, or a reward model's score head), a frozen reference beside it or reference log-probabilities computed once, and
+the output folder (adapter, model or reward model)."""
 
 from __future__ import annotations
 
@@ -14,29 +14,30 @@ from mlx.utils import tree_flatten
 
 from llmctl import ui
 from llmctl.backends.mlx.engine import Engine
+from llmctl.backends.mlx.model import Transformer
 from llmctl.backends.mlx.objectives import DeviceBatch, sequence_logprobs
-from llmctl.backends.mlx.preference import Preference, adapters_off
-from llmctl.preference import PreferenceSettings
+from llmctl.backends.mlx.preference import BradleyTerry, Preference, adapters_off, add_score_head, reward_scores
+from llmctl.errors import CheckpointError
+from llmctl.preference import PreferenceSettings, read_reward_folder, write_reward_folder
 
 BATCH = 8  # examples per forward when computing reference log-probabilities
 
 
 class AlignEngine(Engine):
     def setup(self, base: Path, lora: Any | None, reward: bool) -> None:
-        """The policy: every weight trained, or LoRA adapters on a frozen base (align refuses --method reward on MLX
-        before this)."""
+        """The policy: every weight trained, LoRA adapters on a frozen base, or a reward model (a score head)."""
         if lora is not None:
             from llmctl.backends.mlx.lora import add_adapters, is_adapter_param
 
             self.load(base, trainable=is_adapter_param, prepare=lambda m: add_adapters(m, lora))
         else:
-            self.load(base)
+            self.load(base, prepare=add_score_head if reward else None)
 
     def trained_parameters(self) -> int:
         return sum(v.size for _, v in tree_flatten(self.model.trainable_parameters()))
 
     def objective(self, settings: PreferenceSettings, reference: Any) -> Any:
-        return Preference(settings, reference)
+        return BradleyTerry() if settings.method == "reward" else Preference(settings, reference)
 
     def reference_logps(self, reference: Any, rows: Any, examples: Sequence[Any]) -> np.ndarray:
         """(N, 2) summed response log-probabilities of each example's two rows under the reference (a model, or
@@ -51,8 +52,9 @@ class AlignEngine(Engine):
         return per_example(logps, rows, examples)
 
     def write_output(self, folder: Path, base: Path, tokenizer: Any, lora: Any | None, name: str, pad_id: int) -> None:
-        """The adapter (PEFT layout, as finetune-lora writes it), or the aligned model folder with the tokenizer, which
-        becomes the default model of generate and chat."""
+        """The adapter (PEFT layout, as finetune-lora writes it), the reward model (transformers'
+        *ForSequenceClassification), or the aligned model folder with the tokenizer, which becomes the default model
+        of generate and chat."""
         if lora is not None:
             from llmctl.backends.mlx.lora import write_peft
             from llmctl.io.outputs import replacing
@@ -63,12 +65,43 @@ class AlignEngine(Engine):
                     write_peft(staged, self.model, lora, name)
                     tokenizer.save(staged)
             return
+        if "score" in self.model:
+            if ui.is_main_process():
+                write_reward_model(folder, self.model, base, pad_id)
+                tokenizer.save(folder)
+            return
         self.export(folder)
         if ui.is_main_process():
             from llmctl.run import remember_model
 
             tokenizer.save(folder)
             remember_model(folder)
+
+
+def write_reward_model(folder: Path, model: Transformer, base: Path, pad_id: int) -> None:
+    """The backbone and its score head as transformers' *ForSequenceClassification folder (one label, float32)."""
+    from llmctl.io.safetensors import from_mlx
+
+    tensors = {k: from_mlx(v.astype(mx.float32)) for k, v in tree_flatten(model.parameters())}
+    write_reward_folder(folder, model.spec, tensors, base, pad_id)
+
+
+def load_reward_model(folder: str | Path) -> tuple[Transformer, mx.array, int]:
+    """A reward model folder (written by either backend): the backbone (float32, eval, frozen), its score head
+    (1, dim) and the padding id it scores by."""
+    from llmctl.io.safetensors import to_mlx
+
+    spec, tensors, score, pad = read_reward_folder(folder)
+    model = Transformer(spec)
+    weights = {k: to_mlx(t).astype(mx.float32) for k, t in tensors.items()}
+    missing = [k for k, _ in tree_flatten(model.parameters()) if k not in weights and k != "lm_head.weight"]
+    if missing:
+        raise CheckpointError(f"{folder}: tensors missing: {', '.join(missing[:5])}")
+    model.load_weights(list(weights.items()), strict=False)
+    model.freeze()
+    model.eval()
+    mx.eval(model.parameters())
+    return model, to_mlx(score).astype(mx.float32), pad
 
 
 def per_example(values: Callable[[DeviceBatch], mx.array], rows: Any, examples: Sequence[Any]) -> np.ndarray:

@@ -1,5 +1,6 @@
 """Preference objectives on the MLX backend: the DPO family's and KTO's losses written as TRL defines them (the twin
-of backends/torch/preference.py) and the pair and KTO objectives that feed them per-sequence log-probabilities.
+of backends/torch/preference.py), the pair and KTO objectives that feed them per-sequence log-probabilities, and the
+Bradley-Terry loss of a reward model.
 
 A pair batch holds the chosen rows, then the rejected rows (one forward of both); a KTO batch holds its examples,
 then the mismatched rows (prompt i with completion i + 1) whose log-ratios estimate the batch KL. Log-probabilities
@@ -140,3 +141,36 @@ class Preference:
                    "reward_chosen": (reward * good).sum(), "reward_rejected": (reward * (1 - good)).sum(),
                    "desirable": good.sum(), "len": lengths[:n].sum()}
         return loss.sum(), metrics
+
+
+def reward_scores(model: nn.Module, head: mx.array, batch: DeviceBatch) -> mx.array:
+    """The scalar score of each row, (B,): the score head on the last position the loss mask marks."""
+    h = model(batch.input_ids, head=False, **batch.model_inputs())
+    last = mx.argmax(batch.loss_mask, axis=-1)                                      # (B,)
+    picked = mx.take_along_axis(h, last[:, None, None], axis=1)[:, 0]              # (B, D)
+    return (picked.astype(mx.float32) @ head.astype(mx.float32).T)[:, 0]
+
+
+class BradleyTerry:
+    """A reward model's loss: -log sigmoid(r_chosen - r_rejected - margin), the margin per pair (0 by default)."""
+
+    def units(self, batch: Batch) -> int:
+        return batch.rows // 2
+
+    def __call__(self, model: nn.Module, batch: DeviceBatch) -> tuple[mx.array, dict[str, mx.array]]:
+        scores = reward_scores(model, model.score.weight, batch)
+        P = scores.shape[0] // 2
+        c, r = scores[:P], scores[P:]
+        margin = batch.extras["margin"][:P] if "margin" in batch.extras else mx.zeros_like(c)
+        loss = -nn.log_sigmoid(c - r - margin)
+        gap = mx.stop_gradient(c - r)
+        metrics = {"loss": mx.stop_gradient(loss.sum()), "accuracy": accuracy(c, r).sum(), "margin": gap.sum(),
+                   "reward_chosen": mx.stop_gradient(c).sum(), "reward_rejected": mx.stop_gradient(r).sum()}
+        return loss.sum(), metrics
+
+
+def add_score_head(model: nn.Module) -> None:
+    """A reward model's scalar head, `score` (1, dim) as transformers' *ForSequenceClassification names it (drawn
+    from the random state the engine seeded)."""
+    model.score = nn.Linear(model.spec.dim, 1, bias=False)
+    model.score.weight = mx.random.normal(model.score.weight.shape) * model.spec.init_std

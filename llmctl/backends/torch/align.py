@@ -16,9 +16,8 @@ from llmctl.backends.torch.model import Transformer
 from llmctl.backends.torch.objectives import DeviceBatch, sequence_logprobs
 from llmctl.backends.torch.preference import BradleyTerry, Preference, adapters_off, add_score_head, reward_scores
 from llmctl.errors import CheckpointError
-from llmctl.preference import PreferenceSettings
+from llmctl.preference import PreferenceSettings, is_reward_model, read_reward_folder, write_reward_folder
 
-SCORE = "score.weight"
 BATCH = 8  # examples per forward when computing reference log-probabilities
 
 
@@ -78,48 +77,23 @@ class AlignEngine(Engine):
 
 
 def write_reward_model(folder: Path, model: Transformer, base: Path, pad_id: int) -> None:
-    """The backbone and `score.weight` (1, dim), with the config transformers' *ForSequenceClassification reads:
-    one label, and the padding id (it scores the last token that is not padding)."""
-    from llmctl.io.hf import ARCHITECTURES
-    from llmctl.io.model_folder import write_model
+    """The backbone and its score head as transformers' *ForSequenceClassification folder (one label)."""
     from llmctl.io.safetensors import from_torch
 
-    tensors = {k: from_torch(v.detach().float().contiguous()) for k, v in model.state_dict().items() if k != "lm_head.weight"}
-    arch = ARCHITECTURES[model.spec.family].replace("ForCausalLM", "ForSequenceClassification")
-    extra = {"architectures": [arch], "num_labels": 1, "id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0},
-             "pad_token_id": pad_id, "problem_type": "regression"}
-    write_model(folder, model.spec, tensors, source=base, extra_config=extra)
-
-
-def is_reward_model(config: dict[str, Any]) -> bool:
-    return str((config.get("architectures") or [""])[0]).endswith("ForSequenceClassification")
+    tensors = {k: from_torch(v.detach().float().contiguous()) for k, v in model.state_dict().items()}
+    write_reward_folder(folder, model.spec, tensors, base, pad_id)
 
 
 def load_reward_model(folder: str | Path) -> tuple[Transformer, torch.Tensor, int]:
     """A reward model folder: the backbone (float32, eval), its score head (1, dim) and the padding id it scores by."""
-    from llmctl.io.hf import check_tensors, read_config, spec_from_config
-    from llmctl.io.safetensors import load_folder_tensors, to_torch
+    from llmctl.io.safetensors import to_torch
 
-    folder = Path(folder)
-    config = read_config(folder)
-    tensors = load_folder_tensors(folder)
-    if SCORE not in tensors:
-        raise CheckpointError(f"{folder} holds no {SCORE}: it is not a reward model.",
-                              hint="Pass a folder written by `llmctl align --method reward` (OUT/model).")
-    score = to_torch(tensors.pop(SCORE)).float()
-    spec = spec_from_config({k: v for k, v in config.items() if k not in ("num_labels", "id2label", "label2id")},
-                            folder / "config.json")
-    shapes = {k: tuple(t.shape) for k, t in tensors.items()}
-    if not spec.tie_embeddings:  # a sequence classifier has no language-model head
-        shapes["lm_head.weight"] = (spec.vocab_size, spec.dim)
-    check_tensors(spec, shapes, folder, {})
+    spec, tensors, score, pad = read_reward_folder(folder)
     model = Transformer(spec)
-    state = {k: to_torch(t).float() for k, t in tensors.items()}
-    missing, _ = model.load_state_dict(state, strict=False)
+    missing, _ = model.load_state_dict({k: to_torch(t).float() for k, t in tensors.items()}, strict=False)
     if [m for m in missing if m != "lm_head.weight"]:
         raise CheckpointError(f"{folder}: tensors missing: {', '.join(missing[:5])}")
-    pad = config.get("pad_token_id")
-    return model.eval(), score, int(pad if pad is not None else 0)
+    return model.eval(), to_torch(score).float(), pad
 
 
 @torch.no_grad()
