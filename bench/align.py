@@ -75,7 +75,8 @@ def run_llmctl(model: Path, data: Path, out: Path, o: argparse.Namespace) -> dic
         "align", "--model", str(model), "--data", str(data), "--out", str(out), "--force", "--lora", "--rank", "8",
         "--alpha", "16", "--targets", "all-linear", "--steps", str(o.steps), "--backend", "torch", "train.dtype=fp32",
         f"data.batch_size={o.batch}", f"data.seq_len={o.seq}", "optim.lr=5e-5", "train.eval_every=100000",
-        "train.save_every=0", "data.val_fraction=0.25", "train.eval_batches=100"])
+        "train.save_every=0", "data.val_fraction=0.25", "train.eval_batches=100",
+        f"train.grad_checkpointing={str(o.checkpointing == 'on').lower()}"])
     if result.exit_code != 0:
         raise RuntimeError(result.output)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -106,7 +107,7 @@ def run_trl(model: Path, data: Path, out: Path, o: argparse.Namespace) -> dict:
     args = DPOConfig(output_dir=str(out), per_device_train_batch_size=o.batch, max_steps=o.steps, learning_rate=5e-5,
                      beta=0.1, max_length=o.seq, truncation_mode="keep_end", report_to=[], save_strategy="no",
                      logging_steps=1000, use_cpu=True, bf16=False, lr_scheduler_type="cosine", warmup_steps=1,
-                     dataloader_num_workers=0, disable_tqdm=True)
+                     dataloader_num_workers=0, disable_tqdm=True, gradient_checkpointing=o.checkpointing == "on")
     trainer = DPOTrainer(model=AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32), args=args,
                          train_dataset=Dataset.from_list(records), processing_class=AutoTokenizer.from_pretrained(model),
                          peft_config=LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear"),
@@ -115,11 +116,19 @@ def run_trl(model: Path, data: Path, out: Path, o: argparse.Namespace) -> dict:
     return {"pairs_s": o.batch / statistics.median(times[2:]), "peak_rss_mb": peak_mb(), "wall_s": time.perf_counter() - start}
 
 
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--batch", type=int, default=4, help="pairs per step")
     parser.add_argument("--seq", type=int, default=256, help="tokens per sequence (prompt + response)")
+    parser.add_argument("--checkpointing", choices=["on", "off"], default="on",
+                        help="activation checkpointing on both sides (on: TRL's DPOConfig default)")
     parser.add_argument("--pairs", type=int, default=64, help="pairs read (a quarter held out by llmctl)")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "llmctl-bench-align")
     parser.add_argument("--worker", choices=["llmctl", "trl"], help=argparse.SUPPRESS)
@@ -131,11 +140,13 @@ def main() -> None:
         print(json.dumps(run(model, data, o.work / f"run-{o.worker}", o)))
         return
     print(f"CPU: {cpu()}; SmolLM2-135M-Instruct fp32, LoRA r=8 alpha 16 all-linear, {o.batch} pairs/step, "
-          f"seq {o.seq}, {o.steps} steps", flush=True)
+          f"seq {o.seq}, {o.steps} steps, activation checkpointing {o.checkpointing} on both sides, "
+          f"{torch_threads()} thread(s)", flush=True)
     results = {}
     for worker in ("llmctl", "trl"):
         done = subprocess.run([sys.executable, __file__, "--worker", worker, "--steps", str(o.steps), "--batch",
-                               str(o.batch), "--seq", str(o.seq), "--pairs", str(o.pairs), "--work", str(o.work)],
+                               str(o.batch), "--seq", str(o.seq), "--pairs", str(o.pairs), "--work", str(o.work),
+                               "--checkpointing", o.checkpointing],
                               capture_output=True, text=True, cwd=ROOT)
         if done.returncode != 0:
             raise RuntimeError(f"{worker} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")

@@ -273,3 +273,43 @@ def test_mlx_grpo_lora_writes_the_adapter_and_resumes_exactly(tmp_path, monkeypa
     assert any(np.abs(v).max() > 0 for k, v in a.items() if "lora_B" in k)
     config = json.loads((tmp_path / "a" / "adapter" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 4
+
+
+@needs_shared
+def test_mlx_ppo_lora_trains_the_adapters_and_the_value_head():
+    """PPO with --lora on MLX: the rollout's reference is the policy with its adapters off (equal to the policy before
+    the first step: the adapters start at zero), and one step moves only the adapters and the value head."""
+    from mlx.utils import tree_flatten
+
+    from llmctl.adapters import LoraSettings
+    from llmctl.backends.mlx.lora import is_adapter_param
+    from llmctl.backends.mlx.rl import RLEngine
+    from llmctl.commands.options import DType
+    from llmctl.rewards import Prompt
+    from llmctl.rl import RLSettings, completion_rows
+    from llmctl.training.config import LoopConfig, OptimConfig
+
+    engine = RLEngine(LoopConfig(dtype=DType.fp32), OptimConfig(lr=1e-2))
+    engine.setup_policy(BASE, LoraSettings(rank=4), True)
+    rng = np.random.default_rng(0)
+    prompts = [Prompt(rng.integers(3, 512, 6).tolist(), "", {}, "") for _ in range(4)]
+    batch = completion_rows(prompts, [rng.integers(3, 512, 5).tolist() for _ in prompts], np.zeros(4), 0)
+    logps, ref, values = engine.rollout(batch, "adapters")
+    assert np.abs(logps).max() > 0.1
+    np.testing.assert_array_equal(logps, ref)
+    mask = batch.loss_mask > 0
+    batch.extras = {"old_logps": logps.astype(np.float32), "old_values": values.astype(np.float32),
+                    "advantages": (rng.normal(size=logps.shape) * mask).astype(np.float32),
+                    "returns": (rng.normal(size=logps.shape) * mask).astype(np.float32)}
+    objective = engine.objective(RLSettings(), "ppo")
+    before = dict(tree_flatten(engine.model.parameters()))
+    engine.micro_step(objective, batch, 1.0 / batch.target_count, True)
+    grads = dict(tree_flatten(engine.grads))
+    assert grads and all(is_adapter_param(n) or n.startswith("v_head.") for n in grads)
+    engine.optimizer_step(1e-2, 1.0)
+    after = dict(tree_flatten(engine.model.parameters()))
+    changed = {n for n, v in before.items() if not np.array_equal(np.array(after[n]), np.array(v))}
+    assert "v_head.weight" in changed and any(".lora_" in n for n in changed), changed
+    assert all(".lora_" in n or n.startswith("v_head.") for n in changed), changed
+    logps, ref, _ = engine.rollout(batch, "adapters")
+    assert np.abs(logps - ref).max() > 1e-6  # the adapters moved the policy away from its base
