@@ -32,7 +32,7 @@ DEQUANTIZED_ROWS = 128
 # Where the tiled layout's prompt kernel (csrc/qtiled.cpp: int16 x, each tile's codes widened once for many rows)
 # multiplies 16-bit prompts (`_prompt_kernel`) instead of dequantize + float32 products: on AVX2 (EPYC Zen 3, 2
 # threads, a loaded machine) one 512-row product with bfloat16 x took 1.8-2.1x less time, and bench/decode.py's
-# 512-token bfloat16-scale prompt ran 1.6x faster at 4 bits (per round 1.60, 1.57). On AVX-512 the one-row VNNI kernel would
+# 512-token bfloat16-scale prompt at 4 bits 1.60x, 1.57x, 0.86x per round (load 11-14). On AVX-512 the one-row VNNI kernel would
 # multiply each row again, not measured against oneDNN there: prompts keep the dequantized path.
 PROMPT_KERNEL_ISAS = ("avx2",)
 TILED_ISAS = ("avx2", "avx512")  # the ISAs with tiled kernels (csrc/qtiled.cpp); others run a portable loop
