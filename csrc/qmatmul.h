@@ -55,7 +55,8 @@ void from_tiled(uint32_t* wq, void* scales, void* biases, int dtype, int64_t out
 void dequantize_tiled(const uint32_t* wq, const void* scales, const void* biases, int dtype, int64_t out, int64_t in,
                       int group_size, int bits, int64_t row0, int64_t row1, void* dst, int dst_dtype, int threads,
                       int isa);
-// qmatmul for tiled weights, with the same int16 x and the same error bound. x_int8: on AVX2, 4-bit codes with
+// qmatmul for tiled weights, with the same int16 x and the same error bound (on AVX2, 4+ x rows: the prompt kernel,
+// the same sums with each tile's codes widened once for every row). x_int8: on AVX2, 4-bit codes with
 // several x rows multiply x rounded to int8 per group instead (twice the products a multiply; x's error 257x int16's:
 // on SmolLM2's Q4_1 prompt it moved the logits by ~0.5, as llama.cpp's 8-bit activations do), so callers opt in.
 void qmatmul_tiled(const void* x, int x_dtype, int64_t batch, int64_t in, const uint32_t* wq, const void* scales,

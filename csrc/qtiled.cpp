@@ -202,14 +202,22 @@ LLMCTL_AVX2 inline bool group_sum_max_avx2(const float* v, int group_size, float
   return std::isfinite(total) && std::isfinite(largest);
 }
 
-// prepare's work for the AVX2 kernels on float32 x: per group sx and xsum, then x / sx as int16 (as x_int16).
-LLMCTL_AVX2 bool prepare_avx2(TiledX& p, const float* x, int64_t batch, int64_t in, int group_size) {
+// n bfloat16 values as float32 (their bits shifted)
+LLMCTL_AVX2 void widen_bf16_avx2(const uint16_t* x, int64_t n, float* out) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x + i));
+    _mm256_storeu_ps(out + i, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)));
+  }
+  for (; i < n; ++i) out[i] = bf16_to_float(x[i]);
+}
+
+// prepare's work for the AVX2 kernels on float32 x, rows [r0, r1): per group sx and xsum, then x / sx as int16 (as
+// x_int16). False at the first group holding inf or NaN.
+LLMCTL_AVX2 bool prepare_rows_avx2(TiledX& p, const float* x, int64_t r0, int64_t r1, int64_t in, int group_size) {
   const int64_t groups = in / group_size, stride = in + 64;
-  p.sx.resize(size_t(batch * groups));
-  p.xsum.resize(size_t(batch * groups));
-  p.q.resize(size_t(batch * stride));
   const __m256 hi = _mm256_set1_ps(detail::kXMax), lo = _mm256_set1_ps(-detail::kXMax);
-  for (int64_t r = 0; r < batch; ++r)
+  for (int64_t r = r0; r < r1; ++r)
     for (int64_t g = 0; g < groups; ++g) {
       const float* v = x + r * in + g * group_size;
       float total, largest;
@@ -225,6 +233,21 @@ LLMCTL_AVX2 bool prepare_avx2(TiledX& p, const float* x, int64_t batch, int64_t 
       }
     }
   return true;
+}
+
+// Rows split over the pool's threads, as prepare_int8_avx2 does (one row, decoding's, stays on the calling thread).
+bool prepare_avx2(TiledX& p, const float* x, int64_t batch, int64_t in, int group_size, int threads) {
+  const int64_t groups = in / group_size;
+  p.sx.resize(size_t(batch * groups));
+  p.xsum.resize(size_t(batch * groups));
+  p.q.resize(size_t(batch * (in + 64)));
+  const int n = int(std::min<int64_t>(batch, detail::threads_for(threads, double(batch) * double(in) * 4.0)));
+  if (n <= 1) return prepare_rows_avx2(p, x, 0, batch, in, group_size);
+  std::vector<char> finite(size_t(n), 1);
+  detail::parallel_for(n, n, [&](int k) {
+    finite[size_t(k)] = prepare_rows_avx2(p, x, batch * k / n, batch * (k + 1) / n, in, group_size);
+  });
+  return std::all_of(finite.begin(), finite.end(), [](char f) { return f != 0; });
 }
 #endif
 
@@ -290,18 +313,23 @@ bool prepare(TiledX& p, const void* x, int x_dtype, int64_t batch, int64_t in, i
   const int64_t groups = in / group_size, stride = in + 64;
   const bool bytes = form == kXBytes;
 #ifdef LLMCTL_TILED_X86
-  if (form == kXInt8) {
+  if (form == kXInt8 || form == kXInt16) {  // the AVX2 kernels: 16-bit x widened to float32 first
     const float* xf = static_cast<const float*>(x);
     if (x_dtype != kFloat32) {
       p.xf.resize(size_t(batch * in));
-      for (int64_t i = 0; i < batch * in; ++i) p.xf[size_t(i)] = load_float(x, x_dtype, i);
+      if (x_dtype == kBFloat16) {
+        widen_bf16_avx2(static_cast<const uint16_t*>(x), batch * in, p.xf.data());
+      } else {
+        for (int64_t i = 0; i < batch * in; ++i) p.xf[size_t(i)] = load_float(x, x_dtype, i);
+      }
       xf = p.xf.data();
     }
-    if (prepare_int8_avx2(p, xf, batch, in, group_size, threads)) return true;
+    if (form == kXInt8 ? prepare_int8_avx2(p, xf, batch, in, group_size, threads)
+                       : prepare_avx2(p, xf, batch, in, group_size, threads))
+      return true;
     form = kXFloat;  // inf or NaN: the portable loop below carries them
   }
   if (bytes && x_dtype == kFloat32 && prepare_avx512(p, static_cast<const float*>(x), batch, in, group_size)) return true;
-  if (form == kXInt16 && x_dtype == kFloat32 && prepare_avx2(p, static_cast<const float*>(x), batch, in, group_size)) return true;
 #endif
   p.xf.resize(size_t(batch * in));
   for (int64_t i = 0; i < batch * in; ++i) p.xf[size_t(i)] = load_float(x, x_dtype, i);
@@ -309,17 +337,6 @@ bool prepare(TiledX& p, const void* x, int x_dtype, int64_t batch, int64_t in, i
   p.xsum.resize(size_t(batch * groups));
   const bool finite = detail::group_steps(p.xf.data(), batch, in, group_size, p.xsum.data(), p.sx.data(), groups);
   if (!finite || form == kXFloat) return finite;
-  if (form == kXInt16) {
-    p.q.assign(size_t(batch * stride), 0);
-    for (int64_t r = 0; r < batch; ++r)
-      for (int64_t g = 0; g < groups; ++g) {
-        const float amax = p.sx[size_t(r * groups + g)] * detail::kXMax;
-        const float inv = amax > 0.0f ? detail::kXMax / amax : 0.0f;
-        for (int i = 0; i < group_size; ++i)
-          p.q[size_t(r * stride + g * group_size + i)] = int16_t(detail::x_int16(p.xf[size_t(r * in + g * group_size + i)], inv));
-      }
-    return true;
-  }
   p.high.assign(size_t(batch * stride), 0);
   p.low.assign(size_t(batch * stride), 0);
   for (int64_t r = 0; r < batch; ++r)
@@ -667,12 +684,100 @@ LLMCTL_AVX2 inline __attribute__((always_inline)) void tile_q4_int8_avx2(const T
   for (int i = 0; i < 2 * NR; ++i) y[i] = acc[i];
 }
 
+// The AVX2 prompt kernel (several x rows, int16 x: the same sums as tile_avx2, so the same error bound). Each x row
+// reuses a tile's codes, so they are widened once (widen_tile_avx2) into int16 pairs: per pair of codes p two vectors,
+// rows 0-7 then 8-15, row j's codes 2p and 2p + 1 side by side in int32 lane j. vpmaddwd against x's pair (2p, 2p + 1)
+// broadcast then leaves row j's sum in lane j: no unpacking, no horizontal add, and two accumulators an x row, so
+// kPromptInt16Rows x rows share each load of codes (their int32 sums, the codes and the broadcast fill the 16
+// registers). A tile's widened codes (16 * in * 2 bytes: 24 KB for 768 columns) stay in L1 while the rows pass.
+constexpr int kPromptInt16Rows = 6;
+struct alignas(32) WideCodes {
+  int16_t v[16];
+};
+// Batches from which qmatmul_tiled takes the prompt kernel (below: tile_avx2, which needs no widening)
+constexpr int64_t kPromptInt16From = 4;
+
+template <int BITS>
+LLMCTL_AVX2 void widen_tile_avx2(const uint8_t* w, int64_t in, int16_t* wide) {
+  constexpr int kPerStep = BITS == 8 ? 4 : 8;
+  // per 128-bit lane (4 rows of 4 bytes): codes 0, 1 (first) or 2, 3 (second) of each row, zero-extended to int16
+  const __m256i first = _mm256_setr_epi8(0, -1, 1, -1, 4, -1, 5, -1, 8, -1, 9, -1, 12, -1, 13, -1,
+                                         0, -1, 1, -1, 4, -1, 5, -1, 8, -1, 9, -1, 12, -1, 13, -1);
+  const __m256i second = _mm256_setr_epi8(2, -1, 3, -1, 6, -1, 7, -1, 10, -1, 11, -1, 14, -1, 15, -1,
+                                          2, -1, 3, -1, 6, -1, 7, -1, 10, -1, 11, -1, 14, -1, 15, -1);
+  const __m256i nibble = _mm256_set1_epi8(0x0F);
+  for (int64_t s = 0; s < in / kPerStep; ++s) {
+    __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + s * kStepBytes));
+    __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + s * kStepBytes + 32));
+    __m256i* o = reinterpret_cast<__m256i*>(wide + s * kPerStep * kTileRows);
+    for (int half = 0; half < kPerStep / 4; ++half) {  // 4-bit: low nibbles hold codes 0-3, high nibbles 4-7
+      const __m256i ah = BITS == 8 ? a : _mm256_and_si256(half ? _mm256_srli_epi16(a, 4) : a, nibble);
+      const __m256i bh = BITS == 8 ? b : _mm256_and_si256(half ? _mm256_srli_epi16(b, 4) : b, nibble);
+      _mm256_store_si256(o + 4 * half, _mm256_shuffle_epi8(ah, first));
+      _mm256_store_si256(o + 4 * half + 1, _mm256_shuffle_epi8(bh, first));
+      _mm256_store_si256(o + 4 * half + 2, _mm256_shuffle_epi8(ah, second));
+      _mm256_store_si256(o + 4 * half + 3, _mm256_shuffle_epi8(bh, second));
+    }
+  }
+}
+
+// NR x rows from r against tile t's widened codes: x row r + i's 16 outputs into y[2i] (rows 0-7), y[2i + 1].
+template <int DTYPE, int NR>
+LLMCTL_AVX2 inline __attribute__((always_inline)) void tile_prompt_avx2(const TiledJob& job, const int16_t* wide,
+                                                                        int64_t t, int64_t r, __m256* y) {
+  const int G = job.group_size;
+  const int64_t stride = job.in + 64;
+  const int16_t* xq = job.x->q.data() + r * stride;
+  for (int i = 0; i < 2 * NR; ++i) y[i] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < job.groups; ++g) {
+    __m256i d[2 * NR];
+    for (auto& v : d) v = _mm256_setzero_si256();
+    const __m256i* wg = reinterpret_cast<const __m256i*>(wide + g * G * kTileRows);
+    const int16_t* xg = xq + g * G;
+    for (int p = 0; p < G / 2; ++p) {
+      const __m256i w0 = _mm256_load_si256(wg + 2 * p), w1 = _mm256_load_si256(wg + 2 * p + 1);
+      for (int i = 0; i < NR; ++i) {
+        int32_t x2;
+        std::memcpy(&x2, xg + i * stride + 2 * p, 4);
+        const __m256i xb = _mm256_set1_epi32(x2);
+        d[2 * i] = _mm256_add_epi32(d[2 * i], _mm256_madd_epi16(w0, xb));
+        d[2 * i + 1] = _mm256_add_epi32(d[2 * i + 1], _mm256_madd_epi16(w1, xb));
+      }
+    }
+    // as tile_avx2: |sum| <= 128 * 255 * 32639 < 2^31, and the same float32 operations in the same order
+    const int64_t at = (t * job.groups + g) * kTileRows;
+    const __m256 s0 = load_params_avx2(job.scales, DTYPE, at), s1 = load_params_avx2(job.scales, DTYPE, at + 8);
+    const __m256 c0 = load_params_avx2(job.biases, DTYPE, at), c1 = load_params_avx2(job.biases, DTYPE, at + 8);
+    for (int i = 0; i < NR; ++i) {
+      const int64_t rg = (r + i) * job.groups + g;
+      const __m256 step = _mm256_set1_ps(job.x->sx[size_t(rg)]), sum = _mm256_set1_ps(job.x->xsum[size_t(rg)]);
+      y[2 * i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d[2 * i]), _mm256_mul_ps(s0, step), y[2 * i]);
+      y[2 * i + 1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d[2 * i + 1]), _mm256_mul_ps(s1, step), y[2 * i + 1]);
+      y[2 * i] = _mm256_fmadd_ps(c0, sum, y[2 * i]);
+      y[2 * i + 1] = _mm256_fmadd_ps(c1, sum, y[2 * i + 1]);
+    }
+  }
+}
+
+// 8 floats as bfloat16, as float_to_bf16 rounds them (to nearest even; NaN: a quiet NaN of the same sign)
+LLMCTL_AVX2 inline __m128i bf16_of_avx2(__m256 v) {
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  __m256i h = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), odd), 16);
+  const __m256i nan = _mm256_or_si256(_mm256_set1_epi32(0x7FC0), _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x8000)));
+  h = _mm256_blendv_epi8(h, nan, _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+  return _mm_packus_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+}
+
 // y's 16 outputs of x row r from two vectors
 LLMCTL_AVX2 inline void store_avx2(const TiledJob& job, int64_t t, int64_t r, const __m256* y) {
   const int64_t at = r * job.out + t * kTileRows;
   if (job.y_dtype == kFloat32) {
     _mm256_storeu_ps(static_cast<float*>(job.y) + at, y[0]);
     _mm256_storeu_ps(static_cast<float*>(job.y) + at + 8, y[1]);
+  } else if (job.y_dtype == kBFloat16) {  // a bfloat16 model's prompt: millions of outputs, vectorized
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(job.y) + at), bf16_of_avx2(y[0]));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(static_cast<uint16_t*>(job.y) + at + 8), bf16_of_avx2(y[1]));
   } else {
     alignas(32) float v[kTileRows];
     _mm256_store_ps(v, y[0]);
@@ -682,24 +787,43 @@ LLMCTL_AVX2 inline void store_avx2(const TiledJob& job, int64_t t, int64_t r, co
 }
 
 // Tiles [t0, t1) against every x row: KIND 0 the int16 kernel, x rows two at a time; KIND 1 the int8 prompt kernel
-// (4-bit codes), x rows kPromptRows at a time. x rows in blocks of kXBlock, so that a block's x stays in L2 while
-// every tile of the range passes over it (the tiles' codes then stream from memory once per block).
+// (4-bit codes), x rows kPromptRows at a time; KIND 2 the int16 prompt kernel, kPromptInt16Rows at a time. x rows in
+// blocks of kXBlock, so that a block's x stays in L2 while every tile of the range passes over it (the tiles' codes
+// then stream from memory once per block).
 constexpr int64_t kXBlock = 128;
 template <int BITS, int DTYPE, int KIND>
 LLMCTL_AVX2 void tiles_avx2(const TiledJob& job, int64_t t0, int64_t t1) {
-  constexpr int NR = KIND == 1 ? kPromptRows : 2;
+  constexpr int NR = KIND == 1 ? kPromptRows : KIND == 2 ? kPromptInt16Rows : 2;
   __m256 y[2 * NR];
+  std::vector<WideCodes> wide(size_t(KIND == 2 ? job.in : 0));  // a tile's widened codes: 16 * in int16
+  const int16_t* w16 = wide.data()->v;
   for (int64_t r0 = 0; r0 < job.batch; r0 += kXBlock) {
     const int64_t r1 = std::min(job.batch, r0 + kXBlock);
     for (int64_t t = t0; t < t1; ++t) {
+      if constexpr (KIND == 2) widen_tile_avx2<BITS>(job.w + t * (kTileRows * job.in * BITS / 8), job.in,
+                                                     wide.data()->v);
       int64_t r = r0;
       for (; r + NR <= r1; r += NR) {
         if constexpr (KIND == 1) {
           tile_q4_int8_avx2<DTYPE, NR>(job, t, r, y);
+        } else if constexpr (KIND == 2) {
+          tile_prompt_avx2<DTYPE, NR>(job, w16, t, r, y);
         } else {
           tile_avx2<BITS, DTYPE, NR>(job, t, r, y);
         }
         for (int i = 0; i < NR; ++i) store_avx2(job, t, r + i, y + 2 * i);
+      }
+      if constexpr (KIND == 2) {  // the last 1-5 rows of the block in one pass too
+        switch (r1 - r) {
+          case 5: tile_prompt_avx2<DTYPE, 5>(job, w16, t, r, y); break;
+          case 4: tile_prompt_avx2<DTYPE, 4>(job, w16, t, r, y); break;
+          case 3: tile_prompt_avx2<DTYPE, 3>(job, w16, t, r, y); break;
+          case 2: tile_prompt_avx2<DTYPE, 2>(job, w16, t, r, y); break;
+          case 1: tile_prompt_avx2<DTYPE, 1>(job, w16, t, r, y); break;
+          default: break;
+        }
+        for (int64_t i = 0; r + i < r1; ++i) store_avx2(job, t, r + i, y + 2 * i);
+        continue;
       }
       for (; r < r1; ++r) {
         if constexpr (KIND == 1) {
@@ -790,7 +914,11 @@ void qmatmul_tiled(const void* x, int x_dtype, int64_t batch, int64_t in, const 
   void (*tiles)(const TiledJob&, int64_t, int64_t) = tiles_scalar;
 #ifdef LLMCTL_TILED_X86
   if (form == kXBytes && finite) tiles = bits == 4 ? tiles_avx512_dtype<4> : tiles_avx512_dtype<8>;
-  if (form == kXInt16 && finite) tiles = bits == 4 ? tiles_avx2_dtype<4, 0> : tiles_avx2_dtype<8, 0>;
+  if (form == kXInt16 && finite) {
+    const bool prompt = batch >= kPromptInt16From;
+    tiles = bits == 4 ? (prompt ? tiles_avx2_dtype<4, 2> : tiles_avx2_dtype<4, 0>)
+                      : (prompt ? tiles_avx2_dtype<8, 2> : tiles_avx2_dtype<8, 0>);
+  }
   if (form == kXInt8 && finite) tiles = tiles_avx2_dtype<4, 1>;
 #endif
   const int64_t n_tiles = out / kTileRows;

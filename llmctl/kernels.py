@@ -588,7 +588,7 @@ def qmatmul_tiled(
     x_int8: bool = False,
 ) -> Any:
     """qmatmul for weights in the tiled layout (to_tiled's views): y (..., out) in x's dtype, torch CPU tensors.
-    x_int8: on AVX2, 4-bit codes against 4 or more x rows multiply x rounded to int8 per group (faster, x_rounding_bound
+    On AVX2, 4 or more x rows take the prompt kernel: the same int16 x and sums as one row, bit for bit. x_int8: on AVX2, 4-bit codes against 4 or more x rows multiply x rounded to int8 per group (faster, x_rounding_bound
     with 127 levels instead of int16's 32639; off by default: it moves a model's logits as 8-bit activations do)."""
     _check_threads(threads)
     q, s, b = _tiled_arrays(wq, scales, biases, group_size, bits, tiled=True)

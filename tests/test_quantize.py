@@ -278,8 +278,9 @@ def test_torch_quantized_linear_passes_gradients_to_its_input():
 @pytest.mark.parametrize("x_dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_torch_quantized_linear_prompt_path_matches_kernel_rows(dtype, x_dtype, tiled):
-    """A prompt (at least DEQUANTIZED_ROWS rows) multiplies by blocks of dequantized weights; each of its rows equals
-    that row through the one-row kernel (1e-3 of the largest output), and float32 dequantize-then-matmul (1e-5).
+    """A prompt (at least DEQUANTIZED_ROWS rows) multiplies by blocks of dequantized weights (bfloat16 x on AVX2's
+    tiled layout: by the int16 prompt kernel, test_qtiled_prompt); each of its rows equals that row through the
+    one-row kernel (1e-3 of the largest output), and float32 dequantize-then-matmul (1e-5).
     bfloat16 x, on a CPU with bfloat16 products, multiplies the weights rounded to bfloat16: then the bars are those
     of bfloat16 outputs (8e-3: two roundings of 2^-9), against the same product done in float32 on rounded inputs."""
     torch = pytest.importorskip("torch")

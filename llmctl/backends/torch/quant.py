@@ -26,8 +26,15 @@ def _bf16_products() -> bool:
 
 
 # Products with at least this many rows of x (prompts) dequantize blocks of DEQUANTIZED_BLOCK weights and multiply
-# in float32 (or bfloat16, `_dequantized_matmul`): past ~100 rows a float matrix product outruns the quantized kernels, which are made for one row.
+# in float32 (or bfloat16, `_dequantized_matmul`): past ~100 rows a float matrix product outruns the one-row quantized
+# kernels. 16-bit prompts of tiled layers on AVX2 take the tiled prompt kernel instead (PROMPT_KERNEL_ISAS).
 DEQUANTIZED_ROWS = 128
+# Where the tiled layout's prompt kernel (csrc/qtiled.cpp: int16 x, each tile's codes widened once for many rows)
+# multiplies 16-bit prompts (`_prompt_kernel`) instead of dequantize + float32 products: on AVX2 (EPYC Zen 3, 2
+# threads, a loaded machine) one 512-row product with bfloat16 x took 1.8-2.1x less time, and bench/decode.py's
+# 512-token bfloat16-scale prompt at 4 bits 1.60x, 1.57x, 0.86x per round (load 11-14). On AVX-512 the one-row VNNI kernel would
+# multiply each row again, not measured against oneDNN there: prompts keep the dequantized path.
+PROMPT_KERNEL_ISAS = ("avx2",)
 TILED_ISAS = ("avx2", "avx512")  # the ISAs with tiled kernels (csrc/qtiled.cpp); others run a portable loop
 DEQUANTIZED_BLOCK = 1 << 20  # 4 MB of float32: smaller blocks made the products measurably slower
 
@@ -73,7 +80,10 @@ class QuantizedLinear(nn.Module):
         """x (..., in) @ W^T with no bias, in x's dtype; threads: the kernels' count (None: torch's)."""
         buffers = self._buffers  # direct: nn.Module.__getattr__ costs a microsecond per buffer
         weight, scales, biases = buffers["weight"], buffers["scales"], buffers.get("biases")
-        if x.numel() >= DEQUANTIZED_ROWS * self.in_features and self.mode == "affine" and not x.is_cuda and x.shape[-1] == self.in_features:
+        if (
+            x.numel() >= DEQUANTIZED_ROWS * self.in_features and self.mode == "affine" and not x.is_cuda
+            and x.shape[-1] == self.in_features and not (weight.dim() == 3 and self._prompt_kernel(x))
+        ):  # fmt: skip
             return self._dequantized_matmul(x)
         if weight.dim() == 3 and _DTYPE_CODES.get(x.dtype) is None and x.shape[-1] == self.in_features:
             return self.matmul(x.float(), threads).to(x.dtype)  # the tiled kernels take float activations only
@@ -91,6 +101,15 @@ class QuantizedLinear(nn.Module):
                 return kernels.qmatmul(x, weight, scales, biases, self.group_size, self.bits, mode=self.mode,
                                        threads=threads, isa=kernels.ISAS[self.isa])  # fmt: skip
         return checked.matmul(x, threads=threads, isa=self.isa)
+
+    def _prompt_kernel(self, x: Tensor) -> bool:
+        """Whether the tiled kernels multiply this prompt (16-bit x on PROMPT_KERNEL_ISAS) rather than dequantized
+        float32 products: they round x to int16 per group (2^-16 of its largest |x|, kernels.qmatmul's bound), far
+        below the rounding 16-bit x already carries (2^-9 of each value for bfloat16, 2^-12 for float16), while
+        float32 x keeps float32 products (within 1e-5 of dequantize-then-matmul, as test_quantize holds them)."""
+        return x.dtype in (torch.bfloat16, torch.float16) and (
+            kernels.ISAS[self.isa] if self.isa else kernels.cpu_isa()
+        ) in PROMPT_KERNEL_ISAS
 
     @classmethod
     def fuse(cls, linears: list[QuantizedLinear]) -> QuantizedLinear | None:
