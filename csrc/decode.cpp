@@ -222,6 +222,85 @@ void attend_group_avx512_for(int G, const float* q, const float* k, const float*
   }
 }
 
+// exp(x) as exp_avx512 computes it, 2^n put into the exponent bits: x clamped to [-87, 88] (normal results only,
+// e^88 = 1.7e38 for larger x: sigmoid and softmax weights barely notice);
+// NaN stays NaN.
+LLMCTL_AVX2 inline __m256 exp_avx2(__m256 x) {
+  x = _mm256_max_ps(_mm256_set1_ps(-87.0f), _mm256_min_ps(_mm256_set1_ps(88.0f), x));  // NaN: the second operand
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.0f / 5040);
+  for (float c : {1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f}) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+  const __m256i two_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(two_n));
+}
+
+// x * sigmoid(x) * up, 8 at a time; n a multiple of 8
+LLMCTL_AVX2 void swiglu_avx2(const float* gate, const float* up, float* out, int64_t n) {
+  for (int64_t i = 0; i < n; i += 8) {
+    const __m256 g = _mm256_loadu_ps(gate + i);
+    const __m256 sig = _mm256_div_ps(_mm256_set1_ps(1.0f), _mm256_add_ps(_mm256_set1_ps(1.0f), exp_avx2(_mm256_sub_ps(_mm256_setzero_ps(), g))));
+    _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_mul_ps(g, sig), _mm256_loadu_ps(up + i)));
+  }
+}
+
+// s[j] = exp(s[j] - top) for j < n; returns their sum
+LLMCTL_AVX2 float exp_shifted_avx2(float* s, int64_t n, float top) {
+  __m256 total = _mm256_setzero_ps();
+  const __m256 t = _mm256_set1_ps(top);
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256 e = exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(s + j), t));
+    _mm256_storeu_ps(s + j, e);
+    total = _mm256_add_ps(total, e);
+  }
+  float sum = reduce_avx2(total);
+  for (; j < n; ++j) sum += s[j] = std::exp(s[j] - top);
+  return sum;
+}
+
+// attend_group_avx512 on 8-wide vectors (head_dim 8 * NV): each key and value row read once for the G query heads
+template <int G, int NV>
+LLMCTL_AVX2 void attend_group_avx2(const float* q, const float* k, const float* v, int64_t span, float scale, float* sc,
+                                   float* out) {
+  constexpr int D = 8 * NV;
+  __m256 qv[G][NV];
+  for (int h = 0; h < G; ++h)
+    for (int c = 0; c < NV; ++c) qv[h][c] = _mm256_mul_ps(_mm256_loadu_ps(q + h * D + 8 * c), _mm256_set1_ps(scale));
+  for (int64_t j = 0; j < span; ++j) {
+    for (int h = 0; h < G; ++h) {
+      __m256 a = _mm256_mul_ps(qv[h][0], _mm256_loadu_ps(k + j * D));
+      for (int c = 1; c < NV; ++c) a = _mm256_fmadd_ps(qv[h][c], _mm256_loadu_ps(k + j * D + 8 * c), a);
+      sc[h * span + j] = reduce_avx2(a);
+    }
+  }
+  float inv[G];
+  for (int h = 0; h < G; ++h) inv[h] = softmax_weights(sc + h * span, span, kIsaAvx2);
+  __m256 acc[G][NV];
+  for (int h = 0; h < G; ++h)
+    for (int c = 0; c < NV; ++c) acc[h][c] = _mm256_setzero_ps();
+  for (int64_t j = 0; j < span; ++j) {
+    for (int h = 0; h < G; ++h) {
+      const __m256 p = _mm256_set1_ps(sc[h * span + j]);
+      for (int c = 0; c < NV; ++c) acc[h][c] = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + j * D + 8 * c), acc[h][c]);
+    }
+  }
+  for (int h = 0; h < G; ++h)
+    for (int c = 0; c < NV; ++c) _mm256_storeu_ps(out + h * D + 8 * c, _mm256_mul_ps(acc[h][c], _mm256_set1_ps(inv[h])));
+}
+
+template <int NV>
+void attend_group_avx2_for(int G, const float* q, const float* k, const float* v, int64_t span, float scale,
+                           float* sc, float* out) {
+  switch (G) {
+    case 1: return attend_group_avx2<1, NV>(q, k, v, span, scale, sc, out);
+    case 2: return attend_group_avx2<2, NV>(q, k, v, span, scale, sc, out);
+    case 3: return attend_group_avx2<3, NV>(q, k, v, span, scale, sc, out);
+    default: return attend_group_avx2<4, NV>(q, k, v, span, scale, sc, out);
+  }
+}
+
 #endif  // LLMCTL_X86
 
 // s[j] = exp(s[j] - max(s)), the softmax up to its normalisation; returns 1 / sum(s)
@@ -230,29 +309,34 @@ float softmax_weights(float* s, int64_t n, int isa) {
   for (int64_t j = 0; j < n; ++j) top = std::max(top, s[j]);
 #ifdef LLMCTL_X86
   if (isa == kIsaAvx512) return 1.0f / exp_shifted_avx512(s, n, top);
+  if (isa == kIsaAvx2) return 1.0f / exp_shifted_avx2(s, n, top);
 #endif
   (void)isa;
   for (int64_t j = 0; j < n; ++j) total += s[j] = std::exp(s[j] - top);
   return 1.0f / total;
 }
 
-// Whether attend_group is built for these sizes: heads_per_group 1-4, head_dim 64 or 128, AVX-512.
+// Whether attend_group is built for these sizes: heads_per_group 1-4, head_dim 64 or 128, AVX-512 or AVX2.
 bool has_attend_group(int isa, int G, int64_t D) {
 #ifdef LLMCTL_X86
-  return isa == kIsaAvx512 && (D == 64 || D == 128) && G >= 1 && G <= 4;
+  return (isa == kIsaAvx512 || isa == kIsaAvx2) && (D == 64 || D == 128) && G >= 1 && G <= 4;
 #else
   (void)isa, (void)G, (void)D;
   return false;
 #endif
 }
 
-void attend_group(int G, int64_t D, const float* q, const float* k, const float* v, int64_t span, float scale, float* sc,
-                  float* out) {
+void attend_group(int isa, int G, int64_t D, const float* q, const float* k, const float* v, int64_t span, float scale,
+                  float* sc, float* out) {
 #ifdef LLMCTL_X86
+  if (isa == kIsaAvx2) {
+    if (D == 64) return attend_group_avx2_for<8>(G, q, k, v, span, scale, sc, out);
+    return attend_group_avx2_for<16>(G, q, k, v, span, scale, sc, out);
+  }
   if (D == 64) return attend_group_avx512_for<4>(G, q, k, v, span, scale, sc, out);
   return attend_group_avx512_for<8>(G, q, k, v, span, scale, sc, out);
 #else
-  (void)G, (void)D, (void)q, (void)k, (void)v, (void)span, (void)scale, (void)sc, (void)out;
+  (void)isa, (void)G, (void)D, (void)q, (void)k, (void)v, (void)span, (void)scale, (void)sc, (void)out;
 #endif
 }
 
@@ -435,7 +519,7 @@ void NativeDecoder::step(int64_t token, int64_t pos, const std::vector<uintptr_t
     auto attend_group_of = [&](int g) {
       const float* kg = kc + (g * capacity + first) * D;
       const float* vg = vc + (g * capacity + first) * D;
-      attend_group(int(per_group), D, q + g * per_group * D, kg, vg, span, scale, scores_.data() + g * per_group * span,
+      attend_group(isa, int(per_group), D, q + g * per_group * D, kg, vg, span, scale, scores_.data() + g * per_group * span,
                    attn_.data() + g * per_group * D);
     };
     const bool grouped = has_attend_group(isa, int(per_group), D);
@@ -467,6 +551,7 @@ void NativeDecoder::step(int64_t token, int64_t pos, const std::vector<uintptr_t
     int64_t i = 0;
 #ifdef LLMCTL_X86
     if (isa == kIsaAvx512) swiglu_avx512(gate, up, act_.data(), i = s.hidden / 16 * 16);
+    if (isa == kIsaAvx2) swiglu_avx2(gate, up, act_.data(), i = s.hidden / 8 * 8);
 #endif
     for (; i < s.hidden; ++i) act_[size_t(i)] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
     project(layer.down, act_.data(), h, threads, isa);

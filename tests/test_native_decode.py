@@ -208,12 +208,18 @@ def test_tiled_layers_give_the_logits_of_mlx_s_layout(family_folder, bits, tmp_p
 @pytest.mark.parametrize(
     "heads", [(4, 2, 64), (3, 1, 128), (6, 1, 64)], ids=["2-per-kv-head-dim64", "3-per-kv-head-dim128", "6-per-kv-head"]
 )
-def test_grouped_attention_equals_the_torch_path(heads, tmp_path):
-    """Head sizes the step's grouped attention kernel covers (64 or 128 wide, 1-4 query heads per KV head; 6 is
-    past it and takes the per-head loop), over a hundred cached positions (so attention runs on every thread)."""
+def test_grouped_attention_equals_the_torch_path(heads, tmp_path, monkeypatch):
+    """Head sizes the step's grouped attention kernels cover (AVX-512 and AVX2: 64 or 128 wide, 1-4 query heads per
+    KV head; 6 is past them and takes the per-head loop), over a hundred cached positions (so attention runs on every
+    thread), on every ISA path this CPU runs (the AVX2 one also brings its own exp to softmax and SwiGLU)."""
+    from llmctl import kernels
+
     n_heads, n_kv, head_dim = heads
     make_hf_model("llama", tmp_path, seed=3, scale=2.0, hidden_size=n_heads * head_dim, num_attention_heads=n_heads,
                   num_key_value_heads=n_kv, intermediate_size=256)  # fmt: skip
     model = model_of(tmp_path)
     prompt = [(13 * i) % 250 + 1 for i in range(120)]
-    assert_close(step_logits(model, True, prompt), step_logits(model, False, prompt), 1e-4, f"heads {heads}")
+    want = step_logits(model, False, prompt)
+    for isa in kernels.cpu_isas():
+        monkeypatch.setenv("LLMCTL_ISA", isa)
+        assert_close(step_logits(model, True, prompt), want, 1e-4, f"heads {heads} on {isa}")
