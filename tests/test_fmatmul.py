@@ -79,7 +79,8 @@ def test_bad_arguments_are_refused():
 
 def test_few_rows_take_the_kernels_and_a_prompt_does_not(monkeypatch):
     """On a CPU without bfloat16 arithmetic dense_linear multiplies fewer than WIDENED_ROWS rows of 16-bit weights in
-    fmatmul (LLMCTL_ISA picks its path), more in torch, and float32 weights always in torch (oneDNN)."""
+    fmatmul (LLMCTL_ISA picks its path), more in torch; float32 weights take fmatmul for 2-8 rows of x (a server's
+    batched step) and torch (oneDNN) for one row, more rows, or an x that autograd tracks (training)."""
     calls = []
     monkeypatch.setattr(torch_model, "half_products", lambda: False)
     real = kernels.fmatmul
@@ -91,8 +92,14 @@ def test_few_rows_take_the_kernels_and_a_prompt_does_not(monkeypatch):
     assert calls == [kernels.ISAS.index("scalar")] and got.dtype == torch.bfloat16
     torch.testing.assert_close(got, (few.float() @ w.float().T).bfloat16())
     torch_model.dense_linear(many, w)
-    torch_model.dense_linear(few.float(), w.float())
-    assert len(calls) == 1
+    torch_model.dense_linear(few[:1].float(), w.float())
+    torch_model.dense_linear(torch.randn(torch_model.FEW_FLOAT32_ROWS[1] + 1, 40), w.float())
+    tracked = torch_model.dense_linear(few.float().requires_grad_(), w.float())
+    assert len(calls) == 1 and tracked.requires_grad
+    bias = torch.randn(24)
+    got = torch_model.dense_linear(few.float(), w.float(), bias)
+    assert len(calls) == 2 and got.dtype == torch.float32
+    torch.testing.assert_close(got, few.float() @ w.float().T + bias, rtol=1e-5, atol=1e-5)
 
 
 def model_of(folder, dtype: str):

@@ -161,6 +161,7 @@ def half_products() -> bool:
 
 
 WIDENED_ROWS = 16  # 16-bit products with at least this many rows of x run in float32 on CPUs without bfloat16 arithmetic
+FEW_FLOAT32_ROWS = (2, 8)  # float32 products of this many rows of x (a server's batched decoding) in llmctl's kernels
 
 
 @functools.cache
@@ -177,7 +178,10 @@ def dense_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tenso
     """x @ weight.T + bias, no autograd. Fewer than WIDENED_ROWS rows of x (decoding) of bfloat16/float16 weights on
     a CPU without bfloat16 arithmetic run in llmctl's float kernels (`kernels.fmatmul`: weights read once as stored,
     float32 sums; LLMCTL_ISA picks them): a bfloat16 row in torch measured up to 10x slower on an AVX2 EPYC, its
-    products emulated (float32 rows stay in oneDNN, which measured as fast). Other float32 products on the CPU run
+    products emulated. Float32 products of 2-8 rows (a server's batched decoding step) run there too: oneDNN's take 2-4x
+    the time of one row on an AVX2 EPYC (rows 2 and 4 of a 768 x 2304 product, one thread: 2.8 and 5.0 ms against
+    0.7), llmctl's read the weights once for all rows (1.0 and 3.3 ms); one row stays in oneDNN, which measured as
+    fast as ours. Other float32 products on the CPU run
     in oneDNN (inductor's linear op): torch's default (MKL) measured here 10-35% slower on training's products.
     bfloat16/float16 products of many rows (prompts) on a CPU without bfloat16 arithmetic (AVX2, most ARM) are
     widened to float32 (exactly) and multiplied there, then rounded back: the 16-bit products are emulated there,
@@ -185,6 +189,12 @@ def dense_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tenso
     if (weight.dtype in (torch.bfloat16, torch.float16) and weight.device.type == "cpu"
             and x.numel() < WIDENED_ROWS * weight.shape[-1] and weight.is_contiguous() and not half_products()
             and native_products()):  # fmt: skip
+        from llmctl import kernels
+
+        return kernels.fmatmul(x, weight, bias, threads=torch.get_num_threads(), isa=kernels.isa_code(None))
+    if (weight.dtype == torch.float32 == x.dtype and weight.device.type == "cpu" and weight.is_contiguous()
+            and FEW_FLOAT32_ROWS[0] * weight.shape[-1] <= x.numel() <= FEW_FLOAT32_ROWS[1] * weight.shape[-1]
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)) and native_products()):  # fmt: skip
         from llmctl import kernels
 
         return kernels.fmatmul(x, weight, bias, threads=torch.get_num_threads(), isa=kernels.isa_code(None))
