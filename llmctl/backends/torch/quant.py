@@ -30,6 +30,11 @@ def _bf16_products() -> bool:
 DEQUANTIZED_ROWS = 128
 TILED_ISAS = ("avx2", "avx512")  # the ISAs with tiled kernels (csrc/qtiled.cpp); others run a portable loop
 DEQUANTIZED_BLOCK = 1 << 20  # 4 MB of float32: smaller blocks made the products measurably slower
+# The codes a layer's tiles hold, by the layer's bits: the tiled kernels take 4- and 8-bit codes, so 3-bit codes are
+# widened to 4 bits and 5-/6-bit ones (GGUF's Q5_0, Q5_K; a 6-bit head) to 8 when tiled: the same values, 1.33-1.6x
+# their memory, for a one-row product 1.9x faster than qmatmul_k.cpp's rows of 5-bit codes (24576 x 576, AVX2, one
+# thread); narrowed back whenever MLX's layout is asked for (saving, casting, dequantizing).
+TILED_BITS = {3: 4, 4: 4, 5: 8, 6: 8, 8: 8}
 
 
 class _QMatmul(torch.autograd.Function):
@@ -69,6 +74,11 @@ class QuantizedLinear(nn.Module):
         """Whether codes, scales and biases are in the tiled layout (`tile`), which their 3-D shapes record."""
         return self._buffers["weight"].dim() == 3
 
+    @property
+    def codes_bits(self) -> int:
+        """Bits per code as the codes are laid out now: the layer's, or its tiles' wider ones (TILED_BITS)."""
+        return TILED_BITS[self.bits] if self.tiled else self.bits
+
     def matmul(self, x: Tensor, threads: int | None = None) -> Tensor:
         """x (..., in) @ W^T with no bias, in x's dtype; threads: the kernels' count (None: torch's)."""
         buffers = self._buffers  # direct: nn.Module.__getattr__ costs a microsecond per buffer
@@ -86,9 +96,9 @@ class QuantizedLinear(nn.Module):
         if checked is None or checked.wq is not weight or checked.scales is not scales or checked.biases is not biases:
             try:
                 checked = self.__dict__["_checked"] = kernels.QuantizedWeights(weight, scales, biases, self.group_size,
-                                                                               self.bits, self.mode)  # fmt: skip
+                                                                               self.codes_bits, self.mode)  # fmt: skip
             except kernels.KernelArgumentError:  # e.g. non-contiguous views: the general path copies, or says why not
-                return kernels.qmatmul(x, weight, scales, biases, self.group_size, self.bits, mode=self.mode,
+                return kernels.qmatmul(x, weight, scales, biases, self.group_size, self.codes_bits, mode=self.mode,
                                        threads=threads, isa=kernels.ISAS[self.isa])  # fmt: skip
         return checked.matmul(x, threads=threads, isa=self.isa)
 
@@ -128,7 +138,7 @@ class QuantizedLinear(nn.Module):
         return joint
 
     def can_tile(self) -> bool:
-        """Whether `tile` would rearrange this layer: affine 4-/8-bit codes of a multiple of 16 rows on a CPU that
+        """Whether `tile` would rearrange this layer: affine 3- to 8-bit codes (TILED_BITS) of a multiple of 16 rows on a CPU that
         has the tiled kernels, with the kernels' choice left to them (LLMCTL_ISA unset) or set to an ISA that has
         tiled kernels (avx2, avx512: so LLMCTL_ISA=avx2 measures the AVX2 decode on an AVX-512 CPU)."""
         weight, scales = self._buffers["weight"], self._buffers["scales"]
@@ -137,14 +147,15 @@ class QuantizedLinear(nn.Module):
             self.mode == "affine" and self.group_size != kernels.READ_GROUP_SIZE and weight.device.type == "cpu"
             and isa_tiles and scales.dtype in _DTYPE_CODES
             and all(t.is_contiguous() for t in (weight, scales, self.biases))
-            and kernels.tiled_supported(self.bits, self.mode, self.out_features)
+            and self.bits in TILED_BITS and kernels.tiled_supported(TILED_BITS[self.bits], self.mode, self.out_features)
         )  # fmt: skip
 
     def tile(self) -> bool:
         """Rearrange the codes, scales and biases in place into the tiled layout (csrc/qmatmul.h: 16 output rows
         interleaved, so that one vector of codes serves 16 rows of a one-row product). Decoding runs 1.3-1.4x
         faster there (the 110M model's matrices streamed from memory, 2 threads). Same bytes, viewed in the tiled
-        shapes (kernels.to_tiled), so that no kernel reads them as MLX's; the state dict still holds MLX's layout.
+        shapes (kernels.to_tiled), so that no kernel reads them as MLX's (3-, 5- and 6-bit codes widened first, into new
+        memory: TILED_BITS); the state dict still holds MLX's layout.
         Returns whether the layer is tiled."""
         if not self.tiled and self.can_tile():
             self._retile(back=False)
@@ -157,17 +168,27 @@ class QuantizedLinear(nn.Module):
 
     def _retile(self, back: bool) -> None:
         buffers = self._buffers
-        fn = kernels.from_tiled if back else kernels.to_tiled
-        buffers["weight"], buffers["scales"], buffers["biases"] = fn(
-            buffers["weight"], buffers["scales"], buffers["biases"], self.group_size, self.bits
-        )
+        weight, scales, biases = buffers["weight"], buffers["scales"], buffers["biases"]
+        if back:
+            weight, scales, biases = kernels.from_tiled(weight, scales, biases, self.group_size, TILED_BITS[self.bits])
+            weight = self._recode(weight, TILED_BITS[self.bits], self.bits)
+        else:
+            weight = self._recode(weight, self.bits, TILED_BITS[self.bits])
+            weight, scales, biases = kernels.to_tiled(weight, scales, biases, self.group_size, TILED_BITS[self.bits])
+        buffers["weight"], buffers["scales"], buffers["biases"] = weight, scales, biases
+
+    def _recode(self, weight: Tensor, bits: int, to: int) -> Tensor:
+        """MLX-layout codes (out, words) of `bits` bits as codes of `to` bits (new memory), or as they are."""
+        return weight if bits == to else kernels.pack(kernels.unpack(weight, bits, self.in_features), to)
 
     def _mlx_layout(self) -> tuple[Tensor, Tensor, Tensor | None]:
         """weight, scales and biases in MLX's layout (copies when the layer is tiled)."""
         weight, scales, biases = self._buffers["weight"], self._buffers["scales"], self._buffers.get("biases")
         if not self.tiled:
             return weight, scales, biases
-        return kernels.from_tiled(weight.clone(), scales.clone(), biases.clone(), self.group_size, self.bits)
+        weight, scales, biases = kernels.from_tiled(weight.clone(), scales.clone(), biases.clone(), self.group_size,
+                                                    self.codes_bits)  # fmt: skip
+        return self._recode(weight, self.codes_bits, self.bits), scales, biases
 
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -202,7 +223,7 @@ class QuantizedLinear(nn.Module):
         for o in range(0, self.out_features, step):
             if self.tiled:
                 span = (o, min(o + step, self.out_features))  # not `rows`: that is x's
-                w = kernels.dequantize_tiled(weight, scales, biases, self.group_size, self.bits, span, dtype,
+                w = kernels.dequantize_tiled(weight, scales, biases, self.group_size, self.codes_bits, span, dtype,
                                              threads=torch.get_num_threads(), isa=kernels.ISAS[self.isa])  # fmt: skip
             else:
                 w = kernels.dequantize(weight[o : o + step], scales[o : o + step].float(), biases[o : o + step].float(),
