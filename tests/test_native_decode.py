@@ -183,6 +183,10 @@ def test_tiled_layers_give_the_logits_of_mlx_s_layout(family_folder, bits, tmp_p
     assert not any(getattr(m, "tiled", False) for m in plain.modules())
     want = step_logits(plain, False)
     assert_close(got, want, 1e-3, f"{name} {bits}-bit tiled")
+    # a tied head's table (max(bits, 6) bits) is tiled in 8-bit codes, and its rows are looked up from the tiles
+    embed, tokens = tiled.model.embed_tokens, torch.arange(tiled.spec.vocab_size).flip(0)
+    assert embed.tiled == tiled.spec.tie_embeddings, name
+    assert torch.equal(embed(tokens), plain.model.embed_tokens(tokens)), name
 
     stored = {}
     for file in quantized.glob("*.safetensors"):

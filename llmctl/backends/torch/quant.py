@@ -247,26 +247,42 @@ class QuantizedLinear(nn.Module):
 
 
 class QuantizedEmbedding(QuantizedLinear):
-    """An Embedding stored like QuantizedLinear: rows are gathered, then dequantized; `as_linear` is the tied head."""
+    """An Embedding stored like QuantizedLinear: rows are gathered, then dequantized; `as_linear` is the tied head.
+
+    Tied to the head, it is tiled where its tiles hold 8-bit codes (`tile_tied`): the head is read whole every token
+    (SmolLM2's Q8_0 embedding is a third of its weights), and an 8-bit tile holds each row's words as MLX's layout
+    does, 16 words apart, so a lookup gathers them."""
 
     def __init__(self, num_embeddings: int, dim: int, params: QuantParams, dtype: torch.dtype | None = None) -> None:
         super().__init__(dim, num_embeddings, False, params, dtype)
+        self.tied = False  # set by `tile_tied`: whether `tile` may rearrange the table
 
     def forward(self, tokens: Tensor) -> Tensor:
         flat = tokens.reshape(-1)
-        rows = self.weight.view(torch.int32)[flat].view(torch.uint32)  # index_select has no uint32 kernel
-        scales = self.scales[flat]
+        weight, scales, biases = self._buffers["weight"].view(torch.int32), self.scales, self.biases  # index_select has no uint32 kernel
+        if self.tiled:
+            at = (flat // kernels.TILE_ROWS, slice(None), flat % kernels.TILE_ROWS)
+            rows, scales, biases = weight[at].view(torch.uint32), scales[at], biases[at]
+        else:
+            rows, scales = weight[flat].view(torch.uint32), scales[flat]
+            biases = None if biases is None else biases[flat]
         if self.mode == "nf4":
             out = kernels.dequantize_nf4(rows, scales, self.group_size, dtype=self.dtype)
         else:
-            out = kernels.dequantize(rows, scales, self.biases[flat], self.group_size, self.bits, dtype=self.dtype)
+            out = kernels.dequantize(rows, scales, biases, self.group_size, self.codes_bits, dtype=self.dtype)
         return out.view(*tokens.shape, self.in_features)
 
     def as_linear(self, x: Tensor) -> Tensor:
         return self.matmul(x)
 
     def can_tile(self) -> bool:
-        return False  # rows are looked up one token at a time
+        """Only the table of a tied head, in 8-bit tiles (those a lookup reads directly)."""
+        return self.tied and TILED_BITS.get(self.bits) == 8 and super().can_tile()
+
+    def tile_tied(self) -> bool:
+        """Tile the table as the tied head it is (`prepare_inference`); returns whether it is tiled."""
+        self.tied = True
+        return self.tile()
 
 
 def _parent(root: nn.Module, path: str) -> tuple[nn.Module, str]:
