@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <stdexcept>
 #include <string>
 
@@ -443,7 +444,8 @@ NativeDecoder::NativeDecoder(const DecoderShape& shape, const Matrix& embedding,
   if (s.head_dim % 2 != 0) fail("head_dim must be even (RoPE rotates halves)");
   if (embedding.out != s.vocab || embedding.in != s.dim) fail("embedding is not (vocab, dim)");
   if (head.out != s.vocab || head.in != s.dim) fail("head is not (vocab, dim)");
-  if (embedding.tiled) fail("the embedding's rows are looked up: it cannot be tiled");
+  if (embedding.tiled && (embedding.bits != 8 || embedding.mode != kModeAffine))
+    fail("a tiled embedding's rows are looked up from 8-bit tiles only, not " + std::to_string(embedding.bits) + "-bit ones");
   x_.resize(size_t(s.dim));
   h_.resize(size_t(std::max(s.dim, s.hidden)));
   qkv_.resize(size_t((s.n_heads + 2 * s.n_kv_heads) * s.head_dim));
@@ -482,7 +484,22 @@ void NativeDecoder::step(int64_t token, int64_t pos, const std::vector<uintptr_t
   float* h = h_.data();
 
   const Matrix& e = embedding_;
-  if (e.wq != nullptr) {  // one row of codes, dequantized
+  if (e.wq != nullptr && e.tiled) {  // 8-bit tiles (a tied head's): the row's words and parameters, 16 apart
+    const int64_t groups = dim / e.group_size, words = dim / 4, tile = token / 16, j = token % 16;
+    const int64_t size = dtype_size(e.q_dtype);
+    embed_row_.resize(size_t(words));
+    embed_params_.resize(size_t(2 * groups * size));
+    for (int64_t w = 0; w < words; ++w) embed_row_[size_t(w)] = e.wq[(tile * words + w) * 16 + j];
+    const char* scales = static_cast<const char*>(e.scales);
+    const char* biases = static_cast<const char*>(e.biases);
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t at = ((tile * groups + g) * 16 + j) * size;
+      std::memcpy(embed_params_.data() + g * size, scales + at, size_t(size));
+      std::memcpy(embed_params_.data() + (groups + g) * size, biases + at, size_t(size));
+    }
+    dequantize(embed_row_.data(), embed_params_.data(), embed_params_.data() + groups * size, e.q_dtype, 1, dim,
+               e.group_size, 8, x, kFloat32, 1);
+  } else if (e.wq != nullptr) {  // one row of codes, dequantized
     const int64_t groups = dim / e.group_size;
     const uint32_t* row = e.wq + token * (dim * e.bits / 32);
     const void* scales = static_cast<const char*>(e.scales) + token * groups * dtype_size(e.q_dtype);

@@ -67,6 +67,8 @@ class NativeDecoder {
   const void* final_norm_;
   std::vector<DecoderLayer> layers_;
   std::vector<float> x_, h_, qkv_, attn_, gate_up_, act_, scores_;
+  std::vector<uint32_t> embed_row_;  // a tiled embedding's row of codes, gathered
+  std::vector<char> embed_params_;   // and its scales, then biases
 };
 
 // y (out) = W x (+ bias) for float32 x (in); products of more than ~64 KiB of weights use threads; isa as qmatmul's.

@@ -156,14 +156,15 @@ def test_bad_arguments_raise_instead_of_crashing(tmp_path):
         step(3, cache[:1], 1)
 
 
-@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("bits", [3, 4, 5, 8])
 def test_tiled_layers_give_the_logits_of_mlx_s_layout(family_folder, bits, tmp_path):
-    """Loading rearranges affine 4-/8-bit layers into the tiled layout in place (`prepare_inference`); the logits are
-    those of the same model put back in MLX's layout, and the state dict still holds the folder's tensors."""
+    """Loading rearranges affine 4-/8-bit layers into the tiled layout in place (`prepare_inference`), 3-bit ones
+    widened to 4 bits and 5-/6-bit ones to 8 (TILED_BITS); the logits are those of the same model put back in MLX's
+    layout, and the state dict still holds the folder's tensors (narrowed back: bit for bit)."""
     from safetensors.torch import load_file
 
     from llmctl import _C
-    from llmctl.backends.torch.quant import QuantizedLinear
+    from llmctl.backends.torch.quant import TILED_BITS, QuantizedLinear
 
     if not _C.tiled_fast():
         pytest.skip("this CPU has no tiled kernels (AVX-512 VNNI): the layers stay in MLX's layout")
@@ -171,9 +172,9 @@ def test_tiled_layers_give_the_logits_of_mlx_s_layout(family_folder, bits, tmp_p
     quantized = _quantize(folder, tmp_path / "q", f"quant.bits={bits}", "quant.group_size=64", "quant.keep=")
     tiled = model_of(quantized)
     got = step_logits(tiled, True)
-    # every layer at `bits` (the head takes max(bits, 6) bits: 6 has no tiled kernel and stays in MLX's layout)
+    # every layer at `bits` (the head takes max(bits, 6) bits, widened to 8 where its rows fill whole tiles)
     layers = [m for m in tiled.modules() if type(m) is QuantizedLinear and m.bits == bits]
-    assert layers and all(m.tiled for m in layers), f"{name}: {[m.tiled for m in layers]}"
+    assert layers and all(m.tiled and m.codes_bits == TILED_BITS[bits] for m in layers), f"{name}: {[m.tiled for m in layers]}"
 
     plain = model_of(quantized)
     for layer in plain.modules():
@@ -182,6 +183,10 @@ def test_tiled_layers_give_the_logits_of_mlx_s_layout(family_folder, bits, tmp_p
     assert not any(getattr(m, "tiled", False) for m in plain.modules())
     want = step_logits(plain, False)
     assert_close(got, want, 1e-3, f"{name} {bits}-bit tiled")
+    # a tied head's table (max(bits, 6) bits) is tiled in 8-bit codes, and its rows are looked up from the tiles
+    embed, tokens = tiled.model.embed_tokens, torch.arange(tiled.spec.vocab_size).flip(0)
+    assert embed.tiled == tiled.spec.tie_embeddings, name
+    assert torch.equal(embed(tokens), plain.model.embed_tokens(tokens)), name
 
     stored = {}
     for file in quantized.glob("*.safetensors"):

@@ -129,7 +129,7 @@ class NativeStep:
     def _quantized(self, layer: QuantizedLinear) -> kernels.DecodeMatrix:
         """The layer's tensors in the layout they have (tiled or MLX's, as `prepare_inference` left them)."""
         return kernels.DecodeMatrix(bias=layer.bias, wq=layer.weight, scales=layer.scales, biases=layer.biases,
-                                    group_size=layer.group_size, bits=layer.bits, mode=layer.mode)  # fmt: skip
+                                    group_size=layer.group_size, bits=layer.codes_bits, mode=layer.mode)  # fmt: skip
 
     def _matrix(self, layer: nn.Module) -> kernels.DecodeMatrix:
         if isinstance(layer, QuantizedLinear):

@@ -140,6 +140,8 @@ def prepare_inference(model: Transformer) -> None:
     for module in model.modules():
         if hasattr(module, "tile"):
             module.tile()
+    if model.spec.tie_embeddings and hasattr(model.model.embed_tokens, "tile_tied"):
+        model.model.embed_tokens.tile_tied()
     for block in model.model.layers:
         attn = block.self_attn
         attn.fused_qkv = fuse_layers([attn.q_proj, attn.k_proj, attn.v_proj])

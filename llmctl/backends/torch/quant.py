@@ -37,6 +37,11 @@ DEQUANTIZED_ROWS = 128
 PROMPT_KERNEL_ISAS = ("avx2",)
 TILED_ISAS = ("avx2", "avx512")  # the ISAs with tiled kernels (csrc/qtiled.cpp); others run a portable loop
 DEQUANTIZED_BLOCK = 1 << 20  # 4 MB of float32: smaller blocks made the products measurably slower
+# The codes a layer's tiles hold, by the layer's bits: the tiled kernels take 4- and 8-bit codes, so 3-bit codes are
+# widened to 4 bits and 5-/6-bit ones (GGUF's Q5_0, Q5_K; a 6-bit head) to 8 when tiled: the same values, 1.33-1.6x
+# their memory, for a one-row product 1.9x faster than qmatmul_k.cpp's rows of 5-bit codes (24576 x 576, AVX2, one
+# thread); narrowed back whenever MLX's layout is asked for (saving, casting, dequantizing).
+TILED_BITS = {3: 4, 4: 4, 5: 8, 6: 8, 8: 8}
 
 
 class _QMatmul(torch.autograd.Function):
@@ -76,6 +81,11 @@ class QuantizedLinear(nn.Module):
         """Whether codes, scales and biases are in the tiled layout (`tile`), which their 3-D shapes record."""
         return self._buffers["weight"].dim() == 3
 
+    @property
+    def codes_bits(self) -> int:
+        """Bits per code as the codes are laid out now: the layer's, or its tiles' wider ones (TILED_BITS)."""
+        return TILED_BITS[self.bits] if self.tiled else self.bits
+
     def matmul(self, x: Tensor, threads: int | None = None) -> Tensor:
         """x (..., in) @ W^T with no bias, in x's dtype; threads: the kernels' count (None: torch's)."""
         buffers = self._buffers  # direct: nn.Module.__getattr__ costs a microsecond per buffer
@@ -96,9 +106,9 @@ class QuantizedLinear(nn.Module):
         if checked is None or checked.wq is not weight or checked.scales is not scales or checked.biases is not biases:
             try:
                 checked = self.__dict__["_checked"] = kernels.QuantizedWeights(weight, scales, biases, self.group_size,
-                                                                               self.bits, self.mode)  # fmt: skip
+                                                                               self.codes_bits, self.mode)  # fmt: skip
             except kernels.KernelArgumentError:  # e.g. non-contiguous views: the general path copies, or says why not
-                return kernels.qmatmul(x, weight, scales, biases, self.group_size, self.bits, mode=self.mode,
+                return kernels.qmatmul(x, weight, scales, biases, self.group_size, self.codes_bits, mode=self.mode,
                                        threads=threads, isa=kernels.ISAS[self.isa])  # fmt: skip
         return checked.matmul(x, threads=threads, isa=self.isa)
 
@@ -147,7 +157,7 @@ class QuantizedLinear(nn.Module):
         return joint
 
     def can_tile(self) -> bool:
-        """Whether `tile` would rearrange this layer: affine 4-/8-bit codes of a multiple of 16 rows on a CPU that
+        """Whether `tile` would rearrange this layer: affine 3- to 8-bit codes (TILED_BITS) of a multiple of 16 rows on a CPU that
         has the tiled kernels, with the kernels' choice left to them (LLMCTL_ISA unset) or set to an ISA that has
         tiled kernels (avx2, avx512: so LLMCTL_ISA=avx2 measures the AVX2 decode on an AVX-512 CPU)."""
         weight, scales = self._buffers["weight"], self._buffers["scales"]
@@ -156,14 +166,15 @@ class QuantizedLinear(nn.Module):
             self.mode == "affine" and self.group_size != kernels.READ_GROUP_SIZE and weight.device.type == "cpu"
             and isa_tiles and scales.dtype in _DTYPE_CODES
             and all(t.is_contiguous() for t in (weight, scales, self.biases))
-            and kernels.tiled_supported(self.bits, self.mode, self.out_features)
+            and self.bits in TILED_BITS and kernels.tiled_supported(TILED_BITS[self.bits], self.mode, self.out_features)
         )  # fmt: skip
 
     def tile(self) -> bool:
         """Rearrange the codes, scales and biases in place into the tiled layout (csrc/qmatmul.h: 16 output rows
         interleaved, so that one vector of codes serves 16 rows of a one-row product). Decoding runs 1.3-1.4x
         faster there (the 110M model's matrices streamed from memory, 2 threads). Same bytes, viewed in the tiled
-        shapes (kernels.to_tiled), so that no kernel reads them as MLX's; the state dict still holds MLX's layout.
+        shapes (kernels.to_tiled), so that no kernel reads them as MLX's (3-, 5- and 6-bit codes widened first, into new
+        memory: TILED_BITS); the state dict still holds MLX's layout.
         Returns whether the layer is tiled."""
         if not self.tiled and self.can_tile():
             self._retile(back=False)
@@ -176,17 +187,27 @@ class QuantizedLinear(nn.Module):
 
     def _retile(self, back: bool) -> None:
         buffers = self._buffers
-        fn = kernels.from_tiled if back else kernels.to_tiled
-        buffers["weight"], buffers["scales"], buffers["biases"] = fn(
-            buffers["weight"], buffers["scales"], buffers["biases"], self.group_size, self.bits
-        )
+        weight, scales, biases = buffers["weight"], buffers["scales"], buffers["biases"]
+        if back:
+            weight, scales, biases = kernels.from_tiled(weight, scales, biases, self.group_size, TILED_BITS[self.bits])
+            weight = self._recode(weight, TILED_BITS[self.bits], self.bits)
+        else:
+            weight = self._recode(weight, self.bits, TILED_BITS[self.bits])
+            weight, scales, biases = kernels.to_tiled(weight, scales, biases, self.group_size, TILED_BITS[self.bits])
+        buffers["weight"], buffers["scales"], buffers["biases"] = weight, scales, biases
+
+    def _recode(self, weight: Tensor, bits: int, to: int) -> Tensor:
+        """MLX-layout codes (out, words) of `bits` bits as codes of `to` bits (new memory), or as they are."""
+        return weight if bits == to else kernels.pack(kernels.unpack(weight, bits, self.in_features), to)
 
     def _mlx_layout(self) -> tuple[Tensor, Tensor, Tensor | None]:
         """weight, scales and biases in MLX's layout (copies when the layer is tiled)."""
         weight, scales, biases = self._buffers["weight"], self._buffers["scales"], self._buffers.get("biases")
         if not self.tiled:
             return weight, scales, biases
-        return kernels.from_tiled(weight.clone(), scales.clone(), biases.clone(), self.group_size, self.bits)
+        weight, scales, biases = kernels.from_tiled(weight.clone(), scales.clone(), biases.clone(), self.group_size,
+                                                    self.codes_bits)  # fmt: skip
+        return self._recode(weight, self.codes_bits, self.bits), scales, biases
 
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
@@ -221,7 +242,7 @@ class QuantizedLinear(nn.Module):
         for o in range(0, self.out_features, step):
             if self.tiled:
                 span = (o, min(o + step, self.out_features))  # not `rows`: that is x's
-                w = kernels.dequantize_tiled(weight, scales, biases, self.group_size, self.bits, span, dtype,
+                w = kernels.dequantize_tiled(weight, scales, biases, self.group_size, self.codes_bits, span, dtype,
                                              threads=torch.get_num_threads(), isa=kernels.ISAS[self.isa])  # fmt: skip
             else:
                 w = kernels.dequantize(weight[o : o + step], scales[o : o + step].float(), biases[o : o + step].float(),
@@ -245,26 +266,42 @@ class QuantizedLinear(nn.Module):
 
 
 class QuantizedEmbedding(QuantizedLinear):
-    """An Embedding stored like QuantizedLinear: rows are gathered, then dequantized; `as_linear` is the tied head."""
+    """An Embedding stored like QuantizedLinear: rows are gathered, then dequantized; `as_linear` is the tied head.
+
+    Tied to the head, it is tiled where its tiles hold 8-bit codes (`tile_tied`): the head is read whole every token
+    (SmolLM2's Q8_0 embedding is a third of its weights), and an 8-bit tile holds each row's words as MLX's layout
+    does, 16 words apart, so a lookup gathers them."""
 
     def __init__(self, num_embeddings: int, dim: int, params: QuantParams, dtype: torch.dtype | None = None) -> None:
         super().__init__(dim, num_embeddings, False, params, dtype)
+        self.tied = False  # set by `tile_tied`: whether `tile` may rearrange the table
 
     def forward(self, tokens: Tensor) -> Tensor:
         flat = tokens.reshape(-1)
-        rows = self.weight.view(torch.int32)[flat].view(torch.uint32)  # index_select has no uint32 kernel
-        scales = self.scales[flat]
+        weight, scales, biases = self._buffers["weight"].view(torch.int32), self.scales, self.biases  # index_select has no uint32 kernel
+        if self.tiled:
+            at = (flat // kernels.TILE_ROWS, slice(None), flat % kernels.TILE_ROWS)
+            rows, scales, biases = weight[at].view(torch.uint32), scales[at], biases[at]
+        else:
+            rows, scales = weight[flat].view(torch.uint32), scales[flat]
+            biases = None if biases is None else biases[flat]
         if self.mode == "nf4":
             out = kernels.dequantize_nf4(rows, scales, self.group_size, dtype=self.dtype)
         else:
-            out = kernels.dequantize(rows, scales, self.biases[flat], self.group_size, self.bits, dtype=self.dtype)
+            out = kernels.dequantize(rows, scales, biases, self.group_size, self.codes_bits, dtype=self.dtype)
         return out.view(*tokens.shape, self.in_features)
 
     def as_linear(self, x: Tensor) -> Tensor:
         return self.matmul(x)
 
     def can_tile(self) -> bool:
-        return False  # rows are looked up one token at a time
+        """Only the table of a tied head, in 8-bit tiles (those a lookup reads directly)."""
+        return self.tied and TILED_BITS.get(self.bits) == 8 and super().can_tile()
+
+    def tile_tied(self) -> bool:
+        """Tile the table as the tied head it is (`prepare_inference`); returns whether it is tiled."""
+        self.tied = True
+        return self.tile()
 
 
 def _parent(root: nn.Module, path: str) -> tuple[nn.Module, str]:
