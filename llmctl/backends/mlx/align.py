@@ -112,3 +112,36 @@ def per_example(values: Callable[[DeviceBatch], mx.array], rows: Any, examples: 
         v = mx.stop_gradient(values(DeviceBatch.of(rows.batch(examples, index)))).astype(mx.float32)
         out.append(np.stack([np.array(v[: len(index)]), np.array(v[len(index):])], 1))
     return np.concatenate(out) if out else np.zeros((0, 2), np.float32)
+
+
+def pair_rewards(model: str, examples: Sequence[Any], seq_len: int, pad_id: int, base: str | None = None,
+                 adapter: str | None = None) -> tuple[np.ndarray, str]:
+    """(N, 2) rewards of each pair's chosen and rejected, and what they are: a reward model's scores, or a policy's
+    implicit rewards against `base` (log-probability ratios, DPO's beta left out: it does not change the order)."""
+    from llmctl.backends import attach_adapter
+    from llmctl.backends.mlx.runtime import Runtime
+    from llmctl.data.preferences import Rows
+    from llmctl.errors import ConfigError
+    from llmctl.io.hf import read_config
+    from llmctl.io.hub import resolve_model
+    from llmctl.preference import is_reward_model
+
+    folder = resolve_model(model)
+    if is_reward_model(read_config(folder)):
+        module, head, pad = load_reward_model(folder)
+        return per_example(lambda b: reward_scores(module, head, b), Rows("reward", pad, seq_len), examples), \
+            "reward model scores"
+    if base is None:
+        raise ConfigError(f"--model {model} is a language model, not a reward model: its pairwise accuracy is that of "
+                          "its implicit reward, which needs the model it was aligned from.",
+                          hint="Pass --base DIR (the model before `llmctl align`).")
+    rows = Rows("pairs", pad_id, seq_len)
+    policy = Runtime().load(model)
+    if adapter is not None:
+        policy = attach_adapter(policy, adapter, "mlx")
+    reference = Runtime().load(base).module
+    if reference.spec.vocab_size != policy.spec.vocab_size:
+        raise ConfigError(f"--base {base} has {reference.spec.vocab_size} tokens, --model {model} "
+                          f"{policy.spec.vocab_size}; implicit rewards compare models that share a tokenizer.")
+    return (per_example(lambda b: sequence_logprobs(policy.module, b), rows, examples)
+            - per_example(lambda b: sequence_logprobs(reference, b), rows, examples)), f"implicit rewards against {base}"
