@@ -12,26 +12,12 @@ import pytest
 import torch
 
 from conftest import SHARED, needs_shared
+from test_align import BAD, GOOD, NOUNS, _style_pairs
 
 mx = pytest.importorskip("mlx.core")
 pytestmark = pytest.mark.usefixtures("one_thread")
 BASE = SHARED / "models" / "stories260K-hf"
-GOOD = ["kind", "happy", "gentle", "brave", "friendly", "calm"]
-BAD = ["rude", "angry", "mean", "cruel", "nasty", "grumpy"]
-NOUNS = ["cat", "dog", "bird", "girl", "boy", "frog", "fish", "bear", "king", "tree", "duck", "sun", "moon", "ship",
-         "cow", "fox", "owl", "pig", "hen", "bee"]
 LOG2 = 0.6931471805599453
-
-
-def _style_pairs(path, nouns, seed=0):
-    """Pairs that prefer a kind description to an unkind one, about each noun (held-out nouns test generalization)."""
-    import random
-
-    r = random.Random(seed)
-    rows = [{"prompt": f"Tell me about the {n}.\n", "chosen": f"The {n} was {r.choice(GOOD)}.",
-             "rejected": f"The {n} was {r.choice(BAD)}."} for n in nouns for _ in range(2)]
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return path
 
 
 def _align(out, *args):
