@@ -176,6 +176,16 @@ def native_products() -> bool:
     return True
 
 
+def _few_rows_for_kernels(x: Tensor, weight: Tensor) -> bool:
+    """Whether dense_linear's product goes to llmctl's few-row kernels (see there): under WIDENED_ROWS rows of 16-bit
+    weights on a CPU without bfloat16 arithmetic, or FEW_FLOAT32_ROWS rows of float32 outside autograd."""
+    k = weight.shape[-1]
+    if weight.dtype in (torch.bfloat16, torch.float16):
+        return x.numel() < WIDENED_ROWS * k and not half_products()
+    return (weight.dtype == torch.float32 == x.dtype and FEW_FLOAT32_ROWS[0] * k <= x.numel() <= FEW_FLOAT32_ROWS[1] * k
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
+
+
 def dense_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """x @ weight.T + bias, no autograd. Fewer than WIDENED_ROWS rows of x (decoding) of bfloat16/float16 weights on
     a CPU without bfloat16 arithmetic run in llmctl's float kernels (`kernels.fmatmul`: weights read once as stored,
@@ -188,15 +198,7 @@ def dense_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tenso
     bfloat16/float16 products of many rows (prompts) on a CPU without bfloat16 arithmetic (AVX2, most ARM) are
     widened to float32 (exactly) and multiplied there, then rounded back: the 16-bit products are emulated there,
     about 5x slower than float32's (the bfloat16 prompt measured 0.16x llama.cpp's on an AVX2 EPYC)."""
-    if (weight.dtype in (torch.bfloat16, torch.float16) and weight.device.type == "cpu"
-            and x.numel() < WIDENED_ROWS * weight.shape[-1] and weight.is_contiguous() and not half_products()
-            and native_products()):  # fmt: skip
-        from llmctl import kernels
-
-        return kernels.fmatmul(x, weight, bias, threads=torch.get_num_threads(), isa=kernels.isa_code(None))
-    if (weight.dtype == torch.float32 == x.dtype and weight.device.type == "cpu" and weight.is_contiguous()
-            and FEW_FLOAT32_ROWS[0] * weight.shape[-1] <= x.numel() <= FEW_FLOAT32_ROWS[1] * weight.shape[-1]
-            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)) and native_products()):  # fmt: skip
+    if weight.device.type == "cpu" and weight.is_contiguous() and native_products() and _few_rows_for_kernels(x, weight):
         from llmctl import kernels
 
         return kernels.fmatmul(x, weight, bias, threads=torch.get_num_threads(), isa=kernels.isa_code(None))
