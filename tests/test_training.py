@@ -213,6 +213,35 @@ def test_chunked_logprobs_and_divergences_match_whole_logits(backend, monkeypatc
         assert abs(float((grad_h * direction).sum()) - slope) < 1e-3 * max(1.0, abs(slope)), name
 
 
+@pytest.mark.parametrize("head_trains", [True, False], ids=["head-trains", "head-frozen"])
+def test_fused_cross_entropy_skips_weightless_rows_and_a_frozen_head(head_trains, monkeypatch):
+    """The torch fused cross-entropy (chunks of 128 rows) against whole logits: loss and gradients, with rows of weight
+    0 (prompts) dropped before the head and no head gradient made for a frozen head."""
+    import torch
+
+    from llmctl.backends.torch import model
+
+    monkeypatch.setattr(model, "CE_CHUNK", 128 * 512)
+    gen = torch.Generator().manual_seed(0)
+    N, D, V = 300, 16, 512
+    h = torch.randn(N, D, generator=gen, dtype=torch.float64).float().requires_grad_()
+    w = (torch.randn(V, D, generator=gen) * 0.5).requires_grad_(head_trains)
+    targets = torch.randint(0, V, (N,), generator=gen)
+    weights = (torch.rand(N, generator=gen) > 0.4).float() * torch.rand(N, generator=gen)
+    got = model.linear_cross_entropy(h, w, targets, weights)
+    got.backward()
+    h2, w2 = h.detach().clone().requires_grad_(), w.detach().clone().requires_grad_(head_trains)
+    want = (torch.nn.functional.cross_entropy(h2 @ w2.t(), targets, reduction="none") * weights).sum()
+    want.backward()
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(h.grad, h2.grad, atol=1e-5, rtol=1e-4)
+    assert h.grad[weights == 0].abs().max() == 0
+    if head_trains:
+        torch.testing.assert_close(w.grad, w2.grad, atol=1e-5, rtol=1e-4)
+    else:
+        assert w.grad is None
+
+
 def _run_primitive(backend, objectives, name, h, w, h_ref, w_ref, targets, mask):
     if backend == "torch":
         import torch

@@ -307,8 +307,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
             N, V = len(x), len(w)
             chunk = max(128, CE_CHUNK // V)
             loss = torch.zeros((), device=h.device, dtype=torch.float32)
-            grad_h = torch.empty_like(x)
-            grad_w = torch.zeros(w.shape, device=w.device, dtype=torch.float32)
+            # a frozen head (LoRA, a tied embedding that does not train) needs no (V, D) gradient: a third of the
+            # head's work saved
+            need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+            grad_h = torch.empty_like(x) if need_h else None
+            grad_w = torch.zeros(w.shape, device=w.device, dtype=torch.float32) if need_w else None
             for start in range(0, N, chunk):
                 xc, tc = x[start : start + chunk], targets[start : start + chunk, None]
                 logits = dense_linear(xc, w)                                  # (n, V)
@@ -321,24 +324,30 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     picked, g = picked * wc, g * wc
                 loss -= picked.sum()
                 g = g.to(dtype)
-                grad_h[start : start + chunk] = dense_linear(g, w.t())
-                if dtype == torch.float32:
+                if need_h:
+                    grad_h[start : start + chunk] = dense_linear(g, w.t())
+                if need_w and dtype == torch.float32:
                     grad_w.addmm_(g.t(), xc)
-                else:
+                elif need_w:
                     grad_w += g.t() @ xc
-        ctx.save_for_backward(grad_h, grad_w)
+        ctx.save_for_backward(grad_h, grad_w)  # None where not needed
         ctx.dtypes = h.dtype, weight.dtype
         return loss
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         grad_h, grad_w = ctx.saved_tensors
-        return (grad_h * grad).to(ctx.dtypes[0]), (grad_w * grad).to(ctx.dtypes[1]), None, None
+        return (None if grad_h is None else (grad_h * grad).to(ctx.dtypes[0]),
+                None if grad_w is None else (grad_w * grad).to(ctx.dtypes[1]), None, None)
 
 
 def linear_cross_entropy(h: Tensor, weight: Tensor, targets: Tensor, weights: Tensor | None = None) -> Tensor:
     """Summed cross-entropy of the logits `h @ weight.T` (h (N, D), targets (N,)), each row weighted by `weights`
-    (N,) when given, without making the logits whole."""
+    (N,) when given, without making the logits whole. Rows of weight 0 (prompts, padding) get no logits at all."""
+    if weights is not None:
+        keep = weights.nonzero().squeeze(1)
+        if len(keep) < len(weights):
+            h, targets, weights = h.index_select(0, keep), targets[keep], weights[keep]
     if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
         return _LinearCrossEntropy.apply(h, weight, targets, weights)
     device = h.device.type

@@ -63,10 +63,16 @@ def token_logprobs(h: Tensor, weight: Tensor, targets: Tensor, mask: Tensor | No
     """
     shape = targets.shape
     h2, t2 = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
+    keep = None if mask is None else mask.reshape(-1).nonzero().squeeze(1)
+    if keep is not None and len(keep) < len(t2):  # masked rows (prompts, padding) get no logits at all
+        h2, t2 = h2.index_select(0, keep), t2[keep]
     n = _rows(len(weight))
     parts = [checkpoint(_logprobs_chunk, h2[i : i + n], weight, t2[i : i + n], use_reentrant=False) if torch.is_grad_enabled()
              else _logprobs_chunk(h2[i : i + n], weight, t2[i : i + n]) for i in range(0, len(h2), n)]
-    out = torch.cat(parts).view(shape)
+    out = torch.cat(parts) if parts else h2.new_zeros(0, dtype=torch.float32)
+    if len(out) < targets.numel():
+        out = out.new_zeros(targets.numel()).index_copy(0, keep, out)
+    out = out.view(shape)
     return out if mask is None else out * mask
 
 
