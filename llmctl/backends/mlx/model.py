@@ -268,7 +268,12 @@ class Attention(nn.Module):
         q = q.reshape(B, T, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)     # (B, H, T, D)
         k = k.reshape(B, T, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)  # (B, KV, T, D)
         v = v.reshape(B, T, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
-        q, k = rope(q, offset, positions), rope(k, offset, positions)
+        if positions is None and not self.training:
+            # one rotation for queries and keys together: on the CPU, MLX's rope runs as a dozen small ops a call
+            qk = rope(mx.concatenate([q, k], axis=1), offset)
+            q, k = qk[:, : self.n_heads], qk[:, self.n_heads :]
+        else:
+            q, k = rope(q, offset, positions), rope(k, offset, positions)
         if cache is not None:
             k, v = cache.update(k, v)    # keys/values of all previous tokens, (B, KV, S, D)
             if q.dtype != k.dtype:
