@@ -69,6 +69,7 @@ def test_prompts_prefilled_together_equal_each_alone(folder, name):
     for prompt, (slot, logits, reused) in zip(PROMPTS, together):
         (alone, alone_logits, _), = decoder.prefill([prompt], reuse)
         assert slot.length == alone.length == len(prompt) and slot.cache.tokens == prompt
+        assert all(layer.offset == len(prompt) for layer in slot.cache.layers)  # where decoding writes next
         np.testing.assert_allclose(logits, alone_logits, rtol=1e-4, atol=1e-4)
         for got, want in zip(_keys(slot), _keys(alone)):
             np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)

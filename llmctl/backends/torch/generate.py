@@ -423,7 +423,7 @@ class BatchDecoder:
             if B > 1:
                 begin = offset + T - len(prompt)
                 for dst, src in zip(cache.layers, joint):
-                    dst.update(src.keys[row : row + 1, :, begin:], src.values[row : row + 1, :, begin:])
+                    dst.update(src.keys[row : row + 1, :, begin : offset + T], src.values[row : row + 1, :, begin : offset + T])
             cache.tokens = list(prompt)
             out.append((BatchSlot(cache, len(prompt)), logits[row], n))
         return out
