@@ -192,17 +192,6 @@ def best_prefix(cached: Sequence[PromptCache], prompt: Sequence[int]) -> tuple[P
     return best, keep
 
 
-def reuse_prefix(cache: PromptCache, cached: Sequence[PromptCache], prompt: Sequence[int], copy: Any) -> int:
-    """Fill the empty `cache` with the longest prefix of `prompt` any of `cached` holds (never all of it: its last
-    token must run to give logits), each layer's keys and values through `copy(dst, src, n)`; the tokens reused."""
-    best, keep = best_prefix(cached, prompt)
-    if best is not None:
-        for dst, src in zip(cache.layers, best.layers):
-            copy(dst, src, keep)
-        cache.tokens = list(prompt[:keep])
-    return keep
-
-
 def prefill_groups(prompts: Sequence[Sequence[int]], cached: Sequence[PromptCache], tokens: int = PREFILL_BATCH) -> list[list[int]]:
     """Which of `prompts` a BatchDecoder prefills together, group by group (indices into `prompts`).
 

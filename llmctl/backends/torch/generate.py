@@ -362,10 +362,11 @@ class BatchDecoder:
     """Decode steps over a changing set of sequences (a server's requests), each with its own KV cache.
 
     `prefill` runs prompts together, each into a cache of its own, and gives their last logits; `step` runs one
-    token of each sequence given, all in one forward. The sequences' keys and values are gathered into one joint cache, each row
-    left-padded to the longest (the padding masked out, each token at its own RoPE position), and kept there while
-    the set stays the same; when a sequence joins or leaves, the joint cache is rebuilt from what it holds and the
-    newcomers' own caches. One sequence alone runs as `generate_step` does (the C++ step where it applies).
+    token of each sequence given, all in one forward. The sequences' keys and values are gathered into one joint
+    cache, each row left-padded to the longest (the padding masked out, each token at its own RoPE position), and
+    kept there while the set stays the same; when a sequence joins or leaves, the joint cache is rebuilt from what
+    it holds and the newcomers' own caches. One sequence alone runs as `generate_step` does (the C++ step where it
+    applies).
     Prompt caches handed to `prefill` as `reuse` give their shared prefix (a system prompt) without recomputing it.
     Batched steps run on all of torch's threads or one, whichever is faster at the moment (DecodeThreads): on a
     busy machine a step of small products on two threads waits for the second to be scheduled, up to 40x slower
