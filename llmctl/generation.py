@@ -14,6 +14,7 @@ from llmctl.errors import ConfigError
 from llmctl.tokenizer import StreamDecoder, Tokenizer
 
 PREFILL_CHUNK = 512  # prompt tokens per forward pass: bounds the (T, S) mask and activations of long prompts
+PREFILL_BATCH = 1024  # padded prompt tokens that a server prefills in one forward (prefill_groups)
 
 
 @dataclass(frozen=True)
@@ -180,19 +181,43 @@ class BatchSlot:
     length: int
 
 
-def reuse_prefix(cache: PromptCache, cached: Sequence[PromptCache], prompt: Sequence[int], copy: Any) -> int:
-    """Fill the empty `cache` with the longest prefix of `prompt` any of `cached` holds (never all of it: its last
-    token must run to give logits), each layer's keys and values through `copy(dst, src, n)`; the tokens reused."""
+def best_prefix(cached: Sequence[PromptCache], prompt: Sequence[int]) -> tuple[PromptCache | None, int]:
+    """The one of `cached` sharing the longest prefix with `prompt`, and how long (never all of the prompt: its last
+    token must run to give logits); (None, 0) when none shares any."""
     best, keep = None, 0
     for other in cached:
         n = min(common_prefix(other.tokens, prompt), len(prompt) - 1)
         if n > keep:
             best, keep = other, n
-    if best is not None:
-        for dst, src in zip(cache.layers, best.layers):
-            copy(dst, src, keep)
-        cache.tokens = list(prompt[:keep])
-    return keep
+    return best, keep
+
+
+def prefill_groups(prompts: Sequence[Sequence[int]], cached: Sequence[PromptCache], tokens: int = PREFILL_BATCH) -> list[list[int]]:
+    """Which of `prompts` a BatchDecoder prefills together, group by group (indices into `prompts`).
+
+    A group runs in one forward, each row padded to the most new tokens among them, up to `tokens` padded tokens:
+    a matmul of many rows costs far less per token than one short prompt's. A prompt that shares a longer prefix
+    with an earlier one of `prompts` than any of `cached` holds (a system prompt) waits for a later group, which
+    then reuses that one's cache, when this at least halves what it computes. Within a wave, shortest first: the
+    least padding, and the earliest first tokens.
+    """
+    new = [len(p) - best_prefix(cached, p)[1] for p in prompts]
+    wave = [0] * len(prompts)
+    for j, prompt in enumerate(prompts):
+        shares = [min(common_prefix(prompts[i], prompt), len(prompt) - 1) for i in range(j)]
+        if shares and 2 * (len(prompt) - max(shares)) <= new[j]:
+            leader = shares.index(max(shares))  # the earliest: identical prompts all wait for the first
+            wave[j], new[j] = wave[leader] + 1, len(prompt) - max(shares)
+    groups: list[list[int]] = []
+    for w in sorted(set(wave)):
+        group: list[int] = []
+        for j in sorted((j for j in range(len(prompts)) if wave[j] == w), key=lambda j: new[j]):
+            if group and new[j] * (len(group) + 1) > tokens:  # sorted: j's count is the group's longest
+                groups.append(group)
+                group = []
+            group.append(j)
+        groups.append(group)
+    return groups
 
 
 @dataclass

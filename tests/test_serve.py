@@ -239,7 +239,7 @@ def _decode_with_joins(model, prompts: list[list[int]], per_row: bool | None, n:
     while step < 3 * len(prompts) or active:
         if step % 3 == 0 and step // 3 < len(prompts):
             i = step // 3
-            slot, logits, _ = decoder.prefill(prompts[i], [s.cache for _, s, _ in active])
+            (slot, logits, _), = decoder.prefill([prompts[i]], [s.cache for _, s, _ in active])
             active.append([i, slot, logits])
         for row in active:
             top2 = np.sort(row[2])[-2:]

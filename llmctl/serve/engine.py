@@ -1,8 +1,9 @@
 """The serving engine: one thread decodes every active request together (continuous batching).
 
-Requests wait in a bounded queue; at each step the engine admits waiting ones up to `max_batch` (prefilling each
-into its own KV cache), picks one token for every active request from its own logits and sampling state, sends the
-text on, drops requests that ended or whose client left, and runs one batched forward for the rest. Framework-free:
+Requests wait in a bounded queue; at each step the engine picks one token for every active request from its own
+logits and sampling state and sends the text on, admits waiting ones up to `max_batch` (their prompts prefilled
+together in groups, each into its own KV cache, each group's first tokens sent as soon as it is done), drops
+requests that ended or whose client left, and runs one batched forward for the rest. Framework-free:
 the backend's BatchDecoder (`model.batch_decoder()`) does the model work; sampling here is numpy on its logits.
 """
 
@@ -19,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from llmctl.generation import PromptCache, SamplingParams, TextStream
+from llmctl.generation import PREFILL_BATCH, PromptCache, SamplingParams, TextStream, prefill_groups
 
 log = logging.getLogger("llmctl.serve")
 
@@ -164,6 +165,7 @@ class Engine:
         self.model, self.spec = model, model.spec
         self.max_batch, self.max_queue = max_batch, max_queue
         self.decoder = model.batch_decoder(per_row)
+        self.prefill_tokens = PREFILL_BATCH  # padded prompt tokens per prefill forward (prefill_groups)
         self.metrics = Metrics()
         self.waiting: collections.deque[Request] = collections.deque()
         self.cond = threading.Condition()
@@ -207,11 +209,16 @@ class Engine:
                     admitted.append(self.waiting.popleft())
                 with self.metrics.lock:
                     self.metrics.waiting = len(self.waiting)
-            for request in admitted:
-                row = self._admit(request)
-                if row is not None:
-                    active.append(row)
+            # the running streams' tokens first, then each group of newcomers' first tokens right after its prefill:
+            # none waits for prompts that are not its own
             active = [row for row in active if self._next_token(row)]
+            admitted = [request for request in admitted if not self._cancelled(request)]
+            fresh: list[PromptCache] = []  # this round's prompts, for the later groups that share their prefixes
+            for group in prefill_groups([r.prompt for r in admitted], list(self.prefixes), self.prefill_tokens):
+                for row in self._admit([admitted[i] for i in group], [*self.prefixes, *fresh]):
+                    fresh.append(row.slot.cache)
+                    if self._next_token(row):
+                        active.append(row)
             with self.metrics.lock:
                 self.metrics.running = len(active)
             if not active:
@@ -234,22 +241,31 @@ class Engine:
             for row, row_logits in zip(active, logits):
                 row.logits = row_logits
 
-    def _admit(self, request: Request) -> _Row | None:
+    def _cancelled(self, request: Request) -> bool:
         if request.cancelled:
             self._finish(request, "cancelled")
-            return None
+        return request.cancelled
+
+    def _admit(self, requests: list[Request], reuse: list[PromptCache]) -> list[_Row]:
+        """Rows for `requests`, their prompts prefilled together (reusing what `reuse` holds of them)."""
         try:
-            slot, logits, reused = self.decoder.prefill(request.prompt, list(self.prefixes))
+            filled = self.decoder.prefill([request.prompt for request in requests], reuse)
         except Exception as e:
+            if len(requests) > 1:  # one at a time: only the request at fault fails
+                return [row for request in requests for row in self._admit([request], reuse)]
             log.exception("prefill failed")
-            self._fail(request, f"prompt processing failed: {e}")
-            return None
-        self.prefixes.append(slot.cache)
-        request.reused_tokens = reused
-        params = request.params
-        seen = set(request.prompt) if params.repetition_penalty != 1.0 else None
-        budget = min(params.max_tokens, self.spec.max_seq_len - len(request.prompt))
-        return _Row(request, slot, logits, budget, TextStream(request.tokenizer, params.stop), np.random.default_rng(params.seed), seen)
+            self._fail(requests[0], f"prompt processing failed: {e}")
+            return []
+        rows = []
+        for request, (slot, logits, reused) in zip(requests, filled):
+            self.prefixes.append(slot.cache)
+            request.reused_tokens = reused
+            params = request.params
+            seen = set(request.prompt) if params.repetition_penalty != 1.0 else None
+            budget = min(params.max_tokens, self.spec.max_seq_len - len(request.prompt))
+            stream = TextStream(request.tokenizer, params.stop)
+            rows.append(_Row(request, slot, logits, budget, stream, np.random.default_rng(params.seed), seen))
+        return rows
 
     def _next_token(self, row: _Row) -> bool:
         """Pick and send row's next token; False when the request has ended."""

@@ -10,7 +10,7 @@ import numpy as np
 
 from llmctl.backends.mlx.model import KVCache, Transformer, make_cache
 from llmctl.errors import LlmctlError
-from llmctl.generation import PREFILL_CHUNK, BatchSlot, PromptCache, SamplingParams, reuse_prefix
+from llmctl.generation import PREFILL_CHUNK, BatchSlot, PromptCache, SamplingParams, best_prefix
 
 
 def sample(logits: mx.array, params: SamplingParams, key: mx.array | None) -> mx.array:
@@ -193,23 +193,60 @@ class BatchDecoder:
         self.members: tuple[int, ...] = ()
         self.joint: list[KVCache] = []
 
-    def prefill(self, prompt: list[int], reuse: list[PromptCache] = ()) -> tuple[BatchSlot, np.ndarray, int]:
-        """A slot holding `prompt`, the float32 logits (V,) of its next token, and how many prompt tokens were reused."""
-        self.g._budget(len(prompt), SamplingParams())
-        cache = self.g.new_cache()
+    def prefill(self, prompts: list[list[int]], reuse: list[PromptCache] = ()) -> list[tuple[BatchSlot, np.ndarray, int]]:
+        """For each prompt: a slot holding it, the float32 logits (V,) of its next token, and the prompt tokens reused.
 
-        def copy(dst: KVCache, src: KVCache, n: int) -> None:
-            dst.update(src.keys[:, :, :n], src.values[:, :, :n])
-
+        As the torch backend's: the prompts run together, each row what its prompt does not reuse, left-padded to
+        the longest of these, after the prefix it reuses; then each row's keys and values go to a cache of its own.
+        """
+        for prompt in prompts:
+            self.g._budget(len(prompt), SamplingParams())
+        found = [best_prefix(reuse, prompt) for prompt in prompts]
+        T = max(len(prompt) - n for prompt, (_, n) in zip(prompts, found))   # new columns, the most any row computes
+        keep = [max(0, len(prompt) - T) for prompt in prompts]                # reused tokens (at most what was found)
+        B, offset = len(prompts), max(keep)
+        pad = [T - len(prompt) + n for prompt, n in zip(prompts, keep)]      # padding columns of each row
+        tokens = mx.array([[0] * m + prompt[n:] for prompt, n, m in zip(prompts, keep, pad)])           # (B, T)
+        positions = mx.array([[0] * m + list(range(n, len(prompt))) for prompt, n, m in zip(prompts, keep, pad)])
+        key_mask = mx.array([[False] * (offset - n + m) + [True] * len(prompt) for prompt, n, m in zip(prompts, keep, pad)])
         with mx.stream(self.g.stream()):
-            start = reuse_prefix(cache, reuse, prompt, copy)
-            for i in range(start, len(prompt), PREFILL_CHUNK):
-                chunk = prompt[i : i + PREFILL_CHUNK]
-                logits = self.g.forward(mx.array([chunk]), cache.layers, last_only=True)[:, -1]
-                mx.eval(logits, [(c.keys, c.values) for c in cache.layers])
-                cache.tokens.extend(chunk)
-            out = np.array(logits[0].astype(mx.float32))
-        return BatchSlot(cache, len(prompt)), out, start
+            joint = self._reused(found, keep, offset)
+            for i in range(0, T, PREFILL_CHUNK):
+                if B == 1:  # no padding: as generate_step runs a prompt
+                    logits = self.g.forward(tokens[:, i : i + PREFILL_CHUNK], joint, last_only=True)[:, -1]
+                else:
+                    logits = self.g.model(tokens[:, i : i + PREFILL_CHUNK], joint, key_mask=key_mask, last_only=True,
+                                          positions=positions[:, i : i + PREFILL_CHUNK])[:, -1]  # fmt: skip
+                mx.eval(logits, [(c.keys, c.values) for c in joint])
+            caches = []
+            for row, prompt in enumerate(prompts):
+                cache = PromptCache(joint) if B == 1 else self.g.new_cache()
+                if B > 1:
+                    begin = offset + T - len(prompt)
+                    for dst, src in zip(cache.layers, joint):
+                        dst.update(src.keys[row : row + 1, :, begin : offset + T], src.values[row : row + 1, :, begin : offset + T])
+                cache.tokens = list(prompt)
+                caches.append(cache)
+            mx.eval([(c.keys, c.values) for cache in caches for c in cache.layers])
+            logits = np.array(logits.astype(mx.float32))                          # (B, V)
+        return [(BatchSlot(cache, len(prompt)), logits[row], n) for row, (cache, prompt, n) in enumerate(zip(caches, prompts, keep))]
+
+    def _reused(self, found: list[tuple[PromptCache | None, int]], keep: list[int], offset: int) -> list[KVCache]:
+        """A cache of one row per prompt holding the first keep[row] keys and values of found[row]'s cache just
+        before column `offset`, zeros (masked out) before them."""
+        joint = make_cache(self.spec)
+        if offset == 0:
+            return joint
+        dtype = next(source for (source, _), n in zip(found, keep) if n).layers[0].keys.dtype  # of a row that reuses
+        zeros = mx.zeros((1, self.spec.n_kv_heads, offset, self.spec.head_dim), dtype)
+        for layer, kv in enumerate(joint):
+            keys, values = (
+                mx.concatenate([mx.concatenate([zeros[:, :, : offset - n], getattr(source.layers[layer], name)[:, :, :n]], 2)
+                                if n else zeros for (source, _), n in zip(found, keep)])  # fmt: skip
+                for name in ("keys", "values")
+            )
+            kv.update(keys, values)
+        return joint
 
     def _rebuild(self, slots: list[BatchSlot]) -> None:
         old = {member: row for row, member in enumerate(self.members)}

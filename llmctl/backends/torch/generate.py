@@ -17,7 +17,7 @@ from llmctl import kernels
 from llmctl.backends.torch.model import Fused, KVCache, Transformer, make_cache
 from llmctl.backends.torch.quant import _DTYPE_CODES, QuantizedEmbedding, QuantizedLinear
 from llmctl.errors import LlmctlError
-from llmctl.generation import PREFILL_CHUNK, BatchSlot, PromptCache, SamplingParams, reuse_prefix
+from llmctl.generation import PREFILL_CHUNK, BatchSlot, PromptCache, SamplingParams, best_prefix
 
 
 SMALL_MODEL = 8_000_000  # matmul parameters below which decoding runs on one thread
@@ -361,11 +361,12 @@ def _threads(n: int | None) -> Iterator[None]:
 class BatchDecoder:
     """Decode steps over a changing set of sequences (a server's requests), each with its own KV cache.
 
-    `prefill` runs one prompt alone into a cache of its own and gives its last logits; `step` runs one token of each
-    sequence given, all in one forward. The sequences' keys and values are gathered into one joint cache, each row
-    left-padded to the longest (the padding masked out, each token at its own RoPE position), and kept there while
-    the set stays the same; when a sequence joins or leaves, the joint cache is rebuilt from what it holds and the
-    newcomers' own caches. One sequence alone runs as `generate_step` does (the C++ step where it applies).
+    `prefill` runs prompts together, each into a cache of its own, and gives their last logits; `step` runs one
+    token of each sequence given, all in one forward. The sequences' keys and values are gathered into one joint
+    cache, each row left-padded to the longest (the padding masked out, each token at its own RoPE position), and
+    kept there while the set stays the same; when a sequence joins or leaves, the joint cache is rebuilt from what
+    it holds and the newcomers' own caches. One sequence alone runs as `generate_step` does (the C++ step where it
+    applies).
     Prompt caches handed to `prefill` as `reuse` give their shared prefix (a system prompt) without recomputing it.
     Batched steps run on all of torch's threads or one, whichever is faster at the moment (DecodeThreads): on a
     busy machine a step of small products on two threads waits for the second to be scheduled, up to 40x slower
@@ -386,21 +387,63 @@ class BatchDecoder:
         self.joint: list[KVCache] = []
 
     @torch.inference_mode()
-    def prefill(self, prompt: list[int], reuse: list[PromptCache] = ()) -> tuple[BatchSlot, np.ndarray, int]:
-        """A slot holding `prompt`, the float32 logits (V,) of its next token, and how many prompt tokens were reused."""
-        self.g._budget(len(prompt), SamplingParams())
-        cache = self.g.new_cache()
+    def prefill(self, prompts: list[list[int]], reuse: list[PromptCache] = ()) -> list[tuple[BatchSlot, np.ndarray, int]]:
+        """For each prompt: a slot holding it, the float32 logits (V,) of its next token, and the prompt tokens reused.
 
-        def copy(dst: KVCache, src: KVCache, n: int) -> None:
-            dst.update(src.keys[:, :, :n], src.values[:, :, :n])
-
-        start = reuse_prefix(cache, reuse, prompt, copy)
+        The prompts run together (a batch of many rows costs far less per token than one short prompt at a time):
+        each row holds what its prompt does not reuse, left-padded to the longest of these (padding masked out, each
+        token at its own RoPE position), after the prefix it reuses; then each row's keys and values go to a cache
+        of its own. A row reuses a cached prefix up to where the batch's new columns begin, so none runs twice.
+        """
+        for prompt in prompts:
+            self.g._budget(len(prompt), SamplingParams())
+        found = [best_prefix(reuse, prompt) for prompt in prompts]
+        T = max(len(prompt) - n for prompt, (_, n) in zip(prompts, found))   # new columns, the most any row computes
+        keep = [max(0, len(prompt) - T) for prompt in prompts]                # reused tokens (at most what was found)
+        B, offset = len(prompts), max(keep)
+        joint = self._reused(found, keep, offset)
+        tokens = torch.zeros(B, T, dtype=torch.long)
+        positions = torch.zeros(B, T, dtype=torch.long)
+        key_mask = torch.zeros(B, offset + T, dtype=torch.bool)             # True at each row's own tokens
+        for row, (prompt, n) in enumerate(zip(prompts, keep)):
+            tokens[row, T - len(prompt) + n :] = torch.tensor(prompt[n:])
+            positions[row, T - len(prompt) + n :] = torch.arange(n, len(prompt))
+            key_mask[row, offset + T - len(prompt) :] = True
+        tokens, positions, key_mask = tokens.to(self.g.device), positions.to(self.g.device), key_mask.to(self.g.device)
         with _threads(1 if self.g.threads.counts == (1,) else None):  # small models: as their decoding, one thread
-            for i in range(start, len(prompt), PREFILL_CHUNK):
-                chunk = prompt[i : i + PREFILL_CHUNK]
-                logits = self.g.forward(torch.tensor([chunk], device=self.g.device), cache.layers, last_only=True)[:, -1]
-                cache.tokens.extend(chunk)
-        return BatchSlot(cache, len(prompt)), logits[0].float().cpu().numpy(), start
+            for i in range(0, T, PREFILL_CHUNK):
+                if B == 1:  # no padding: as generate_step runs a prompt
+                    logits = self.g.forward(tokens[:, i : i + PREFILL_CHUNK], joint, last_only=True)[:, -1]
+                else:
+                    logits = self.g.model(tokens[:, i : i + PREFILL_CHUNK], joint, key_mask=key_mask, last_only=True,
+                                          positions=positions[:, i : i + PREFILL_CHUNK])[:, -1]  # fmt: skip
+        logits = logits.float().cpu().numpy()                                  # (B, V)
+        out = []
+        for row, (prompt, n) in enumerate(zip(prompts, keep)):
+            cache = PromptCache(joint) if B == 1 else self.g.new_cache()
+            if B > 1:
+                begin = offset + T - len(prompt)
+                for dst, src in zip(cache.layers, joint):
+                    dst.update(src.keys[row : row + 1, :, begin : offset + T], src.values[row : row + 1, :, begin : offset + T])
+            cache.tokens = list(prompt)
+            out.append((BatchSlot(cache, len(prompt)), logits[row], n))
+        return out
+
+    def _reused(self, found: list[tuple[PromptCache | None, int]], keep: list[int], offset: int) -> list[KVCache]:
+        """A cache of one row per prompt holding the first keep[row] keys and values of found[row]'s cache just
+        before column `offset`, zeros (masked out) before them."""
+        joint = make_cache(self.spec, self.g.cache_dtype)
+        if offset == 0:
+            return joint
+        zeros = torch.zeros(1, self.spec.n_kv_heads, offset, self.spec.head_dim, dtype=self.g.cache_dtype, device=self.g.device)
+        for layer, kv in enumerate(joint):
+            keys, values = (
+                torch.cat([torch.cat([zeros[:, :, : offset - n], getattr(source.layers[layer], name)[:, :, :n]], 2)
+                           if n else zeros for (source, _), n in zip(found, keep)])  # fmt: skip
+                for name in ("keys", "values")
+            )
+            kv.update(keys, values)
+        return joint
 
     def _rebuild(self, slots: list[BatchSlot]) -> None:
         old = {member: row for row, member in enumerate(self.members)}
