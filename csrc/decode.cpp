@@ -377,12 +377,7 @@ void dense_matvec(const Matrix& m, const float* x, float* y, int threads, int is
       if (m.w_dtype == kFloat16) return rows_avx512<kFloat16>(m.w, in, x, x_pairs, y, r0, r1);
       return rows_avx512<kBFloat16>(m.w, in, x, x_pairs, y, r0, r1);
     }
-    // float32 rows: four accumulators along each row (fmatmul's measured 0.5-0.9x of it in a loaded A/B run);
-    // 16-bit rows: fmatmul's kernel (1.2-1.5x the step's previous one in the same runs)
-    if (isa == kIsaAvx2 && m.w_dtype == kFloat32) {
-      for (int64_t r = r0; r < r1; ++r) y[r] = row_dot_avx2<kFloat32>(m.w, r * in, in, x);
-      return;
-    }
+    // fmatmul's kernel: four far-apart streams of rows per thread (see there)
     if (isa == kIsaAvx2) return fmatmul_rows_avx2(m.w, m.w_dtype, in, out, x, 1, y, r0, r1);
 #endif
     rows_scalar(m.w, m.w_dtype, in, x, y, r0, r1);

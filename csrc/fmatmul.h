@@ -1,8 +1,8 @@
 // Dense float products of few x rows (decoding): W (out, in) float32, float16 or bfloat16 as stored, times float32 x.
 //
 // Decoding reads every weight once per token and multiplies it once: bound by memory, not arithmetic. The AVX2
-// kernels read one weight row at a time against one x row (one stream per thread, prefetched ahead), blocks of rows
-// against 2-4 x rows (every vector loaded once for the block), float16 widened by F16C, bfloat16 by a 16-bit shift
+// kernels read four far-apart streams of weight rows per thread against one x row (one stream alone leaves the memory
+// system idle between the prefetchers' requests), blocks of rows against 2-4 x rows (every vector loaded once for the block), float16 widened by F16C, bfloat16 by a 16-bit shift
 // (exact: a bfloat16 is the high half of a float32), and multiply in float32 with FMA.
 // Error bound (every path, any summation order): |y - W x| <= in * 2^-24 * sum_i |W_i x_i| (float32 rounding of
 // in - 1 additions and in products; the weights themselves convert exactly).

@@ -80,7 +80,8 @@ def test_bad_arguments_are_refused():
 def test_few_rows_take_the_kernels_and_a_prompt_does_not(monkeypatch):
     """On a CPU without bfloat16 arithmetic dense_linear multiplies fewer than WIDENED_ROWS rows of 16-bit weights in
     fmatmul (LLMCTL_ISA picks its path), more in torch; float32 weights take fmatmul for 2-8 rows of x (a server's
-    batched step) and torch (oneDNN) for one row, more rows, or an x that autograd tracks (training)."""
+    batched step), and one row on AVX2, and torch (oneDNN) for one row elsewhere, more rows, or an x that autograd
+    tracks (training)."""
     calls = []
     monkeypatch.setattr(torch_model, "half_products", lambda: False)
     real = kernels.fmatmul
@@ -100,6 +101,11 @@ def test_few_rows_take_the_kernels_and_a_prompt_does_not(monkeypatch):
     got = torch_model.dense_linear(few.float(), w.float(), bias)
     assert len(calls) == 2 and got.dtype == torch.float32
     torch.testing.assert_close(got, few.float() @ w.float().T + bias, rtol=1e-5, atol=1e-5)
+    if "avx2" in kernels.cpu_isas():  # one float32 row takes the AVX2 kernels (their four row streams), not oneDNN
+        monkeypatch.setenv("LLMCTL_ISA", "avx2")
+        got = torch_model.dense_linear(few[:1].float(), w.float())
+        assert calls[2:] == [kernels.ISAS.index("avx2")]
+        torch.testing.assert_close(got, few[:1].float() @ w.float().T, rtol=1e-5, atol=1e-5)
 
 
 def model_of(folder, dtype: str):

@@ -117,6 +117,15 @@ def test_threads_do_not_change_the_result(family_folder):
     assert torch.get_num_threads() == before  # the count reaches the kernels per call, torch's is left alone  # each output row is summed by one thread, in the same order
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_rows_split_unevenly_over_threads_sum_alike(tmp_path, dtype):
+    """Matrices big enough for two threads (a head of 2003 x 64: 8 tasks of 250-251 rows): each thread's rows run as
+    four streams and the rows left over as one; every row sums in the same order however the rows fall."""
+    make_hf_model("llama", tmp_path, seed=3, scale=2.0, vocab_size=2003)
+    model = model_of(tmp_path, dtype)
+    assert torch.equal(step_logits(model, True, threads=1), step_logits(model, True, threads=2))
+
+
 @pytest.mark.parametrize("bits", [None, 4, 8], ids=["float32", "4bit", "8bit"])
 def test_each_isa_this_cpu_runs_gives_the_torch_path_s_logits(bits, tmp_path, monkeypatch):
     """LLMCTL_ISA picks the step's kernels (products, attention, activations) as it picks qmatmul's: every path this

@@ -176,14 +176,27 @@ def native_products() -> bool:
     return True
 
 
+def _one_float32_row() -> bool:
+    """Whether one float32 row of x goes to llmctl's kernels too: where they run AVX2 (four far-apart streams of weight
+    rows per thread), measured 1.5x oneDNN's one-row product on an AVX2 EPYC (bench/fmatvec.py); elsewhere oneDNN."""
+    from llmctl import kernels
+
+    name = kernels.ISAS[kernels.isa_code(None)]
+    return (kernels.cpu_isa() if name == "auto" else name) == "avx2"
+
+
 def _few_rows_for_kernels(x: Tensor, weight: Tensor) -> bool:
     """Whether dense_linear's product goes to llmctl's few-row kernels (see there): under WIDENED_ROWS rows of 16-bit
-    weights on a CPU without bfloat16 arithmetic, or FEW_FLOAT32_ROWS rows of float32 outside autograd."""
+    weights on a CPU without bfloat16 arithmetic, or FEW_FLOAT32_ROWS rows of float32 outside autograd (one row too
+    where `_one_float32_row`)."""
     k = weight.shape[-1]
     if weight.dtype in (torch.bfloat16, torch.float16):
         return x.numel() < WIDENED_ROWS * k and not half_products()
-    return (weight.dtype == torch.float32 == x.dtype and FEW_FLOAT32_ROWS[0] * k <= x.numel() <= FEW_FLOAT32_ROWS[1] * k
-            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
+    if weight.dtype != torch.float32 or x.dtype != torch.float32 or x.numel() > FEW_FLOAT32_ROWS[1] * k:
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return False
+    return x.numel() >= FEW_FLOAT32_ROWS[0] * k or (x.numel() == k and _one_float32_row())
 
 
 def dense_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -192,8 +205,8 @@ def dense_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tenso
     float32 sums; LLMCTL_ISA picks them): a bfloat16 row in torch measured up to 10x slower on an AVX2 EPYC, its
     products emulated. Float32 products of 2-8 rows (a server's batched decoding step) run there too: oneDNN's take 2-4x
     the time of one row on an AVX2 EPYC (rows 2 and 4 of a 768 x 2304 product, one thread: 2.8 and 5.0 ms against
-    0.7), llmctl's read the weights once for all rows (1.0 and 3.3 ms); one row stays in oneDNN, which measured as
-    fast as ours. Other float32 products on the CPU run
+    0.7), llmctl's read the weights once for all rows (1.0 and 3.3 ms); one row goes there too where the kernels run
+    AVX2 (`_one_float32_row`). Other float32 products on the CPU run
     in oneDNN (inductor's linear op): torch's default (MKL) measured here 10-35% slower on training's products.
     bfloat16/float16 products of many rows (prompts) on a CPU without bfloat16 arithmetic (AVX2, most ARM) are
     widened to float32 (exactly) and multiplied there, then rounded back: the 16-bit products are emulated there,
