@@ -17,7 +17,7 @@ from llmctl.errors import DataError
 from llmctl.quant.awq import apply_scale, quantize_awq, scale_groups
 from llmctl.quant.calib import calibration_tokens
 from llmctl.quant.gptq import Hessian, gptq_weight, quantize_gptq
-from llmctl.quant.layers import dequantize, fake_quantize, linears, run_block
+from llmctl.quant.layers import capture_inputs, dequantize, fake_quantize, inputs_of, linears, run_block
 from llmctl.spec import ModelSpec
 
 METHODS = {"awq": quantize_awq, "gptq": quantize_gptq}
@@ -46,6 +46,30 @@ def correlated_inputs(n: int, width: int, seed: int = 0) -> torch.Tensor:
     channel = torch.ones(width)
     channel[torch.randperm(width, generator=generator)[:4]] = 10.0
     return (torch.randn(n, width, generator=generator) @ mix + 0.3) * channel
+
+
+@pytest.mark.parametrize("spec", [DENSE, MOE], ids=["dense", "moe"])
+def test_capture_inputs_sees_what_the_whole_block_gives_and_stops_after_the_last(spec):
+    """Inputs captured for a group equal those a full run of the block hands those layers, batch by batch; the layers
+    after the group's last one never run."""
+    model = random_model(spec)
+    block = model.model.layers[0]
+    x = torch.randn(5, 12, spec.dim, generator=torch.Generator().manual_seed(0))
+    modules = linears(block)
+    group = {name: modules[name] for name in list(modules)[:3]}  # the first layers of the block (q, k, v)
+    want, got, later = {}, {}, []
+    with inputs_of(group, lambda name, inp: want.setdefault(name, []).append(inp)):
+        run_block(model, block, x, batch_size=2)
+    last = list(modules.values())[-1]
+    handle = last.register_forward_hook(lambda *args: later.append(1))
+    try:
+        capture_inputs(model, block, x, group, lambda name, inp: got.setdefault(name, []).append(inp), batch_size=2)
+    finally:
+        handle.remove()
+    assert set(got) == set(group) and not later
+    for name in group:
+        assert len(got[name]) == 3  # three batches of at most 2 windows
+        torch.testing.assert_close(torch.cat(got[name]), torch.cat(want[name]), rtol=0, atol=0)
 
 
 # --- GPTQ on one layer -----------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from llmctl import ui
 from llmctl.backends.torch.model import Block, Transformer
 from llmctl.prune import Pattern
 from llmctl.quant.gptq import Hessian, _inverse_cholesky, sequential_groups
-from llmctl.quant.layers import block_inputs, inputs_of, linears, run_block
+from llmctl.quant.layers import block_inputs, capture_inputs, linears, run_block
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
 ROUTER = "block_sparse_moe.gate"  # a MoE router decides where tokens go: it stays whole
@@ -120,8 +120,7 @@ def prune_sparse(
                 if x is not None:
                     kind = Hessian if method == "sparsegpt" else InputNorms
                     stats = {name: kind(m.in_features) for name, m in targets.items()}
-                    with inputs_of(targets, lambda name, inp: stats[name].add(inp)):
-                        run_block(model, block, x, batch_size)
+                    capture_inputs(model, block, x, targets, lambda name, inp: stats[name].add(inp), batch_size)
                 for name, module in targets.items():
                     if method == "magnitude":
                         pruned = magnitude_weight(module.weight, sparsity, pattern)

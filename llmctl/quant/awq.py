@@ -14,9 +14,9 @@ from llmctl.backends.torch.model import Block, Transformer, attention_mask
 from llmctl.quant.layers import (
     Triple,
     block_inputs,
+    capture_inputs,
     dequantize,
     fake_quantize,
-    inputs_of,
     linears,
     quantizable,
     quantize_embeddings,
@@ -167,8 +167,7 @@ def quantize_awq(
             groups = scale_groups(model, block)
             recorded: dict[str, list[Tensor]] = {}
             watched = {name: block.get_submodule(name) for name in {g.source for g in groups} | set(targets)}
-            with inputs_of(watched, lambda name, inp: recorded.setdefault(name, []).append(inp)):
-                run_block(model, block, x[:sample], batch_size)
+            capture_inputs(model, block, x[:sample], watched, lambda name, inp: recorded.setdefault(name, []).append(inp), batch_size)
             features = {name: torch.cat(parts) for name, parts in recorded.items()}
             searched = []
             for group in groups:

@@ -8,7 +8,9 @@ from torch import Tensor, nn
 
 from llmctl import kernels, ui
 from llmctl.backends.torch.model import Block, Transformer
-from llmctl.quant.layers import Triple, block_inputs, inputs_of, linears, quantizable, quantize_embeddings, run_block
+from llmctl.quant.layers import (
+    Triple, block_inputs, capture_inputs, linears, quantizable, quantize_embeddings, run_block,
+)
 
 
 def sequential_groups(block: Block) -> list[list[str]]:
@@ -153,8 +155,7 @@ def quantize_gptq(
                 if not targets:
                     continue
                 stats = {name: Hessian(m.in_features) for name, m in targets.items()}
-                with inputs_of(targets, lambda name, inp: stats[name].add(inp)):
-                    run_block(model, block, x, batch_size)
+                capture_inputs(model, block, x, targets, lambda name, inp: stats[name].add(inp), batch_size)
                 for name, module in targets.items():
                     quantized[f"model.layers.{index}.{name}"] = _quantize_linear(
                         module, stats[name].value(), bits, group_size, **options)

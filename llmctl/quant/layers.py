@@ -62,6 +62,40 @@ def run_block(model: Transformer, block: Block, x: Tensor, batch_size: int) -> T
         return torch.cat([block(x[i : i + batch_size], model.rope, mask, None)[0] for i in range(0, len(x), batch_size)])
 
 
+class _AllSeen(Exception):
+    """Raised inside a block once every module of interest has seen its input: the rest of the block is not run."""
+
+
+def capture_inputs(
+    model: Transformer, block: Block, x: Tensor, modules: dict[str, nn.Module], on_input: Callable[[str, Tensor], None],
+    batch_size: int,
+) -> None:
+    """Calls on_input(name, input) for each of `modules` on the block's (n, T, D) inputs, `batch_size` windows at a
+    time, each batch run only as far into the block as the last of them: a group's inputs, not the block's output
+    (the q/k/v projections' inputs cost a norm, not a block)."""
+    mask = attention_mask(x.shape[1], 0, model.spec.sliding_window, x.device)
+    pending: set[str] = set()
+
+    def seen(name: str, args: tuple) -> None:
+        on_input(name, args[0].detach())
+        pending.discard(name)
+        if not pending:
+            raise _AllSeen
+
+    handles = [module.register_forward_pre_hook(lambda m, args, name=name: seen(name, args)) for name, module in modules.items()]
+    try:
+        with torch.no_grad():
+            for i in range(0, len(x), batch_size):
+                pending.update(modules)
+                try:
+                    block(x[i : i + batch_size], model.rope, mask, None)
+                except _AllSeen:
+                    pass
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 @contextmanager
 def inputs_of(modules: dict[str, nn.Module], on_input: Callable[[str, Tensor], None]) -> Iterator[None]:
     """Calls on_input(name, first positional input) whenever one of `modules` runs, inside the block."""
