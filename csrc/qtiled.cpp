@@ -799,8 +799,9 @@ LLMCTL_AVX2 inline void store_avx2(const TiledJob& job, int64_t t, int64_t r, co
 // groups in order as tile_avx2 does, so every output is the same however the tiles were split over threads.
 // Two streams: 4-bit codes are twice the work per byte of bfloat16 rows, so fewer streams keep the core fed (AVX2
 // EPYC, 1 thread, bench/decode.py's model, CPU time per token, in turn: 2 streams 1.24x one at 4 bits and 1.12x at 8
-// bits per round, medians; 4 streams slower than one at 8 bits; 2 streams read a 2048 x 768 matrix's tiles 1.24x, 4
-// streams 1.19x, a 32000 x 768 one 1.17x and 0.75x).
+// bits per round, medians; 4 streams slower than one at 8 bits. A micro-benchmark of 4-bit tiles, group 64, over
+// matrices far beyond L3: 2 streams read a 2048 x 768 matrix 1.23-1.24x one stream, 4 streams 1.10-1.19x, a 32000 x
+// 768 one 1.17-1.19x and 0.75-0.81x; 8-bit tiles 1.12-1.20x with 2 streams; prefetching 512 bytes ahead: 0.5-0.8x).
 constexpr int kDecodeStreams = 2;
 template <int BITS, int DTYPE, int S>
 LLMCTL_AVX2 void tile_streams_avx2(const TiledJob& job, int64_t t0, int64_t t1, int64_t r) {
