@@ -12,6 +12,8 @@
 // zero) and vpmaddwd multiplies them with the int16 x itself, 4 codes broadcast as one 64-bit pattern: the same
 // sums (exact in int32), so the same error bound. One vpmaddwd takes 16 products, as two vpmaddubsw on x's two
 // bytes would, with no saturation to mind for 8-bit codes (255 * 127 * 2 overflows vpmaddubsw's int16).
+// Decoding on AVX2, a thread reads its range of tiles as two far-apart streams (tile_streams_avx2): one sequential
+// stream per core leaves this CPU's memory system idle between the prefetchers' requests.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -560,8 +562,10 @@ LLMCTL_AVX2 inline __m256 load_params_avx2(const void* p, int dtype, int64_t at)
 // and vpmaddwd against the 4 matching x values repeated sums them in pairs; one vphaddd per group puts each row's two
 // pairs together, in row order. The unpacked codes serve NR x rows (NR = 2 for several rows: 8 int32 sums and 4
 // code vectors fill the 16 registers).
+// group_avx2 adds group g of tile t to acc (2 NR vectors, as y below); tile_avx2 runs it over the tile's groups.
 template <int BITS, int DTYPE, int NR>
-LLMCTL_AVX2 inline __attribute__((always_inline)) void tile_avx2(const TiledJob& job, int64_t t, int64_t r, __m256* y) {
+LLMCTL_AVX2 inline __attribute__((always_inline)) void group_avx2(const TiledJob& job, int64_t t, int64_t r, int64_t g,
+                                                                  __m256* acc) {
   const int G = job.group_size;
   constexpr int kPerStep = BITS == 8 ? 4 : 8;
   const int steps = G / kPerStep;
@@ -569,9 +573,7 @@ LLMCTL_AVX2 inline __attribute__((always_inline)) void tile_avx2(const TiledJob&
   const int16_t* xq = job.x->q.data() + r * (job.in + 64);
   const int64_t stride = job.in + 64;
   const __m256i zero = _mm256_setzero_si256(), nibble = _mm256_set1_epi8(0x0F);
-  __m256 acc[2 * NR];
-  for (auto& a : acc) a = _mm256_setzero_ps();
-  for (int64_t g = 0; g < job.groups; ++g) {
+  {
     __m256i a_lo[NR], a_hi[NR], b_lo[NR], b_hi[NR];  // rows 0-7 (a), 8-15 (b); unpacked low/high bytes
     for (int i = 0; i < NR; ++i) a_lo[i] = a_hi[i] = b_lo[i] = b_hi[i] = zero;
     const uint8_t* wg = w + g * steps * kStepBytes;
@@ -625,7 +627,12 @@ LLMCTL_AVX2 inline __attribute__((always_inline)) void tile_avx2(const TiledJob&
       acc[2 * i + 1] = _mm256_fmadd_ps(c1, sum, acc[2 * i + 1]);
     }
   }
-  for (int i = 0; i < 2 * NR; ++i) y[i] = acc[i];
+}
+
+template <int BITS, int DTYPE, int NR>
+LLMCTL_AVX2 inline __attribute__((always_inline)) void tile_avx2(const TiledJob& job, int64_t t, int64_t r, __m256* y) {
+  for (int i = 0; i < 2 * NR; ++i) y[i] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < job.groups; ++g) group_avx2<BITS, DTYPE, NR>(job, t, r, g, y);
 }
 
 // The prompt kernel of 4-bit codes: one tile against NR x rows of int8 (TiledX::b). The nibbles of each 32-byte half
@@ -786,6 +793,30 @@ LLMCTL_AVX2 inline void store_avx2(const TiledJob& job, int64_t t, int64_t r, co
   }
 }
 
+// Tiles [t0, t1) against x row r as S streams read side by side (fmatmul's streams_avx2 for codes): per pass, tile t of
+// each of S equal parts of the range, a group of each in turn. One sequential stream per core leaves the memory
+// system idle between the prefetchers' requests; far-apart streams keep more lines in flight. Each tile sums its
+// groups in order as tile_avx2 does, so every output is the same however the tiles were split over threads.
+// Two streams: 4-bit codes are twice the work per byte of bfloat16 rows, so fewer streams keep the core fed (AVX2
+// EPYC, 1 thread, bench/decode.py's model, CPU time per token, in turn: 2 streams 1.24x one at 4 bits and 1.12x at 8
+// bits per round, medians; 4 streams slower than one at 8 bits. A micro-benchmark of 4-bit tiles, group 64, over
+// matrices far beyond L3: 2 streams read a 2048 x 768 matrix 1.23-1.24x one stream, 4 streams 1.10-1.19x, a 32000 x
+// 768 one 1.17-1.19x and 0.75-0.81x; 8-bit tiles 1.12-1.20x with 2 streams; prefetching 512 bytes ahead: 0.5-0.8x).
+constexpr int kDecodeStreams = 2;
+template <int BITS, int DTYPE, int S>
+LLMCTL_AVX2 void tile_streams_avx2(const TiledJob& job, int64_t t0, int64_t t1, int64_t r) {
+  const int64_t part = (t1 - t0) / S;
+  for (int64_t t = t0; t < t0 + part; ++t) {
+    __m256 acc[S][2];
+    for (int s = 0; s < S; ++s) acc[s][0] = acc[s][1] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < job.groups; ++g)
+      for (int s = 0; s < S; ++s) group_avx2<BITS, DTYPE, 1>(job, t + s * part, r, g, acc[s]);
+    for (int s = 0; s < S; ++s) store_avx2(job, t + s * part, r, acc[s]);
+  }
+  // the tiles left over as one stream
+  if constexpr (S > 1) tile_streams_avx2<BITS, DTYPE, 1>(job, t0 + S * part, t1, r);
+}
+
 // Tiles [t0, t1) against every x row: KIND 0 the int16 kernel, x rows two at a time; KIND 1 the int8 prompt kernel
 // (4-bit codes), x rows kPromptRows at a time; KIND 2 the int16 prompt kernel, kPromptInt16Rows at a time. x rows in
 // blocks of kXBlock, so that a block's x stays in L2 while every tile of the range passes over it (the tiles' codes
@@ -795,6 +826,9 @@ template <int BITS, int DTYPE, int KIND>
 LLMCTL_AVX2 void tiles_avx2(const TiledJob& job, int64_t t0, int64_t t1) {
   constexpr int NR = KIND == 1 ? kPromptRows : KIND == 2 ? kPromptInt16Rows : 2;
   __m256 y[2 * NR];
+  if constexpr (KIND == 0) {
+    if (job.batch == 1) return tile_streams_avx2<BITS, DTYPE, kDecodeStreams>(job, t0, t1, 0);
+  }
   std::vector<WideCodes> wide(size_t(KIND == 2 ? job.in : 0));  // a tile's widened codes: 16 * in int16
   const int16_t* w16 = wide.data()->v;
   for (int64_t r0 = 0; r0 < job.batch; r0 += kXBlock) {

@@ -126,6 +126,16 @@ def test_rows_split_unevenly_over_threads_sum_alike(tmp_path, dtype):
     assert torch.equal(step_logits(model, True, threads=1), step_logits(model, True, threads=2))
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_tiled_rows_split_unevenly_over_threads_sum_alike(tmp_path, bits):
+    """A quantized head of 123 tiles (1968 x 64, tiled where the CPU has tiled kernels): one thread reads tiles 0-60
+    and 61-121 as two streams and 122 alone; two threads' first range leaves tile 60 over. The logits are the same
+    bit for bit (they differ when the left-over tiles sum in another order)."""
+    make_hf_model("llama", tmp_path / "f", seed=3, scale=2.0, vocab_size=1968)
+    model = model_of(_quantize(tmp_path / "f", tmp_path / "q", f"quant.bits={bits}", "quant.group_size=32"))
+    assert torch.equal(step_logits(model, True, threads=1), step_logits(model, True, threads=2))
+
+
 @pytest.mark.parametrize("bits", [None, 4, 8], ids=["float32", "4bit", "8bit"])
 def test_each_isa_this_cpu_runs_gives_the_torch_path_s_logits(bits, tmp_path, monkeypatch):
     """LLMCTL_ISA picks the step's kernels (products, attention, activations) as it picks qmatmul's: every path this

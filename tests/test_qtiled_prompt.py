@@ -63,6 +63,22 @@ def test_prompt_kernel_handles_zero_groups_and_inf():
     assert torch.equal(got, kernels.qmatmul_tiled(x, *tiled, 64, 4, isa="scalar"))
 
 
+@needs_avx2
+@pytest.mark.parametrize("bits", [4, 8])
+def test_one_row_sums_alike_however_the_tiles_split_over_threads(bits):
+    """Decoding reads each thread's range of tiles as far-apart streams and the tiles left over as one: 37 tiles over
+    1, 2, 4 and 5 threads put different tiles in the streams and the leftovers (tile 8: streamed by one thread, left
+    over by four), and every output is the same bit for bit, and the same as that row's in a two-row product (tiles
+    summed group by group in order either way)."""
+    rows, cols = 37 * 16, 512
+    _, tiled, _ = _tiled(rows, cols, 64, bits, "bfloat16", seed=bits)
+    x = torch.randn(2, cols, generator=torch.Generator().manual_seed(3)) * 3
+    one = kernels.qmatmul_tiled(x[:1], *tiled, 64, bits, isa="avx2", threads=1)
+    for threads in (2, 4, 5):
+        assert torch.equal(kernels.qmatmul_tiled(x[:1], *tiled, 64, bits, isa="avx2", threads=threads), one), threads
+    assert torch.equal(kernels.qmatmul_tiled(x, *tiled, 64, bits, isa="avx2", threads=1)[:1], one)
+
+
 def _layer(dtype: torch.dtype):
     from llmctl.backends.torch import quant
     from llmctl.quant import QuantParams
