@@ -90,8 +90,10 @@ class Fused:
     own tensors under their Hugging Face names (saving writes them unchanged); `valid` notices when a layer's arrays
     were replaced since (trained, cast, reloaded): the module then calls its layers one by one again."""
 
-    def __init__(self, linears: list[nn.Module], fn: Callable[[mx.array], list[mx.array]]) -> None:
+    def __init__(self, linears: list[nn.Module], fn: Callable[[mx.array], list[mx.array]],
+                 joint: Callable[[mx.array], mx.array] | None = None) -> None:
         self.linears, self.fn = linears, fn
+        self.joint = joint  # x -> the outputs side by side, unsplit (one product over a joint weight), or None
         self.arrays = self._arrays()
 
     def _arrays(self) -> list[mx.array]:
@@ -135,9 +137,8 @@ def fuse_layers(linears: list[nn.Module], input_major: bool) -> Fused | None:
     if joint is not None:
         weight, bias = joint
         splits = list(itertools.accumulate(linear.weight.shape[0] for linear in linears))[:-1]
-        if bias is None:
-            return Fused(linears, lambda x: mx.split(x @ weight, splits, axis=-1) if splits else [x @ weight])
-        return Fused(linears, lambda x: mx.split(mx.addmm(bias, x, weight), splits, axis=-1) if splits else [mx.addmm(bias, x, weight)])
+        product = (lambda x: x @ weight) if bias is None else (lambda x: mx.addmm(bias, x, weight))
+        return Fused(linears, lambda x: mx.split(product(x), splits, axis=-1) if splits else [product(x)], product)
     fast = [_quantized_on_cpu(linear) for linear in linears]
     if any(f is None for f in fast):
         return None
@@ -263,17 +264,25 @@ class Attention(nn.Module):
         position's keys and values): a prompt's last layer then attends for one query, not T. `positions` (B, T):
         each token's own position (packed examples), else offset, offset + 1, ..."""
         B, T, _ = x.shape
+        H, KV = self.n_heads, self.n_kv_heads
         offset = cache.offset if cache is not None else 0
-        q, k, v = project([self.q_proj, self.k_proj, self.v_proj], x, self.fused_qkv, self.training)
-        q = q.reshape(B, T, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)     # (B, H, T, D)
-        k = k.reshape(B, T, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)  # (B, KV, T, D)
-        v = v.reshape(B, T, self.n_kv_heads, self.head_dim).transpose(0, 2, 1, 3)
-        if positions is None and not self.training:
-            # one rotation for queries and keys together: on the CPU, MLX's rope runs as a dozen small ops a call
-            qk = rope(mx.concatenate([q, k], axis=1), offset)
-            q, k = qk[:, : self.n_heads], qk[:, self.n_heads :]
+        linears, fused = [self.q_proj, self.k_proj, self.v_proj], self.fused_qkv
+        if positions is None and not self.training and fused is not None and fused.joint is not None and fused.valid(linears):
+            # inference over one joint product: its heads shaped once, one rotation for queries and keys together
+            # (on the CPU, MLX's rope runs as a dozen small ops a call)
+            y = fused.joint(x).reshape(B, T, H + 2 * KV, self.head_dim).transpose(0, 2, 1, 3)   # (B, H+2KV, T, D)
+            qk = rope(y[:, : H + KV], offset)
+            q, k, v = qk[:, :H], qk[:, H:], y[:, H + KV :]
         else:
-            q, k = rope(q, offset, positions), rope(k, offset, positions)
+            q, k, v = project(linears, x, fused, self.training)
+            q = q.reshape(B, T, H, self.head_dim).transpose(0, 2, 1, 3)      # (B, H, T, D)
+            k = k.reshape(B, T, KV, self.head_dim).transpose(0, 2, 1, 3)     # (B, KV, T, D)
+            v = v.reshape(B, T, KV, self.head_dim).transpose(0, 2, 1, 3)
+            if positions is None and not self.training:
+                qk = rope(mx.concatenate([q, k], axis=1), offset)  # one rotation, as above
+                q, k = qk[:, :H], qk[:, H:]
+            else:
+                q, k = rope(q, offset, positions), rope(k, offset, positions)
         if cache is not None:
             k, v = cache.update(k, v)    # keys/values of all previous tokens, (B, KV, S, D)
             if q.dtype != k.dtype:
