@@ -76,31 +76,26 @@ def capture_inputs(
     mask = attention_mask(x.shape[1], 0, model.spec.sliding_window, x.device)
     pending: set[str] = set()
 
-    def seen(name: str, args: tuple) -> None:
-        on_input(name, args[0].detach())
+    def seen(name: str, inp: Tensor) -> None:
+        on_input(name, inp)
         pending.discard(name)
         if not pending:
             raise _AllSeen
 
-    handles = [module.register_forward_pre_hook(lambda m, args, name=name: seen(name, args)) for name, module in modules.items()]
-    try:
-        with torch.no_grad():
-            for i in range(0, len(x), batch_size):
-                pending.update(modules)
-                try:
-                    block(x[i : i + batch_size], model.rope, mask, None)
-                except _AllSeen:
-                    pass
-    finally:
-        for handle in handles:
-            handle.remove()
+    with inputs_of(modules, seen), torch.no_grad():
+        for i in range(0, len(x), batch_size):
+            pending.update(modules)
+            try:
+                block(x[i : i + batch_size], model.rope, mask, None)
+            except _AllSeen:
+                pass
 
 
 @contextmanager
 def inputs_of(modules: dict[str, nn.Module], on_input: Callable[[str, Tensor], None]) -> Iterator[None]:
-    """Calls on_input(name, first positional input) whenever one of `modules` runs, inside the block."""
+    """Calls on_input(name, first positional input) whenever one of `modules` is about to run, inside the block."""
     handles = [
-        module.register_forward_hook(lambda m, args, out, name=name: on_input(name, args[0].detach()))
+        module.register_forward_pre_hook(lambda m, args, name=name: on_input(name, args[0].detach()))
         for name, module in modules.items()
     ]
     try:
